@@ -1,0 +1,215 @@
+//! The one documented configuration of a device, stored as TOML in
+//! `DATA_DIR/config.toml` and written with defaults by `meshfs init`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::ids::DeviceId;
+
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Every setting of a device. Unknown keys are refused so that typos show.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Human name of this device, unique within the mesh (default: hostname).
+    pub name: String,
+    /// This device's id (hex), chosen at `init`. Do not edit.
+    pub device_id: String,
+    /// libp2p listen address for the mesh (used once devices form a mesh).
+    pub listen: String,
+    /// Let users other than the daemon's own reach the mount. `None`: on when
+    /// the daemon runs as root (a mesh at /mnt/mesh is for every local user).
+    pub allow_other: Option<bool>,
+    /// Sync RocksDB's WAL when a written file is closed, not only on fsync.
+    /// On: data is on stable storage once close() returns (DESIGN.md). Off:
+    /// close() is as durable as on ext4 (survives a daemon crash, not a power
+    /// cut), and small-file writes are several times faster.
+    pub sync_on_close: bool,
+    /// How long the kernel may cache attributes and names, in milliseconds.
+    pub attr_ttl_ms: u64,
+    /// Threads serving kernel requests.
+    pub fuse_threads: usize,
+    /// FastCDC minimum, average and maximum chunk sizes in bytes.
+    pub chunk_min: u32,
+    pub chunk_avg: u32,
+    pub chunk_max: u32,
+    /// Default tracing filter for the daemon's log (MESHFS_LOG overrides).
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: default_name(),
+            device_id: String::new(),
+            listen: "/ip4/0.0.0.0/tcp/0".into(),
+            allow_other: None,
+            sync_on_close: true,
+            attr_ttl_ms: 1000,
+            fuse_threads: 4,
+            chunk_min: 16 * 1024,
+            chunk_avg: 64 * 1024,
+            chunk_max: 256 * 1024,
+            log: "info".into(),
+        }
+    }
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "device".into())
+}
+
+impl Config {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(CONFIG_FILE)
+    }
+
+    pub fn load(data_dir: &Path) -> Result<Self, Error> {
+        let path = Self::path(data_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotInitialized(data_dir.to_path_buf()))
+            }
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.clone(),
+            msg: e.message().to_string(),
+        })?;
+        cfg.validate().map_err(|msg| Error::Config { path, msg })?;
+        Ok(cfg)
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<(), Error> {
+        let path = Self::path(data_dir);
+        let text = toml::to_string_pretty(self).map_err(|e| Error::Config {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("name must not be empty".into());
+        }
+        if DeviceId::parse_hex(&self.device_id).is_none() {
+            return Err("device_id is not a 32-digit hex id".into());
+        }
+        if !(64 <= self.chunk_min && self.chunk_min <= self.chunk_avg && self.chunk_avg <= self.chunk_max)
+        {
+            return Err("need 64 <= chunk_min <= chunk_avg <= chunk_max".into());
+        }
+        // FastCDC's own bounds.
+        if self.chunk_min > 1 << 20 || self.chunk_avg < 256 || self.chunk_avg > 4 << 20 || self.chunk_max > 16 << 20 {
+            return Err("chunk sizes outside FastCDC's limits".into());
+        }
+        if self.fuse_threads == 0 || self.fuse_threads > 64 {
+            return Err("fuse_threads must be 1..=64".into());
+        }
+        Ok(())
+    }
+
+    pub fn device_id(&self) -> DeviceId {
+        // Checked by `validate` on load.
+        DeviceId::parse_hex(&self.device_id).unwrap_or(DeviceId([0; 16]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_validate() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            device_id: DeviceId::generate().to_hex(),
+            ..Config::default()
+        };
+        cfg.save(d.path()).unwrap();
+        assert_eq!(Config::load(d.path()).unwrap(), cfg);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let id = DeviceId::generate().to_hex();
+        std::fs::write(Config::path(d.path()), format!("device_id = \"{id}\"\nnmae = \"x\"\n")).unwrap();
+        assert!(matches!(Config::load(d.path()), Err(Error::Config { .. })));
+        std::fs::write(Config::path(d.path()), format!("device_id = \"{id}\"\nchunk_min = 9999999\n")).unwrap();
+        assert!(matches!(Config::load(d.path()), Err(Error::Config { .. })));
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(Config::load(empty.path()), Err(Error::NotInitialized(_))));
+    }
+}
+
+/// Options given with `-o` to `meshfs mount` or through mount(8).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    pub read_only: bool,
+    /// `Some` when given explicitly; otherwise Config decides.
+    pub allow_other: Option<bool>,
+    pub noexec: bool,
+}
+
+impl MountOptions {
+    /// Parses a comma-separated option list. Options meant for mount(8),
+    /// systemd and fstab are accepted and ignored; unknown ones are refused
+    /// unless `sloppy` (mount -s) is set.
+    pub fn parse(list: &str, sloppy: bool) -> Result<Self, Error> {
+        let mut o = MountOptions::default();
+        for opt in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match opt {
+                "ro" => o.read_only = true,
+                "rw" => o.read_only = false,
+                "allow_other" => o.allow_other = Some(true),
+                "noallow_other" => o.allow_other = Some(false),
+                "noexec" => o.noexec = true,
+                "exec" => o.noexec = false,
+                // Always in force: the kernel checks modes and ownership, and
+                // meshfs never honours device nodes or setuid bits.
+                "default_permissions" | "nodev" | "nosuid" => {}
+                // For mount(8), systemd and fstab; nothing for the daemon.
+                "defaults" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "nouser" | "users"
+                | "owner" | "group" | "async" | "atime" | "noatime" | "relatime" | "norelatime"
+                | "strictatime" | "nodiratime" | "diratime" => {}
+                o2 if o2.starts_with("x-") || o2.starts_with("comment=") => {}
+                other if sloppy => {
+                    tracing::warn!(option = other, "ignoring unknown mount option (sloppy)");
+                }
+                other => {
+                    return Err(Error::BadOption(format!(
+                        "unknown mount option '{other}' (meshfs knows ro, rw, allow_other, noallow_other, noexec, exec, default_permissions, and ignores defaults, _netdev, nofail, noauto, auto, user, x-systemd.*)"
+                    )))
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod mount_option_tests {
+    use super::*;
+
+    #[test]
+    fn fstab_options_are_accepted_and_unknown_refused() {
+        let o = MountOptions::parse("rw,_netdev,nofail,x-systemd.automount,defaults,allow_other", false).unwrap();
+        assert_eq!(o, MountOptions { read_only: false, allow_other: Some(true), noexec: false });
+        assert!(MountOptions::parse("ro", false).unwrap().read_only);
+        let e = MountOptions::parse("rw,frobnicate", false).unwrap_err();
+        assert!(e.to_string().contains("frobnicate"));
+        assert!(MountOptions::parse("rw,frobnicate", true).is_ok());
+    }
+}

@@ -1,0 +1,248 @@
+//! Reading file content and turning a dirty file into a new version:
+//! merged reads over spill, base chunks and holes, and the FastCDC re-chunking
+//! that re-cuts only the region around what changed and reuses every base
+//! chunk before it and, once the cut points realign, after it.
+
+use std::io::Read;
+
+use fastcdc::v2020::StreamCDC;
+
+use super::spill::{Source, Spill};
+use super::FsError;
+use crate::ids::ChunkHash;
+use crate::meta::{ChunkRef, Content};
+use crate::storage::ChunkStore;
+
+/// FastCDC parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkSizes {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+/// A small cache of the last chunks read by one open file, so that reads
+/// that straddle chunk boundaries do not fetch and verify a chunk twice.
+#[derive(Debug, Default)]
+pub struct ChunkCache {
+    slots: Vec<(ChunkHash, std::sync::Arc<Vec<u8>>)>,
+}
+
+const CACHE_SLOTS: usize = 4;
+
+impl ChunkCache {
+    pub fn get(
+        &mut self,
+        store: &dyn ChunkStore,
+        hash: &ChunkHash,
+    ) -> Result<std::sync::Arc<Vec<u8>>, FsError> {
+        if let Some(pos) = self.slots.iter().position(|(h, _)| h == hash) {
+            let hit = self.slots.remove(pos);
+            let data = hit.1.clone();
+            self.slots.push(hit);
+            return Ok(data);
+        }
+        let data = std::sync::Arc::new(store.get(hash)?.ok_or(FsError::MissingChunk(*hash))?);
+        if self.slots.len() >= CACHE_SLOTS {
+            self.slots.remove(0);
+        }
+        self.slots.push((*hash, data.clone()));
+        Ok(data)
+    }
+}
+
+/// Copies bytes of a committed version into `out`, starting at `offset`.
+pub fn read_content(
+    store: &dyn ChunkStore,
+    cache: &mut ChunkCache,
+    content: &Content,
+    offset: u64,
+    out: &mut [u8],
+) -> Result<(), FsError> {
+    let mut pos = offset;
+    let end = offset + out.len() as u64;
+    let Some(mut idx) = content.chunk_at(offset) else {
+        return Ok(());
+    };
+    while pos < end && idx < content.chunks.len() {
+        let c = content.chunks[idx];
+        let data = cache.get(store, &c.hash)?;
+        if data.len() != c.len as usize {
+            tracing::error!(chunk = %c.hash, "chunk length differs from the version's record");
+            return Err(FsError::MissingChunk(c.hash));
+        }
+        let from = (pos - c.offset) as usize;
+        let n = ((c.offset + c.len as u64).min(end) - pos) as usize;
+        let o = (pos - offset) as usize;
+        out[o..o + n].copy_from_slice(&data[from..from + n]);
+        pos += n as u64;
+        idx += 1;
+    }
+    Ok(())
+}
+
+/// Reads a dirty file's current bytes (`out.len()` bytes from `offset`,
+/// which the caller has clipped to the size).
+pub fn read_merged(
+    store: &dyn ChunkStore,
+    cache: &mut ChunkCache,
+    spill: &Spill,
+    offset: u64,
+    out: &mut [u8],
+) -> Result<(), FsError> {
+    let end = offset + out.len() as u64;
+    let mut pos = offset;
+    while pos < end {
+        let o = (pos - offset) as usize;
+        let (stop, src) = match spill.source(pos) {
+            Source::Spill(e) => (e.min(end), 0),
+            Source::Base(e) => (e.min(end), 1),
+            Source::Zero(e) => (e.min(end), 2),
+        };
+        let n = (stop - pos) as usize;
+        if n == 0 {
+            break;
+        }
+        let slot = &mut out[o..o + n];
+        match src {
+            0 => spill.read_spill(pos, slot)?,
+            1 => read_content(store, cache, &spill.base, pos, slot)?,
+            _ => slot.fill(0),
+        }
+        pos = stop;
+    }
+    Ok(())
+}
+
+/// `Read` over a dirty file from some offset, for the chunker.
+struct MergedReader<'a> {
+    store: &'a dyn ChunkStore,
+    cache: ChunkCache,
+    spill: &'a Spill,
+    pos: u64,
+    /// The real error behind an `io::Error` handed to the chunker.
+    failure: Option<FsError>,
+}
+
+impl Read for MergedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.spill.size.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        match read_merged(self.store, &mut self.cache, self.spill, self.pos, &mut buf[..n]) {
+            Ok(()) => {
+                self.pos += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                let io = std::io::Error::other(e.to_string());
+                self.failure = Some(e);
+                Err(io)
+            }
+        }
+    }
+}
+
+/// The result of chunking a dirty file.
+pub struct NewContent {
+    pub chunks: Vec<ChunkRef>,
+    /// Chunks written (and pinned) for this version; unpin after commit.
+    pub pinned: Vec<ChunkHash>,
+    /// Bytes that went through the chunker (the rest was reused).
+    pub rechunked_bytes: u64,
+}
+
+/// Chunks the dirty file's bytes into the store. Base chunks wholly before
+/// the first changed byte are kept; chunking starts at the boundary before
+/// it and stops as soon as a cut after the last changed byte lands on a base
+/// chunk boundary, from where the base chunks are reused.
+pub fn rechunk(store: &dyn ChunkStore, spill: &Spill, sizes: ChunkSizes) -> Result<NewContent, FsError> {
+    let base = &spill.base;
+    let (dirty_start, dirty_end) = spill.dirty_span().unwrap_or((spill.size, spill.size));
+    // Keep base chunks that end at or before the first change.
+    let keep = base
+        .chunks
+        .partition_point(|c| c.offset + c.len as u64 <= dirty_start.min(spill.base_limit));
+    let mut chunks: Vec<ChunkRef> = base.chunks[..keep].to_vec();
+    let start = chunks.last().map_or(0, |c| c.offset + c.len as u64);
+    // Base boundaries where chunking may stop: inside the kept base region.
+    let base_valid_end = spill.base_limit.min(base.size).min(spill.size);
+
+    let mut reader = MergedReader {
+        store,
+        cache: ChunkCache::default(),
+        spill,
+        pos: start,
+        failure: None,
+    };
+    let mut pinned = Vec::new();
+    let mut rechunked = 0u64;
+    let mut at = start;
+    let mut resume_at: Option<usize> = None;
+    let mut chunker_error = None;
+    let cdc = StreamCDC::new(&mut reader, sizes.min, sizes.avg, sizes.max);
+    for item in cdc {
+        let chunk = match item {
+            Ok(c) => c,
+            Err(e) => {
+                chunker_error = Some(e);
+                break;
+            }
+        };
+        let hash = match store.put(&chunk.data) {
+            Ok(h) => h,
+            Err(e) => {
+                store.unpin(&pinned);
+                return Err(e.into());
+            }
+        };
+        pinned.push(hash);
+        chunks.push(ChunkRef {
+            hash,
+            offset: at,
+            len: chunk.length as u32,
+        });
+        at += chunk.length as u64;
+        rechunked += chunk.length as u64;
+        if at >= dirty_end && at < base_valid_end {
+            // Same bytes from a boundary both runs cut at: same cuts from here.
+            let i = base.chunks.partition_point(|c| c.offset < at);
+            if i < base.chunks.len() && base.chunks[i].offset == at {
+                resume_at = Some(i);
+                break;
+            }
+        }
+    }
+    if let Some(e) = chunker_error {
+        store.unpin(&pinned);
+        // Prefer the reader's own error: it keeps "corrupt chunk" apart
+        // from plain I/O failures.
+        return Err(reader.failure.take().unwrap_or_else(|| match e {
+            fastcdc::v2020::Error::IoError(io) => FsError::Io(io),
+            other => FsError::Io(std::io::Error::other(other.to_string())),
+        }));
+    }
+    if let Some(i) = resume_at {
+        // Base chunks beyond `base_valid_end` were cut away; stop there.
+        for c in base.chunks[i..].iter() {
+            if c.offset + c.len as u64 > base_valid_end {
+                break;
+            }
+            chunks.push(*c);
+            at = c.offset + c.len as u64;
+        }
+        if at != spill.size {
+            // A tail that is neither reusable nor re-chunked cannot happen
+            // with a consistent spill; refuse rather than commit a bad list.
+            store.unpin(&pinned);
+            return Err(FsError::Io(std::io::Error::other("re-chunking lost the file's tail")));
+        }
+    }
+    Ok(NewContent {
+        chunks,
+        pinned,
+        rechunked_bytes: rechunked,
+    })
+}

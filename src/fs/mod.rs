@@ -1,0 +1,900 @@
+//! Filesystem semantics, free of fuser: handles, per-file write spills,
+//! the read path, close-to-open commits and orphan reclamation. `fuse/`
+//! translates kernel requests into calls here; tests call it directly.
+//!
+//! Lock order: an open file's lock may be held while taking the namespace
+//! lock, never the other way round.
+
+mod content;
+mod spill;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::ids::{ChunkHash, DeviceId, ResourceId, VersionId};
+use crate::meta::{
+    FsCommand, Inode, Kind, MetaError, MetaState, Name, NewNode, Outcome, RenameMode, Timestamp,
+    XattrMode,
+};
+use crate::storage::{StorageError, Store};
+
+pub use content::ChunkSizes;
+use content::{read_content, read_merged, ChunkCache};
+use spill::Spill;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("chunk {0} is missing from the store")]
+    MissingChunk(ChunkHash),
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("read-only filesystem")]
+    ReadOnly,
+    #[error("operation not supported")]
+    NotSupported,
+    #[error("permission denied")]
+    Access,
+    #[error("file too large")]
+    TooBig,
+}
+
+pub type Result<T> = std::result::Result<T, FsError>;
+
+/// Who is asking: the calling process's credentials.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attributes as the kernel wants them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: ResourceId,
+    pub kind: Kind,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub crtime: Timestamp,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+}
+
+impl Attr {
+    fn of(i: &Inode) -> Self {
+        let size = i.size();
+        Attr {
+            ino: i.id,
+            kind: i.kind,
+            size,
+            blocks: size.div_ceil(512),
+            atime: i.atime,
+            mtime: i.mtime,
+            ctime: i.ctime,
+            crtime: i.crtime,
+            perm: i.perm,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: i.rdev,
+        }
+    }
+}
+
+/// A change of attributes requested by setattr.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Timestamp>,
+    pub mtime: Option<Timestamp>,
+}
+
+/// One directory entry for readdir.
+#[derive(Debug, Clone)]
+pub struct DirItem {
+    pub ino: ResourceId,
+    /// The offset to resume after this entry.
+    pub offset: u64,
+    pub kind: Kind,
+    pub name: Name,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// Settings the filesystem needs from Config.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    pub device: DeviceId,
+    pub spill_dir: PathBuf,
+    pub chunk_sizes: ChunkSizes,
+    pub sync_on_close: bool,
+    pub read_only: bool,
+}
+
+/// What `open` tells the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    pub fh: u64,
+    /// The kernel's cached pages of this file are still the current version.
+    pub keep_cache: bool,
+}
+
+/// Counters for `meshfs status`.
+#[derive(Debug, Default, serde::Serialize, Clone, Copy)]
+pub struct FsStats {
+    pub commits: u64,
+    pub rechunked_bytes: u64,
+    pub open_files: u64,
+}
+
+#[derive(Debug)]
+struct OpenFile {
+    handles: usize,
+    spill: Option<Spill>,
+    cache: ChunkCache,
+}
+
+#[derive(Debug, Clone)]
+struct Handle {
+    ino: ResourceId,
+    file: Arc<Mutex<OpenFile>>,
+    append: bool,
+    writable: bool,
+}
+
+pub struct Fs {
+    store: Arc<dyn Store>,
+    meta: RwLock<MetaState>,
+    opts: FsOptions,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    open: Mutex<HashMap<ResourceId, Arc<Mutex<OpenFile>>>>,
+    lookups: Mutex<HashMap<ResourceId, u64>>,
+    /// The version of each file whose pages the kernel may hold.
+    kernel_versions: Mutex<HashMap<ResourceId, VersionId>>,
+    commits: AtomicU64,
+    rechunked: AtomicU64,
+    spill_seq: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the whole mount down with it.
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Fs {
+    /// Builds the filesystem over a loaded namespace. Unlinked inodes left by
+    /// a previous run are reclaimed and stale spill files removed: nothing can
+    /// still hold them open.
+    pub fn new(store: Arc<dyn Store>, meta: MetaState, opts: FsOptions) -> Result<Self> {
+        std::fs::create_dir_all(&opts.spill_dir)?;
+        for e in std::fs::read_dir(&opts.spill_dir)?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let fs = Fs {
+            store,
+            meta: RwLock::new(meta),
+            opts,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            open: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(HashMap::new()),
+            kernel_versions: Mutex::new(HashMap::new()),
+            commits: AtomicU64::new(0),
+            rechunked: AtomicU64::new(0),
+            spill_seq: AtomicU64::new(0),
+        };
+        if !fs.opts.read_only {
+            fs.apply(FsCommand::ReclaimOrphans, true)?;
+            let n = fs.store.collect_garbage()?;
+            if n > 0 {
+                tracing::info!(chunks = n, "collected unreferenced chunks left by an interrupted commit");
+            }
+        }
+        Ok(fs)
+    }
+
+    fn read_meta(&self) -> std::sync::RwLockReadGuard<'_, MetaState> {
+        match self.meta.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Applies one command and persists it; on a storage failure the
+    /// in-memory state is rolled back so memory and disk never disagree.
+    fn apply(&self, cmd: FsCommand, sync: bool) -> Result<Outcome> {
+        let mut meta = match self.meta.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let out = match meta.apply(cmd) {
+            Ok(o) => o,
+            Err(e) => {
+                meta.rollback();
+                return Err(e.into());
+            }
+        };
+        let changes = meta.take_changes_keep_undo();
+        if let Err(e) = self.store.persist(&changes, false) {
+            meta.rollback();
+            tracing::warn!(error = %e, "could not persist a namespace change; rolled back");
+            return Err(e.into());
+        }
+        meta.forget_undo();
+        drop(meta);
+        if sync {
+            self.store.sync()?;
+        }
+        Ok(out)
+    }
+
+    fn mutate(&self, cmd: FsCommand) -> Result<Outcome> {
+        if self.opts.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        self.apply(cmd, false)
+    }
+
+    fn inode_attr(&self, out: Outcome) -> Result<Attr> {
+        match out {
+            Outcome::Inode(i) => Ok(self.overlay(Attr::of(&i))),
+            Outcome::Done => Err(FsError::Io(std::io::Error::other("command returned no inode"))),
+        }
+    }
+
+    /// Adds what open handles know and the namespace does not yet: the size
+    /// and mtime of uncommitted writes.
+    fn overlay(&self, mut attr: Attr) -> Attr {
+        if attr.kind != Kind::File {
+            return attr;
+        }
+        let file = lock(&self.open).get(&attr.ino).cloned();
+        if let Some(f) = file {
+            if let Some(s) = &lock(&f).spill {
+                attr.size = s.size;
+                attr.blocks = s.size.div_ceil(512);
+                attr.mtime = s.mtime;
+                attr.ctime = attr.ctime.max(s.mtime);
+            }
+        }
+        attr
+    }
+
+    fn note_lookup_of(&self, ino: ResourceId) {
+        *lock(&self.lookups).entry(ino).or_insert(0) += 1;
+    }
+
+    // ---- namespace ----
+
+    pub fn lookup(&self, parent: ResourceId, name: &[u8]) -> Result<Attr> {
+        let attr = Attr::of(self.read_meta().lookup(parent, name)?);
+        self.note_lookup_of(attr.ino);
+        Ok(self.overlay(attr))
+    }
+
+    /// Records a lookup the kernel made through readdirplus.
+    pub fn note_lookup(&self, ino: ResourceId) {
+        self.note_lookup_of(ino);
+    }
+
+    pub fn forget(&self, ino: ResourceId, n: u64) {
+        {
+            let mut l = lock(&self.lookups);
+            if let Some(c) = l.get_mut(&ino) {
+                *c = c.saturating_sub(n);
+                if *c == 0 {
+                    l.remove(&ino);
+                }
+            }
+        }
+        self.maybe_reclaim(ino);
+    }
+
+    /// Drops an unlinked inode once the kernel and every handle let go.
+    fn maybe_reclaim(&self, ino: ResourceId) {
+        if self.opts.read_only {
+            return;
+        }
+        let unlinked = self.read_meta().get(ino).is_some_and(|i| i.nlink == 0);
+        if !unlinked || lock(&self.lookups).contains_key(&ino) || lock(&self.open).contains_key(&ino) {
+            return;
+        }
+        lock(&self.kernel_versions).remove(&ino);
+        if let Err(e) = self.apply(FsCommand::Reclaim { ino }, false) {
+            tracing::warn!(%ino, error = %e, "could not reclaim an unlinked inode; retried at next start");
+        }
+    }
+
+    pub fn getattr(&self, ino: ResourceId) -> Result<Attr> {
+        let attr = Attr::of(self.read_meta().get(ino).ok_or(MetaError::NotFound)?);
+        Ok(self.overlay(attr))
+    }
+
+    pub fn setattr(&self, ino: ResourceId, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
+        if self.opts.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        if let Some(size) = set.size {
+            let kind = self.read_meta().get(ino).ok_or(MetaError::NotFound)?.kind;
+            match kind {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::Meta(MetaError::IsDir)),
+                _ => return Err(FsError::Meta(MetaError::Invalid("truncate of a special file"))),
+            }
+            let file = self.open_file(ino);
+            let res = (|| {
+                let mut f = lock(&file);
+                self.ensure_spill(ino, &mut f)?;
+                if let Some(s) = f.spill.as_mut() {
+                    s.set_size(size, Timestamp::now())?;
+                }
+                // truncate(2) has no close to commit at; ftruncate(2) does.
+                if fh.is_none() {
+                    self.commit_locked(ino, &mut f, self.opts.sync_on_close)?;
+                }
+                Ok::<(), FsError>(())
+            })();
+            self.release_open_file(ino, &file);
+            res?;
+        }
+        let any_meta = set.mode.is_some()
+            || set.uid.is_some()
+            || set.gid.is_some()
+            || set.atime.is_some()
+            || set.mtime.is_some();
+        if any_meta {
+            if set.mtime.is_some() {
+                // An explicit mtime must not be overwritten by a later commit
+                // of earlier writes: commit them first.
+                self.commit(ino, false)?;
+            }
+            self.mutate(FsCommand::SetAttr {
+                ino,
+                perm: set.mode.map(|m| (m & 0o7777) as u16),
+                uid: set.uid,
+                gid: set.gid,
+                atime: set.atime,
+                mtime: set.mtime,
+                now: Timestamp::now(),
+            })?;
+        }
+        self.getattr(ino)
+    }
+
+    pub fn readlink(&self, ino: ResourceId) -> Result<Vec<u8>> {
+        let meta = self.read_meta();
+        let i = meta.get(ino).ok_or(MetaError::NotFound)?;
+        i.target
+            .clone()
+            .ok_or(FsError::Meta(MetaError::Invalid("not a symlink")))
+    }
+
+    fn create_node(&self, ctx: Ctx, parent: ResourceId, name: &[u8], node: NewNode, perm: u16) -> Result<Attr> {
+        let out = self.mutate(FsCommand::Create {
+            parent,
+            name: name.to_vec(),
+            node,
+            perm,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            now: Timestamp::now(),
+        })?;
+        let attr = self.inode_attr(out)?;
+        self.note_lookup_of(attr.ino);
+        Ok(attr)
+    }
+
+    pub fn mknod(&self, ctx: Ctx, parent: ResourceId, name: &[u8], mode: u32, rdev: u32) -> Result<Attr> {
+        let node = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => NewNode::File,
+            libc::S_IFIFO => NewNode::Fifo,
+            libc::S_IFSOCK => NewNode::Socket,
+            libc::S_IFCHR => NewNode::CharDev { rdev },
+            libc::S_IFBLK => NewNode::BlockDev { rdev },
+            libc::S_IFDIR => NewNode::Dir,
+            _ => return Err(FsError::Meta(MetaError::Invalid("unknown file type"))),
+        };
+        self.create_node(ctx, parent, name, node, (mode & 0o7777) as u16)
+    }
+
+    pub fn mkdir(&self, ctx: Ctx, parent: ResourceId, name: &[u8], mode: u32) -> Result<Attr> {
+        self.create_node(ctx, parent, name, NewNode::Dir, (mode & 0o7777) as u16)
+    }
+
+    pub fn symlink(&self, ctx: Ctx, parent: ResourceId, name: &[u8], target: &[u8]) -> Result<Attr> {
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            NewNode::Symlink {
+                target: target.to_vec(),
+            },
+            0o777,
+        )
+    }
+
+    pub fn unlink(&self, parent: ResourceId, name: &[u8]) -> Result<()> {
+        let ino = self.read_meta().lookup(parent, name).map(|i| i.id).ok();
+        self.mutate(FsCommand::Unlink {
+            parent,
+            name: name.to_vec(),
+            now: Timestamp::now(),
+        })?;
+        if let Some(ino) = ino {
+            self.maybe_reclaim(ino);
+        }
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: ResourceId, name: &[u8]) -> Result<()> {
+        let ino = self.read_meta().lookup(parent, name).map(|i| i.id).ok();
+        self.mutate(FsCommand::Rmdir {
+            parent,
+            name: name.to_vec(),
+            now: Timestamp::now(),
+        })?;
+        if let Some(ino) = ino {
+            self.maybe_reclaim(ino);
+        }
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: ResourceId,
+        name: &[u8],
+        new_parent: ResourceId,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> Result<()> {
+        let replaced = self.read_meta().lookup(new_parent, new_name).map(|i| i.id).ok();
+        self.mutate(FsCommand::Rename {
+            parent,
+            name: name.to_vec(),
+            new_parent,
+            new_name: new_name.to_vec(),
+            mode,
+            now: Timestamp::now(),
+        })?;
+        if let Some(ino) = replaced {
+            self.maybe_reclaim(ino);
+        }
+        Ok(())
+    }
+
+    pub fn link(&self, ino: ResourceId, new_parent: ResourceId, new_name: &[u8]) -> Result<Attr> {
+        let out = self.mutate(FsCommand::Link {
+            ino,
+            parent: new_parent,
+            name: new_name.to_vec(),
+            now: Timestamp::now(),
+        })?;
+        let attr = self.inode_attr(out)?;
+        self.note_lookup_of(attr.ino);
+        Ok(attr)
+    }
+
+    /// Entries after `offset`: `.` is offset 1, `..` offset 2, then entries
+    /// in cookie order (cookies never change while an entry exists).
+    pub fn readdir(&self, ino: ResourceId, offset: u64, limit: usize) -> Result<Vec<DirItem>> {
+        let meta = self.read_meta();
+        let dir = meta.get(ino).ok_or(MetaError::NotFound)?;
+        if dir.kind != Kind::Dir {
+            return Err(MetaError::NotDir.into());
+        }
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push(DirItem {
+                ino,
+                offset: 1,
+                kind: Kind::Dir,
+                name: b".".to_vec(),
+            });
+        }
+        if offset < 2 {
+            out.push(DirItem {
+                ino: dir.parent,
+                offset: 2,
+                kind: Kind::Dir,
+                name: b"..".to_vec(),
+            });
+        }
+        for (cookie, name, e) in meta.entries_after(ino, offset.max(2))? {
+            if out.len() >= limit {
+                break;
+            }
+            out.push(DirItem {
+                ino: e.ino,
+                offset: cookie,
+                kind: e.kind,
+                name: name.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let c = std::ffi::CString::new(self.opts.spill_dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| FsError::Meta(MetaError::Invalid("data dir path has a NUL")))?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid C string and `st` a properly sized out-param.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let files = self.read_meta().inode_count() as u64;
+        Ok(StatFs {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: files + st.f_ffree,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            namelen: crate::meta::NAME_MAX as u32,
+        })
+    }
+
+    pub fn access(&self, ctx: Ctx, ino: ResourceId, mask: i32) -> Result<()> {
+        let meta = self.read_meta();
+        let i = meta.get(ino).ok_or(MetaError::NotFound)?;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        if mask & libc::W_OK != 0 && self.opts.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let perm = i.perm as i32;
+        let granted = if ctx.uid == 0 {
+            // root may do anything, but execute needs some x bit on files.
+            let x = if i.kind == Kind::Dir || perm & 0o111 != 0 { libc::X_OK } else { 0 };
+            libc::R_OK | libc::W_OK | x
+        } else if ctx.uid == i.uid {
+            (perm >> 6) & 7
+        } else if ctx.gid == i.gid {
+            (perm >> 3) & 7
+        } else {
+            perm & 7
+        };
+        if mask & !granted & 7 != 0 {
+            return Err(FsError::Access);
+        }
+        Ok(())
+    }
+
+    // ---- xattrs ----
+
+    fn check_xattr_namespace(name: &[u8]) -> Result<()> {
+        // POSIX ACLs are not implemented: storing them as opaque bytes would
+        // pretend to enforce them.
+        if name.starts_with(b"system.") {
+            return Err(FsError::NotSupported);
+        }
+        Ok(())
+    }
+
+    pub fn setxattr(&self, ino: ResourceId, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        Self::check_xattr_namespace(name)?;
+        let mode = match flags {
+            0 => XattrMode::Any,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => return Err(MetaError::Invalid("xattr flags").into()),
+        };
+        self.mutate(FsCommand::SetXattr {
+            ino,
+            name: name.to_vec(),
+            value: value.to_vec(),
+            mode,
+            now: Timestamp::now(),
+        })?;
+        Ok(())
+    }
+
+    pub fn getxattr(&self, ino: ResourceId, name: &[u8]) -> Result<Vec<u8>> {
+        Self::check_xattr_namespace(name)?;
+        let meta = self.read_meta();
+        let i = meta.get(ino).ok_or(MetaError::NotFound)?;
+        i.xattrs.get(name).cloned().ok_or(MetaError::NoAttr.into())
+    }
+
+    /// Names, each followed by a NUL, as listxattr(2) returns them.
+    pub fn listxattr(&self, ino: ResourceId) -> Result<Vec<u8>> {
+        let meta = self.read_meta();
+        let i = meta.get(ino).ok_or(MetaError::NotFound)?;
+        let mut out = Vec::new();
+        for k in i.xattrs.keys() {
+            out.extend_from_slice(k);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: ResourceId, name: &[u8]) -> Result<()> {
+        Self::check_xattr_namespace(name)?;
+        self.mutate(FsCommand::RemoveXattr {
+            ino,
+            name: name.to_vec(),
+            now: Timestamp::now(),
+        })?;
+        Ok(())
+    }
+
+    // ---- files ----
+
+    fn open_file(&self, ino: ResourceId) -> Arc<Mutex<OpenFile>> {
+        lock(&self.open)
+            .entry(ino)
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(OpenFile {
+                    handles: 0,
+                    spill: None,
+                    cache: ChunkCache::default(),
+                }))
+            })
+            .clone()
+    }
+
+    /// Forgets an open-file record nobody uses any more.
+    fn release_open_file(&self, ino: ResourceId, file: &Arc<Mutex<OpenFile>>) {
+        let mut open = lock(&self.open);
+        let f = lock(file);
+        if f.handles == 0 && f.spill.is_none() {
+            open.remove(&ino);
+        }
+    }
+
+    fn ensure_spill(&self, ino: ResourceId, f: &mut OpenFile) -> Result<()> {
+        if f.spill.is_none() {
+            let base = {
+                let meta = self.read_meta();
+                let i = meta.get(ino).ok_or(MetaError::NotFound)?;
+                i.content.clone().unwrap_or_default()
+            };
+            let seq = self.spill_seq.fetch_add(1, Ordering::Relaxed);
+            let name = format!("{}-{}", ino.0, seq);
+            f.spill = Some(Spill::create(&self.opts.spill_dir, &name, base, Timestamp::now())?);
+        }
+        Ok(())
+    }
+
+    pub fn open(&self, ino: ResourceId, flags: i32) -> Result<Opened> {
+        let acc = flags & libc::O_ACCMODE;
+        let writable = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        let (kind, version) = {
+            let meta = self.read_meta();
+            let i = meta.get(ino).ok_or(MetaError::NotFound)?;
+            (i.kind, i.version())
+        };
+        if kind == Kind::Dir {
+            return Err(MetaError::IsDir.into());
+        }
+        if writable && self.opts.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let file = self.open_file(ino);
+        {
+            let mut f = lock(&file);
+            f.handles += 1;
+            if flags & libc::O_TRUNC != 0 && writable && kind == Kind::File {
+                if let Err(e) = self
+                    .ensure_spill(ino, &mut f)
+                    .and_then(|_| match f.spill.as_mut() {
+                        Some(s) => s.set_size(0, Timestamp::now()).map_err(FsError::from),
+                        None => Ok(()),
+                    })
+                {
+                    f.handles -= 1;
+                    drop(f);
+                    self.release_open_file(ino, &file);
+                    return Err(e);
+                }
+            }
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(
+            fh,
+            Handle {
+                ino,
+                file,
+                append: flags & libc::O_APPEND != 0,
+                writable,
+            },
+        );
+        let keep_cache = {
+            let mut kv = lock(&self.kernel_versions);
+            let keep = kv.get(&ino) == Some(&version);
+            kv.insert(ino, version);
+            keep
+        };
+        Ok(Opened { fh, keep_cache })
+    }
+
+    pub fn create(&self, ctx: Ctx, parent: ResourceId, name: &[u8], mode: u32, flags: i32) -> Result<(Attr, Opened)> {
+        let attr = self.create_node(ctx, parent, name, NewNode::File, (mode & 0o7777) as u16)?;
+        // O_TRUNC on a brand-new file is a no-op; opening must not fail on it.
+        let opened = self.open(attr.ino, flags & !libc::O_TRUNC)?;
+        Ok((attr, opened))
+    }
+
+    fn handle(&self, fh: u64) -> Result<Handle> {
+        lock(&self.handles).get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let mut f = lock(&h.file);
+        let f = &mut *f;
+        if let Some(s) = &f.spill {
+            let n = s.size.saturating_sub(offset).min(size as u64) as usize;
+            let mut out = vec![0u8; n];
+            read_merged(&*self.store, &mut f.cache, s, offset, &mut out)?;
+            return Ok(out);
+        }
+        let content = {
+            let meta = self.read_meta();
+            let i = meta.get(h.ino).ok_or(MetaError::NotFound)?;
+            i.content.clone().unwrap_or_default()
+        };
+        let n = content.size.saturating_sub(offset).min(size as u64) as usize;
+        let mut out = vec![0u8; n];
+        read_content(&*self.store, &mut f.cache, &content, offset, &mut out)?;
+        Ok(out)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let h = self.handle(fh)?;
+        if !h.writable {
+            return Err(FsError::BadHandle);
+        }
+        let mut f = lock(&h.file);
+        self.ensure_spill(h.ino, &mut f)?;
+        let s = f.spill.as_mut().ok_or(FsError::BadHandle)?;
+        let at = if h.append { s.size } else { offset };
+        if at.checked_add(data.len() as u64).is_none_or(|e| e > i64::MAX as u64) {
+            return Err(FsError::TooBig);
+        }
+        s.write(at, data, Timestamp::now())?;
+        Ok(data.len() as u32)
+    }
+
+    /// close(2) of one descriptor: commit what was written (close-to-open).
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        let mut f = lock(&h.file);
+        self.commit_locked(h.ino, &mut f, self.opts.sync_on_close)
+    }
+
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        let mut f = lock(&h.file);
+        self.commit_locked(h.ino, &mut f, true)?;
+        self.store.sync()?;
+        Ok(())
+    }
+
+    /// fsync on a directory: make every namespace change durable.
+    pub fn fsyncdir(&self) -> Result<()> {
+        self.store.sync()?;
+        Ok(())
+    }
+
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let h = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
+        let result = {
+            let mut f = lock(&h.file);
+            let r = self.commit_locked(h.ino, &mut f, self.opts.sync_on_close);
+            f.handles = f.handles.saturating_sub(1);
+            if f.handles == 0 && r.is_err() {
+                // Nobody can retry a commit of a released file; the writes
+                // are lost and the caller was told at close().
+                f.spill = None;
+            }
+            r
+        };
+        self.release_open_file(h.ino, &h.file);
+        self.maybe_reclaim(h.ino);
+        result
+    }
+
+    fn commit(&self, ino: ResourceId, sync: bool) -> Result<()> {
+        let file = lock(&self.open).get(&ino).cloned();
+        if let Some(file) = file {
+            let mut f = lock(&file);
+            self.commit_locked(ino, &mut f, sync)?;
+        }
+        Ok(())
+    }
+
+    /// Turns a file's uncommitted writes into a new version. On failure the
+    /// writes stay in the spill, so a later flush or fsync can retry.
+    fn commit_locked(&self, ino: ResourceId, f: &mut OpenFile, sync: bool) -> Result<()> {
+        let Some(spill) = f.spill.as_ref() else {
+            return Ok(());
+        };
+        if spill.dirty_span().is_none() {
+            f.spill = None;
+            return Ok(());
+        }
+        let new = content::rechunk(&*self.store, spill, self.opts.chunk_sizes)?;
+        let cmd = FsCommand::CommitVersion {
+            ino,
+            size: spill.size,
+            chunks: new.chunks,
+            mtime: spill.mtime,
+            author: self.opts.device,
+            now: Timestamp::now(),
+        };
+        let res = self.apply(cmd, sync);
+        self.store.unpin(&new.pinned);
+        let out = res?;
+        if let Outcome::Inode(i) = out {
+            // Our own writes went through the kernel's page cache, so the
+            // pages it holds are this version.
+            lock(&self.kernel_versions).insert(ino, i.version());
+        }
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.rechunked.fetch_add(new.rechunked_bytes, Ordering::Relaxed);
+        f.spill = None;
+        Ok(())
+    }
+
+    /// Commits every file with uncommitted writes (clean shutdown).
+    pub fn commit_all(&self) -> Result<()> {
+        let files: Vec<(ResourceId, Arc<Mutex<OpenFile>>)> =
+            lock(&self.open).iter().map(|(i, f)| (*i, f.clone())).collect();
+        let mut first_err = None;
+        for (ino, file) in files {
+            let mut f = lock(&file);
+            if let Err(e) = self.commit_locked(ino, &mut f, false) {
+                tracing::error!(%ino, error = %e, "could not commit a file at shutdown");
+                first_err.get_or_insert(e);
+            }
+        }
+        self.store.sync()?;
+        first_err.map_or(Ok(()), Err)
+    }
+
+    pub fn stats(&self) -> FsStats {
+        FsStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            rechunked_bytes: self.rechunked.load(Ordering::Relaxed),
+            open_files: lock(&self.open).len() as u64,
+        }
+    }
+
+    /// Read access to the namespace (status, check).
+    pub fn with_meta<T>(&self, f: impl FnOnce(&MetaState) -> T) -> T {
+        f(&self.read_meta())
+    }
+}

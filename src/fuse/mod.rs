@@ -1,0 +1,640 @@
+//! The kernel adapter; the only module that imports fuser. Each callback
+//! turns a request into a call on `fs::Fs` and its result into a reply; one
+//! exhaustive match maps errors to errno. It also mounts: as root directly
+//! with mount(2), so the mount shows as type `fuse.meshfs`; otherwise through
+//! fusermount3.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BackgroundSession, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+
+use crate::fs::{Attr, Ctx, Fs, FsError, SetAttr};
+use crate::ids::ResourceId;
+use crate::meta::{Kind, MetaError, RenameMode, Timestamp};
+use crate::storage::StorageError;
+
+/// Largest read and write the kernel sends us.
+const MAX_IO: u32 = 1 << 20;
+
+/// The one place errors become errno: a new variant must pick its errno here.
+fn errno(e: &FsError) -> Errno {
+    match e {
+        FsError::Meta(m) => match m {
+            MetaError::NotFound => Errno::ENOENT,
+            MetaError::Exists => Errno::EEXIST,
+            MetaError::NotEmpty => Errno::ENOTEMPTY,
+            MetaError::NotDir => Errno::ENOTDIR,
+            MetaError::IsDir => Errno::EISDIR,
+            MetaError::NameTooLong => Errno::ENAMETOOLONG,
+            MetaError::Invalid(_) => Errno::EINVAL,
+            MetaError::NotPermitted => Errno::EPERM,
+            MetaError::TooManyLinks => Errno::EMLINK,
+            MetaError::NoAttr => Errno::NO_XATTR,
+            MetaError::AttrRange => Errno::ERANGE,
+            MetaError::AttrTooBig => Errno::E2BIG,
+            MetaError::NotSupported => Errno::EOPNOTSUPP,
+        },
+        FsError::Storage(s) => match s {
+            StorageError::Corrupt { .. } => Errno::EIO,
+            StorageError::NoSpace => Errno::ENOSPC,
+            StorageError::Decode(_) | StorageError::Db(_) => Errno::EIO,
+            StorageError::Io(io) => io_errno(io),
+        },
+        FsError::Io(io) => io_errno(io),
+        FsError::MissingChunk(_) => Errno::EIO,
+        FsError::BadHandle => Errno::EBADF,
+        FsError::ReadOnly => Errno::EROFS,
+        FsError::NotSupported => Errno::EOPNOTSUPP,
+        FsError::Access => Errno::EACCES,
+        FsError::TooBig => Errno::EFBIG,
+    }
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    match e.raw_os_error() {
+        Some(n) if n > 0 => Errno::from_i32(n),
+        _ => Errno::EIO,
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino.0),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime.to_system(),
+        mtime: a.mtime.to_system(),
+        ctime: a.ctime.to_system(),
+        crtime: a.crtime.to_system(),
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 64 * 1024,
+        flags: 0,
+    }
+}
+
+fn time_of(t: TimeOrNow) -> Timestamp {
+    match t {
+        TimeOrNow::SpecificTime(s) => Timestamp::from_system(s),
+        TimeOrNow::Now => Timestamp::now(),
+    }
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn rid(i: INodeNo) -> ResourceId {
+    ResourceId(i.0)
+}
+
+/// The fuser `Filesystem` over `Fs`.
+pub struct Adapter {
+    fs: Arc<Fs>,
+    ttl: Duration,
+}
+
+impl Adapter {
+    pub fn new(fs: Arc<Fs>, ttl: Duration) -> Self {
+        Adapter { fs, ttl }
+    }
+
+    fn entry(&self, r: crate::fs::Result<Attr>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+fn empty(r: crate::fs::Result<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+impl Filesystem for Adapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        // Each optional capability is only asked for when the kernel has it.
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.fs.commit_all() {
+            tracing::error!(error = %e, "commit at unmount failed");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.lookup(rid(parent), name.as_bytes()), reply)
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(rid(ino), nlookup)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(rid(ino)) {
+            Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_of),
+            mtime: mtime.map(time_of),
+        };
+        match self.fs.setattr(rid(ino), fh.map(|f| f.0), set) {
+            Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(rid(ino)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.entry(self.fs.mknod(ctx(req), rid(parent), name.as_bytes(), mode, rdev), reply)
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        self.entry(self.fs.mkdir(ctx(req), rid(parent), name.as_bytes(), mode), reply)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.fs.unlink(rid(parent), name.as_bytes()), reply)
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.fs.rmdir(rid(parent), name.as_bytes()), reply)
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.entry(
+            self.fs
+                .symlink(ctx(req), rid(parent), link_name.as_bytes(), target.as_os_str().as_bytes()),
+            reply,
+        )
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            RenameMode::Exchange
+        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            RenameMode::NoReplace
+        } else if flags.is_empty() {
+            RenameMode::Replace
+        } else {
+            // RENAME_WHITEOUT is for overlay filesystems' upper layers.
+            return reply.error(Errno::EINVAL);
+        };
+        empty(
+            self.fs
+                .rename(rid(parent), name.as_bytes(), rid(newparent), newname.as_bytes(), mode),
+            reply,
+        )
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.link(rid(ino), rid(newparent), newname.as_bytes()), reply)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(rid(ino), flags.0) {
+            Ok(o) => {
+                let f = if o.keep_cache {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(o.fh), f)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size.min(MAX_IO)) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        empty(self.fs.flush(fh.0), reply)
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.fs.release(fh.0), reply)
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        empty(self.fs.fsync(fh.0), reply)
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.getattr(rid(ino)) {
+            Ok(a) if a.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.fs.readdir(rid(ino), offset, 512) {
+            Ok(items) => {
+                for it in items {
+                    if reply.add(INodeNo(it.ino.0), it.offset, file_type(it.kind), OsStr::from_bytes(&it.name)) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.fs.readdir(rid(ino), offset, 256) {
+            Ok(items) => {
+                for it in items {
+                    let dot = it.name == b"." || it.name == b"..";
+                    let attr = match self.fs.getattr(it.ino) {
+                        Ok(a) => a,
+                        // Removed since the listing was taken: skip it.
+                        Err(_) => continue,
+                    };
+                    if reply.add(
+                        INodeNo(it.ino.0),
+                        it.offset,
+                        OsStr::from_bytes(&it.name),
+                        &self.ttl,
+                        &file_attr(&attr),
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                    // The kernel counts a lookup for every entry it accepted,
+                    // except `.` and `..`.
+                    if !dot {
+                        self.fs.note_lookup(it.ino);
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        empty(self.fs.fsyncdir(), reply)
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.fs.setxattr(rid(ino), name.as_bytes(), value, flags), reply)
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        xattr_reply(self.fs.getxattr(rid(ino), name.as_bytes()), size, reply)
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(self.fs.listxattr(rid(ino)), size, reply)
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.fs.removexattr(rid(ino), name.as_bytes()), reply)
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        empty(self.fs.access(ctx(req), rid(ino), mask.bits()), reply)
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.fs.create(ctx(req), rid(parent), name.as_bytes(), mode, flags) {
+            Ok((a, o)) => reply.created(
+                &self.ttl,
+                &file_attr(&a),
+                Generation(0),
+                FileHandle(o.fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// getxattr/listxattr: size 0 asks for the length; too small is ERANGE.
+fn xattr_reply(r: crate::fs::Result<Vec<u8>>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    /// Shown as the mount's source in /proc/mounts (the data dir).
+    pub source: String,
+    pub allow_other: bool,
+    pub read_only: bool,
+    pub noexec: bool,
+    pub threads: usize,
+    pub ttl: Duration,
+}
+
+/// A live mount. Dropping it does not unmount: the daemon unmounts
+/// explicitly on shutdown so that it can commit first.
+pub struct Mounted {
+    session: BackgroundSession,
+    mountpoint: PathBuf,
+}
+
+impl Mounted {
+    /// Blocks until the kernel ends the session (unmount).
+    pub fn join(self) {
+        if let Err(e) = self.session.join() {
+            tracing::warn!(error = %e, "FUSE session ended with an error");
+        }
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Whether the session thread has ended (the mount is gone).
+    pub fn is_finished(&self) -> bool {
+        self.session.guard.is_finished()
+    }
+}
+
+/// Unmounts `path`; lazily if it is busy, so shutdown never hangs.
+pub fn unmount(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EBUSY) => {
+            // SAFETY: as above.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        }
+        Some(libc::EPERM) => {
+            let st = std::process::Command::new("fusermount3").arg("-u").arg(path).status()?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("fusermount3 -u failed"))
+            }
+        }
+        _ => Err(err),
+    }
+}
+
+/// Mounts `fs` and serves it on background threads.
+pub fn mount(fs: Arc<Fs>, cfg: &MountConfig) -> std::io::Result<Mounted> {
+    let adapter = Adapter::new(fs, cfg.ttl);
+    let acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    let mut config = fuser::Config::default();
+    config.n_threads = Some(cfg.threads);
+    config.clone_fd = true;
+    config.acl = acl;
+    // SAFETY: geteuid has no preconditions.
+    let session = if unsafe { libc::geteuid() } == 0 {
+        let fd = mount_as_root(cfg)?;
+        fuser::Session::from_fd(adapter, fd, acl, config)?
+    } else {
+        config.mount_options = vec![
+            MountOption::FSName(cfg.source.clone()),
+            MountOption::Subtype("meshfs".into()),
+            MountOption::DefaultPermissions,
+            if cfg.read_only { MountOption::RO } else { MountOption::RW },
+            if cfg.noexec { MountOption::NoExec } else { MountOption::Exec },
+            MountOption::NoDev,
+            MountOption::NoSuid,
+        ];
+        fuser::Session::new(adapter, &cfg.mountpoint, &config)?
+    };
+    let session = session.spawn()?;
+    Ok(Mounted {
+        session,
+        mountpoint: cfg.mountpoint.clone(),
+    })
+}
+
+/// mount(2) with type `fuse.meshfs`, which fuser's own mount code does not
+/// offer (it always says plain `fuse`).
+fn mount_as_root(cfg: &MountConfig) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(&cfg.mountpoint)?.mode();
+    let dev = std::ffi::CString::new("/dev/fuse").map_err(std::io::Error::other)?;
+    // SAFETY: valid C string; the returned fd is checked and owned below.
+    let raw = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut data = format!(
+        "fd={raw},rootmode={:o},user_id=0,group_id=0,default_permissions,max_read={MAX_IO}",
+        mode & libc::S_IFMT
+    );
+    if cfg.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = libc::MS_NODEV | libc::MS_NOSUID;
+    if cfg.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    if cfg.noexec {
+        flags |= libc::MS_NOEXEC;
+    }
+    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL));
+    let source = c(cfg.source.as_bytes())?;
+    let target = c(cfg.mountpoint.as_os_str().as_bytes())?;
+    let fstype = c(b"fuse.meshfs")?;
+    let data = c(data.as_bytes())?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr() as *const libc::c_void,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}

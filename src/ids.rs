@@ -1,0 +1,173 @@
+//! Identifier newtypes shared by every module: devices, resources (inodes),
+//! content chunks and content versions. Short forms are for logs; the full
+//! forms travel on the wire and to disk.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A device's identity within a mesh. Random at `init`; later bound to the
+/// device's libp2p key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DeviceId(pub [u8; 16]);
+
+impl DeviceId {
+    /// A fresh random id, drawn from the OS random source through BLAKE3 of
+    /// the time and pid so that no extra crate is needed for randomness.
+    pub fn generate() -> Self {
+        let mut seed = [0u8; 32];
+        // /dev/urandom is the primary source; time and pid are a fallback only.
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            use std::io::Read;
+            let _ = f.read_exact(&mut seed);
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(&seed);
+        h.update(&std::process::id().to_le_bytes());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.update(&now.to_le_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        DeviceId(out)
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    pub fn parse_hex(s: &str) -> Option<Self> {
+        let bytes = unhex(s)?;
+        let arr: [u8; 16] = bytes.try_into().ok()?;
+        Some(DeviceId(arr))
+    }
+}
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceId({})", &self.to_hex()[..8])
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A file, directory or other node of the namespace. It is the inode number
+/// the kernel sees; numbers are never reused, so the FUSE generation stays 0.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug, Default,
+)]
+pub struct ResourceId(pub u64);
+
+impl ResourceId {
+    pub const ROOT: ResourceId = ResourceId(1);
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
+
+/// The BLAKE3 hash of a chunk's bytes: its address and its integrity check.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkHash(pub blake3::Hash);
+
+impl ChunkHash {
+    pub fn of(data: &[u8]) -> Self {
+        ChunkHash(blake3::hash(data))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        self.0.as_bytes()
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        ChunkHash(blake3::Hash::from_bytes(bytes))
+    }
+
+    /// Parses a key read from disk; `None` when it is not 32 bytes.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let arr: [u8; 32] = bytes.try_into().ok()?;
+        Some(Self::from_bytes(arr))
+    }
+
+    /// First 8 hex digits, enough to tell chunks apart in a log line.
+    pub fn fmt_short(&self) -> String {
+        self.0.to_hex()[..8].to_string()
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", self.fmt_short())
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.to_hex())
+    }
+}
+
+impl Serialize for ChunkHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_bytes().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes = <[u8; 32]>::deserialize(d)?;
+        Ok(ChunkHash::from_bytes(bytes))
+    }
+}
+
+/// One committed content state of a file, numbered per file from 1.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug, Default,
+)]
+pub struct VersionId(pub u64);
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_id_hex_round_trip() {
+        let id = DeviceId::generate();
+        assert_eq!(DeviceId::parse_hex(&id.to_hex()), Some(id));
+        assert_eq!(DeviceId::parse_hex("zz"), None);
+        assert_ne!(DeviceId::generate(), id);
+    }
+
+    #[test]
+    fn chunk_hash_serde_round_trip() {
+        let h = ChunkHash::of(b"hello");
+        let bytes = postcard::to_stdvec(&h).unwrap();
+        let back: ChunkHash = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(h, back);
+        assert_eq!(h.fmt_short().len(), 8);
+        assert_eq!(ChunkHash::from_slice(h.as_bytes()), Some(h));
+        assert_eq!(ChunkHash::from_slice(&[1, 2, 3]), None);
+    }
+}

@@ -1,0 +1,22 @@
+//! meshfs: a peer-to-peer filesystem for the devices one person or team owns.
+//!
+//! Codemap (see docs/ARCHITECTURE.md for invariants):
+//! - `ids`: newtypes for devices, resources (inodes), chunks and versions.
+//! - `config`: the one documented `Config` (TOML) and mount options.
+//! - `meta`: the namespace as a deterministic state machine, no I/O.
+//! - `storage`: RocksDB (the only user of rocksdb): chunks, refcounts, state.
+//! - `fs`: filesystem semantics: handles, spills, reads, commits.
+//! - `fuse`: the thin kernel adapter (the only user of fuser) and mounting.
+//! - `control`: the daemon's control socket and its client.
+//! - `node`: composition root: init, start-up, serve, shutdown.
+//! - `error`: the daemon- and CLI-level error.
+
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod ids;
+pub mod meta;
+pub mod node;
+pub mod storage;

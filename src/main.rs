@@ -1,0 +1,260 @@
+//! The `meshfs` command line: the contract in DESIGN.md. Parses, forks the
+//! daemon for `mount`, and prints one clear line on any error.
+
+use std::io::{Read, Write};
+use std::os::unix::io::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use meshfs::config::{Config, MountOptions};
+use meshfs::control::{self, Request};
+use meshfs::error::Error;
+use meshfs::node;
+
+#[derive(Parser)]
+#[command(name = "meshfs", version, about = "A peer-to-peer filesystem for the devices you own")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new mesh with this device as its first member.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Device name (default: hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// libp2p listen address, e.g. /ip4/0.0.0.0/tcp/4001.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run the device and mount its filesystem at MOUNTPOINT.
+    Mount {
+        #[arg(long)]
+        data_dir: PathBuf,
+        mountpoint: PathBuf,
+        /// Stay in the foreground (logs to stderr) instead of daemonizing.
+        #[arg(long)]
+        foreground: bool,
+        /// Comma-separated mount options (ro, rw, allow_other, noexec, ...).
+        #[arg(short = 'o', default_value = "")]
+        options: String,
+        /// Ignore unknown mount options instead of failing (mount -s).
+        #[arg(long, hide = true)]
+        sloppy: bool,
+    },
+    /// Show the device's state.
+    Status {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify the chunk store against the namespace; exit 0 when all is well.
+    Check {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // --help and --version are not errors.
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshfs: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("MESHFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Init { data_dir, name, listen } => {
+            init_cli_log();
+            let cfg = node::init(&data_dir, name, listen)?;
+            println!("initialised {} as device '{}' ({})", data_dir.display(), cfg.name, cfg.device_id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Mount {
+            data_dir,
+            mountpoint,
+            foreground,
+            options,
+            sloppy,
+        } => mount(&data_dir, &mountpoint, foreground, &options, sloppy),
+        Cmd::Status { data_dir, json } => {
+            init_cli_log();
+            Config::load(&data_dir)?;
+            let v = match control::request(&data_dir, &Request::Status) {
+                Ok(v) => v,
+                Err(Error::NotRunning(_)) => node::offline_status(&data_dir)?,
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{v}");
+            } else {
+                print_status(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { data_dir, json } => {
+            init_cli_log();
+            Config::load(&data_dir)?;
+            let report = match control::request(&data_dir, &Request::Check) {
+                Ok(v) => v.get("report").cloned().unwrap_or_default(),
+                Err(Error::NotRunning(_)) => serde_json::to_value(node::offline_check(&data_dir)?)?,
+                Err(e) => return Err(e.into()),
+            };
+            let clean = ["missing_chunks", "corrupt_chunks", "wrong_refcounts"]
+                .iter()
+                .all(|k| report.get(k).and_then(|v| v.as_array()).is_some_and(|a| a.is_empty()));
+            if json {
+                println!("{}", serde_json::json!({"ok": clean, "report": report}));
+            } else {
+                println!(
+                    "{}: {} inodes, {} chunks referenced, {} unreferenced",
+                    if clean { "ok" } else { "PROBLEMS" },
+                    report["inodes"],
+                    report["chunks_referenced"],
+                    report["unreferenced_chunks"]
+                );
+                for k in ["missing_chunks", "corrupt_chunks", "wrong_refcounts"] {
+                    for item in report[k].as_array().into_iter().flatten() {
+                        println!("{k}: {}", item.as_str().unwrap_or_default());
+                    }
+                }
+            }
+            Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+fn init_cli_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(log_filter("warn"))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn print_status(v: &serde_json::Value) {
+    let running = v["running"].as_bool().unwrap_or(false);
+    println!("device:     {} ({})", v["name"].as_str().unwrap_or("?"), v["id"].as_str().unwrap_or("?"));
+    if !running {
+        println!("state:      not running");
+        return;
+    }
+    println!("state:      running, pid {}, up {} s", v["pid"], v["uptime_s"]);
+    println!("mountpoint: {}", v["mountpoint"].as_str().unwrap_or("?"));
+    println!("files:      {} inodes, {} commits", v["inodes"], v["commits"]);
+    println!("cache:      {} bytes in {} chunks", v["cache_bytes"], v["chunks"]);
+    println!("mesh:       this device only (no peers yet)");
+}
+
+fn mount(data_dir: &Path, mountpoint: &Path, foreground: bool, options: &str, sloppy: bool) -> anyhow::Result<ExitCode> {
+    // Everything that can be checked before forking is, so that errors
+    // reach the terminal directly.
+    let opts = MountOptions::parse(options, sloppy)?;
+    let data_dir = std::fs::canonicalize(data_dir)
+        .map_err(|_| Error::NotInitialized(data_dir.to_path_buf()))?;
+    let cfg = Config::load(&data_dir)?;
+    let mountpoint = node::check_mountpoint(mountpoint)?;
+
+    if foreground {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(log_filter(&cfg.log))
+            .with_writer(std::io::stderr)
+            .try_init();
+        node::run_daemon(&data_dir, &mountpoint, &opts, |_| {})?;
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    // Daemonize: fork before any thread exists; the child reports start-up
+    // over a pipe so that this process exits only once the mount is usable.
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is a valid out-array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating a pipe");
+    }
+    // SAFETY: the fds were just created and are owned here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: single-threaded here (no runtime, no logger threads yet).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    if pid > 0 {
+        drop(wr);
+        let mut msg = String::new();
+        let _ = std::fs::File::from(rd).read_to_string(&mut msg);
+        return match msg.strip_prefix("OK") {
+            Some(_) => Ok(ExitCode::SUCCESS),
+            None if msg.is_empty() => anyhow::bail!(
+                "the daemon exited during start-up; see {}",
+                data_dir.join(node::LOG_FILE).display()
+            ),
+            None => anyhow::bail!("{}", msg.trim_start_matches("ERR ").trim()),
+        };
+    }
+    drop(rd);
+    // Child: detach from the terminal and log to the data dir.
+    // SAFETY: setsid has no preconditions in a fresh child.
+    unsafe { libc::setsid() };
+    let log_path = data_dir.join(node::LOG_FILE);
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path);
+    let devnull = std::fs::File::open("/dev/null");
+    if let (Ok(log), Ok(null)) = (&log, &devnull) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: dup2 onto the standard descriptors with valid fds.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(log.as_raw_fd(), 1);
+            libc::dup2(log.as_raw_fd(), 2);
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(log_filter(&cfg.log))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let mut wr = Some(std::fs::File::from(wr));
+    let r = node::run_daemon(&data_dir, &mountpoint, &opts, |res| {
+        if let Some(mut w) = wr.take() {
+            let line = match res {
+                Ok(()) => "OK\n".to_string(),
+                Err(e) => format!("ERR {e}\n"),
+            };
+            let _ = w.write_all(line.as_bytes());
+        }
+    });
+    if let Err(e) = &r {
+        tracing::error!(error = %e, "daemon failed");
+    }
+    // The child never returns to the parent's logic.
+    std::process::exit(if r.is_ok() { 0 } else { 1 });
+}

@@ -1,0 +1,876 @@
+//! The namespace as a deterministic state machine: `apply(FsCommand)` with no
+//! I/O. It owns inodes, directory entries, content versions and the chunk
+//! reference deltas that follow from them. Storage persists the changes one
+//! command at a time (one write batch); Raft will later replicate exactly
+//! these commands.
+
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ChunkHash, ResourceId, VersionId};
+
+pub use types::*;
+
+/// Why a command was refused. Each maps to one POSIX errno in `fuse/`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("name too long")]
+    NameTooLong,
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("attribute name out of range")]
+    AttrRange,
+    #[error("attribute value too big")]
+    AttrTooBig,
+    #[error("operation not supported")]
+    NotSupported,
+}
+
+/// What a successful command produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The inode created, linked or changed.
+    Inode(Box<Inode>),
+    Done,
+}
+
+/// Directory contents, indexed both by name (lookup) and by cookie (readdir).
+#[derive(Clone, Debug, Default)]
+struct DirEntries {
+    by_name: BTreeMap<Name, Entry>,
+    by_cookie: BTreeMap<u64, Name>,
+}
+
+/// What one or more applied commands changed, for storage to persist.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Inodes to write (`Some`) or delete (`None`).
+    pub inodes: Vec<(ResourceId, Option<Inode>)>,
+    /// Entries to write or delete, keyed by (parent, name).
+    pub entries: Vec<(ResourceId, Name, Option<Entry>)>,
+    /// Reference count changes per chunk.
+    pub chunk_deltas: BTreeMap<ChunkHash, i64>,
+    pub next_ino: u64,
+}
+
+/// A full copy of the state, for snapshots and for loading from disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub inodes: Vec<Inode>,
+    pub entries: Vec<(ResourceId, Name, Entry)>,
+    pub next_ino: u64,
+}
+
+/// The namespace.
+#[derive(Debug, Clone)]
+pub struct MetaState {
+    inodes: BTreeMap<ResourceId, Inode>,
+    dirs: BTreeMap<ResourceId, DirEntries>,
+    next_ino: u64,
+    dirty_inodes: BTreeSet<ResourceId>,
+    dirty_entries: BTreeSet<(ResourceId, Name)>,
+    chunk_deltas: BTreeMap<ChunkHash, i64>,
+    undo: Undo,
+}
+
+/// The values changed since the last `take_changes`, as they were before,
+/// so that a change storage failed to persist can be taken back.
+#[derive(Debug, Clone, Default)]
+struct Undo {
+    inodes: BTreeMap<ResourceId, Option<Inode>>,
+    entries: BTreeMap<(ResourceId, Name), Option<Entry>>,
+    dirs: BTreeMap<ResourceId, Option<DirEntries>>,
+    next_ino: Option<u64>,
+}
+
+type R<T> = Result<T, MetaError>;
+
+impl MetaState {
+    /// A fresh namespace: only the root directory, owned by `uid`/`gid`.
+    pub fn new(uid: u32, gid: u32, now: Timestamp) -> Self {
+        let root = Inode {
+            id: ResourceId::ROOT,
+            kind: Kind::Dir,
+            perm: 0o755,
+            uid,
+            gid,
+            nlink: 2,
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            parent: ResourceId::ROOT,
+            xattrs: BTreeMap::new(),
+            target: None,
+            content: None,
+            next_cookie: FIRST_COOKIE,
+        };
+        let mut s = MetaState {
+            inodes: BTreeMap::new(),
+            dirs: BTreeMap::new(),
+            next_ino: 2,
+            dirty_inodes: BTreeSet::new(),
+            dirty_entries: BTreeSet::new(),
+            chunk_deltas: BTreeMap::new(),
+            undo: Undo::default(),
+        };
+        s.dirs.insert(ResourceId::ROOT, DirEntries::default());
+        s.put_inode(root);
+        s.undo = Undo::default();
+        s
+    }
+
+    /// Rebuilds the state from a snapshot (or from what storage loaded).
+    pub fn restore(snap: Snapshot) -> Result<Self, MetaError> {
+        let mut s = MetaState {
+            inodes: BTreeMap::new(),
+            dirs: BTreeMap::new(),
+            next_ino: snap.next_ino,
+            dirty_inodes: BTreeSet::new(),
+            dirty_entries: BTreeSet::new(),
+            chunk_deltas: BTreeMap::new(),
+            undo: Undo::default(),
+        };
+        for inode in snap.inodes {
+            if inode.kind == Kind::Dir {
+                s.dirs.insert(inode.id, DirEntries::default());
+            }
+            s.inodes.insert(inode.id, inode);
+        }
+        for (parent, name, entry) in snap.entries {
+            let dir = s
+                .dirs
+                .get_mut(&parent)
+                .ok_or(MetaError::Invalid("entry in a missing directory"))?;
+            if !s.inodes.contains_key(&entry.ino) {
+                return Err(MetaError::Invalid("entry for a missing inode"));
+            }
+            dir.by_cookie.insert(entry.cookie, name.clone());
+            dir.by_name.insert(name, entry);
+        }
+        if !s.inodes.contains_key(&ResourceId::ROOT) {
+            return Err(MetaError::Invalid("no root directory"));
+        }
+        Ok(s)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut entries = Vec::new();
+        for (parent, dir) in &self.dirs {
+            for (name, e) in &dir.by_name {
+                entries.push((*parent, name.clone(), *e));
+            }
+        }
+        Snapshot {
+            inodes: self.inodes.values().cloned().collect(),
+            entries,
+            next_ino: self.next_ino,
+        }
+    }
+
+    /// Everything changed since the last call, as storage needs it.
+    pub fn take_changes(&mut self) -> Changes {
+        let c = self.take_changes_keep_undo();
+        self.forget_undo();
+        c
+    }
+
+    /// Like `take_changes`, but keeps what is needed to `rollback` until
+    /// `forget_undo`: for callers that persist and may fail.
+    pub fn take_changes_keep_undo(&mut self) -> Changes {
+        let inodes = std::mem::take(&mut self.dirty_inodes)
+            .into_iter()
+            .map(|id| (id, self.inodes.get(&id).cloned()))
+            .collect();
+        let entries = std::mem::take(&mut self.dirty_entries)
+            .into_iter()
+            .map(|(p, n)| {
+                let e = self.dirs.get(&p).and_then(|d| d.by_name.get(&n)).copied();
+                (p, n, e)
+            })
+            .collect();
+        let mut chunk_deltas = std::mem::take(&mut self.chunk_deltas);
+        chunk_deltas.retain(|_, d| *d != 0);
+        Changes {
+            inodes,
+            entries,
+            chunk_deltas,
+            next_ino: self.next_ino,
+        }
+    }
+
+    /// The persisted state is authoritative again: drop the undo record.
+    pub fn forget_undo(&mut self) {
+        self.undo = Undo::default();
+    }
+
+    /// Takes back every change since the last `take_changes`/`forget_undo`.
+    pub fn rollback(&mut self) {
+        let undo = std::mem::take(&mut self.undo);
+        for (id, old) in undo.dirs {
+            match old {
+                Some(d) => {
+                    self.dirs.insert(id, d);
+                }
+                None => {
+                    self.dirs.remove(&id);
+                }
+            }
+        }
+        for (id, old) in undo.inodes {
+            match old {
+                Some(i) => {
+                    self.inodes.insert(id, i);
+                }
+                None => {
+                    self.inodes.remove(&id);
+                }
+            }
+        }
+        for ((parent, name), old) in undo.entries {
+            if let Some(d) = self.dirs.get_mut(&parent) {
+                if let Some(cur) = d.by_name.remove(&name) {
+                    d.by_cookie.remove(&cur.cookie);
+                }
+                if let Some(e) = old {
+                    d.by_cookie.insert(e.cookie, name.clone());
+                    d.by_name.insert(name, e);
+                }
+            }
+        }
+        if let Some(n) = undo.next_ino {
+            self.next_ino = n;
+        }
+        self.dirty_inodes.clear();
+        self.dirty_entries.clear();
+        self.chunk_deltas.clear();
+    }
+
+    fn save_inode(&mut self, id: ResourceId) {
+        if !self.undo.inodes.contains_key(&id) {
+            let old = self.inodes.get(&id).cloned();
+            self.undo.inodes.insert(id, old);
+        }
+    }
+
+    fn save_entry(&mut self, parent: ResourceId, name: &[u8]) {
+        let key = (parent, name.to_vec());
+        if !self.undo.entries.contains_key(&key) {
+            let old = self.dirs.get(&parent).and_then(|d| d.by_name.get(name)).copied();
+            self.undo.entries.insert(key, old);
+        }
+    }
+
+    fn save_dir(&mut self, id: ResourceId) {
+        if !self.undo.dirs.contains_key(&id) {
+            let old = self.dirs.get(&id).cloned();
+            self.undo.dirs.insert(id, old);
+        }
+    }
+
+    pub fn get(&self, ino: ResourceId) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    pub fn lookup(&self, parent: ResourceId, name: &[u8]) -> R<&Inode> {
+        let dir = self.dir(parent)?;
+        let e = dir.by_name.get(name).ok_or(MetaError::NotFound)?;
+        self.inodes.get(&e.ino).ok_or(MetaError::NotFound)
+    }
+
+    /// Entries of a directory after `cookie` (exclusive), in cookie order.
+    pub fn entries_after(
+        &self,
+        dir: ResourceId,
+        cookie: u64,
+    ) -> R<impl Iterator<Item = (u64, &Name, &Entry)>> {
+        let d = self.dir(dir)?;
+        Ok(d
+            .by_cookie
+            .range(cookie.saturating_add(1)..)
+            .filter_map(move |(c, n)| d.by_name.get(n).map(|e| (*c, n, e))))
+    }
+
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// Every chunk referenced by the namespace, with its expected count.
+    pub fn chunk_references(&self) -> BTreeMap<ChunkHash, u64> {
+        let mut refs = BTreeMap::new();
+        for inode in self.inodes.values() {
+            if let Some(c) = &inode.content {
+                for ch in c.chunks.iter() {
+                    *refs.entry(ch.hash).or_insert(0) += 1;
+                }
+            }
+        }
+        refs
+    }
+
+    /// Unlinked inodes still present (kept for open handles).
+    pub fn orphans(&self) -> Vec<ResourceId> {
+        self.inodes
+            .values()
+            .filter(|i| i.nlink == 0)
+            .map(|i| i.id)
+            .collect()
+    }
+
+    /// Applies one command. On error nothing changed.
+    pub fn apply(&mut self, cmd: FsCommand) -> R<Outcome> {
+        match cmd {
+            FsCommand::Create {
+                parent,
+                name,
+                node,
+                perm,
+                uid,
+                gid,
+                now,
+            } => self.create(parent, name, node, perm, uid, gid, now),
+            FsCommand::Link {
+                ino,
+                parent,
+                name,
+                now,
+            } => self.link(ino, parent, name, now),
+            FsCommand::Unlink { parent, name, now } => self.remove(parent, name, false, now),
+            FsCommand::Rmdir { parent, name, now } => self.remove(parent, name, true, now),
+            FsCommand::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                mode,
+                now,
+            } => self.rename(parent, name, new_parent, new_name, mode, now),
+            FsCommand::SetAttr {
+                ino,
+                perm,
+                uid,
+                gid,
+                atime,
+                mtime,
+                now,
+            } => {
+                let mut inode = self.inode(ino)?.clone();
+                if let Some(p) = perm {
+                    inode.perm = p & 0o7777;
+                }
+                if let Some(u) = uid {
+                    inode.uid = u;
+                }
+                if let Some(g) = gid {
+                    inode.gid = g;
+                }
+                if let Some(a) = atime {
+                    inode.atime = a;
+                }
+                if let Some(m) = mtime {
+                    inode.mtime = m;
+                }
+                inode.ctime = now;
+                self.put_inode(inode.clone());
+                Ok(Outcome::Inode(Box::new(inode)))
+            }
+            FsCommand::SetXattr {
+                ino,
+                name,
+                value,
+                mode,
+                now,
+            } => {
+                check_xattr_name(&name)?;
+                if value.len() > XATTR_SIZE_MAX {
+                    return Err(MetaError::AttrTooBig);
+                }
+                let mut inode = self.inode(ino)?.clone();
+                let exists = inode.xattrs.contains_key(&name);
+                match mode {
+                    XattrMode::Create if exists => return Err(MetaError::Exists),
+                    XattrMode::Replace if !exists => return Err(MetaError::NoAttr),
+                    _ => {}
+                }
+                inode.xattrs.insert(name, value);
+                inode.ctime = now;
+                self.put_inode(inode);
+                Ok(Outcome::Done)
+            }
+            FsCommand::RemoveXattr { ino, name, now } => {
+                check_xattr_name(&name)?;
+                let mut inode = self.inode(ino)?.clone();
+                if inode.xattrs.remove(&name).is_none() {
+                    return Err(MetaError::NoAttr);
+                }
+                inode.ctime = now;
+                self.put_inode(inode);
+                Ok(Outcome::Done)
+            }
+            FsCommand::CommitVersion {
+                ino,
+                size,
+                chunks,
+                mtime,
+                author,
+                now,
+            } => {
+                let mut inode = self.inode(ino)?.clone();
+                match inode.kind {
+                    Kind::File => {}
+                    Kind::Dir => return Err(MetaError::IsDir),
+                    _ => return Err(MetaError::Invalid("content for a non-regular file")),
+                }
+                check_chunk_list(&chunks, size)?;
+                let old = inode.content.take().unwrap_or_default();
+                for c in old.chunks.iter() {
+                    *self.chunk_deltas.entry(c.hash).or_insert(0) -= 1;
+                }
+                for c in &chunks {
+                    *self.chunk_deltas.entry(c.hash).or_insert(0) += 1;
+                }
+                inode.content = Some(Content {
+                    version: VersionId(old.version.0 + 1),
+                    size,
+                    chunks: Arc::new(chunks),
+                    author: Some(author),
+                });
+                inode.mtime = mtime;
+                inode.ctime = now;
+                self.put_inode(inode.clone());
+                Ok(Outcome::Inode(Box::new(inode)))
+            }
+            FsCommand::Reclaim { ino } => {
+                if self.inodes.get(&ino).is_some_and(|i| i.nlink == 0) {
+                    self.drop_inode(ino);
+                }
+                Ok(Outcome::Done)
+            }
+            FsCommand::ReclaimOrphans => {
+                for ino in self.orphans() {
+                    self.drop_inode(ino);
+                }
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    // ---- commands ----
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        parent: ResourceId,
+        name: Name,
+        node: NewNode,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        now: Timestamp,
+    ) -> R<Outcome> {
+        check_name(&name)?;
+        let p = self.live_dir_inode(parent)?.clone();
+        if self.dir(parent)?.by_name.contains_key(&name) {
+            return Err(MetaError::Exists);
+        }
+        let mut perm = perm & 0o7777;
+        // BSD group semantics for setgid directories, as Linux does.
+        let gid = if p.perm & libc::S_ISGID as u16 != 0 {
+            if matches!(node, NewNode::Dir) {
+                perm |= libc::S_ISGID as u16;
+            }
+            p.gid
+        } else {
+            gid
+        };
+        let (kind, rdev, target, content) = match node {
+            NewNode::File => (Kind::File, 0, None, Some(Content::default())),
+            NewNode::Dir => (Kind::Dir, 0, None, None),
+            NewNode::Symlink { target } => {
+                if target.is_empty() {
+                    return Err(MetaError::NotFound);
+                }
+                if target.len() > SYMLINK_MAX {
+                    return Err(MetaError::NameTooLong);
+                }
+                perm = 0o777;
+                (Kind::Symlink, 0, Some(target), None)
+            }
+            NewNode::Fifo => (Kind::Fifo, 0, None, None),
+            NewNode::Socket => (Kind::Socket, 0, None, None),
+            NewNode::CharDev { rdev } => (Kind::CharDev, rdev, None, None),
+            NewNode::BlockDev { rdev } => (Kind::BlockDev, rdev, None, None),
+        };
+        let id = ResourceId(self.next_ino);
+        self.undo.next_ino.get_or_insert(self.next_ino);
+        self.next_ino += 1;
+        let is_dir = kind == Kind::Dir;
+        let inode = Inode {
+            id,
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink: if is_dir { 2 } else { 1 },
+            rdev,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            parent,
+            xattrs: BTreeMap::new(),
+            target,
+            content,
+            next_cookie: FIRST_COOKIE,
+        };
+        if is_dir {
+            self.save_dir(id);
+            self.dirs.insert(id, DirEntries::default());
+        }
+        self.put_inode(inode.clone());
+        self.insert_entry(parent, name, id, kind);
+        let mut p = self.inode(parent)?.clone();
+        if is_dir {
+            p.nlink += 1;
+        }
+        p.mtime = now;
+        p.ctime = now;
+        self.put_inode(p);
+        Ok(Outcome::Inode(Box::new(inode)))
+    }
+
+    fn link(&mut self, ino: ResourceId, parent: ResourceId, name: Name, now: Timestamp) -> R<Outcome> {
+        check_name(&name)?;
+        let mut inode = self.inode(ino)?.clone();
+        if inode.kind == Kind::Dir {
+            return Err(MetaError::NotPermitted);
+        }
+        if inode.nlink == 0 {
+            return Err(MetaError::NotFound);
+        }
+        self.live_dir_inode(parent)?;
+        if self.dir(parent)?.by_name.contains_key(&name) {
+            return Err(MetaError::Exists);
+        }
+        if inode.nlink == u32::MAX {
+            return Err(MetaError::TooManyLinks);
+        }
+        inode.nlink += 1;
+        inode.ctime = now;
+        self.put_inode(inode.clone());
+        self.insert_entry(parent, name, ino, inode.kind);
+        self.touch_dir(parent, now)?;
+        Ok(Outcome::Inode(Box::new(inode)))
+    }
+
+    fn remove(&mut self, parent: ResourceId, name: Name, dir: bool, now: Timestamp) -> R<Outcome> {
+        check_name(&name)?;
+        let target = self.lookup(parent, &name)?.clone();
+        match (dir, target.kind == Kind::Dir) {
+            (true, false) => return Err(MetaError::NotDir),
+            (false, true) => return Err(MetaError::IsDir),
+            (true, true) => {
+                if !self.dir(target.id)?.by_name.is_empty() {
+                    return Err(MetaError::NotEmpty);
+                }
+            }
+            (false, false) => {}
+        }
+        self.remove_entry(parent, &name);
+        self.unref_inode(target.id, now)?;
+        self.touch_dir(parent, now)?;
+        Ok(Outcome::Done)
+    }
+
+    fn rename(
+        &mut self,
+        parent: ResourceId,
+        name: Name,
+        new_parent: ResourceId,
+        new_name: Name,
+        mode: RenameMode,
+        now: Timestamp,
+    ) -> R<Outcome> {
+        check_name(&name)?;
+        check_name(&new_name)?;
+        let src = *self.dir(parent)?.by_name.get(&name).ok_or(MetaError::NotFound)?;
+        self.live_dir_inode(new_parent)?;
+        let dst = self.dir(new_parent)?.by_name.get(&new_name).copied();
+        if parent == new_parent && name == new_name {
+            return match (mode, dst) {
+                (RenameMode::NoReplace, _) => Err(MetaError::Exists),
+                _ => Ok(Outcome::Done),
+            };
+        }
+        if src.kind == Kind::Dir && self.is_ancestor_or_self(src.ino, new_parent) {
+            return Err(MetaError::Invalid("cannot move a directory into itself"));
+        }
+        match mode {
+            RenameMode::Exchange => {
+                let dst = dst.ok_or(MetaError::NotFound)?;
+                if dst.kind == Kind::Dir && self.is_ancestor_or_self(dst.ino, parent) {
+                    return Err(MetaError::Invalid("cannot move a directory into itself"));
+                }
+                self.set_entry_ino(parent, &name, dst.ino, dst.kind);
+                self.set_entry_ino(new_parent, &new_name, src.ino, src.kind);
+                if parent != new_parent {
+                    self.reparent(src.ino, parent, new_parent);
+                    self.reparent(dst.ino, new_parent, parent);
+                }
+                self.touch_ctime(src.ino, now)?;
+                self.touch_ctime(dst.ino, now)?;
+            }
+            RenameMode::NoReplace | RenameMode::Replace => {
+                if let Some(dst) = dst {
+                    if mode == RenameMode::NoReplace {
+                        return Err(MetaError::Exists);
+                    }
+                    if dst.ino == src.ino {
+                        // Two links to one inode: POSIX says do nothing.
+                        return Ok(Outcome::Done);
+                    }
+                    match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+                        (true, false) => return Err(MetaError::NotDir),
+                        (false, true) => return Err(MetaError::IsDir),
+                        (true, true) => {
+                            if !self.dir(dst.ino)?.by_name.is_empty() {
+                                return Err(MetaError::NotEmpty);
+                            }
+                        }
+                        (false, false) => {}
+                    }
+                    self.remove_entry(new_parent, &new_name);
+                    self.unref_inode(dst.ino, now)?;
+                }
+                self.remove_entry(parent, &name);
+                self.insert_entry(new_parent, new_name, src.ino, src.kind);
+                if parent != new_parent {
+                    self.reparent(src.ino, parent, new_parent);
+                }
+                self.touch_ctime(src.ino, now)?;
+            }
+        }
+        self.touch_dir(parent, now)?;
+        if new_parent != parent {
+            self.touch_dir(new_parent, now)?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    // ---- helpers ----
+
+    fn inode(&self, ino: ResourceId) -> R<&Inode> {
+        self.inodes.get(&ino).ok_or(MetaError::NotFound)
+    }
+
+    fn dir(&self, ino: ResourceId) -> R<&DirEntries> {
+        match self.dirs.get(&ino) {
+            Some(d) => Ok(d),
+            None if self.inodes.contains_key(&ino) => Err(MetaError::NotDir),
+            None => Err(MetaError::NotFound),
+        }
+    }
+
+    /// A directory that can still receive entries (not removed).
+    fn live_dir_inode(&self, ino: ResourceId) -> R<&Inode> {
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::Dir {
+            return Err(MetaError::NotDir);
+        }
+        if inode.nlink == 0 {
+            return Err(MetaError::NotFound);
+        }
+        Ok(inode)
+    }
+
+    fn put_inode(&mut self, inode: Inode) {
+        self.save_inode(inode.id);
+        self.dirty_inodes.insert(inode.id);
+        self.inodes.insert(inode.id, inode);
+    }
+
+    fn drop_inode(&mut self, ino: ResourceId) {
+        self.save_inode(ino);
+        self.save_dir(ino);
+        if let Some(inode) = self.inodes.remove(&ino) {
+            if let Some(c) = &inode.content {
+                for ch in c.chunks.iter() {
+                    *self.chunk_deltas.entry(ch.hash).or_insert(0) -= 1;
+                }
+            }
+            self.dirs.remove(&ino);
+            self.dirty_inodes.insert(ino);
+        }
+    }
+
+    fn insert_entry(&mut self, parent: ResourceId, name: Name, ino: ResourceId, kind: Kind) {
+        self.save_inode(parent);
+        self.save_entry(parent, &name);
+        let cookie = match self.inodes.get_mut(&parent) {
+            Some(p) => {
+                let c = p.next_cookie;
+                p.next_cookie += 1;
+                self.dirty_inodes.insert(parent);
+                c
+            }
+            None => return,
+        };
+        if let Some(d) = self.dirs.get_mut(&parent) {
+            d.by_cookie.insert(cookie, name.clone());
+            d.by_name.insert(name.clone(), Entry { ino, cookie, kind });
+            self.dirty_entries.insert((parent, name));
+        }
+    }
+
+    fn set_entry_ino(&mut self, parent: ResourceId, name: &[u8], ino: ResourceId, kind: Kind) {
+        self.save_entry(parent, name);
+        if let Some(e) = self.dirs.get_mut(&parent).and_then(|d| d.by_name.get_mut(name)) {
+            e.ino = ino;
+            e.kind = kind;
+            self.dirty_entries.insert((parent, name.to_vec()));
+        }
+    }
+
+    fn remove_entry(&mut self, parent: ResourceId, name: &[u8]) {
+        self.save_entry(parent, name);
+        if let Some(d) = self.dirs.get_mut(&parent) {
+            if let Some(e) = d.by_name.remove(name) {
+                d.by_cookie.remove(&e.cookie);
+                self.dirty_entries.insert((parent, name.to_vec()));
+            }
+        }
+    }
+
+    /// One link to `ino` went away. Directories lose their parent's link too.
+    /// An inode at nlink 0 stays until `Reclaim`: it may still be open.
+    fn unref_inode(&mut self, ino: ResourceId, now: Timestamp) -> R<()> {
+        let mut inode = self.inode(ino)?.clone();
+        if inode.kind == Kind::Dir {
+            inode.nlink = 0;
+            let mut p = self.inode(inode.parent)?.clone();
+            p.nlink = p.nlink.saturating_sub(1);
+            self.put_inode(p);
+        } else {
+            inode.nlink = inode.nlink.saturating_sub(1);
+        }
+        inode.ctime = now;
+        self.put_inode(inode);
+        Ok(())
+    }
+
+    fn reparent(&mut self, ino: ResourceId, old: ResourceId, new: ResourceId) {
+        let is_dir = self.inodes.get(&ino).is_some_and(|i| i.kind == Kind::Dir);
+        if !is_dir {
+            return;
+        }
+        if let Some(i) = self.inodes.get(&ino) {
+            let mut i = i.clone();
+            i.parent = new;
+            self.put_inode(i);
+        }
+        if let Some(o) = self.inodes.get(&old) {
+            let mut o = o.clone();
+            o.nlink = o.nlink.saturating_sub(1);
+            self.put_inode(o);
+        }
+        if let Some(n) = self.inodes.get(&new) {
+            let mut n = n.clone();
+            n.nlink += 1;
+            self.put_inode(n);
+        }
+    }
+
+    fn touch_dir(&mut self, dir: ResourceId, now: Timestamp) -> R<()> {
+        let mut d = self.inode(dir)?.clone();
+        d.mtime = now;
+        d.ctime = now;
+        self.put_inode(d);
+        Ok(())
+    }
+
+    fn touch_ctime(&mut self, ino: ResourceId, now: Timestamp) -> R<()> {
+        let mut i = self.inode(ino)?.clone();
+        i.ctime = now;
+        self.put_inode(i);
+        Ok(())
+    }
+
+    /// Whether `dir` is `anc` or lies below it.
+    fn is_ancestor_or_self(&self, anc: ResourceId, mut dir: ResourceId) -> bool {
+        // Bounded by the number of inodes: a corrupt parent chain cannot spin.
+        for _ in 0..=self.inodes.len() {
+            if dir == anc {
+                return true;
+            }
+            if dir == ResourceId::ROOT {
+                return false;
+            }
+            match self.inodes.get(&dir) {
+                Some(i) => dir = i.parent,
+                None => return false,
+            }
+        }
+        false
+    }
+}
+
+/// Cookies 1 and 2 are `.` and `..` in readdir.
+pub const FIRST_COOKIE: u64 = 3;
+
+fn check_name(name: &[u8]) -> R<()> {
+    if name.len() > NAME_MAX {
+        return Err(MetaError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(MetaError::Invalid("bad name"));
+    }
+    Ok(())
+}
+
+fn check_xattr_name(name: &[u8]) -> R<()> {
+    if name.is_empty() || name.len() > XATTR_NAME_MAX {
+        return Err(MetaError::AttrRange);
+    }
+    Ok(())
+}
+
+fn check_chunk_list(chunks: &[ChunkRef], size: u64) -> R<()> {
+    let mut at = 0u64;
+    for c in chunks {
+        if c.offset != at || c.len == 0 {
+            return Err(MetaError::Invalid("chunk list is not contiguous"));
+        }
+        at = at
+            .checked_add(c.len as u64)
+            .ok_or(MetaError::Invalid("chunk list overflows"))?;
+    }
+    if at != size {
+        return Err(MetaError::Invalid("chunk list does not cover the size"));
+    }
+    Ok(())
+}

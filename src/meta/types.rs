@@ -1,0 +1,278 @@
+//! Plain data of the namespace: inodes, directory entries, content versions,
+//! timestamps and the commands that change them. Everything here is serde so
+//! the same values go to RocksDB now and over Raft later.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ChunkHash, DeviceId, ResourceId, VersionId};
+
+/// A name inside a directory: raw bytes, as the kernel gives them.
+pub type Name = Vec<u8>;
+
+/// Longest name in a directory, as Linux's NAME_MAX.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target, as Linux's PATH_MAX less the NUL.
+pub const SYMLINK_MAX: usize = 4095;
+/// Longest xattr name and value, as Linux's XATTR_NAME_MAX and XATTR_SIZE_MAX.
+pub const XATTR_NAME_MAX: usize = 255;
+pub const XATTR_SIZE_MAX: usize = 65536;
+
+/// Wall-clock time carried inside commands, so that applying a command is
+/// deterministic on every replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::from_system(SystemTime::now())
+    }
+
+    pub fn from_system(t: SystemTime) -> Self {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timestamp {
+                secs: d.as_secs() as i64,
+                nanos: d.subsec_nanos(),
+            },
+            Err(e) => {
+                // Before 1970: keep it representable rather than failing.
+                let d = e.duration();
+                if d.subsec_nanos() == 0 {
+                    Timestamp {
+                        secs: -(d.as_secs() as i64),
+                        nanos: 0,
+                    }
+                } else {
+                    Timestamp {
+                        secs: -(d.as_secs() as i64) - 1,
+                        nanos: 1_000_000_000 - d.subsec_nanos(),
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn to_system(self) -> SystemTime {
+        if self.secs >= 0 {
+            UNIX_EPOCH + Duration::new(self.secs as u64, self.nanos)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs()) + Duration::from_nanos(self.nanos as u64)
+        }
+    }
+}
+
+/// What kind of node an inode is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// One content-defined piece of a file: where it sits and what it hashes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub hash: ChunkHash,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// One committed content state of a regular file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Content {
+    pub version: VersionId,
+    pub size: u64,
+    /// Sorted by offset, contiguous from 0 to `size`.
+    pub chunks: Arc<Vec<ChunkRef>>,
+    /// The device that committed this version (authority follows it later).
+    pub author: Option<DeviceId>,
+}
+
+impl Content {
+    /// Index of the chunk holding byte `offset`, if any.
+    pub fn chunk_at(&self, offset: u64) -> Option<usize> {
+        if offset >= self.size {
+            return None;
+        }
+        let idx = self.chunks.partition_point(|c| c.offset + c.len as u64 <= offset);
+        (idx < self.chunks.len()).then_some(idx)
+    }
+}
+
+/// A node of the namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub id: ResourceId,
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky (mode & 0o7777).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub crtime: Timestamp,
+    /// Directories: the parent, for `..` and for the rename loop check.
+    pub parent: ResourceId,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Symlinks: the target.
+    pub target: Option<Vec<u8>>,
+    /// Regular files: the current version.
+    pub content: Option<Content>,
+    /// Directories: the next readdir cookie to hand out (stable offsets).
+    pub next_cookie: u64,
+}
+
+impl Inode {
+    pub fn size(&self) -> u64 {
+        match self.kind {
+            Kind::File => self.content.as_ref().map_or(0, |c| c.size),
+            Kind::Symlink => self.target.as_ref().map_or(0, |t| t.len() as u64),
+            Kind::Dir => 4096,
+            _ => 0,
+        }
+    }
+
+    /// The full st_mode: file type bits plus permission bits.
+    pub fn mode(&self) -> u32 {
+        let fmt = match self.kind {
+            Kind::Dir => libc::S_IFDIR,
+            Kind::File => libc::S_IFREG,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDev => libc::S_IFCHR,
+            Kind::BlockDev => libc::S_IFBLK,
+        };
+        fmt | self.perm as u32
+    }
+
+    pub fn version(&self) -> VersionId {
+        self.content.as_ref().map(|c| c.version).unwrap_or_default()
+    }
+}
+
+/// A directory entry. The cookie orders entries for readdir and never
+/// changes while the entry exists, so offsets stay valid under changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub ino: ResourceId,
+    pub cookie: u64,
+    pub kind: Kind,
+}
+
+/// What to create.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NewNode {
+    File,
+    Dir,
+    Symlink { target: Vec<u8> },
+    Fifo,
+    Socket,
+    CharDev { rdev: u32 },
+    BlockDev { rdev: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RenameMode {
+    /// Plain rename(2): replace the target if it is compatible.
+    Replace,
+    /// RENAME_NOREPLACE: fail with EEXIST if the target exists.
+    NoReplace,
+    /// RENAME_EXCHANGE: swap two existing entries atomically.
+    Exchange,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum XattrMode {
+    Any,
+    /// XATTR_CREATE: fail if it exists.
+    Create,
+    /// XATTR_REPLACE: fail if it does not exist.
+    Replace,
+}
+
+/// Every change to the namespace. `now` is chosen by the proposer so that
+/// every replica applies the same timestamps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsCommand {
+    Create {
+        parent: ResourceId,
+        name: Name,
+        node: NewNode,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        now: Timestamp,
+    },
+    Link {
+        ino: ResourceId,
+        parent: ResourceId,
+        name: Name,
+        now: Timestamp,
+    },
+    Unlink {
+        parent: ResourceId,
+        name: Name,
+        now: Timestamp,
+    },
+    Rmdir {
+        parent: ResourceId,
+        name: Name,
+        now: Timestamp,
+    },
+    Rename {
+        parent: ResourceId,
+        name: Name,
+        new_parent: ResourceId,
+        new_name: Name,
+        mode: RenameMode,
+        now: Timestamp,
+    },
+    SetAttr {
+        ino: ResourceId,
+        perm: Option<u16>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: Option<Timestamp>,
+        mtime: Option<Timestamp>,
+        now: Timestamp,
+    },
+    SetXattr {
+        ino: ResourceId,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        mode: XattrMode,
+        now: Timestamp,
+    },
+    RemoveXattr {
+        ino: ResourceId,
+        name: Vec<u8>,
+        now: Timestamp,
+    },
+    /// A new content version of a regular file (write, truncate).
+    CommitVersion {
+        ino: ResourceId,
+        size: u64,
+        chunks: Vec<ChunkRef>,
+        mtime: Timestamp,
+        author: DeviceId,
+        now: Timestamp,
+    },
+    /// Drop an unlinked inode once nothing uses it any more.
+    Reclaim { ino: ResourceId },
+    /// Drop every unlinked inode: nothing can hold one open across a restart.
+    ReclaimOrphans,
+}

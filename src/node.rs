@@ -1,0 +1,350 @@
+//! Composition root: creates a data dir, builds every subsystem of a device
+//! (storage, namespace, filesystem, mount, control socket) and owns start-up
+//! and shutdown. The daemon runs here; main.rs only parses and forks.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, MountOptions};
+use crate::control;
+use crate::error::Error;
+use crate::fs::{ChunkSizes, Fs, FsOptions};
+use crate::fuse;
+use crate::ids::DeviceId;
+use crate::meta::{MetaState, Timestamp};
+use crate::storage::{MetaStore, RocksStore};
+
+pub const PID_FILE: &str = "meshfs.pid";
+pub const SOCKET_FILE: &str = "control.sock";
+pub const LOG_FILE: &str = "meshfs.log";
+const LOCK_FILE: &str = "lock";
+const DB_DIR: &str = "db";
+const SPILL_DIR: &str = "spill";
+
+/// How long `mount` waits for a previous daemon to let go of the data dir.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// `meshfs init`: a new mesh with this device as its first member.
+pub fn init(data_dir: &Path, name: Option<String>, listen: Option<String>) -> Result<Config, Error> {
+    if Config::path(data_dir).exists() {
+        return Err(Error::AlreadyInitialized(data_dir.to_path_buf()));
+    }
+    std::fs::create_dir_all(data_dir).map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("securing {}", data_dir.display()), e))?;
+    let mut cfg = Config {
+        device_id: DeviceId::generate().to_hex(),
+        ..Config::default()
+    };
+    if let Some(n) = name {
+        cfg.name = n;
+    }
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    cfg.validate().map_err(|msg| Error::Config {
+        path: Config::path(data_dir),
+        msg,
+    })?;
+    let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;
+    let store = RocksStore::open(&data_dir.join(DB_DIR))?;
+    if store.load_meta()?.is_none() {
+        // SAFETY: getuid/getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let mut meta = MetaState::new(uid, gid, Timestamp::now());
+        store.persist(&meta.take_changes(), true)?;
+    }
+    store.flush()?;
+    // The config is written last: its presence marks a complete data dir.
+    cfg.save(data_dir)?;
+    Ok(cfg)
+}
+
+/// An exclusive lock on a data dir, held for the daemon's whole life.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Takes the lock, retrying for up to `wait` while another process
+    /// (typically a daemon still shutting down) holds it.
+    pub fn acquire(data_dir: &Path, wait: Duration) -> Result<Self, Error> {
+        let path = data_dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(DirLock { _file: file });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::InUse {
+                    dir: data_dir.to_path_buf(),
+                    pid: read_pid(data_dir),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+pub fn read_pid(data_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(data_dir.join(PID_FILE)).ok()?.trim().parse().ok()
+}
+
+/// Whether `path` is a mount point, from /proc/self/mountinfo.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.as_os_str().as_encoded_bytes();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| unescape_mount_path(m).as_bytes() == want)
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mount_path(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Checks the mount point before the daemon starts; clears a stale mount
+/// left by a killed daemon when it can.
+pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, Error> {
+    match std::fs::metadata(mountpoint) {
+        Ok(m) if !m.is_dir() => return Err(Error::MountPointNotDir(mountpoint.to_path_buf())),
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return Err(Error::StaleMount {
+                    path: mountpoint.to_path_buf(),
+                });
+            }
+            fuse::unmount(mountpoint).map_err(|_| Error::StaleMount {
+                path: mountpoint.to_path_buf(),
+            })?;
+            tracing::info!(path = %mountpoint.display(), "cleared a stale mount left by a dead daemon");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NoMountPoint(mountpoint.to_path_buf()))
+        }
+        Err(e) => return Err(Error::io(format!("checking {}", mountpoint.display()), e)),
+    }
+    let abs = std::fs::canonicalize(mountpoint)
+        .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
+    if is_mounted(&abs) {
+        return Err(Error::AlreadyMounted(abs));
+    }
+    Ok(abs)
+}
+
+/// Everything a running device holds.
+pub struct Node {
+    pub cfg: Config,
+    pub data_dir: PathBuf,
+    pub store: Arc<RocksStore>,
+    pub fs: Arc<Fs>,
+    pub mountpoint: PathBuf,
+    pub started: Instant,
+}
+
+/// Runs the daemon until unmount or a signal. `ready` is called once with
+/// the start-up result (the mount is usable when it says Ok).
+pub fn run_daemon(
+    data_dir: &Path,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    ready: impl FnOnce(Result<(), String>),
+) -> Result<(), Error> {
+    let mut ready = Some(ready);
+    let mut report = |r: Result<(), String>| {
+        if let Some(f) = ready.take() {
+            f(r)
+        }
+    };
+    match start(data_dir, mountpoint, opts) {
+        Ok((node, mounted, lock)) => {
+            report(Ok(()));
+            let r = serve(node, mounted);
+            drop(lock);
+            r
+        }
+        Err(e) => {
+            report(Err(e.to_string()));
+            Err(e)
+        }
+    }
+}
+
+fn start(
+    data_dir: &Path,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<(Arc<Node>, fuse::Mounted, DirLock), Error> {
+    let cfg = Config::load(data_dir)?;
+    let lock = DirLock::acquire(data_dir, LOCK_WAIT)?;
+    let store = Arc::new(RocksStore::open(&data_dir.join(DB_DIR))?);
+    let snap = store
+        .load_meta()?
+        .ok_or_else(|| Error::NotInitialized(data_dir.to_path_buf()))?;
+    let meta = MetaState::restore(snap).map_err(|e| Error::Mount(format!("namespace on disk is inconsistent: {e}")))?;
+    let fs = Arc::new(Fs::new(
+        store.clone(),
+        meta,
+        FsOptions {
+            device: cfg.device_id(),
+            spill_dir: data_dir.join(SPILL_DIR),
+            chunk_sizes: ChunkSizes {
+                min: cfg.chunk_min,
+                avg: cfg.chunk_avg,
+                max: cfg.chunk_max,
+            },
+            sync_on_close: cfg.sync_on_close,
+            read_only: opts.read_only,
+        },
+    )?);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let allow_other = opts.allow_other.or(cfg.allow_other).unwrap_or(root);
+    let mountpoint = check_mountpoint(mountpoint)?;
+    let mcfg = fuse::MountConfig {
+        mountpoint: mountpoint.clone(),
+        source: data_dir.display().to_string(),
+        allow_other,
+        read_only: opts.read_only,
+        noexec: opts.noexec,
+        threads: cfg.fuse_threads,
+        ttl: Duration::from_millis(cfg.attr_ttl_ms),
+    };
+    let mounted = fuse::mount(fs.clone(), &mcfg).map_err(|e| Error::Mount(format!("{}: {e}", mountpoint.display())))?;
+    let pid_path = data_dir.join(PID_FILE);
+    std::fs::File::create(&pid_path)
+        .and_then(|mut f| writeln!(f, "{}", std::process::id()))
+        .map_err(|e| Error::io(format!("writing {}", pid_path.display()), e))?;
+    tracing::info!(
+        mountpoint = %mountpoint.display(),
+        device = %cfg.name,
+        allow_other,
+        read_only = opts.read_only,
+        "mounted"
+    );
+    let node = Arc::new(Node {
+        cfg,
+        data_dir: data_dir.to_path_buf(),
+        store,
+        fs,
+        mountpoint,
+        started: Instant::now(),
+    });
+    Ok((node, mounted, lock))
+}
+
+/// Serves the control socket and waits for the end: an unmount from outside,
+/// SIGTERM/SIGINT, or a shutdown request on the socket.
+fn serve(node: Arc<Node>, mounted: fuse::Mounted) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the runtime", e))?;
+    let sock = node.data_dir.join(SOCKET_FILE);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
+    let session = {
+        let done = done_tx.clone();
+        std::thread::Builder::new()
+            .name("fuse-wait".into())
+            .spawn(move || {
+                mounted.join();
+                let _ = done.blocking_send("unmounted");
+            })
+            .map_err(|e| Error::io("spawning the session waiter", e))?
+    };
+    let result = rt.block_on(async {
+        let listener = control::bind(&sock)?;
+        let server = tokio::spawn(control::serve(listener, node.clone(), done_tx.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| Error::io("installing SIGTERM handler", e))?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| Error::io("installing SIGINT handler", e))?;
+        let why = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            w = done_rx.recv() => w.unwrap_or("unmounted"),
+        };
+        tracing::info!(reason = why, "shutting down");
+        server.abort();
+        Ok::<&str, Error>(why)
+    });
+    let why = result.unwrap_or("error");
+    shutdown(&node, why != "unmounted");
+    // The session thread ends once the kernel drops the connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !session.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(node.data_dir.join(PID_FILE));
+    tracing::info!("stopped");
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+fn shutdown(node: &Node, unmount: bool) {
+    if let Err(e) = node.fs.commit_all() {
+        tracing::error!(error = %e, "some writes could not be committed at shutdown");
+    }
+    if unmount {
+        if let Err(e) = fuse::unmount(&node.mountpoint) {
+            tracing::warn!(error = %e, "unmount failed");
+        }
+    }
+    // Files closed between the commit above and the unmount commit on release.
+    if let Err(e) = node.fs.commit_all() {
+        tracing::error!(error = %e, "some writes could not be committed at shutdown");
+    }
+    if let Err(e) = node.store.flush() {
+        tracing::error!(error = %e, "flushing the database failed");
+    }
+}
+
+/// `meshfs status` without a daemon: what the data dir says.
+pub fn offline_status(data_dir: &Path) -> Result<serde_json::Value, Error> {
+    let cfg = Config::load(data_dir)?;
+    Ok(serde_json::json!({
+        "running": false,
+        "name": cfg.name,
+        "id": cfg.device_id,
+        "devices": [{"name": cfg.name, "id": cfg.device_id, "up": false, "rtt_ms": null}],
+        "leader": null,
+        "term": 0,
+        "cache_bytes": null,
+        "prefetch": {"hits": 0, "misses": 0, "wasted_bytes": 0},
+    }))
+}
+
+/// `meshfs check` without a daemon: open the store and verify it.
+pub fn offline_check(data_dir: &Path) -> Result<crate::storage::CheckReport, Error> {
+    Config::load(data_dir)?;
+    let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;
+    let store = RocksStore::open(&data_dir.join(DB_DIR))?;
+    let snap = store
+        .load_meta()?
+        .ok_or_else(|| Error::NotInitialized(data_dir.to_path_buf()))?;
+    let meta = MetaState::restore(snap).map_err(|e| Error::Mount(format!("namespace on disk is inconsistent: {e}")))?;
+    Ok(store.check(&meta)?)
+}

@@ -1,0 +1,98 @@
+//! One behavioural suite that every `ChunkStore` implementation must pass.
+
+use std::collections::BTreeMap;
+
+use super::{ChunkStore, StorageError};
+use crate::ids::ChunkHash;
+
+/// Test-only access to damage a stored chunk, as a bad disk would.
+pub trait Corrupt {
+    fn corrupt(&self, hash: &ChunkHash);
+}
+
+pub fn run_all<S: ChunkStore + Corrupt>(make: impl Fn() -> S) {
+    put_get_round_trip(&make());
+    dedup_and_refcounts(&make());
+    pins_protect_uncommitted_chunks(&make());
+    garbage_collection(&make());
+    corruption_is_detected(&make());
+    stats_count_bytes(&make());
+}
+
+fn deltas(items: &[(ChunkHash, i64)]) -> BTreeMap<ChunkHash, i64> {
+    items.iter().copied().collect()
+}
+
+fn put_get_round_trip<S: ChunkStore>(s: &S) {
+    let data = b"hello chunk".to_vec();
+    let h = s.put(&data).unwrap();
+    assert_eq!(h, ChunkHash::of(&data));
+    assert_eq!(s.get(&h).unwrap(), Some(data));
+    assert!(s.contains(&h).unwrap());
+    let missing = ChunkHash::of(b"missing");
+    assert_eq!(s.get(&missing).unwrap(), None);
+    assert!(!s.contains(&missing).unwrap());
+    // Empty chunks are legal content too.
+    let e = s.put(b"").unwrap();
+    assert_eq!(s.get(&e).unwrap(), Some(Vec::new()));
+}
+
+fn dedup_and_refcounts<S: ChunkStore>(s: &S) {
+    let h = s.put(b"same").unwrap();
+    let h2 = s.put(b"same").unwrap();
+    assert_eq!(h, h2);
+    s.unpin(&[h, h2]);
+    s.apply_refs(&deltas(&[(h, 2)])).unwrap();
+    assert_eq!(s.refcount(&h).unwrap(), 2);
+    s.apply_refs(&deltas(&[(h, -1)])).unwrap();
+    assert_eq!(s.refcount(&h).unwrap(), 1);
+    assert!(s.contains(&h).unwrap());
+    s.apply_refs(&deltas(&[(h, -1)])).unwrap();
+    assert_eq!(s.refcount(&h).unwrap(), 0);
+    assert!(!s.contains(&h).unwrap(), "unreferenced, unpinned chunk must be collected");
+}
+
+fn pins_protect_uncommitted_chunks<S: ChunkStore>(s: &S) {
+    // File A references X; writer B puts X again (pinned), A releases X.
+    let x = s.put(b"shared content").unwrap();
+    s.unpin(&[x]);
+    s.apply_refs(&deltas(&[(x, 1)])).unwrap();
+    let again = s.put(b"shared content").unwrap();
+    s.apply_refs(&deltas(&[(x, -1)])).unwrap();
+    assert!(s.contains(&x).unwrap(), "a pinned chunk survives its count reaching zero");
+    s.apply_refs(&deltas(&[(again, 1)])).unwrap();
+    s.unpin(&[again]);
+    assert_eq!(s.get(&x).unwrap().as_deref(), Some(&b"shared content"[..]));
+}
+
+fn garbage_collection<S: ChunkStore>(s: &S) {
+    let kept = s.put(b"kept").unwrap();
+    let lost = s.put(b"lost").unwrap();
+    let pinned = s.put(b"pinned").unwrap();
+    s.apply_refs(&deltas(&[(kept, 1)])).unwrap();
+    s.unpin(&[kept, lost]);
+    let n = s.collect_garbage().unwrap();
+    assert!(n >= 1);
+    assert!(s.contains(&kept).unwrap());
+    assert!(!s.contains(&lost).unwrap());
+    assert!(s.contains(&pinned).unwrap());
+}
+
+fn corruption_is_detected<S: ChunkStore + Corrupt>(s: &S) {
+    let good = s.put(b"good bytes").unwrap();
+    let bad = s.put(b"bytes that will rot").unwrap();
+    s.corrupt(&bad);
+    match s.get(&bad) {
+        Err(StorageError::Corrupt { hash }) => assert_eq!(hash, bad),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(s.get(&good).unwrap().as_deref(), Some(&b"good bytes"[..]));
+}
+
+fn stats_count_bytes<S: ChunkStore>(s: &S) {
+    let before = s.stats().unwrap();
+    s.put(&[7u8; 1000]).unwrap();
+    let after = s.stats().unwrap();
+    assert_eq!(after.chunks, before.chunks + 1);
+    assert_eq!(after.bytes, before.bytes + 1000);
+}

@@ -1,0 +1,114 @@
+//! Local persistence; the only module that imports rocksdb. It owns the chunk
+//! cache (content addressed by BLAKE3, verified on every read from disk,
+//! reference counted so that overwritten and deleted content is collected)
+//! and the persisted copy of the namespace state. `ChunkStore` has a RocksDB
+//! implementation and an in-memory one; both pass `conformance`.
+
+mod mem;
+mod rocks;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use crate::ids::ChunkHash;
+
+pub use mem::MemChunkStore;
+pub use rocks::{CheckReport, RocksStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("chunk {hash} failed BLAKE3 verification")]
+    Corrupt { hash: ChunkHash },
+    #[error("no space left on the data dir's disk")]
+    NoSpace,
+    #[error("stored data could not be decoded: {0}")]
+    Decode(String),
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Counts of what the chunk store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+/// Content-addressed chunk storage with reference counts.
+pub trait ChunkStore: Send + Sync {
+    /// Stores `data` under its BLAKE3 hash and pins it until `unpin`, so that a
+    /// concurrent release of the same content cannot delete it before the
+    /// version that uses it is committed.
+    fn put(&self, data: &[u8]) -> Result<ChunkHash, StorageError>;
+    /// Reads and verifies a chunk. `Ok(None)` when absent, `Corrupt` when the
+    /// bytes on disk do not hash to `hash`.
+    fn get(&self, hash: &ChunkHash) -> Result<Option<Vec<u8>>, StorageError>;
+    fn contains(&self, hash: &ChunkHash) -> Result<bool, StorageError>;
+    /// Applies reference count changes; a chunk whose count reaches zero and
+    /// is not pinned is deleted in the same write.
+    fn apply_refs(&self, deltas: &BTreeMap<ChunkHash, i64>) -> Result<(), StorageError>;
+    fn refcount(&self, hash: &ChunkHash) -> Result<u64, StorageError>;
+    /// Releases pins taken by `put`.
+    fn unpin(&self, hashes: &[ChunkHash]);
+    /// Deletes every chunk with no references and no pins; returns how many.
+    fn collect_garbage(&self) -> Result<u64, StorageError>;
+    fn stats(&self) -> Result<StoreStats, StorageError>;
+}
+
+/// Persistence of namespace changes, beside the chunks.
+pub trait MetaStore: Send + Sync {
+    /// Writes one command's changes and its chunk reference deltas atomically.
+    fn persist(&self, changes: &crate::meta::Changes, sync: bool) -> Result<(), StorageError>;
+    /// Makes every earlier write durable.
+    fn sync(&self) -> Result<(), StorageError>;
+}
+
+/// Everything the filesystem needs from storage.
+pub trait Store: ChunkStore + MetaStore {}
+impl<T: ChunkStore + MetaStore> Store for T {}
+
+/// In-flight pins: chunks written for a version not committed yet.
+#[derive(Default, Debug)]
+pub(crate) struct Pins {
+    map: Mutex<HashMap<ChunkHash, usize>>,
+}
+
+impl Pins {
+    /// Runs `f` with the pin table locked: deletion decisions and new pins
+    /// are serialised against each other.
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut HashMap<ChunkHash, usize>) -> T) -> T {
+        let mut guard = match self.map.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    pub(crate) fn unpin(&self, hashes: &[ChunkHash]) {
+        self.with(|m| {
+            for h in hashes {
+                if let Some(n) = m.get_mut(h) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(h);
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Verifies bytes read from disk against the hash they are stored under.
+pub(crate) fn verify(hash: &ChunkHash, data: &[u8]) -> Result<(), StorageError> {
+    if ChunkHash::of(data) == *hash {
+        Ok(())
+    } else {
+        tracing::error!(chunk = %hash, "chunk failed BLAKE3 verification; refusing to serve it");
+        Err(StorageError::Corrupt { hash: *hash })
+    }
+}

@@ -1,0 +1,502 @@
+//! The RocksDB store: one database per device, with column families
+//! `chunks` (hash -> bytes, large values in blob files so compaction does not
+//! rewrite content), `refs` (hash -> reference count) and `meta` (the
+//! namespace: inodes, entries, counters). A namespace change and the chunk
+//! reference changes it implies are one atomic write batch.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, ErrorKind,
+    IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+
+use super::{verify, ChunkStore, Pins, StorageError, StoreStats};
+use crate::ids::{ChunkHash, ResourceId};
+use crate::meta::{Changes, Entry, Inode, MetaState, Snapshot};
+
+const CF_CHUNKS: &str = "chunks";
+const CF_REFS: &str = "refs";
+const CF_META: &str = "meta";
+
+const KEY_NEXT_INO: &[u8] = b"c/next_ino";
+const KEY_STATS: &[u8] = b"c/stats";
+const PREFIX_INODE: u8 = b'i';
+const PREFIX_ENTRY: u8 = b'e';
+
+pub struct RocksStore {
+    db: DB,
+    pins: Pins,
+    /// Chunk count and bytes; changed only with the pin table locked, and
+    /// persisted in the same batches as the chunks they count.
+    stats: Mutex<StoreStats>,
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore").field("path", &self.db.path()).finish()
+    }
+}
+
+fn db_err(e: rocksdb::Error) -> StorageError {
+    let msg = e.to_string();
+    if msg.contains("No space left") || msg.contains("NoSpace") {
+        StorageError::NoSpace
+    } else {
+        StorageError::Db(msg)
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StorageError> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Decode(format!("{what}: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
+    postcard::to_stdvec(v).map_err(|e| StorageError::Decode(e.to_string()))
+}
+
+fn inode_key(ino: ResourceId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = PREFIX_INODE;
+    k[1..].copy_from_slice(&ino.0.to_be_bytes());
+    k
+}
+
+fn entry_key(parent: ResourceId, name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + name.len());
+    k.push(PREFIX_ENTRY);
+    k.extend_from_slice(&parent.0.to_be_bytes());
+    k.extend_from_slice(name);
+    k
+}
+
+fn u64_of(bytes: &[u8]) -> Result<u64, StorageError> {
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StorageError::Decode("counter is not 8 bytes".into()))?;
+    Ok(u64::from_le_bytes(arr))
+}
+
+/// What `check` found.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct CheckReport {
+    pub inodes: u64,
+    pub chunks_referenced: u64,
+    pub missing_chunks: Vec<String>,
+    pub corrupt_chunks: Vec<String>,
+    pub wrong_refcounts: Vec<String>,
+    pub unreferenced_chunks: u64,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.missing_chunks.is_empty() && self.corrupt_chunks.is_empty() && self.wrong_refcounts.is_empty()
+    }
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let cache = Cache::new_lru_cache(32 << 20);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        // Bounds memory: the daemon's RSS target is far below RocksDB defaults
+        // with several column families.
+        db_opts.set_db_write_buffer_size(64 << 20);
+        db_opts.set_max_total_wal_size(256 << 20);
+        db_opts.set_keep_log_file_num(3);
+
+        let mut chunks = Options::default();
+        chunks.set_block_based_table_factory(&table);
+        chunks.set_write_buffer_size(32 << 20);
+        chunks.set_enable_blob_files(true);
+        chunks.set_min_blob_size(1024);
+        // Content is often already compressed media; BLAKE3 checks integrity.
+        chunks.set_blob_compression_type(DBCompressionType::None);
+        chunks.set_enable_blob_gc(true);
+        chunks.set_compression_type(DBCompressionType::None);
+
+        let mut small = Options::default();
+        small.set_block_based_table_factory(&table);
+        small.set_write_buffer_size(8 << 20);
+        small.set_compression_type(DBCompressionType::Lz4);
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
+            ColumnFamilyDescriptor::new(CF_REFS, small.clone()),
+            ColumnFamilyDescriptor::new(CF_META, small),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(db_err)?;
+        let store = RocksStore {
+            db,
+            pins: Pins::default(),
+            stats: Mutex::new(StoreStats::default()),
+        };
+        let stats = match store.db.get_cf(store.cf(CF_META), KEY_STATS).map_err(db_err)? {
+            Some(b) => decode(&b, "stats")?,
+            None => StoreStats::default(),
+        };
+        *lock(&store.stats) = stats;
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        // The three families are created at open, so a missing one is a bug
+        // in this file, not bad input.
+        #[allow(clippy::expect_used)]
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    /// The namespace as last persisted, or `None` for a fresh database.
+    pub fn load_meta(&self) -> Result<Option<Snapshot>, StorageError> {
+        let cf = self.cf(CF_META);
+        let next_ino = match self.db.get_cf(cf, KEY_NEXT_INO).map_err(db_err)? {
+            Some(b) => u64_of(&b)?,
+            None => return Ok(None),
+        };
+        let mut inodes = Vec::new();
+        let mut entries = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(db_err)?;
+            match k.first() {
+                Some(&PREFIX_INODE) => inodes.push(decode::<Inode>(&v, "inode")?),
+                Some(&PREFIX_ENTRY) if k.len() > 9 => {
+                    let mut p = [0u8; 8];
+                    p.copy_from_slice(&k[1..9]);
+                    let e: Entry = decode(&v, "entry")?;
+                    entries.push((ResourceId(u64::from_be_bytes(p)), k[9..].to_vec(), e));
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(Snapshot {
+            inodes,
+            entries,
+            next_ino,
+        }))
+    }
+
+    /// Persists one command's changes and their chunk reference deltas in
+    /// one atomic batch. With `sync`, the WAL is on stable storage on return.
+    fn persist_changes(&self, changes: &Changes, sync: bool) -> Result<(), StorageError> {
+        let meta = self.cf(CF_META);
+        let mut batch = WriteBatch::default();
+        for (ino, inode) in &changes.inodes {
+            match inode {
+                Some(i) => batch.put_cf(meta, inode_key(*ino), encode(i)?),
+                None => batch.delete_cf(meta, inode_key(*ino)),
+            }
+        }
+        for (parent, name, entry) in &changes.entries {
+            match entry {
+                Some(e) => batch.put_cf(meta, entry_key(*parent, name), encode(e)?),
+                None => batch.delete_cf(meta, entry_key(*parent, name)),
+            }
+        }
+        batch.put_cf(meta, KEY_NEXT_INO, changes.next_ino.to_le_bytes());
+        self.write_with_refs(batch, &changes.chunk_deltas, sync)
+    }
+
+    /// Adds the reference deltas (and deletions of chunks left unreferenced)
+    /// to `batch` and writes it, with the pin table locked throughout.
+    fn write_with_refs(
+        &self,
+        mut batch: WriteBatch,
+        deltas: &BTreeMap<ChunkHash, i64>,
+        sync: bool,
+    ) -> Result<(), StorageError> {
+        let refs = self.cf(CF_REFS);
+        let chunks = self.cf(CF_CHUNKS);
+        self.pins.with(|pins| {
+            let mut stats = *lock(&self.stats);
+            for (h, d) in deltas {
+                let cur = match self.db.get_cf(refs, h.as_bytes()).map_err(db_err)? {
+                    Some(b) => u64_of(&b)?,
+                    None => 0,
+                };
+                let new = (cur as i64).saturating_add(*d).max(0) as u64;
+                if new == 0 {
+                    batch.delete_cf(refs, h.as_bytes());
+                    if !pins.contains_key(h) {
+                        if let Some(len) = self.chunk_len(h)? {
+                            batch.delete_cf(chunks, h.as_bytes());
+                            stats.chunks = stats.chunks.saturating_sub(1);
+                            stats.bytes = stats.bytes.saturating_sub(len);
+                        }
+                    }
+                } else {
+                    batch.put_cf(refs, h.as_bytes(), new.to_le_bytes());
+                }
+            }
+            batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
+            let mut wo = WriteOptions::default();
+            wo.set_sync(sync);
+            self.db.write_opt(batch, &wo).map_err(db_err)?;
+            *lock(&self.stats) = stats;
+            Ok(())
+        })
+    }
+
+    fn chunk_len(&self, h: &ChunkHash) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_CHUNKS), h.as_bytes())
+            .map_err(db_err)?
+            .map(|v| v.len() as u64))
+    }
+
+
+    /// Writes memtables to table files, so a clean shutdown leaves nothing
+    /// to replay from the WAL.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        for cf in [CF_CHUNKS, CF_REFS, CF_META] {
+            self.db.flush_cf(self.cf(cf)).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Verifies the store against the namespace: every referenced chunk is
+    /// present and intact and every reference count is right.
+    pub fn check(&self, meta: &MetaState) -> Result<CheckReport, StorageError> {
+        let expected = meta.chunk_references();
+        let mut report = CheckReport {
+            inodes: meta.inode_count() as u64,
+            chunks_referenced: expected.len() as u64,
+            ..Default::default()
+        };
+        for (h, want) in &expected {
+            match self.get(h) {
+                Ok(Some(_)) => {}
+                Ok(None) => report.missing_chunks.push(h.to_string()),
+                Err(StorageError::Corrupt { .. }) => report.corrupt_chunks.push(h.to_string()),
+                Err(e) => return Err(e),
+            }
+            let have = self.refcount(h)?;
+            if have != *want {
+                report.wrong_refcounts.push(format!("{h}: stored {have}, namespace has {want}"));
+            }
+        }
+        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
+            let (k, _) = item.map_err(db_err)?;
+            if let Some(h) = ChunkHash::from_slice(&k) {
+                if !expected.contains_key(&h) {
+                    report.unreferenced_chunks += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Path of the database directory.
+    pub fn path(&self) -> &Path {
+        self.db.path()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl super::MetaStore for RocksStore {
+    fn persist(&self, changes: &Changes, sync: bool) -> Result<(), StorageError> {
+        self.persist_changes(changes, sync)
+    }
+
+    /// Makes every earlier write durable (fsync of the WAL).
+    fn sync(&self) -> Result<(), StorageError> {
+        self.db.flush_wal(true).map_err(db_err)
+    }
+}
+
+impl ChunkStore for RocksStore {
+    fn put(&self, data: &[u8]) -> Result<ChunkHash, StorageError> {
+        let hash = ChunkHash::of(data);
+        let chunks = self.cf(CF_CHUNKS);
+        self.pins.with(|pins| {
+            *pins.entry(hash).or_insert(0) += 1;
+            let exists = self
+                .db
+                .get_pinned_cf(chunks, hash.as_bytes())
+                .map_err(db_err)?
+                .is_some();
+            if !exists {
+                let mut stats = *lock(&self.stats);
+                stats.chunks += 1;
+                stats.bytes += data.len() as u64;
+                let mut batch = WriteBatch::default();
+                batch.put_cf(chunks, hash.as_bytes(), data);
+                batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
+                if let Err(e) = self.db.write(batch).map_err(db_err) {
+                    if let Some(n) = pins.get_mut(&hash) {
+                        *n -= 1;
+                        if *n == 0 {
+                            pins.remove(&hash);
+                        }
+                    }
+                    return Err(e);
+                }
+                *lock(&self.stats) = stats;
+            }
+            Ok(hash)
+        })
+    }
+
+    fn get(&self, hash: &ChunkHash) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.db.get_pinned_cf(self.cf(CF_CHUNKS), hash.as_bytes()) {
+            Ok(Some(v)) => {
+                verify(hash, &v)?;
+                Ok(Some(v.to_vec()))
+            }
+            Ok(None) => Ok(None),
+            Err(e) if e.kind() == ErrorKind::Corruption => {
+                tracing::error!(chunk = %hash, error = %e, "RocksDB reports the chunk corrupt");
+                Err(StorageError::Corrupt { hash: *hash })
+            }
+            Err(e) => Err(db_err(e)),
+        }
+    }
+
+    fn contains(&self, hash: &ChunkHash) -> Result<bool, StorageError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_CHUNKS), hash.as_bytes())
+            .map_err(db_err)?
+            .is_some())
+    }
+
+    fn apply_refs(&self, deltas: &BTreeMap<ChunkHash, i64>) -> Result<(), StorageError> {
+        self.write_with_refs(WriteBatch::default(), deltas, false)
+    }
+
+    fn refcount(&self, hash: &ChunkHash) -> Result<u64, StorageError> {
+        match self.db.get_cf(self.cf(CF_REFS), hash.as_bytes()).map_err(db_err)? {
+            Some(b) => u64_of(&b),
+            None => Ok(0),
+        }
+    }
+
+    fn unpin(&self, hashes: &[ChunkHash]) {
+        self.pins.unpin(hashes)
+    }
+
+    fn collect_garbage(&self) -> Result<u64, StorageError> {
+        let chunks = self.cf(CF_CHUNKS);
+        let refs = self.cf(CF_REFS);
+        self.pins.with(|pins| {
+            let mut stats = *lock(&self.stats);
+            let mut batch = WriteBatch::default();
+            let mut n = 0;
+            for item in self.db.iterator_cf(chunks, IteratorMode::Start) {
+                let (k, v) = item.map_err(db_err)?;
+                let Some(h) = ChunkHash::from_slice(&k) else {
+                    continue;
+                };
+                if pins.contains_key(&h) || self.db.get_pinned_cf(refs, &k).map_err(db_err)?.is_some() {
+                    continue;
+                }
+                batch.delete_cf(chunks, &k);
+                stats.chunks = stats.chunks.saturating_sub(1);
+                stats.bytes = stats.bytes.saturating_sub(v.len() as u64);
+                n += 1;
+            }
+            if n > 0 {
+                batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
+                self.db.write(batch).map_err(db_err)?;
+                *lock(&self.stats) = stats;
+            }
+            Ok(n)
+        })
+    }
+
+    fn stats(&self) -> Result<StoreStats, StorageError> {
+        Ok(*lock(&self.stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{FsCommand, NewNode, Timestamp};
+    use crate::storage::MetaStore;
+
+    impl crate::storage::conformance::Corrupt for RocksStore {
+        fn corrupt(&self, hash: &ChunkHash) {
+            // Rewrite the value with one byte flipped, bypassing `put`, so the
+            // key no longer matches the content.
+            let cf = self.cf(CF_CHUNKS);
+            let mut v = self.db.get_cf(cf, hash.as_bytes()).unwrap().unwrap();
+            v[0] ^= 0x55;
+            self.db.put_cf(cf, hash.as_bytes(), v).unwrap();
+        }
+    }
+
+    #[test]
+    fn conformance() {
+        let dirs = std::sync::Mutex::new(Vec::new());
+        crate::storage::conformance::run_all(|| {
+            let d = tempfile::tempdir().unwrap();
+            let s = RocksStore::open(d.path()).unwrap();
+            dirs.lock().unwrap().push(d);
+            s
+        });
+    }
+
+    #[test]
+    fn namespace_survives_reopen_and_check_is_clean() {
+        let d = tempfile::tempdir().unwrap();
+        let now = Timestamp { secs: 5, nanos: 0 };
+        let ino;
+        {
+            let s = RocksStore::open(d.path()).unwrap();
+            assert!(s.load_meta().unwrap().is_none());
+            let mut m = MetaState::new(0, 0, now);
+            s.persist(&m.take_changes(), true).unwrap();
+            let out = m
+                .apply(FsCommand::Create {
+                    parent: ResourceId::ROOT,
+                    name: b"f".to_vec(),
+                    node: NewNode::File,
+                    perm: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    now,
+                })
+                .unwrap();
+            ino = match out {
+                crate::meta::Outcome::Inode(i) => i.id,
+                _ => unreachable!(),
+            };
+            let h = s.put(b"content").unwrap();
+            m.apply(FsCommand::CommitVersion {
+                ino,
+                size: 7,
+                chunks: vec![crate::meta::ChunkRef { hash: h, offset: 0, len: 7 }],
+                mtime: now,
+                author: crate::ids::DeviceId([0; 16]),
+                now,
+            })
+            .unwrap();
+            s.persist(&m.take_changes(), true).unwrap();
+            s.unpin(&[h]);
+            assert!(s.check(&m).unwrap().is_clean());
+        }
+        let s = RocksStore::open(d.path()).unwrap();
+        let m = MetaState::restore(s.load_meta().unwrap().unwrap()).unwrap();
+        let f = m.lookup(ResourceId::ROOT, b"f").unwrap();
+        assert_eq!(f.id, ino);
+        assert_eq!(f.size(), 7);
+        let report = s.check(&m).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(s.stats().unwrap().chunks, 1);
+    }
+}

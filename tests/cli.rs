@@ -1,0 +1,168 @@
+//! The command line's error handling, the mount helper and the fstab path.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{meshfs, stderr, Device};
+
+fn one_line_error(o: &std::process::Output) -> String {
+    assert!(!o.status.success(), "expected failure, got success");
+    let e = stderr(o);
+    assert_eq!(e.trim().lines().count(), 1, "error should be one line: {e:?}");
+    e
+}
+
+#[test]
+fn bad_input_gets_a_clear_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = tmp.path().join("dd");
+    let dds = dd.to_str().unwrap();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mnts = mnt.to_str().unwrap();
+
+    // Uninitialised or missing data dir.
+    let e = one_line_error(&meshfs(&["mount", "--data-dir", dds, mnts]));
+    assert!(e.contains("not a meshfs data dir"), "{e}");
+    let e = one_line_error(&meshfs(&["status", "--data-dir", dds]));
+    assert!(e.contains("not a meshfs data dir"), "{e}");
+
+    assert!(meshfs(&["init", "--data-dir", dds, "--name", "x"]).status.success());
+    let e = one_line_error(&meshfs(&["init", "--data-dir", dds]));
+    assert!(e.contains("already"), "{e}");
+
+    // Mount point missing or not a directory.
+    let missing = tmp.path().join("missing");
+    let e = one_line_error(&meshfs(&["mount", "--data-dir", dds, missing.to_str().unwrap()]));
+    assert!(e.contains("does not exist"), "{e}");
+    let file = tmp.path().join("file");
+    fs::write(&file, b"").unwrap();
+    let e = one_line_error(&meshfs(&["mount", "--data-dir", dds, file.to_str().unwrap()]));
+    assert!(e.contains("not a directory"), "{e}");
+
+    // Unknown mount options and flags.
+    let e = one_line_error(&meshfs(&["mount", "--data-dir", dds, mnts, "-o", "rw,bogus"]));
+    assert!(e.contains("bogus"), "{e}");
+    let o = meshfs(&["mount", "--data-dir", dds, mnts, "--frobnicate"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("frobnicate"));
+
+    // A broken config names the file.
+    fs::write(dd.join("config.toml"), "name = [").unwrap();
+    let e = one_line_error(&meshfs(&["status", "--data-dir", dds]));
+    assert!(e.contains("config.toml"), "{e}");
+
+    // Status of a stopped device still answers.
+    let d2 = tmp.path().join("d2");
+    assert!(meshfs(&["init", "--data-dir", d2.to_str().unwrap(), "--name", "y"]).status.success());
+    let o = meshfs(&["status", "--data-dir", d2.to_str().unwrap(), "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["running"], false);
+    assert_eq!(v["devices"][0]["name"], "y");
+    // check works offline too.
+    assert!(meshfs(&["check", "--data-dir", d2.to_str().unwrap()]).status.success());
+}
+
+#[test]
+fn already_mounted_and_data_dir_in_use_are_refused() {
+    require_root!();
+    let d = Device::start("alice");
+    let dd = d.data_dir();
+    let e = one_line_error(&meshfs(&[
+        "mount",
+        "--data-dir",
+        dd.to_str().unwrap(),
+        d.mountpoint().to_str().unwrap(),
+    ]));
+    assert!(e.contains("already mounted"), "{e}");
+    let other = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    let e = one_line_error(&meshfs(&["mount", "--data-dir", dd.to_str().unwrap(), other.path().to_str().unwrap()]));
+    assert!(e.contains("in use"), "{e}");
+    assert!(e.contains(&format!("pid {}", d.pid().unwrap())), "{e}");
+    // It waited for the lock before giving up.
+    assert!(t.elapsed() >= std::time::Duration::from_secs(9));
+    assert!(!common::is_mounted(other.path()));
+}
+
+/// Installs the helper where mount(8) looks, for the duration of a test.
+struct Helper;
+
+impl Helper {
+    fn install() -> Self {
+        let helper = PathBuf::from(common::MESHFS).with_file_name("mount-meshfs");
+        assert!(helper.exists(), "build the workspace first: {}", helper.display());
+        fs::copy(&helper, "/usr/sbin/mount.meshfs").unwrap();
+        Helper
+    }
+}
+
+#[test]
+fn mount_t_meshfs_and_fstab_through_the_helper() {
+    require_root!();
+    let _h = Helper::install();
+    let mut d = Device::init("alice");
+    let dd = d.data_dir();
+    // mount(8) runs the helper with a minimal environment; point it at
+    // this build of meshfs.
+    let o = Command::new("mount")
+        .args(["-t", "meshfs", "-o", "rw,_netdev,nofail"])
+        .arg(&dd)
+        .arg(d.mountpoint())
+        .env("MESHFS_BIN", common::MESHFS)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mount -t meshfs: {}", stderr(&o));
+    d.mark_mounted();
+    assert_eq!(common::fstype(d.mountpoint()).as_deref(), Some("fuse.meshfs"));
+    fs::write(d.path("via-helper"), b"ok").unwrap();
+    d.unmount();
+
+    // An unknown option is refused with a message naming it.
+    let o = Command::new("mount")
+        .args(["-t", "meshfs", "-o", "frob"])
+        .arg(&dd)
+        .arg(d.mountpoint())
+        .env("MESHFS_BIN", common::MESHFS)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("frob"), "{}", stderr(&o));
+
+    // The fstab line from the docs, through mount -a with a test fstab.
+    let tab = tempfile::NamedTempFile::new().unwrap();
+    fs::write(
+        tab.path(),
+        format!("{} {} meshfs defaults,_netdev,x-systemd.requires=network-online.target 0 0\n", dd.display(), d.mountpoint().display()),
+    )
+    .unwrap();
+    let o = Command::new("mount")
+        .arg("-a")
+        .arg("-T")
+        .arg(tab.path())
+        .env("MESHFS_BIN", common::MESHFS)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mount -a: {}", stderr(&o));
+    d.mark_mounted();
+    assert_eq!(fs::read(d.path("via-helper")).unwrap(), b"ok");
+    d.unmount();
+
+    // ro is honoured.
+    let o = Command::new("mount")
+        .args(["-t", "meshfs", "-o", "ro"])
+        .arg(&dd)
+        .arg(d.mountpoint())
+        .env("MESHFS_BIN", common::MESHFS)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.mark_mounted();
+    assert_eq!(fs::read(d.path("via-helper")).unwrap(), b"ok");
+    let e = fs::write(d.path("new"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+}

@@ -1,0 +1,134 @@
+//! Bad disks: a byte flipped in RocksDB's files gives EIO for that file's
+//! range with a log line naming the chunk, while other files still read; a
+//! full disk gives ENOSPC without corrupting what was stored.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{bytes, Device};
+
+fn db_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir.join("db")).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Flips one byte of the first copy of `needle` found in the store's files.
+fn flip_in_db(data_dir: &Path, needle: &[u8]) -> bool {
+    for p in db_files(data_dir) {
+        let hay = fs::read(&p).unwrap();
+        if let Some(pos) = hay.windows(needle.len()).position(|w| w == needle) {
+            let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.write_all_at(&[hay[pos + 10] ^ 0x40], (pos + 10) as u64).unwrap();
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn corrupted_chunk_gives_eio_and_names_the_chunk() {
+    require_root!();
+    let mut d = Device::start("alice");
+    let victim = bytes(1 << 20, 11);
+    let other = bytes(1 << 20, 12);
+    fs::write(d.path("victim"), &victim).unwrap();
+    fs::write(d.path("other"), &other).unwrap();
+    d.unmount();
+    // Somewhere in the middle of the victim's content.
+    assert!(flip_in_db(&d.data_dir(), &victim[600_000..600_064]), "content not found in the store");
+    d.mount();
+
+    let mut f = fs::File::open(d.path("victim")).unwrap();
+    let mut buf = Vec::new();
+    let err = f.read_to_end(&mut buf).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    // Bytes before the damaged chunk still read.
+    let f = fs::File::open(d.path("victim")).unwrap();
+    let mut head = vec![0u8; 4096];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, victim[..4096]);
+    assert_eq!(fs::read(d.path("other")).unwrap(), other);
+    let log = d.log();
+    assert!(
+        log.lines().any(|l| l.contains("corrupt") || l.contains("verification")) && log.contains("chunk="),
+        "no log line names the chunk:\n{log}"
+    );
+    // check reports it and fails.
+    let o = common::meshfs(&["check", "--data-dir", d.data_dir().to_str().unwrap()]);
+    assert!(!o.status.success());
+}
+
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_gives_enospc_and_keeps_stored_data() {
+    require_root!();
+    let base = tempfile::tempdir().unwrap();
+    let small = base.path().join("small");
+    fs::create_dir(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _guard = Tmpfs(small.clone());
+    let dd = small.join("d");
+    let mnt = base.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    assert!(common::meshfs(&["init", "--data-dir", dd.to_str().unwrap()]).status.success());
+    let mount = || common::meshfs(&["mount", "--data-dir", dd.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let o = mount();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let keep = bytes(256 << 10, 5);
+    fs::write(mnt.join("keep"), &keep).unwrap();
+
+    // Fill the disk through the mount.
+    let mut f = fs::File::create(mnt.join("big")).unwrap();
+    let block = bytes(1 << 20, 6);
+    let mut first_err = None;
+    for _ in 0..100 {
+        if let Err(e) = f.write_all(&block) {
+            first_err = Some(e);
+            break;
+        }
+    }
+    let close_err = f.sync_all().err();
+    drop(f);
+    let errno = first_err.or(close_err).and_then(|e| e.raw_os_error());
+    assert_eq!(errno, Some(libc::ENOSPC), "filling the disk must report ENOSPC");
+
+    // What was stored before is intact, now and after a restart.
+    assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep);
+    let _ = fs::remove_file(mnt.join("big"));
+    let st = Command::new("umount").arg(&mnt).status().unwrap();
+    assert!(st.success());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let o = mount();
+    assert!(o.status.success(), "remount after ENOSPC: {}", common::stderr(&o));
+    assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep);
+    fs::write(mnt.join("after"), b"space again").unwrap();
+    assert_eq!(fs::read(mnt.join("after")).unwrap(), b"space again");
+    let pid: i32 = fs::read_to_string(dd.join("meshfs.pid")).unwrap().trim().parse().unwrap();
+    let _ = Command::new("umount").arg(&mnt).status();
+    common::wait_exit(pid, std::time::Duration::from_secs(10));
+    let o = common::meshfs(&["check", "--data-dir", dd.to_str().unwrap()]);
+    assert!(o.status.success(), "check after ENOSPC: {}", String::from_utf8_lossy(&o.stdout));
+}

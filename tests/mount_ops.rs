@@ -1,0 +1,317 @@
+//! Every filesystem operation through a real kernel FUSE mount, driven by
+//! std::fs and libc as ordinary programs would.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use common::{bytes, Device};
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> i32 {
+    r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
+}
+
+#[test]
+fn mount_shows_type_fuse_meshfs_and_status_reports() {
+    require_root!();
+    let d = Device::start("alice");
+    assert_eq!(common::fstype(d.mountpoint()).as_deref(), Some("fuse.meshfs"));
+    let s = d.status_json();
+    assert_eq!(s["running"], true);
+    assert_eq!(s["devices"][0]["name"], "alice");
+    assert_eq!(s["devices"][0]["up"], true);
+    assert!(s["leader"].is_null());
+    assert!(s["cache_bytes"].is_u64());
+    assert_eq!(s["prefetch"]["hits"], 0);
+    // The control socket is private to the daemon's user.
+    let mode = fs::metadata(d.data_dir().join("control.sock")).unwrap().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn files_write_read_seek_truncate_append() {
+    require_root!();
+    let d = Device::start("alice");
+    let p = d.path("f.bin");
+    let data = bytes(3 << 20, 1);
+    fs::write(&p, &data).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), data);
+    assert_eq!(fs::metadata(&p).unwrap().len(), 3 << 20);
+
+    // Overwrite in the middle, read at offsets.
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    f.write_all_at(b"MIDDLE", 1_000_000).unwrap();
+    let mut buf = [0u8; 6];
+    f.read_exact_at(&mut buf, 1_000_000).unwrap();
+    assert_eq!(&buf, b"MIDDLE");
+    // ftruncate shrinks and grows with zeros.
+    f.set_len(10).unwrap();
+    f.set_len(20).unwrap();
+    drop(f);
+    let got = fs::read(&p).unwrap();
+    assert_eq!(&got[..10], &data[..10]);
+    assert_eq!(&got[10..], &[0u8; 10]);
+
+    // truncate(2) by path.
+    let cp = c(&p);
+    assert_eq!(unsafe { libc::truncate(cp.as_ptr(), 5) }, 0);
+    assert_eq!(fs::metadata(&p).unwrap().len(), 5);
+
+    // O_APPEND writes at the end whatever the offset.
+    let mut a = OpenOptions::new().append(true).open(&p).unwrap();
+    a.write_all(b"++").unwrap();
+    drop(a);
+    assert_eq!(fs::read(&p).unwrap(), [&data[..5], b"++"].concat());
+
+    // O_TRUNC empties; O_EXCL refuses an existing file.
+    let mut t = OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+    t.write_all(b"new").unwrap();
+    drop(t);
+    assert_eq!(fs::read(&p).unwrap(), b"new");
+    let r = OpenOptions::new().write(true).create_new(true).open(&p);
+    assert_eq!(errno_of(r), libc::EEXIST);
+}
+
+#[test]
+fn sparse_files_read_holes_as_zeros() {
+    require_root!();
+    let d = Device::start("alice");
+    let p = d.path("sparse");
+    let mut f = File::create(&p).unwrap();
+    f.seek(SeekFrom::Start(5 << 20)).unwrap();
+    f.write_all(b"tail").unwrap();
+    drop(f);
+    let got = fs::read(&p).unwrap();
+    assert_eq!(got.len(), (5 << 20) + 4);
+    assert!(got[..5 << 20].iter().all(|b| *b == 0));
+    assert_eq!(&got[5 << 20..], b"tail");
+}
+
+#[test]
+fn two_handles_see_each_others_writes_before_close() {
+    require_root!();
+    let d = Device::start("alice");
+    let p = d.path("shared");
+    fs::write(&p, b"0123456789").unwrap();
+    let w = OpenOptions::new().write(true).open(&p).unwrap();
+    let mut r = File::open(&p).unwrap();
+    w.write_all_at(b"ab", 3).unwrap();
+    let mut s = String::new();
+    r.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "012ab56789");
+}
+
+#[test]
+fn directories_links_symlinks_and_special_nodes() {
+    require_root!();
+    let d = Device::start("alice");
+    fs::create_dir(d.path("dir")).unwrap();
+    fs::write(d.path("dir/a"), b"a").unwrap();
+    assert_eq!(errno_of(fs::remove_dir(d.path("dir"))), libc::ENOTEMPTY);
+    assert_eq!(errno_of(fs::create_dir(d.path("dir"))), libc::EEXIST);
+    assert_eq!(errno_of(fs::read(d.path("nope"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::create_dir(d.path("dir/a/x"))), libc::ENOTDIR);
+    assert_eq!(fs::metadata(d.path("dir")).unwrap().nlink(), 2);
+    fs::create_dir(d.path("dir/sub")).unwrap();
+    assert_eq!(fs::metadata(d.path("dir")).unwrap().nlink(), 3);
+
+    // Hard links share content and count links.
+    fs::hard_link(d.path("dir/a"), d.path("b")).unwrap();
+    assert_eq!(fs::metadata(d.path("b")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(d.path("b")).unwrap().ino(), fs::metadata(d.path("dir/a")).unwrap().ino());
+    fs::write(d.path("b"), b"changed").unwrap();
+    assert_eq!(fs::read(d.path("dir/a")).unwrap(), b"changed");
+    assert_eq!(errno_of(fs::hard_link(d.path("dir"), d.path("dirlink"))), libc::EPERM);
+
+    // Symlinks.
+    std::os::unix::fs::symlink("dir/a", d.path("sl")).unwrap();
+    assert_eq!(fs::read_link(d.path("sl")).unwrap(), Path::new("dir/a"));
+    assert_eq!(fs::read(d.path("sl")).unwrap(), b"changed");
+    assert!(fs::symlink_metadata(d.path("sl")).unwrap().file_type().is_symlink());
+
+    // A fifo and a device node as metadata.
+    let fifo = c(&d.path("fifo"));
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+    let m = fs::symlink_metadata(d.path("fifo")).unwrap();
+    assert_eq!(m.mode() & libc::S_IFMT, libc::S_IFIFO);
+    assert_eq!(m.mode() & 0o7777, 0o640);
+    let dev = c(&d.path("null2"));
+    assert_eq!(unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
+    assert_eq!(fs::symlink_metadata(d.path("null2")).unwrap().rdev(), libc::makedev(1, 3));
+
+    // Unlink and rmdir.
+    fs::remove_file(d.path("b")).unwrap();
+    assert_eq!(fs::metadata(d.path("dir/a")).unwrap().nlink(), 1);
+    fs::remove_dir(d.path("dir/sub")).unwrap();
+    assert_eq!(fs::metadata(d.path("dir")).unwrap().nlink(), 2);
+    assert_eq!(errno_of(fs::remove_file(d.path("dir"))), libc::EISDIR);
+}
+
+fn renameat2(from: &Path, to: &Path, flags: u32) -> i32 {
+    let (a, b) = (c(from), c(to));
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+#[test]
+fn rename_replace_noreplace_exchange() {
+    require_root!();
+    let d = Device::start("alice");
+    fs::write(d.path("x"), b"x").unwrap();
+    fs::write(d.path("y"), b"y").unwrap();
+    fs::create_dir(d.path("d1")).unwrap();
+    fs::create_dir(d.path("d2")).unwrap();
+    fs::write(d.path("d2/in"), b"in").unwrap();
+
+    assert_eq!(renameat2(&d.path("x"), &d.path("y"), libc::RENAME_NOREPLACE), libc::EEXIST);
+    assert_eq!(renameat2(&d.path("x"), &d.path("y"), libc::RENAME_EXCHANGE), 0);
+    assert_eq!(fs::read(d.path("x")).unwrap(), b"y");
+    assert_eq!(fs::read(d.path("y")).unwrap(), b"x");
+    fs::rename(d.path("x"), d.path("y")).unwrap();
+    assert_eq!(fs::read(d.path("y")).unwrap(), b"y");
+    assert!(!d.path("x").exists());
+    assert_eq!(errno_of(fs::rename(d.path("d1"), d.path("d2"))), libc::ENOTEMPTY);
+    assert_eq!(errno_of(fs::rename(d.path("y"), d.path("d1"))), libc::EISDIR);
+    assert_eq!(errno_of(fs::rename(d.path("d1"), d.path("y"))), libc::ENOTDIR);
+    assert_eq!(errno_of(fs::rename(d.path("d2"), d.path("d2/in2"))), libc::EINVAL);
+    // Across directories, with `..` following.
+    fs::rename(d.path("d1"), d.path("d2/d1")).unwrap();
+    assert_eq!(fs::metadata(d.path("d2")).unwrap().nlink(), 3);
+    fs::write(d.path("d2/d1/../marker"), b"m").unwrap();
+    assert_eq!(fs::read(d.path("d2/marker")).unwrap(), b"m");
+}
+
+#[test]
+fn attributes_chmod_chown_utimens_statfs_access() {
+    require_root!();
+    let d = Device::start("alice");
+    let p = d.path("f");
+    fs::write(&p, b"data").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o4751)).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o4751);
+    std::os::unix::fs::chown(&p, Some(1234), Some(5678)).unwrap();
+    let m = fs::metadata(&p).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1234, 5678));
+
+    let cp = c(&p);
+    let times = [
+        libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 123 },
+        libc::timespec { tv_sec: 1_500_000_000, tv_nsec: 456_789 },
+    ];
+    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), times.as_ptr(), 0) }, 0);
+    let m = fs::metadata(&p).unwrap();
+    assert_eq!((m.atime(), m.atime_nsec()), (1_000_000_000, 123));
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 456_789));
+    assert!(m.ctime() > 1_500_000_000);
+
+    // Writing moves mtime forward again.
+    fs::write(&p, b"more").unwrap();
+    assert!(fs::metadata(&p).unwrap().mtime() > 1_500_000_000);
+
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let root = c(d.mountpoint());
+    assert_eq!(unsafe { libc::statvfs(root.as_ptr(), &mut st) }, 0);
+    assert!(st.f_blocks > 0 && st.f_bsize > 0);
+    assert_eq!(st.f_namemax, 255);
+
+    assert_eq!(unsafe { libc::access(cp.as_ptr(), libc::R_OK | libc::W_OK) }, 0);
+    let long = d.path(&"n".repeat(256));
+    assert_eq!(errno_of(fs::write(long, b"")), libc::ENAMETOOLONG);
+}
+
+#[test]
+fn xattrs_set_get_list_remove() {
+    require_root!();
+    let d = Device::start("alice");
+    let p = d.path("f");
+    fs::write(&p, b"").unwrap();
+    let cp = c(&p);
+    let name = CString::new("user.color").unwrap();
+    let set = |v: &[u8], flags| unsafe {
+        libc::setxattr(cp.as_ptr(), name.as_ptr(), v.as_ptr() as *const _, v.len(), flags)
+    };
+    assert_eq!(set(b"blue", libc::XATTR_REPLACE), -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));
+    assert_eq!(set(b"blue", libc::XATTR_CREATE), 0);
+    assert_eq!(set(b"red", libc::XATTR_CREATE), -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EEXIST));
+    let mut buf = [0u8; 64];
+    let n = unsafe { libc::getxattr(cp.as_ptr(), name.as_ptr(), buf.as_mut_ptr() as *mut _, buf.len()) };
+    assert_eq!(&buf[..n as usize], b"blue");
+    // Size query, then too small a buffer.
+    assert_eq!(unsafe { libc::getxattr(cp.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) }, 4);
+    assert_eq!(unsafe { libc::getxattr(cp.as_ptr(), name.as_ptr(), buf.as_mut_ptr() as *mut _, 2) }, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ERANGE));
+    let n = unsafe { libc::listxattr(cp.as_ptr(), buf.as_mut_ptr() as *mut _, buf.len()) };
+    assert_eq!(&buf[..n as usize], b"user.color\0");
+    assert_eq!(unsafe { libc::removexattr(cp.as_ptr(), name.as_ptr()) }, 0);
+    assert_eq!(unsafe { libc::removexattr(cp.as_ptr(), name.as_ptr()) }, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));
+}
+
+#[test]
+fn open_unlinked_file_stays_readable_until_close() {
+    require_root!();
+    let d = Device::start("alice");
+    let p = d.path("tmp");
+    let data = bytes(300_000, 7);
+    fs::write(&p, &data).unwrap();
+    let mut f = File::open(&p).unwrap();
+    fs::remove_file(&p).unwrap();
+    assert!(!p.exists());
+    let mut got = Vec::new();
+    f.read_to_end(&mut got).unwrap();
+    assert_eq!(got, data);
+    drop(f);
+    // Its content is collected once nothing holds it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let s = d.status_json();
+    assert_eq!(s["cache_bytes"], 0, "unlinked content not collected: {s}");
+}
+
+#[test]
+fn readdir_lists_large_directories_with_stable_offsets() {
+    require_root!();
+    let d = Device::start("alice");
+    fs::create_dir(d.path("big")).unwrap();
+    for i in 0..3000 {
+        File::create(d.path(&format!("big/f{i:05}"))).unwrap();
+    }
+    let mut names: Vec<String> = fs::read_dir(d.path("big"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3000);
+    assert_eq!(names[0], "f00000");
+
+    // Deleting entries while iterating never repeats or skips a survivor.
+    let mut seen = std::collections::HashSet::new();
+    let mut it = fs::read_dir(d.path("big")).unwrap();
+    for i in 0..1500 {
+        let e = it.next().unwrap().unwrap();
+        assert!(seen.insert(e.file_name()), "repeated entry");
+        if i % 2 == 0 {
+            fs::remove_file(d.path(&format!("big/f{:05}", 2999 - i))).unwrap();
+        }
+    }
+    for e in it {
+        assert!(seen.insert(e.unwrap().file_name()), "repeated entry");
+    }
+    let now = fs::read_dir(d.path("big")).unwrap().count();
+    assert_eq!(now, 3000 - 750);
+    assert!(seen.len() >= now);
+}
