@@ -13,6 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::error::Error;
 use crate::node::{Node, SOCKET_FILE};
+use crate::storage::ChunkStore;
 
 /// Longest request line accepted: requests are tiny.
 const MAX_REQUEST: usize = 4096;

@@ -103,6 +103,19 @@ impl ChunkHash {
     }
 }
 
+// Ordered by bytes, so maps of chunks iterate deterministically.
+impl PartialOrd for ChunkHash {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ChunkHash {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
 impl fmt::Debug for ChunkHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ChunkHash({})", self.fmt_short())

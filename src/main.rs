@@ -84,8 +84,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// The error and its causes on one line: scripts read the first line only.
 fn one_line(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    let text = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
@@ -226,15 +228,22 @@ fn mount(data_dir: &Path, mountpoint: &Path, foreground: bool, options: &str, sl
     // SAFETY: setsid has no preconditions in a fresh child.
     unsafe { libc::setsid() };
     let log_path = data_dir.join(node::LOG_FILE);
+    let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path);
-    let devnull = std::fs::File::open("/dev/null");
-    if let (Ok(log), Ok(null)) = (&log, &devnull) {
+    {
         use std::os::unix::io::AsRawFd;
-        // SAFETY: dup2 onto the standard descriptors with valid fds.
+        // Whatever happens, the parent's stdout/stderr must be let go, or a
+        // caller waiting for them to close (mount -a, a test) would hang.
+        let out = log.as_ref().ok().map(|f| f.as_raw_fd()).or(devnull.as_ref().ok().map(|f| f.as_raw_fd()));
+        // SAFETY: dup2 onto the standard descriptors with fds we own.
         unsafe {
-            libc::dup2(null.as_raw_fd(), 0);
-            libc::dup2(log.as_raw_fd(), 1);
-            libc::dup2(log.as_raw_fd(), 2);
+            if let Ok(null) = &devnull {
+                libc::dup2(null.as_raw_fd(), 0);
+            }
+            if let Some(fd) = out {
+                libc::dup2(fd, 1);
+                libc::dup2(fd, 2);
+            }
         }
     }
     let _ = tracing_subscriber::fmt()

@@ -69,11 +69,14 @@ fn corrupted_chunk_gives_eio_and_names_the_chunk() {
     assert!(!o.status.success());
 }
 
-struct Tmpfs(PathBuf);
+/// Unmounts a path when the test ends, even on failure.
+struct Unmount(PathBuf);
 
-impl Drop for Tmpfs {
+impl Drop for Unmount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        if common::is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
     }
 }
 
@@ -84,17 +87,19 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
     let small = base.path().join("small");
     fs::create_dir(&small).unwrap();
     let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=160m", "tmpfs"])
         .arg(&small)
         .status()
         .unwrap();
     assert!(st.success());
-    let _guard = Tmpfs(small.clone());
+    let _tmpfs = Unmount(small.clone());
     let dd = small.join("d");
     let mnt = base.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     assert!(common::meshfs(&["init", "--data-dir", dd.to_str().unwrap()]).status.success());
     let mount = || common::meshfs(&["mount", "--data-dir", dd.to_str().unwrap(), mnt.to_str().unwrap()]);
+    // Dropped before the tmpfs guard: meshfs goes first.
+    let _meshfs = Unmount(mnt.clone());
     let o = mount();
     assert!(o.status.success(), "{}", common::stderr(&o));
     let keep = bytes(256 << 10, 5);
@@ -102,9 +107,12 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
 
     // Fill the disk through the mount.
     let mut f = fs::File::create(mnt.join("big")).unwrap();
-    let block = bytes(1 << 20, 6);
     let mut first_err = None;
-    for _ in 0..100 {
+    for i in 0..200 {
+        // Distinct blocks: identical ones would deduplicate and never fill
+        // the disk (any fork+exec elsewhere in this process closes a copy of
+        // the descriptor, which commits what was written so far).
+        let block = bytes(1 << 20, 100 + i);
         if let Err(e) = f.write_all(&block) {
             first_err = Some(e);
             break;
@@ -112,8 +120,8 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
     }
     let close_err = f.sync_all().err();
     drop(f);
-    let errno = first_err.or(close_err).and_then(|e| e.raw_os_error());
-    assert_eq!(errno, Some(libc::ENOSPC), "filling the disk must report ENOSPC");
+    let errno = first_err.as_ref().or(close_err.as_ref()).and_then(|e| e.raw_os_error());
+    assert_eq!(errno, Some(libc::ENOSPC), "filling the disk must report ENOSPC, got {first_err:?} {close_err:?}");
 
     // What was stored before is intact, now and after a restart.
     assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep);
@@ -132,3 +140,4 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
     let o = common::meshfs(&["check", "--data-dir", dd.to_str().unwrap()]);
     assert!(o.status.success(), "check after ENOSPC: {}", String::from_utf8_lossy(&o.stdout));
 }
+

@@ -61,10 +61,18 @@ fn random_op(rng: &mut SmallRng) -> Op {
     }
 }
 
+/// Content as length and BLAKE3, so a divergence prints readably.
+#[derive(Debug, PartialEq)]
+struct Digest(usize, String);
+
+fn digest(d: &[u8]) -> Digest {
+    Digest(d.len(), blake3::hash(d).to_hex()[..16].to_string())
+}
+
 #[derive(Debug, PartialEq)]
 enum Res {
     Ok,
-    Data(Vec<u8>),
+    Data(Digest),
     Err(i32),
 }
 
@@ -98,7 +106,7 @@ fn apply(root: &Path, op: &Op) -> Res {
         Op::Chmod { path, mode } => res(fs::set_permissions(p(path), fs::Permissions::from_mode(*mode))),
         Op::Symlink { target, path } => res(std::os::unix::fs::symlink(target, p(path))),
         Op::Read { path } => match fs::read(p(path)) {
-            Ok(d) => Res::Data(d),
+            Ok(d) => Res::Data(digest(&d)),
             Err(e) => Res::Err(e.raw_os_error().unwrap_or(-1)),
         },
         Op::OpenUnlinkRead { path } => {
@@ -114,7 +122,7 @@ fn apply(root: &Path, op: &Op) -> Res {
             }
             let mut d = Vec::new();
             match f.read_to_end(&mut d) {
-                Ok(_) => Res::Data(d),
+                Ok(_) => Res::Data(digest(&d)),
                 Err(e) => Res::Err(e.raw_os_error().unwrap_or(-1)),
             }
         }
@@ -123,7 +131,7 @@ fn apply(root: &Path, op: &Op) -> Res {
 
 #[derive(Debug, PartialEq)]
 enum Node {
-    File { mode: u32, nlink: u64, data: Vec<u8> },
+    File { mode: u32, nlink: u64, data: Digest },
     Dir { mode: u32, nlink: u64 },
     Link { target: PathBuf },
 }
@@ -143,7 +151,7 @@ fn snapshot(root: &Path) -> BTreeMap<String, Node> {
                 stack.push(path.clone());
                 Node::Dir { mode: m.mode() & 0o7777, nlink: m.nlink() }
             } else {
-                Node::File { mode: m.mode() & 0o7777, nlink: m.nlink(), data: fs::read(&path).unwrap() }
+                Node::File { mode: m.mode() & 0o7777, nlink: m.nlink(), data: digest(&fs::read(&path).unwrap()) }
             };
             out.insert(rel, node);
         }

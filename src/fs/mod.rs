@@ -217,9 +217,11 @@ impl Fs {
         };
         if !fs.opts.read_only {
             fs.apply(FsCommand::ReclaimOrphans, true)?;
-            let n = fs.store.collect_garbage()?;
-            if n > 0 {
-                tracing::info!(chunks = n, "collected unreferenced chunks left by an interrupted commit");
+            // Best effort: leftover chunks waste space but harm nothing.
+            match fs.store.collect_garbage() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(chunks = n, "collected unreferenced chunks left by an interrupted commit"),
+                Err(e) => tracing::warn!(error = %e, "could not collect unreferenced chunks"),
             }
         }
         Ok(fs)
@@ -776,6 +778,9 @@ impl Fs {
         let h = self.handle(fh)?;
         if !h.writable {
             return Err(FsError::BadHandle);
+        }
+        if !crate::storage::has_space(&self.opts.spill_dir, data.len() as u64) {
+            return Err(StorageError::NoSpace.into());
         }
         let mut f = lock(&h.file);
         self.ensure_spill(h.ino, &mut f)?;

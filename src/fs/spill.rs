@@ -67,6 +67,7 @@ impl RangeSet {
         self.ranges.values().next_back().copied()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }

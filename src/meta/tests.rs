@@ -197,7 +197,7 @@ fn rename_replace_and_errors() {
     let mut s = fresh();
     let a = mk(&mut s, ROOT, "a", NewNode::File, 2);
     let b = mk(&mut s, ROOT, "b", NewNode::File, 2);
-    let d = mk(&mut s, ROOT, "d", NewNode::Dir, 2);
+    mk(&mut s, ROOT, "d", NewNode::Dir, 2);
     let e = mk(&mut s, ROOT, "e", NewNode::Dir, 2);
     mk(&mut s, e.id, "inner", NewNode::File, 2);
 

@@ -33,7 +33,7 @@ pub enum StorageError {
 }
 
 /// Counts of what the chunk store holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoreStats {
     pub chunks: u64,
     pub bytes: u64,
@@ -101,6 +101,35 @@ impl Pins {
             }
         })
     }
+}
+
+/// Free space every writer leaves on the data dir's disk, so that RocksDB can
+/// always still flush its memtables (whose content is already in the WAL,
+/// so a flush needs that much again) and write its log and manifest (to
+/// delete files, to restart): a full disk shows as ENOSPC to programs, never
+/// as a store stuck in read-only mode. The memtable budget plus 2% of the
+/// disk, the latter between 1 and 256 MiB.
+pub fn space_reserve(total: u64) -> u64 {
+    rocks::MEMTABLE_BUDGET + (total / 50).clamp(1 << 20, 256 << 20)
+}
+
+/// Whether the disk holding `path` has more than the reserve free, after
+/// writing `incoming` more bytes. Unknown (statvfs failed) counts as yes.
+pub fn has_space(path: &std::path::Path, incoming: u64) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return true;
+    };
+    // SAFETY: zeroed statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return true;
+    }
+    let frsize = st.f_frsize.max(1);
+    let total = st.f_blocks.saturating_mul(frsize);
+    let avail = st.f_bavail.saturating_mul(frsize);
+    avail.saturating_sub(incoming) > space_reserve(total)
 }
 
 /// Verifies bytes read from disk against the hash they are stored under.

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, ErrorKind,
-    IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 use super::{verify, ChunkStore, Pins, StorageError, StoreStats};
@@ -20,6 +20,12 @@ use crate::meta::{Changes, Entry, Inode, MetaState, Snapshot};
 const CF_CHUNKS: &str = "chunks";
 const CF_REFS: &str = "refs";
 const CF_META: &str = "meta";
+
+/// Largest amount of data the memtables of all families can hold; the space
+/// reserve keeps this much free so that a flush never fails for space.
+pub const MEMTABLE_BUDGET: u64 = 2 * (CHUNKS_MEMTABLE + 2 * SMALL_MEMTABLE) as u64;
+const CHUNKS_MEMTABLE: usize = 16 << 20;
+const SMALL_MEMTABLE: usize = 4 << 20;
 
 const KEY_NEXT_INO: &[u8] = b"c/next_ino";
 const KEY_STATS: &[u8] = b"c/stats";
@@ -103,19 +109,25 @@ impl RocksStore {
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
 
-        let mut db_opts = Options::default();
+        // Recovery must not need free space: a device that stopped on a full
+        // disk has to start again so that its user can delete files. The
+        // binding has no setter for this one, hence the options string.
+        let mut db_opts = Options::default()
+            .get_options_from_string("avoid_flush_during_recovery=true")
+            .map_err(db_err)?;
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.increase_parallelism(2);
         // Bounds memory: the daemon's RSS target is far below RocksDB defaults
         // with several column families.
-        db_opts.set_db_write_buffer_size(64 << 20);
+        db_opts.set_db_write_buffer_size(MEMTABLE_BUDGET as usize);
         db_opts.set_max_total_wal_size(256 << 20);
         db_opts.set_keep_log_file_num(3);
 
         let mut chunks = Options::default();
         chunks.set_block_based_table_factory(&table);
-        chunks.set_write_buffer_size(32 << 20);
+        chunks.set_write_buffer_size(CHUNKS_MEMTABLE);
+        chunks.set_max_write_buffer_number(2);
         chunks.set_enable_blob_files(true);
         chunks.set_min_blob_size(1024);
         // Content is often already compressed media; BLAKE3 checks integrity.
@@ -125,7 +137,8 @@ impl RocksStore {
 
         let mut small = Options::default();
         small.set_block_based_table_factory(&table);
-        small.set_write_buffer_size(8 << 20);
+        small.set_write_buffer_size(SMALL_MEMTABLE);
+        small.set_max_write_buffer_number(2);
         small.set_compression_type(DBCompressionType::Lz4);
 
         let cfs = vec![
@@ -244,6 +257,18 @@ impl RocksStore {
         })
     }
 
+    /// Iterates the chunk family without verifying content checksums: scans
+    /// that only need keys and sizes must not stop at one damaged chunk
+    /// (reads of content always verify).
+    fn scan_chunks(&self) -> impl Iterator<Item = Result<(Box<[u8]>, usize), StorageError>> + '_ {
+        let mut ro = ReadOptions::default();
+        ro.set_verify_checksums(false);
+        ro.fill_cache(false);
+        self.db
+            .iterator_cf_opt(self.cf(CF_CHUNKS), ro, IteratorMode::Start)
+            .map(|item| item.map(|(k, v)| (k, v.len())).map_err(db_err))
+    }
+
     fn chunk_len(&self, h: &ChunkHash) -> Result<Option<u64>, StorageError> {
         Ok(self
             .db
@@ -283,8 +308,8 @@ impl RocksStore {
                 report.wrong_refcounts.push(format!("{h}: stored {have}, namespace has {want}"));
             }
         }
-        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
-            let (k, _) = item.map_err(db_err)?;
+        for item in self.scan_chunks() {
+            let (k, _) = item?;
             if let Some(h) = ChunkHash::from_slice(&k) {
                 if !expected.contains_key(&h) {
                     report.unreferenced_chunks += 1;
@@ -297,6 +322,15 @@ impl RocksStore {
     /// Path of the database directory.
     pub fn path(&self) -> &Path {
         self.db.path()
+    }
+}
+
+fn unpin_one(pins: &mut std::collections::HashMap<ChunkHash, usize>, hash: &ChunkHash) {
+    if let Some(n) = pins.get_mut(hash) {
+        *n -= 1;
+        if *n == 0 {
+            pins.remove(hash);
+        }
     }
 }
 
@@ -330,6 +364,10 @@ impl ChunkStore for RocksStore {
                 .map_err(db_err)?
                 .is_some();
             if !exists {
+                if !super::has_space(self.db.path(), data.len() as u64) {
+                    unpin_one(pins, &hash);
+                    return Err(StorageError::NoSpace);
+                }
                 let mut stats = *lock(&self.stats);
                 stats.chunks += 1;
                 stats.bytes += data.len() as u64;
@@ -337,12 +375,7 @@ impl ChunkStore for RocksStore {
                 batch.put_cf(chunks, hash.as_bytes(), data);
                 batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
                 if let Err(e) = self.db.write(batch).map_err(db_err) {
-                    if let Some(n) = pins.get_mut(&hash) {
-                        *n -= 1;
-                        if *n == 0 {
-                            pins.remove(&hash);
-                        }
-                    }
+                    unpin_one(pins, &hash);
                     return Err(e);
                 }
                 *lock(&self.stats) = stats;
@@ -396,8 +429,8 @@ impl ChunkStore for RocksStore {
             let mut stats = *lock(&self.stats);
             let mut batch = WriteBatch::default();
             let mut n = 0;
-            for item in self.db.iterator_cf(chunks, IteratorMode::Start) {
-                let (k, v) = item.map_err(db_err)?;
+            for item in self.scan_chunks() {
+                let (k, len) = item?;
                 let Some(h) = ChunkHash::from_slice(&k) else {
                     continue;
                 };
@@ -406,7 +439,7 @@ impl ChunkStore for RocksStore {
                 }
                 batch.delete_cf(chunks, &k);
                 stats.chunks = stats.chunks.saturating_sub(1);
-                stats.bytes = stats.bytes.saturating_sub(v.len() as u64);
+                stats.bytes = stats.bytes.saturating_sub(len as u64);
                 n += 1;
             }
             if n > 0 {
