@@ -38,7 +38,9 @@ fn chunk_and_hash(c: &mut Criterion) {
 fn store_put_get(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = RocksStore::open(dir.path()).expect("open store");
-    let chunks: Vec<Vec<u8>> = (0..64).map(|i| data(64 << 10).into_iter().map(|b| b ^ i as u8).collect()).collect();
+    let chunks: Vec<Vec<u8>> = (0..64)
+        .map(|i| data(64 << 10).into_iter().map(|b| b ^ i as u8).collect())
+        .collect();
     let mut g = c.benchmark_group("rocksdb chunk store");
     g.throughput(Throughput::Bytes((chunks.len() * (64 << 10)) as u64));
     g.bench_function("put 64 x 64 KiB new chunks", |b| {
@@ -57,7 +59,8 @@ fn store_put_get(c: &mut Criterion) {
                     .collect::<Vec<_>>()
             },
             |fresh| {
-                let hashes: Vec<ChunkHash> = fresh.iter().map(|c| store.put(c).expect("put")).collect();
+                let hashes: Vec<ChunkHash> =
+                    fresh.iter().map(|c| store.put(c).expect("put")).collect();
                 store.unpin(&hashes);
             },
             BatchSize::SmallInput,

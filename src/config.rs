@@ -95,8 +95,10 @@ impl Config {
             msg: e.to_string(),
         })?;
         let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        std::fs::write(&tmp, text)
+            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -106,12 +108,18 @@ impl Config {
         if DeviceId::parse_hex(&self.device_id).is_none() {
             return Err("device_id is not a 32-digit hex id".into());
         }
-        if !(64 <= self.chunk_min && self.chunk_min <= self.chunk_avg && self.chunk_avg <= self.chunk_max)
+        if !(64 <= self.chunk_min
+            && self.chunk_min <= self.chunk_avg
+            && self.chunk_avg <= self.chunk_max)
         {
             return Err("need 64 <= chunk_min <= chunk_avg <= chunk_max".into());
         }
         // FastCDC's own bounds.
-        if self.chunk_min > 1 << 20 || self.chunk_avg < 256 || self.chunk_avg > 4 << 20 || self.chunk_max > 16 << 20 {
+        if self.chunk_min > 1 << 20
+            || self.chunk_avg < 256
+            || self.chunk_avg > 4 << 20
+            || self.chunk_max > 16 << 20
+        {
             return Err("chunk sizes outside FastCDC's limits".into());
         }
         if self.fuse_threads == 0 || self.fuse_threads > 64 {
@@ -145,12 +153,23 @@ mod tests {
     fn unknown_keys_and_bad_values_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let id = DeviceId::generate().to_hex();
-        std::fs::write(Config::path(d.path()), format!("device_id = \"{id}\"\nnmae = \"x\"\n")).unwrap();
+        std::fs::write(
+            Config::path(d.path()),
+            format!("device_id = \"{id}\"\nnmae = \"x\"\n"),
+        )
+        .unwrap();
         assert!(matches!(Config::load(d.path()), Err(Error::Config { .. })));
-        std::fs::write(Config::path(d.path()), format!("device_id = \"{id}\"\nchunk_min = 9999999\n")).unwrap();
+        std::fs::write(
+            Config::path(d.path()),
+            format!("device_id = \"{id}\"\nchunk_min = 9999999\n"),
+        )
+        .unwrap();
         assert!(matches!(Config::load(d.path()), Err(Error::Config { .. })));
         let empty = tempfile::tempdir().unwrap();
-        assert!(matches!(Config::load(empty.path()), Err(Error::NotInitialized(_))));
+        assert!(matches!(
+            Config::load(empty.path()),
+            Err(Error::NotInitialized(_))
+        ));
     }
 }
 
@@ -205,8 +224,19 @@ mod mount_option_tests {
 
     #[test]
     fn fstab_options_are_accepted_and_unknown_refused() {
-        let o = MountOptions::parse("rw,_netdev,nofail,x-systemd.automount,defaults,allow_other", false).unwrap();
-        assert_eq!(o, MountOptions { read_only: false, allow_other: Some(true), noexec: false });
+        let o = MountOptions::parse(
+            "rw,_netdev,nofail,x-systemd.automount,defaults,allow_other",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            o,
+            MountOptions {
+                read_only: false,
+                allow_other: Some(true),
+                noexec: false
+            }
+        );
         assert!(MountOptions::parse("ro", false).unwrap().read_only);
         let e = MountOptions::parse("rw,frobnicate", false).unwrap_err();
         assert!(e.to_string().contains("frobnicate"));

@@ -29,13 +29,18 @@ pub enum Request {
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     // A socket left by a daemon that died; the data dir lock proves it dead.
     let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
+    let l = UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(format!("securing {}", path.display()), e))?;
     Ok(l)
 }
 
-pub async fn serve(listener: UnixListener, node: Arc<Node>, done: tokio::sync::mpsc::Sender<&'static str>) {
+pub async fn serve(
+    listener: UnixListener,
+    node: Arc<Node>,
+    done: tokio::sync::mpsc::Sender<&'static str>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -55,7 +60,11 @@ pub async fn serve(listener: UnixListener, node: Arc<Node>, done: tokio::sync::m
     }
 }
 
-async fn handle(stream: UnixStream, node: Arc<Node>, done: tokio::sync::mpsc::Sender<&'static str>) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    node: Arc<Node>,
+    done: tokio::sync::mpsc::Sender<&'static str>,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(r).take(MAX_REQUEST as u64);
@@ -81,7 +90,6 @@ async fn handle(stream: UnixStream, node: Arc<Node>, done: tokio::sync::mpsc::Se
     w.write_all(out.as_bytes()).await?;
     w.shutdown().await
 }
-
 
 fn status(node: &Node) -> serde_json::Value {
     let stats = node.store.stats().unwrap_or_default();
@@ -114,7 +122,12 @@ pub fn request(data_dir: &Path, req: &Request) -> Result<serde_json::Value, Erro
     let path = data_dir.join(SOCKET_FILE);
     let mut s = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Err(Error::NotRunning(data_dir.to_path_buf()))
         }
         Err(e) => return Err(Error::io(format!("connecting to {}", path.display()), e)),
@@ -124,13 +137,14 @@ pub fn request(data_dir: &Path, req: &Request) -> Result<serde_json::Value, Erro
     let _ = s.set_write_timeout(timeout);
     let mut line = serde_json::to_string(req).map_err(|e| Error::Control(e.to_string()))?;
     line.push('\n');
-    s.write_all(line.as_bytes()).map_err(|e| Error::io("sending to the daemon", e))?;
+    s.write_all(line.as_bytes())
+        .map_err(|e| Error::io("sending to the daemon", e))?;
     let mut reply = String::new();
     BufReader::new(s)
         .read_line(&mut reply)
         .map_err(|e| Error::io("reading the daemon's reply", e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(reply.trim()).map_err(|e| Error::Control(format!("bad reply: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(reply.trim())
+        .map_err(|e| Error::Control(format!("bad reply: {e}")))?;
     if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
         return Err(Error::Control(err.to_string()));
     }

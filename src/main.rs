@@ -15,7 +15,11 @@ use meshfs::error::Error;
 use meshfs::node;
 
 #[derive(Parser)]
-#[command(name = "meshfs", version, about = "A peer-to-peer filesystem for the devices you own")]
+#[command(
+    name = "meshfs",
+    version,
+    about = "A peer-to-peer filesystem for the devices you own"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -86,7 +90,11 @@ fn main() -> ExitCode {
 
 /// The error and its causes on one line: scripts read the first line only.
 fn one_line(e: &anyhow::Error) -> String {
-    let text = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+    let text = e
+        .chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ");
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
@@ -97,10 +105,19 @@ fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Init { data_dir, name, listen } => {
+        Cmd::Init {
+            data_dir,
+            name,
+            listen,
+        } => {
             init_cli_log();
             let cfg = node::init(&data_dir, name, listen)?;
-            println!("initialised {} as device '{}' ({})", data_dir.display(), cfg.name, cfg.device_id);
+            println!(
+                "initialised {} as device '{}' ({})",
+                data_dir.display(),
+                cfg.name,
+                cfg.device_id
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Mount {
@@ -135,7 +152,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let clean = ["missing_chunks", "corrupt_chunks", "wrong_refcounts"]
                 .iter()
-                .all(|k| report.get(k).and_then(|v| v.as_array()).is_some_and(|a| a.is_empty()));
+                .all(|k| {
+                    report
+                        .get(k)
+                        .and_then(|v| v.as_array())
+                        .is_some_and(|a| a.is_empty())
+                });
             if json {
                 println!("{}", serde_json::json!({"ok": clean, "report": report}));
             } else {
@@ -152,7 +174,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
@@ -166,19 +192,38 @@ fn init_cli_log() {
 
 fn print_status(v: &serde_json::Value) {
     let running = v["running"].as_bool().unwrap_or(false);
-    println!("device:     {} ({})", v["name"].as_str().unwrap_or("?"), v["id"].as_str().unwrap_or("?"));
+    println!(
+        "device:     {} ({})",
+        v["name"].as_str().unwrap_or("?"),
+        v["id"].as_str().unwrap_or("?")
+    );
     if !running {
         println!("state:      not running");
         return;
     }
-    println!("state:      running, pid {}, up {} s", v["pid"], v["uptime_s"]);
+    println!(
+        "state:      running, pid {}, up {} s",
+        v["pid"], v["uptime_s"]
+    );
     println!("mountpoint: {}", v["mountpoint"].as_str().unwrap_or("?"));
-    println!("files:      {} inodes, {} commits", v["inodes"], v["commits"]);
-    println!("cache:      {} bytes in {} chunks", v["cache_bytes"], v["chunks"]);
+    println!(
+        "files:      {} inodes, {} commits",
+        v["inodes"], v["commits"]
+    );
+    println!(
+        "cache:      {} bytes in {} chunks",
+        v["cache_bytes"], v["chunks"]
+    );
     println!("mesh:       this device only (no peers yet)");
 }
 
-fn mount(data_dir: &Path, mountpoint: &Path, foreground: bool, options: &str, sloppy: bool) -> anyhow::Result<ExitCode> {
+fn mount(
+    data_dir: &Path,
+    mountpoint: &Path,
+    foreground: bool,
+    options: &str,
+    sloppy: bool,
+) -> anyhow::Result<ExitCode> {
     // Everything that can be checked before forking is, so that errors
     // reach the terminal directly.
     let opts = MountOptions::parse(options, sloppy)?;
@@ -228,13 +273,23 @@ fn mount(data_dir: &Path, mountpoint: &Path, foreground: bool, options: &str, sl
     // SAFETY: setsid has no preconditions in a fresh child.
     unsafe { libc::setsid() };
     let log_path = data_dir.join(node::LOG_FILE);
-    let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path);
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path);
     {
         use std::os::unix::io::AsRawFd;
         // Whatever happens, the parent's stdout/stderr must be let go, or a
         // caller waiting for them to close (mount -a, a test) would hang.
-        let out = log.as_ref().ok().map(|f| f.as_raw_fd()).or(devnull.as_ref().ok().map(|f| f.as_raw_fd()));
+        let out = log
+            .as_ref()
+            .ok()
+            .map(|f| f.as_raw_fd())
+            .or(devnull.as_ref().ok().map(|f| f.as_raw_fd()));
         // SAFETY: dup2 onto the standard descriptors with fds we own.
         unsafe {
             if let Ok(null) = &devnull {

@@ -29,11 +29,16 @@ const SPILL_DIR: &str = "spill";
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// `meshfs init`: a new mesh with this device as its first member.
-pub fn init(data_dir: &Path, name: Option<String>, listen: Option<String>) -> Result<Config, Error> {
+pub fn init(
+    data_dir: &Path,
+    name: Option<String>,
+    listen: Option<String>,
+) -> Result<Config, Error> {
     if Config::path(data_dir).exists() {
         return Err(Error::AlreadyInitialized(data_dir.to_path_buf()));
     }
-    std::fs::create_dir_all(data_dir).map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::io(format!("securing {}", data_dir.display()), e))?;
     let mut cfg = Config {
@@ -98,7 +103,11 @@ impl DirLock {
 }
 
 pub fn read_pid(data_dir: &Path) -> Option<u32> {
-    std::fs::read_to_string(data_dir.join(PID_FILE)).ok()?.trim().parse().ok()
+    std::fs::read_to_string(data_dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Whether `path` is a mount point, from /proc/self/mountinfo.
@@ -202,7 +211,8 @@ fn start(
     let snap = store
         .load_meta()?
         .ok_or_else(|| Error::NotInitialized(data_dir.to_path_buf()))?;
-    let meta = MetaState::restore(snap).map_err(|e| Error::Mount(format!("namespace on disk is inconsistent: {e}")))?;
+    let meta = MetaState::restore(snap)
+        .map_err(|e| Error::Mount(format!("namespace on disk is inconsistent: {e}")))?;
     let fs = Arc::new(Fs::new(
         store.clone(),
         meta,
@@ -231,7 +241,8 @@ fn start(
         threads: cfg.fuse_threads,
         ttl: Duration::from_millis(cfg.attr_ttl_ms),
     };
-    let mounted = fuse::mount(fs.clone(), &mcfg).map_err(|e| Error::Mount(format!("{}: {e}", mountpoint.display())))?;
+    let mounted = fuse::mount(fs.clone(), &mcfg)
+        .map_err(|e| Error::Mount(format!("{}: {e}", mountpoint.display())))?;
     let pid_path = data_dir.join(PID_FILE);
     std::fs::File::create(&pid_path)
         .and_then(|mut f| writeln!(f, "{}", std::process::id()))
@@ -345,6 +356,7 @@ pub fn offline_check(data_dir: &Path) -> Result<crate::storage::CheckReport, Err
     let snap = store
         .load_meta()?
         .ok_or_else(|| Error::NotInitialized(data_dir.to_path_buf()))?;
-    let meta = MetaState::restore(snap).map_err(|e| Error::Mount(format!("namespace on disk is inconsistent: {e}")))?;
+    let meta = MetaState::restore(snap)
+        .map_err(|e| Error::Mount(format!("namespace on disk is inconsistent: {e}")))?;
     Ok(store.check(&meta)?)
 }

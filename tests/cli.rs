@@ -11,7 +11,11 @@ use common::{meshfs, stderr, Device};
 fn one_line_error(o: &std::process::Output) -> String {
     assert!(!o.status.success(), "expected failure, got success");
     let e = stderr(o);
-    assert_eq!(e.trim().lines().count(), 1, "error should be one line: {e:?}");
+    assert_eq!(
+        e.trim().lines().count(),
+        1,
+        "error should be one line: {e:?}"
+    );
     e
 }
 
@@ -30,21 +34,40 @@ fn bad_input_gets_a_clear_one_line_error() {
     let e = one_line_error(&meshfs(&["status", "--data-dir", dds]));
     assert!(e.contains("not a meshfs data dir"), "{e}");
 
-    assert!(meshfs(&["init", "--data-dir", dds, "--name", "x"]).status.success());
+    assert!(meshfs(&["init", "--data-dir", dds, "--name", "x"])
+        .status
+        .success());
     let e = one_line_error(&meshfs(&["init", "--data-dir", dds]));
     assert!(e.contains("already"), "{e}");
 
     // Mount point missing or not a directory.
     let missing = tmp.path().join("missing");
-    let e = one_line_error(&meshfs(&["mount", "--data-dir", dds, missing.to_str().unwrap()]));
+    let e = one_line_error(&meshfs(&[
+        "mount",
+        "--data-dir",
+        dds,
+        missing.to_str().unwrap(),
+    ]));
     assert!(e.contains("does not exist"), "{e}");
     let file = tmp.path().join("file");
     fs::write(&file, b"").unwrap();
-    let e = one_line_error(&meshfs(&["mount", "--data-dir", dds, file.to_str().unwrap()]));
+    let e = one_line_error(&meshfs(&[
+        "mount",
+        "--data-dir",
+        dds,
+        file.to_str().unwrap(),
+    ]));
     assert!(e.contains("not a directory"), "{e}");
 
     // Unknown mount options and flags.
-    let e = one_line_error(&meshfs(&["mount", "--data-dir", dds, mnts, "-o", "rw,bogus"]));
+    let e = one_line_error(&meshfs(&[
+        "mount",
+        "--data-dir",
+        dds,
+        mnts,
+        "-o",
+        "rw,bogus",
+    ]));
     assert!(e.contains("bogus"), "{e}");
     let o = meshfs(&["mount", "--data-dir", dds, mnts, "--frobnicate"]);
     assert!(!o.status.success());
@@ -57,14 +80,20 @@ fn bad_input_gets_a_clear_one_line_error() {
 
     // Status of a stopped device still answers.
     let d2 = tmp.path().join("d2");
-    assert!(meshfs(&["init", "--data-dir", d2.to_str().unwrap(), "--name", "y"]).status.success());
+    assert!(
+        meshfs(&["init", "--data-dir", d2.to_str().unwrap(), "--name", "y"])
+            .status
+            .success()
+    );
     let o = meshfs(&["status", "--data-dir", d2.to_str().unwrap(), "--json"]);
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["running"], false);
     assert_eq!(v["devices"][0]["name"], "y");
     // check works offline too.
-    assert!(meshfs(&["check", "--data-dir", d2.to_str().unwrap()]).status.success());
+    assert!(meshfs(&["check", "--data-dir", d2.to_str().unwrap()])
+        .status
+        .success());
 }
 
 #[test]
@@ -81,7 +110,12 @@ fn already_mounted_and_data_dir_in_use_are_refused() {
     assert!(e.contains("already mounted"), "{e}");
     let other = tempfile::tempdir().unwrap();
     let t = std::time::Instant::now();
-    let e = one_line_error(&meshfs(&["mount", "--data-dir", dd.to_str().unwrap(), other.path().to_str().unwrap()]));
+    let e = one_line_error(&meshfs(&[
+        "mount",
+        "--data-dir",
+        dd.to_str().unwrap(),
+        other.path().to_str().unwrap(),
+    ]));
     assert!(e.contains("in use"), "{e}");
     assert!(e.contains(&format!("pid {}", d.pid().unwrap())), "{e}");
     // It waited for the lock before giving up.
@@ -95,7 +129,11 @@ struct Helper;
 impl Helper {
     fn install() -> Self {
         let helper = PathBuf::from(common::MESHFS).with_file_name("mount-meshfs");
-        assert!(helper.exists(), "build the workspace first: {}", helper.display());
+        assert!(
+            helper.exists(),
+            "build the workspace first: {}",
+            helper.display()
+        );
         fs::copy(&helper, "/usr/sbin/mount.meshfs").unwrap();
         Helper
     }
@@ -118,7 +156,10 @@ fn mount_t_meshfs_and_fstab_through_the_helper() {
         .unwrap();
     assert!(o.status.success(), "mount -t meshfs: {}", stderr(&o));
     d.mark_mounted();
-    assert_eq!(common::fstype(d.mountpoint()).as_deref(), Some("fuse.meshfs"));
+    assert_eq!(
+        common::fstype(d.mountpoint()).as_deref(),
+        Some("fuse.meshfs")
+    );
     fs::write(d.path("via-helper"), b"ok").unwrap();
     d.unmount();
 
@@ -137,7 +178,11 @@ fn mount_t_meshfs_and_fstab_through_the_helper() {
     let tab = tempfile::NamedTempFile::new().unwrap();
     fs::write(
         tab.path(),
-        format!("{} {} meshfs defaults,_netdev,x-systemd.requires=network-online.target 0 0\n", dd.display(), d.mountpoint().display()),
+        format!(
+            "{} {} meshfs defaults,_netdev,x-systemd.requires=network-online.target 0 0\n",
+            dd.display(),
+            d.mountpoint().display()
+        ),
     )
     .unwrap();
     let o = Command::new("mount")

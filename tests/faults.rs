@@ -29,7 +29,8 @@ fn flip_in_db(data_dir: &Path, needle: &[u8]) -> bool {
         let hay = fs::read(&p).unwrap();
         if let Some(pos) = hay.windows(needle.len()).position(|w| w == needle) {
             let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
-            f.write_all_at(&[hay[pos + 10] ^ 0x40], (pos + 10) as u64).unwrap();
+            f.write_all_at(&[hay[pos + 10] ^ 0x40], (pos + 10) as u64)
+                .unwrap();
             return true;
         }
     }
@@ -46,7 +47,10 @@ fn corrupted_chunk_gives_eio_and_names_the_chunk() {
     fs::write(d.path("other"), &other).unwrap();
     d.unmount();
     // Somewhere in the middle of the victim's content.
-    assert!(flip_in_db(&d.data_dir(), &victim[600_000..600_064]), "content not found in the store");
+    assert!(
+        flip_in_db(&d.data_dir(), &victim[600_000..600_064]),
+        "content not found in the store"
+    );
     d.mount();
 
     let mut f = fs::File::open(d.path("victim")).unwrap();
@@ -61,7 +65,9 @@ fn corrupted_chunk_gives_eio_and_names_the_chunk() {
     assert_eq!(fs::read(d.path("other")).unwrap(), other);
     let log = d.log();
     assert!(
-        log.lines().any(|l| l.contains("corrupt") || l.contains("verification")) && log.contains("chunk="),
+        log.lines()
+            .any(|l| l.contains("corrupt") || l.contains("verification"))
+            && log.contains("chunk="),
         "no log line names the chunk:\n{log}"
     );
     // check reports it and fails.
@@ -96,8 +102,19 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
     let dd = small.join("d");
     let mnt = base.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    assert!(common::meshfs(&["init", "--data-dir", dd.to_str().unwrap()]).status.success());
-    let mount = || common::meshfs(&["mount", "--data-dir", dd.to_str().unwrap(), mnt.to_str().unwrap()]);
+    assert!(
+        common::meshfs(&["init", "--data-dir", dd.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let mount = || {
+        common::meshfs(&[
+            "mount",
+            "--data-dir",
+            dd.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ])
+    };
     // Dropped before the tmpfs guard: meshfs goes first.
     let _meshfs = Unmount(mnt.clone());
     let o = mount();
@@ -120,8 +137,15 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
     }
     let close_err = f.sync_all().err();
     drop(f);
-    let errno = first_err.as_ref().or(close_err.as_ref()).and_then(|e| e.raw_os_error());
-    assert_eq!(errno, Some(libc::ENOSPC), "filling the disk must report ENOSPC, got {first_err:?} {close_err:?}");
+    let errno = first_err
+        .as_ref()
+        .or(close_err.as_ref())
+        .and_then(|e| e.raw_os_error());
+    assert_eq!(
+        errno,
+        Some(libc::ENOSPC),
+        "filling the disk must report ENOSPC, got {first_err:?} {close_err:?}"
+    );
 
     // What was stored before is intact, now and after a restart.
     assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep);
@@ -130,14 +154,25 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
     assert!(st.success());
     std::thread::sleep(std::time::Duration::from_millis(500));
     let o = mount();
-    assert!(o.status.success(), "remount after ENOSPC: {}", common::stderr(&o));
+    assert!(
+        o.status.success(),
+        "remount after ENOSPC: {}",
+        common::stderr(&o)
+    );
     assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep);
     fs::write(mnt.join("after"), b"space again").unwrap();
     assert_eq!(fs::read(mnt.join("after")).unwrap(), b"space again");
-    let pid: i32 = fs::read_to_string(dd.join("meshfs.pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = fs::read_to_string(dd.join("meshfs.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let _ = Command::new("umount").arg(&mnt).status();
     common::wait_exit(pid, std::time::Duration::from_secs(10));
     let o = common::meshfs(&["check", "--data-dir", dd.to_str().unwrap()]);
-    assert!(o.status.success(), "check after ENOSPC: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "check after ENOSPC: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
-

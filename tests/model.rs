@@ -20,22 +20,56 @@ const NAMES: &[&str] = &["a", "b", "c", "d0", "d1"];
 
 fn random_rel(rng: &mut SmallRng) -> String {
     let depth = rng.gen_range(1..=3);
-    (0..depth).map(|_| NAMES[rng.gen_range(0..NAMES.len())]).collect::<Vec<_>>().join("/")
+    (0..depth)
+        .map(|_| NAMES[rng.gen_range(0..NAMES.len())])
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { path: String, offset: u64, len: usize, seed: u64, create: bool },
-    Truncate { path: String, size: u64 },
-    Rename { from: String, to: String },
-    Link { from: String, to: String },
-    Unlink { path: String },
-    Mkdir { path: String },
-    Rmdir { path: String },
-    Chmod { path: String, mode: u32 },
-    Symlink { target: String, path: String },
-    Read { path: String },
-    OpenUnlinkRead { path: String },
+    Write {
+        path: String,
+        offset: u64,
+        len: usize,
+        seed: u64,
+        create: bool,
+    },
+    Truncate {
+        path: String,
+        size: u64,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
+    Link {
+        from: String,
+        to: String,
+    },
+    Unlink {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+    },
+    Rmdir {
+        path: String,
+    },
+    Chmod {
+        path: String,
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+        path: String,
+    },
+    Read {
+        path: String,
+    },
+    OpenUnlinkRead {
+        path: String,
+    },
 }
 
 fn random_op(rng: &mut SmallRng) -> Op {
@@ -43,19 +77,38 @@ fn random_op(rng: &mut SmallRng) -> Op {
     match rng.gen_range(0..22) {
         0..=5 => Op::Write {
             path,
-            offset: if rng.gen_bool(0.3) { rng.gen_range(0..300_000) } else { rng.gen_range(0..5000) },
+            offset: if rng.gen_bool(0.3) {
+                rng.gen_range(0..300_000)
+            } else {
+                rng.gen_range(0..5000)
+            },
             len: rng.gen_range(0..70_000),
             seed: rng.gen(),
             create: rng.gen_bool(0.8),
         },
-        6 | 7 => Op::Truncate { path, size: rng.gen_range(0..200_000) },
-        8 | 9 => Op::Rename { from: path, to: random_rel(rng) },
-        10 => Op::Link { from: path, to: random_rel(rng) },
+        6 | 7 => Op::Truncate {
+            path,
+            size: rng.gen_range(0..200_000),
+        },
+        8 | 9 => Op::Rename {
+            from: path,
+            to: random_rel(rng),
+        },
+        10 => Op::Link {
+            from: path,
+            to: random_rel(rng),
+        },
         11 | 12 => Op::Unlink { path },
         13 | 14 => Op::Mkdir { path },
         15 => Op::Rmdir { path },
-        16 => Op::Chmod { path, mode: [0o600, 0o644, 0o755, 0o700, 0o4755][rng.gen_range(0..5)] },
-        17 => Op::Symlink { target: random_rel(rng), path },
+        16 => Op::Chmod {
+            path,
+            mode: [0o600, 0o644, 0o755, 0o700, 0o4755][rng.gen_range(0..5)],
+        },
+        17 => Op::Symlink {
+            target: random_rel(rng),
+            path,
+        },
         18 => Op::OpenUnlinkRead { path },
         _ => Op::Read { path },
     }
@@ -90,20 +143,36 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
 fn apply(root: &Path, op: &Op) -> Res {
     let p = |s: &str| root.join(s);
     match op {
-        Op::Write { path, offset, len, seed, create } => {
-            let r = OpenOptions::new().write(true).create(*create).open(p(path)).and_then(|f| {
-                f.write_all_at(&payload(*len, *seed), *offset)?;
-                Ok(f)
-            });
+        Op::Write {
+            path,
+            offset,
+            len,
+            seed,
+            create,
+        } => {
+            let r = OpenOptions::new()
+                .write(true)
+                .create(*create)
+                .open(p(path))
+                .and_then(|f| {
+                    f.write_all_at(&payload(*len, *seed), *offset)?;
+                    Ok(f)
+                });
             res(r)
         }
-        Op::Truncate { path, size } => res(OpenOptions::new().write(true).open(p(path)).and_then(|f| f.set_len(*size))),
+        Op::Truncate { path, size } => res(OpenOptions::new()
+            .write(true)
+            .open(p(path))
+            .and_then(|f| f.set_len(*size))),
         Op::Rename { from, to } => res(fs::rename(p(from), p(to))),
         Op::Link { from, to } => res(fs::hard_link(p(from), p(to))),
         Op::Unlink { path } => res(fs::remove_file(p(path))),
         Op::Mkdir { path } => res(fs::create_dir(p(path))),
         Op::Rmdir { path } => res(fs::remove_dir(p(path))),
-        Op::Chmod { path, mode } => res(fs::set_permissions(p(path), fs::Permissions::from_mode(*mode))),
+        Op::Chmod { path, mode } => res(fs::set_permissions(
+            p(path),
+            fs::Permissions::from_mode(*mode),
+        )),
         Op::Symlink { target, path } => res(std::os::unix::fs::symlink(target, p(path))),
         Op::Read { path } => match fs::read(p(path)) {
             Ok(d) => Res::Data(digest(&d)),
@@ -143,15 +212,28 @@ fn snapshot(root: &Path) -> BTreeMap<String, Node> {
         for e in fs::read_dir(&dir).unwrap() {
             let e = e.unwrap();
             let path = e.path();
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             let m = fs::symlink_metadata(&path).unwrap();
             let node = if m.file_type().is_symlink() {
-                Node::Link { target: fs::read_link(&path).unwrap() }
+                Node::Link {
+                    target: fs::read_link(&path).unwrap(),
+                }
             } else if m.is_dir() {
                 stack.push(path.clone());
-                Node::Dir { mode: m.mode() & 0o7777, nlink: m.nlink() }
+                Node::Dir {
+                    mode: m.mode() & 0o7777,
+                    nlink: m.nlink(),
+                }
             } else {
-                Node::File { mode: m.mode() & 0o7777, nlink: m.nlink(), data: digest(&fs::read(&path).unwrap()) }
+                Node::File {
+                    mode: m.mode() & 0o7777,
+                    nlink: m.nlink(),
+                    data: digest(&fs::read(&path).unwrap()),
+                }
             };
             out.insert(rel, node);
         }
@@ -167,14 +249,25 @@ fn run_seed(seed: u64, ops: usize) {
         let op = random_op(&mut rng);
         let want = apply(plain.path(), &op);
         let got = apply(d.mountpoint(), &op);
-        assert_eq!(got, want, "seed {seed}: op #{i} {op:?} diverged (meshfs vs plain dir)");
+        assert_eq!(
+            got, want,
+            "seed {seed}: op #{i} {op:?} diverged (meshfs vs plain dir)"
+        );
     }
     let want = snapshot(plain.path());
     let got = snapshot(d.mountpoint());
     for (k, v) in &want {
-        assert_eq!(got.get(k), Some(v), "seed {seed}: final tree differs at {k}");
+        assert_eq!(
+            got.get(k),
+            Some(v),
+            "seed {seed}: final tree differs at {k}"
+        );
     }
-    assert_eq!(got.len(), want.len(), "seed {seed}: final trees differ in size");
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "seed {seed}: final trees differ in size"
+    );
 }
 
 #[test]
@@ -182,7 +275,7 @@ fn random_operations_match_a_plain_directory() {
     require_root!();
     let seeds: Vec<u64> = match std::env::var("MESHFS_SEED") {
         Ok(s) => vec![s.parse().expect("MESHFS_SEED must be a number")],
-        Err(_) => vec![1, 2, 3],
+        Err(_) => (1..=5).collect(),
     };
     for seed in seeds {
         eprintln!("model test: seed {seed}");

@@ -24,7 +24,10 @@ fn errno_of<T>(r: std::io::Result<T>) -> i32 {
 fn mount_shows_type_fuse_meshfs_and_status_reports() {
     require_root!();
     let d = Device::start("alice");
-    assert_eq!(common::fstype(d.mountpoint()).as_deref(), Some("fuse.meshfs"));
+    assert_eq!(
+        common::fstype(d.mountpoint()).as_deref(),
+        Some("fuse.meshfs")
+    );
     let s = d.status_json();
     assert_eq!(s["running"], true);
     assert_eq!(s["devices"][0]["name"], "alice");
@@ -33,7 +36,9 @@ fn mount_shows_type_fuse_meshfs_and_status_reports() {
     assert!(s["cache_bytes"].is_u64());
     assert_eq!(s["prefetch"]["hits"], 0);
     // The control socket is private to the daemon's user.
-    let mode = fs::metadata(d.data_dir().join("control.sock")).unwrap().mode();
+    let mode = fs::metadata(d.data_dir().join("control.sock"))
+        .unwrap()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
 
@@ -73,7 +78,11 @@ fn files_write_read_seek_truncate_append() {
     assert_eq!(fs::read(&p).unwrap(), [&data[..5], b"++"].concat());
 
     // O_TRUNC empties; O_EXCL refuses an existing file.
-    let mut t = OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+    let mut t = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
     t.write_all(b"new").unwrap();
     drop(t);
     assert_eq!(fs::read(&p).unwrap(), b"new");
@@ -127,16 +136,25 @@ fn directories_links_symlinks_and_special_nodes() {
     // Hard links share content and count links.
     fs::hard_link(d.path("dir/a"), d.path("b")).unwrap();
     assert_eq!(fs::metadata(d.path("b")).unwrap().nlink(), 2);
-    assert_eq!(fs::metadata(d.path("b")).unwrap().ino(), fs::metadata(d.path("dir/a")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(d.path("b")).unwrap().ino(),
+        fs::metadata(d.path("dir/a")).unwrap().ino()
+    );
     fs::write(d.path("b"), b"changed").unwrap();
     assert_eq!(fs::read(d.path("dir/a")).unwrap(), b"changed");
-    assert_eq!(errno_of(fs::hard_link(d.path("dir"), d.path("dirlink"))), libc::EPERM);
+    assert_eq!(
+        errno_of(fs::hard_link(d.path("dir"), d.path("dirlink"))),
+        libc::EPERM
+    );
 
     // Symlinks.
     std::os::unix::fs::symlink("dir/a", d.path("sl")).unwrap();
     assert_eq!(fs::read_link(d.path("sl")).unwrap(), Path::new("dir/a"));
     assert_eq!(fs::read(d.path("sl")).unwrap(), b"changed");
-    assert!(fs::symlink_metadata(d.path("sl")).unwrap().file_type().is_symlink());
+    assert!(fs::symlink_metadata(d.path("sl"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 
     // A fifo and a device node as metadata.
     let fifo = c(&d.path("fifo"));
@@ -145,8 +163,14 @@ fn directories_links_symlinks_and_special_nodes() {
     assert_eq!(m.mode() & libc::S_IFMT, libc::S_IFIFO);
     assert_eq!(m.mode() & 0o7777, 0o640);
     let dev = c(&d.path("null2"));
-    assert_eq!(unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
-    assert_eq!(fs::symlink_metadata(d.path("null2")).unwrap().rdev(), libc::makedev(1, 3));
+    assert_eq!(
+        unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) },
+        0
+    );
+    assert_eq!(
+        fs::symlink_metadata(d.path("null2")).unwrap().rdev(),
+        libc::makedev(1, 3)
+    );
 
     // Unlink and rmdir.
     fs::remove_file(d.path("b")).unwrap();
@@ -158,7 +182,15 @@ fn directories_links_symlinks_and_special_nodes() {
 
 fn renameat2(from: &Path, to: &Path, flags: u32) -> i32 {
     let (a, b) = (c(from), c(to));
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
     if r == 0 {
         0
     } else {
@@ -176,17 +208,35 @@ fn rename_replace_noreplace_exchange() {
     fs::create_dir(d.path("d2")).unwrap();
     fs::write(d.path("d2/in"), b"in").unwrap();
 
-    assert_eq!(renameat2(&d.path("x"), &d.path("y"), libc::RENAME_NOREPLACE), libc::EEXIST);
-    assert_eq!(renameat2(&d.path("x"), &d.path("y"), libc::RENAME_EXCHANGE), 0);
+    assert_eq!(
+        renameat2(&d.path("x"), &d.path("y"), libc::RENAME_NOREPLACE),
+        libc::EEXIST
+    );
+    assert_eq!(
+        renameat2(&d.path("x"), &d.path("y"), libc::RENAME_EXCHANGE),
+        0
+    );
     assert_eq!(fs::read(d.path("x")).unwrap(), b"y");
     assert_eq!(fs::read(d.path("y")).unwrap(), b"x");
     fs::rename(d.path("x"), d.path("y")).unwrap();
     assert_eq!(fs::read(d.path("y")).unwrap(), b"y");
     assert!(!d.path("x").exists());
-    assert_eq!(errno_of(fs::rename(d.path("d1"), d.path("d2"))), libc::ENOTEMPTY);
-    assert_eq!(errno_of(fs::rename(d.path("y"), d.path("d1"))), libc::EISDIR);
-    assert_eq!(errno_of(fs::rename(d.path("d1"), d.path("y"))), libc::ENOTDIR);
-    assert_eq!(errno_of(fs::rename(d.path("d2"), d.path("d2/in2"))), libc::EINVAL);
+    assert_eq!(
+        errno_of(fs::rename(d.path("d1"), d.path("d2"))),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno_of(fs::rename(d.path("y"), d.path("d1"))),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno_of(fs::rename(d.path("d1"), d.path("y"))),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        errno_of(fs::rename(d.path("d2"), d.path("d2/in2"))),
+        libc::EINVAL
+    );
     // Across directories, with `..` following.
     fs::rename(d.path("d1"), d.path("d2/d1")).unwrap();
     assert_eq!(fs::metadata(d.path("d2")).unwrap().nlink(), 3);
@@ -208,10 +258,19 @@ fn attributes_chmod_chown_utimens_statfs_access() {
 
     let cp = c(&p);
     let times = [
-        libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 123 },
-        libc::timespec { tv_sec: 1_500_000_000, tv_nsec: 456_789 },
+        libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123,
+        },
+        libc::timespec {
+            tv_sec: 1_500_000_000,
+            tv_nsec: 456_789,
+        },
     ];
-    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), times.as_ptr(), 0) }, 0);
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), times.as_ptr(), 0) },
+        0
+    );
     let m = fs::metadata(&p).unwrap();
     assert_eq!((m.atime(), m.atime_nsec()), (1_000_000_000, 123));
     assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 456_789));
@@ -227,7 +286,10 @@ fn attributes_chmod_chown_utimens_statfs_access() {
     assert!(st.f_blocks > 0 && st.f_bsize > 0);
     assert_eq!(st.f_namemax, 255);
 
-    assert_eq!(unsafe { libc::access(cp.as_ptr(), libc::R_OK | libc::W_OK) }, 0);
+    assert_eq!(
+        unsafe { libc::access(cp.as_ptr(), libc::R_OK | libc::W_OK) },
+        0
+    );
     let long = d.path(&"n".repeat(256));
     assert_eq!(errno_of(fs::write(long, b"")), libc::ENAMETOOLONG);
 }
@@ -241,25 +303,56 @@ fn xattrs_set_get_list_remove() {
     let cp = c(&p);
     let name = CString::new("user.color").unwrap();
     let set = |v: &[u8], flags| unsafe {
-        libc::setxattr(cp.as_ptr(), name.as_ptr(), v.as_ptr() as *const _, v.len(), flags)
+        libc::setxattr(
+            cp.as_ptr(),
+            name.as_ptr(),
+            v.as_ptr() as *const _,
+            v.len(),
+            flags,
+        )
     };
     assert_eq!(set(b"blue", libc::XATTR_REPLACE), -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENODATA)
+    );
     assert_eq!(set(b"blue", libc::XATTR_CREATE), 0);
     assert_eq!(set(b"red", libc::XATTR_CREATE), -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EEXIST));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EEXIST)
+    );
     let mut buf = [0u8; 64];
-    let n = unsafe { libc::getxattr(cp.as_ptr(), name.as_ptr(), buf.as_mut_ptr() as *mut _, buf.len()) };
+    let n = unsafe {
+        libc::getxattr(
+            cp.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr() as *mut _,
+            buf.len(),
+        )
+    };
     assert_eq!(&buf[..n as usize], b"blue");
     // Size query, then too small a buffer.
-    assert_eq!(unsafe { libc::getxattr(cp.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) }, 4);
-    assert_eq!(unsafe { libc::getxattr(cp.as_ptr(), name.as_ptr(), buf.as_mut_ptr() as *mut _, 2) }, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ERANGE));
+    assert_eq!(
+        unsafe { libc::getxattr(cp.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) },
+        4
+    );
+    assert_eq!(
+        unsafe { libc::getxattr(cp.as_ptr(), name.as_ptr(), buf.as_mut_ptr() as *mut _, 2) },
+        -1
+    );
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ERANGE)
+    );
     let n = unsafe { libc::listxattr(cp.as_ptr(), buf.as_mut_ptr() as *mut _, buf.len()) };
     assert_eq!(&buf[..n as usize], b"user.color\0");
     assert_eq!(unsafe { libc::removexattr(cp.as_ptr(), name.as_ptr()) }, 0);
     assert_eq!(unsafe { libc::removexattr(cp.as_ptr(), name.as_ptr()) }, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENODATA)
+    );
 }
 
 #[test]

@@ -27,7 +27,11 @@ fn everything_survives_unmount_and_remount() {
     // `umount` stops the daemon promptly, and an immediate remount works.
     let t = Instant::now();
     d.unmount();
-    assert!(t.elapsed() < Duration::from_secs(10), "unmount took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "unmount took {:?}",
+        t.elapsed()
+    );
     d.mount();
 
     assert_eq!(fs::read(d.path("a/b/big")).unwrap(), big);
@@ -36,7 +40,11 @@ fn everything_survives_unmount_and_remount() {
     assert_eq!(fs::metadata(d.path("small2")).unwrap().nlink(), 2);
     assert_eq!(fs::metadata(d.path("small")).unwrap().uid(), 42);
     let o = common::meshfs(&["check", "--data-dir", d.data_dir().to_str().unwrap()]);
-    assert!(o.status.success(), "check: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "check: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 #[test]
@@ -44,7 +52,12 @@ fn fsynced_data_survives_kill_9_and_stale_mount_is_cleared() {
     require_root!();
     let mut d = Device::start("alice");
     let data = bytes(1 << 20, 9);
-    let mut f = OpenOptions::new().create(true).write(true).truncate(true).open(d.path("durable")).unwrap();
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(d.path("durable"))
+        .unwrap();
     f.write_all(&data).unwrap();
     f.sync_all().unwrap();
     fs::create_dir(d.path("dir-before-kill")).unwrap();
@@ -53,7 +66,11 @@ fn fsynced_data_survives_kill_9_and_stale_mount_is_cleared() {
     d.kill9();
     drop(f);
     let err = fs::metadata(d.path("durable")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "expected a dead mount");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOTCONN),
+        "expected a dead mount"
+    );
 
     d.mount();
     assert_eq!(fs::read(d.path("durable")).unwrap(), data);
@@ -71,6 +88,9 @@ fn closed_files_survive_kill_9() {
     d.kill9();
     d.mount();
     for i in 0..50 {
-        assert_eq!(fs::read_to_string(d.path(&format!("f{i}"))).unwrap(), format!("content {i}"));
+        assert_eq!(
+            fs::read_to_string(d.path(&format!("f{i}"))).unwrap(),
+            format!("content {i}")
+        );
     }
 }

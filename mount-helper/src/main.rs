@@ -33,7 +33,8 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
         let s = arg.to_string_lossy().into_owned();
         if s == "-o" {
             let v = it.next().ok_or("-o needs an option list")?;
-            a.options.extend(v.to_string_lossy().split(',').map(str::to_string));
+            a.options
+                .extend(v.to_string_lossy().split(',').map(str::to_string));
         } else if let Some(v) = s.strip_prefix("-o") {
             a.options.extend(v.split(',').map(str::to_string));
         } else if s == "-t" {
@@ -72,7 +73,11 @@ fn meshfs_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("MESHFS_BIN") {
         return PathBuf::from(p);
     }
-    for p in ["/usr/local/bin/meshfs", "/usr/bin/meshfs", "/usr/sbin/meshfs"] {
+    for p in [
+        "/usr/local/bin/meshfs",
+        "/usr/bin/meshfs",
+        "/usr/sbin/meshfs",
+    ] {
         if std::path::Path::new(p).exists() {
             return PathBuf::from(p);
         }
@@ -91,7 +96,10 @@ fn main() -> ExitCode {
     };
     let bin = meshfs_binary();
     let mut cmd = Command::new(&bin);
-    cmd.arg("mount").arg("--data-dir").arg(&args.source).arg(&args.target);
+    cmd.arg("mount")
+        .arg("--data-dir")
+        .arg(&args.source)
+        .arg(&args.target);
     if !args.options.is_empty() {
         cmd.arg("-o").arg(args.options.join(","));
     }
@@ -120,7 +128,13 @@ mod tests {
 
     #[test]
     fn parses_what_mount_8_passes() {
-        let a = p(&["/var/lib/meshfs", "/mnt/mesh", "-o", "rw,_netdev,allow_other"]).unwrap();
+        let a = p(&[
+            "/var/lib/meshfs",
+            "/mnt/mesh",
+            "-o",
+            "rw,_netdev,allow_other",
+        ])
+        .unwrap();
         assert_eq!(a.source, PathBuf::from("/var/lib/meshfs"));
         assert_eq!(a.target, PathBuf::from("/mnt/mesh"));
         assert_eq!(a.options, vec!["rw", "_netdev", "allow_other"]);

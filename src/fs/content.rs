@@ -131,7 +131,13 @@ impl Read for MergedReader<'_> {
         if n == 0 {
             return Ok(0);
         }
-        match read_merged(self.store, &mut self.cache, self.spill, self.pos, &mut buf[..n]) {
+        match read_merged(
+            self.store,
+            &mut self.cache,
+            self.spill,
+            self.pos,
+            &mut buf[..n],
+        ) {
             Ok(()) => {
                 self.pos += n as u64;
                 Ok(n)
@@ -158,7 +164,11 @@ pub struct NewContent {
 /// the first changed byte are kept; chunking starts at the boundary before
 /// it and stops as soon as a cut after the last changed byte lands on a base
 /// chunk boundary, from where the base chunks are reused.
-pub fn rechunk(store: &dyn ChunkStore, spill: &Spill, sizes: ChunkSizes) -> Result<NewContent, FsError> {
+pub fn rechunk(
+    store: &dyn ChunkStore,
+    spill: &Spill,
+    sizes: ChunkSizes,
+) -> Result<NewContent, FsError> {
     let base = &spill.base;
     let (dirty_start, dirty_end) = spill.dirty_span().unwrap_or((spill.size, spill.size));
     // Keep base chunks that end at or before the first change.
@@ -237,7 +247,9 @@ pub fn rechunk(store: &dyn ChunkStore, spill: &Spill, sizes: ChunkSizes) -> Resu
             // A tail that is neither reusable nor re-chunked cannot happen
             // with a consistent spill; refuse rather than commit a bad list.
             store.unpin(&pinned);
-            return Err(FsError::Io(std::io::Error::other("re-chunking lost the file's tail")));
+            return Err(FsError::Io(std::io::Error::other(
+                "re-chunking lost the file's tail",
+            )));
         }
     }
     Ok(NewContent {

@@ -220,7 +220,10 @@ impl Fs {
             // Best effort: leftover chunks waste space but harm nothing.
             match fs.store.collect_garbage() {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(chunks = n, "collected unreferenced chunks left by an interrupted commit"),
+                Ok(n) => tracing::info!(
+                    chunks = n,
+                    "collected unreferenced chunks left by an interrupted commit"
+                ),
                 Err(e) => tracing::warn!(error = %e, "could not collect unreferenced chunks"),
             }
         }
@@ -272,7 +275,9 @@ impl Fs {
     fn inode_attr(&self, out: Outcome) -> Result<Attr> {
         match out {
             Outcome::Inode(i) => Ok(self.overlay(Attr::of(&i))),
-            Outcome::Done => Err(FsError::Io(std::io::Error::other("command returned no inode"))),
+            Outcome::Done => Err(FsError::Io(std::io::Error::other(
+                "command returned no inode",
+            ))),
         }
     }
 
@@ -330,7 +335,10 @@ impl Fs {
             return;
         }
         let unlinked = self.read_meta().get(ino).is_some_and(|i| i.nlink == 0);
-        if !unlinked || lock(&self.lookups).contains_key(&ino) || lock(&self.open).contains_key(&ino) {
+        if !unlinked
+            || lock(&self.lookups).contains_key(&ino)
+            || lock(&self.open).contains_key(&ino)
+        {
             return;
         }
         lock(&self.kernel_versions).remove(&ino);
@@ -353,7 +361,11 @@ impl Fs {
             match kind {
                 Kind::File => {}
                 Kind::Dir => return Err(FsError::Meta(MetaError::IsDir)),
-                _ => return Err(FsError::Meta(MetaError::Invalid("truncate of a special file"))),
+                _ => {
+                    return Err(FsError::Meta(MetaError::Invalid(
+                        "truncate of a special file",
+                    )))
+                }
             }
             let file = self.open_file(ino);
             let res = (|| {
@@ -403,7 +415,14 @@ impl Fs {
             .ok_or(FsError::Meta(MetaError::Invalid("not a symlink")))
     }
 
-    fn create_node(&self, ctx: Ctx, parent: ResourceId, name: &[u8], node: NewNode, perm: u16) -> Result<Attr> {
+    fn create_node(
+        &self,
+        ctx: Ctx,
+        parent: ResourceId,
+        name: &[u8],
+        node: NewNode,
+        perm: u16,
+    ) -> Result<Attr> {
         let out = self.mutate(FsCommand::Create {
             parent,
             name: name.to_vec(),
@@ -418,7 +437,14 @@ impl Fs {
         Ok(attr)
     }
 
-    pub fn mknod(&self, ctx: Ctx, parent: ResourceId, name: &[u8], mode: u32, rdev: u32) -> Result<Attr> {
+    pub fn mknod(
+        &self,
+        ctx: Ctx,
+        parent: ResourceId,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Attr> {
         let node = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => NewNode::File,
             libc::S_IFIFO => NewNode::Fifo,
@@ -435,7 +461,13 @@ impl Fs {
         self.create_node(ctx, parent, name, NewNode::Dir, (mode & 0o7777) as u16)
     }
 
-    pub fn symlink(&self, ctx: Ctx, parent: ResourceId, name: &[u8], target: &[u8]) -> Result<Attr> {
+    pub fn symlink(
+        &self,
+        ctx: Ctx,
+        parent: ResourceId,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<Attr> {
         self.create_node(
             ctx,
             parent,
@@ -481,7 +513,11 @@ impl Fs {
         new_name: &[u8],
         mode: RenameMode,
     ) -> Result<()> {
-        let replaced = self.read_meta().lookup(new_parent, new_name).map(|i| i.id).ok();
+        let replaced = self
+            .read_meta()
+            .lookup(new_parent, new_name)
+            .map(|i| i.id)
+            .ok();
         self.mutate(FsCommand::Rename {
             parent,
             name: name.to_vec(),
@@ -579,7 +615,11 @@ impl Fs {
         let perm = i.perm as i32;
         let granted = if ctx.uid == 0 {
             // root may do anything, but execute needs some x bit on files.
-            let x = if i.kind == Kind::Dir || perm & 0o111 != 0 { libc::X_OK } else { 0 };
+            let x = if i.kind == Kind::Dir || perm & 0o111 != 0 {
+                libc::X_OK
+            } else {
+                0
+            };
             libc::R_OK | libc::W_OK | x
         } else if ctx.uid == i.uid {
             (perm >> 6) & 7
@@ -685,7 +725,12 @@ impl Fs {
             };
             let seq = self.spill_seq.fetch_add(1, Ordering::Relaxed);
             let name = format!("{}-{}", ino.0, seq);
-            f.spill = Some(Spill::create(&self.opts.spill_dir, &name, base, Timestamp::now())?);
+            f.spill = Some(Spill::create(
+                &self.opts.spill_dir,
+                &name,
+                base,
+                Timestamp::now(),
+            )?);
         }
         Ok(())
     }
@@ -709,12 +754,12 @@ impl Fs {
             let mut f = lock(&file);
             f.handles += 1;
             if flags & libc::O_TRUNC != 0 && writable && kind == Kind::File {
-                if let Err(e) = self
-                    .ensure_spill(ino, &mut f)
-                    .and_then(|_| match f.spill.as_mut() {
-                        Some(s) => s.set_size(0, Timestamp::now()).map_err(FsError::from),
-                        None => Ok(()),
-                    })
+                if let Err(e) =
+                    self.ensure_spill(ino, &mut f)
+                        .and_then(|_| match f.spill.as_mut() {
+                            Some(s) => s.set_size(0, Timestamp::now()).map_err(FsError::from),
+                            None => Ok(()),
+                        })
                 {
                     f.handles -= 1;
                     drop(f);
@@ -742,7 +787,14 @@ impl Fs {
         Ok(Opened { fh, keep_cache })
     }
 
-    pub fn create(&self, ctx: Ctx, parent: ResourceId, name: &[u8], mode: u32, flags: i32) -> Result<(Attr, Opened)> {
+    pub fn create(
+        &self,
+        ctx: Ctx,
+        parent: ResourceId,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, Opened)> {
         let attr = self.create_node(ctx, parent, name, NewNode::File, (mode & 0o7777) as u16)?;
         // O_TRUNC on a brand-new file is a no-op; opening must not fail on it.
         let opened = self.open(attr.ino, flags & !libc::O_TRUNC)?;
@@ -750,7 +802,10 @@ impl Fs {
     }
 
     fn handle(&self, fh: u64) -> Result<Handle> {
-        lock(&self.handles).get(&fh).cloned().ok_or(FsError::BadHandle)
+        lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -786,7 +841,10 @@ impl Fs {
         self.ensure_spill(h.ino, &mut f)?;
         let s = f.spill.as_mut().ok_or(FsError::BadHandle)?;
         let at = if h.append { s.size } else { offset };
-        if at.checked_add(data.len() as u64).is_none_or(|e| e > i64::MAX as u64) {
+        if at
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > i64::MAX as u64)
+        {
             return Err(FsError::TooBig);
         }
         s.write(at, data, Timestamp::now())?;
@@ -869,15 +927,18 @@ impl Fs {
             lock(&self.kernel_versions).insert(ino, i.version());
         }
         self.commits.fetch_add(1, Ordering::Relaxed);
-        self.rechunked.fetch_add(new.rechunked_bytes, Ordering::Relaxed);
+        self.rechunked
+            .fetch_add(new.rechunked_bytes, Ordering::Relaxed);
         f.spill = None;
         Ok(())
     }
 
     /// Commits every file with uncommitted writes (clean shutdown).
     pub fn commit_all(&self) -> Result<()> {
-        let files: Vec<(ResourceId, Arc<Mutex<OpenFile>>)> =
-            lock(&self.open).iter().map(|(i, f)| (*i, f.clone())).collect();
+        let files: Vec<(ResourceId, Arc<Mutex<OpenFile>>)> = lock(&self.open)
+            .iter()
+            .map(|(i, f)| (*i, f.clone()))
+            .collect();
         let mut first_err = None;
         for (ino, file) in files {
             let mut f = lock(&file);

@@ -19,7 +19,11 @@ fn setup() -> (Arc<MemChunkStore>, Fs, tempfile::TempDir) {
         FsOptions {
             device: DeviceId([9; 16]),
             spill_dir: dir.path().join("spill"),
-            chunk_sizes: ChunkSizes { min: 1024, avg: 4096, max: 16384 },
+            chunk_sizes: ChunkSizes {
+                min: 1024,
+                avg: 4096,
+                max: 16384,
+            },
             sync_on_close: false,
             read_only: false,
         },
@@ -41,7 +45,9 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
 }
 
 fn write_file(fs: &Fs, name: &str, data: &[u8]) -> ResourceId {
-    let (attr, o) = fs.create(CTX, ROOT, name.as_bytes(), 0o644, libc::O_RDWR).unwrap();
+    let (attr, o) = fs
+        .create(CTX, ROOT, name.as_bytes(), 0o644, libc::O_RDWR)
+        .unwrap();
     fs.write(o.fh, 0, data).unwrap();
     fs.flush(o.fh).unwrap();
     fs.release(o.fh).unwrap();
@@ -83,7 +89,10 @@ fn small_edit_rechunks_only_around_the_change() {
     fs.write(o.fh, 500_000, b"EDIT").unwrap();
     fs.release(o.fh).unwrap();
     let rechunked = fs.stats().rechunked_bytes - rechunked_before;
-    assert!(rechunked < 100_000, "re-chunked {rechunked} bytes for a 4-byte edit");
+    assert!(
+        rechunked < 100_000,
+        "re-chunked {rechunked} bytes for a 4-byte edit"
+    );
     // Old version released, new chunks for the edited region only.
     let added = store.stats().unwrap().chunks as i64 - chunks_before as i64;
     assert!(added.abs() <= 6, "chunk count moved by {added}");
@@ -109,8 +118,24 @@ fn every_handle_sees_uncommitted_writes() {
 fn truncate_shrink_then_grow_reads_zeros() {
     let (_s, fs, _d) = setup();
     let ino = write_file(&fs, "f", &[7u8; 10_000]);
-    fs.setattr(ino, None, SetAttr { size: Some(100), ..Default::default() }).unwrap();
-    fs.setattr(ino, None, SetAttr { size: Some(300), ..Default::default() }).unwrap();
+    fs.setattr(
+        ino,
+        None,
+        SetAttr {
+            size: Some(100),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.setattr(
+        ino,
+        None,
+        SetAttr {
+            size: Some(300),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let got = read_all(&fs, ino);
     assert_eq!(got.len(), 300);
     assert!(got[..100].iter().all(|b| *b == 7));
@@ -120,7 +145,9 @@ fn truncate_shrink_then_grow_reads_zeros() {
 #[test]
 fn sparse_write_leaves_a_hole_of_zeros() {
     let (_s, fs, _d) = setup();
-    let (attr, o) = fs.create(CTX, ROOT, b"sparse", 0o644, libc::O_RDWR).unwrap();
+    let (attr, o) = fs
+        .create(CTX, ROOT, b"sparse", 0o644, libc::O_RDWR)
+        .unwrap();
     fs.write(o.fh, 1_000_000, b"end").unwrap();
     fs.release(o.fh).unwrap();
     let got = read_all(&fs, attr.ino);
@@ -159,7 +186,11 @@ fn unlinked_open_file_stays_readable_then_is_reclaimed() {
     // Create and the explicit lookup each counted one.
     fs.forget(ino, 1);
     assert!(fs.getattr(ino).is_err());
-    assert_eq!(store.stats().unwrap().chunks, 0, "reclaimed content must be collected");
+    assert_eq!(
+        store.stats().unwrap().chunks,
+        0,
+        "reclaimed content must be collected"
+    );
 }
 
 #[test]
@@ -186,11 +217,18 @@ fn read_only_refuses_changes() {
         FsOptions {
             device: DeviceId([9; 16]),
             spill_dir: dir.path().join("spill"),
-            chunk_sizes: ChunkSizes { min: 1024, avg: 4096, max: 16384 },
+            chunk_sizes: ChunkSizes {
+                min: 1024,
+                avg: 4096,
+                max: 16384,
+            },
             sync_on_close: false,
             read_only: true,
         },
     )
     .unwrap();
-    assert!(matches!(fs.mkdir(CTX, ROOT, b"d", 0o755), Err(FsError::ReadOnly)));
+    assert!(matches!(
+        fs.mkdir(CTX, ROOT, b"d", 0o755),
+        Err(FsError::ReadOnly)
+    ));
 }

@@ -230,11 +230,26 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(self.fs.mknod(ctx(req), rid(parent), name.as_bytes(), mode, rdev), reply)
+        self.entry(
+            self.fs
+                .mknod(ctx(req), rid(parent), name.as_bytes(), mode, rdev),
+            reply,
+        )
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        self.entry(self.fs.mkdir(ctx(req), rid(parent), name.as_bytes(), mode), reply)
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            self.fs.mkdir(ctx(req), rid(parent), name.as_bytes(), mode),
+            reply,
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -245,10 +260,21 @@ impl Filesystem for Adapter {
         empty(self.fs.rmdir(rid(parent), name.as_bytes()), reply)
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         self.entry(
-            self.fs
-                .symlink(ctx(req), rid(parent), link_name.as_bytes(), target.as_os_str().as_bytes()),
+            self.fs.symlink(
+                ctx(req),
+                rid(parent),
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes(),
+            ),
             reply,
         )
     }
@@ -274,14 +300,29 @@ impl Filesystem for Adapter {
             return reply.error(Errno::EINVAL);
         };
         empty(
-            self.fs
-                .rename(rid(parent), name.as_bytes(), rid(newparent), newname.as_bytes(), mode),
+            self.fs.rename(
+                rid(parent),
+                name.as_bytes(),
+                rid(newparent),
+                newname.as_bytes(),
+                mode,
+            ),
             reply,
         )
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.entry(self.fs.link(rid(ino), rid(newparent), newname.as_bytes()), reply)
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            self.fs.link(rid(ino), rid(newparent), newname.as_bytes()),
+            reply,
+        )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -333,7 +374,14 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         empty(self.fs.flush(fh.0), reply)
     }
 
@@ -350,7 +398,14 @@ impl Filesystem for Adapter {
         empty(self.fs.release(fh.0), reply)
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         empty(self.fs.fsync(fh.0), reply)
     }
 
@@ -362,11 +417,23 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         match self.fs.readdir(rid(ino), offset, 512) {
             Ok(items) => {
                 for it in items {
-                    if reply.add(INodeNo(it.ino.0), it.offset, file_type(it.kind), OsStr::from_bytes(&it.name)) {
+                    if reply.add(
+                        INodeNo(it.ino.0),
+                        it.offset,
+                        file_type(it.kind),
+                        OsStr::from_bytes(&it.name),
+                    ) {
                         break;
                     }
                 }
@@ -415,13 +482,22 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         empty(self.fs.fsyncdir(), reply)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.fs.statfs() {
-            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -436,7 +512,10 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(self.fs.setxattr(rid(ino), name.as_bytes(), value, flags), reply)
+        empty(
+            self.fs.setxattr(rid(ino), name.as_bytes(), value, flags),
+            reply,
+        )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -465,7 +544,10 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.fs.create(ctx(req), rid(parent), name.as_bytes(), mode, flags) {
+        match self
+            .fs
+            .create(ctx(req), rid(parent), name.as_bytes(), mode, flags)
+        {
             Ok((a, o)) => reply.created(
                 &self.ttl,
                 &file_attr(&a),
@@ -545,7 +627,10 @@ pub fn unmount(path: &Path) -> std::io::Result<()> {
             }
         }
         Some(libc::EPERM) => {
-            let st = std::process::Command::new("fusermount3").arg("-u").arg(path).status()?;
+            let st = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(path)
+                .status()?;
             if st.success() {
                 Ok(())
             } else {
@@ -577,8 +662,16 @@ pub fn mount(fs: Arc<Fs>, cfg: &MountConfig) -> std::io::Result<Mounted> {
             MountOption::FSName(cfg.source.clone()),
             MountOption::Subtype("meshfs".into()),
             MountOption::DefaultPermissions,
-            if cfg.read_only { MountOption::RO } else { MountOption::RW },
-            if cfg.noexec { MountOption::NoExec } else { MountOption::Exec },
+            if cfg.read_only {
+                MountOption::RO
+            } else {
+                MountOption::RW
+            },
+            if cfg.noexec {
+                MountOption::NoExec
+            } else {
+                MountOption::Exec
+            },
             MountOption::NoDev,
             MountOption::NoSuid,
         ];
@@ -618,7 +711,9 @@ fn mount_as_root(cfg: &MountConfig) -> std::io::Result<OwnedFd> {
     if cfg.noexec {
         flags |= libc::MS_NOEXEC;
     }
-    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL));
+    let c = |s: &[u8]| {
+        std::ffi::CString::new(s).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
     let source = c(cfg.source.as_bytes())?;
     let target = c(cfg.mountpoint.as_os_str().as_bytes())?;
     let fstype = c(b"fuse.meshfs")?;

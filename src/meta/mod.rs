@@ -280,7 +280,11 @@ impl MetaState {
     fn save_entry(&mut self, parent: ResourceId, name: &[u8]) {
         let key = (parent, name.to_vec());
         if !self.undo.entries.contains_key(&key) {
-            let old = self.dirs.get(&parent).and_then(|d| d.by_name.get(name)).copied();
+            let old = self
+                .dirs
+                .get(&parent)
+                .and_then(|d| d.by_name.get(name))
+                .copied();
             self.undo.entries.insert(key, old);
         }
     }
@@ -309,8 +313,7 @@ impl MetaState {
         cookie: u64,
     ) -> R<impl Iterator<Item = (u64, &Name, &Entry)>> {
         let d = self.dir(dir)?;
-        Ok(d
-            .by_cookie
+        Ok(d.by_cookie
             .range(cookie.saturating_add(1)..)
             .filter_map(move |(c, n)| d.by_name.get(n).map(|e| (*c, n, e))))
     }
@@ -563,7 +566,13 @@ impl MetaState {
         Ok(Outcome::Inode(Box::new(inode)))
     }
 
-    fn link(&mut self, ino: ResourceId, parent: ResourceId, name: Name, now: Timestamp) -> R<Outcome> {
+    fn link(
+        &mut self,
+        ino: ResourceId,
+        parent: ResourceId,
+        name: Name,
+        now: Timestamp,
+    ) -> R<Outcome> {
         check_name(&name)?;
         let mut inode = self.inode(ino)?.clone();
         if inode.kind == Kind::Dir {
@@ -617,7 +626,11 @@ impl MetaState {
     ) -> R<Outcome> {
         check_name(&name)?;
         check_name(&new_name)?;
-        let src = *self.dir(parent)?.by_name.get(&name).ok_or(MetaError::NotFound)?;
+        let src = *self
+            .dir(parent)?
+            .by_name
+            .get(&name)
+            .ok_or(MetaError::NotFound)?;
         self.live_dir_inode(new_parent)?;
         let dst = self.dir(new_parent)?.by_name.get(&new_name).copied();
         if parent == new_parent && name == new_name {
@@ -748,7 +761,11 @@ impl MetaState {
 
     fn set_entry_ino(&mut self, parent: ResourceId, name: &[u8], ino: ResourceId, kind: Kind) {
         self.save_entry(parent, name);
-        if let Some(e) = self.dirs.get_mut(&parent).and_then(|d| d.by_name.get_mut(name)) {
+        if let Some(e) = self
+            .dirs
+            .get_mut(&parent)
+            .and_then(|d| d.by_name.get_mut(name))
+        {
             e.ino = ino;
             e.kind = kind;
             self.dirty_entries.insert((parent, name.to_vec()));

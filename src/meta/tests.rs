@@ -30,7 +30,14 @@ fn mk(s: &mut MetaState, parent: ResourceId, name: &str, node: NewNode, now: i64
     }
 }
 
-fn rename(s: &mut MetaState, p: ResourceId, n: &str, np: ResourceId, nn: &str, mode: RenameMode) -> R<Outcome> {
+fn rename(
+    s: &mut MetaState,
+    p: ResourceId,
+    n: &str,
+    np: ResourceId,
+    nn: &str,
+    mode: RenameMode,
+) -> R<Outcome> {
     s.apply(FsCommand::Rename {
         parent: p,
         name: n.into(),
@@ -177,14 +184,35 @@ fn hard_links_count_and_refuse_directories() {
     let mut s = fresh();
     let f = mk(&mut s, ROOT, "f", NewNode::File, 2);
     let d = mk(&mut s, ROOT, "d", NewNode::Dir, 2);
-    s.apply(FsCommand::Link { ino: f.id, parent: d.id, name: b"g".to_vec(), now: t(5) }).unwrap();
+    s.apply(FsCommand::Link {
+        ino: f.id,
+        parent: d.id,
+        name: b"g".to_vec(),
+        now: t(5),
+    })
+    .unwrap();
     assert_eq!(nlink(&s, f.id), 2);
     assert_eq!(s.get(f.id).unwrap().ctime, t(5));
-    let r = s.apply(FsCommand::Link { ino: d.id, parent: ROOT, name: b"d2".to_vec(), now: t(5) });
+    let r = s.apply(FsCommand::Link {
+        ino: d.id,
+        parent: ROOT,
+        name: b"d2".to_vec(),
+        now: t(5),
+    });
     assert_eq!(r, Err(MetaError::NotPermitted));
-    let r = s.apply(FsCommand::Link { ino: f.id, parent: ROOT, name: b"d".to_vec(), now: t(5) });
+    let r = s.apply(FsCommand::Link {
+        ino: f.id,
+        parent: ROOT,
+        name: b"d".to_vec(),
+        now: t(5),
+    });
     assert_eq!(r, Err(MetaError::Exists));
-    s.apply(FsCommand::Unlink { parent: ROOT, name: b"f".to_vec(), now: t(6) }).unwrap();
+    s.apply(FsCommand::Unlink {
+        parent: ROOT,
+        name: b"f".to_vec(),
+        now: t(6),
+    })
+    .unwrap();
     assert_eq!(nlink(&s, f.id), 1);
     assert_eq!(s.lookup(d.id, b"g").unwrap().id, f.id);
     // Reclaim only drops unlinked inodes.
@@ -201,11 +229,26 @@ fn rename_replace_and_errors() {
     let e = mk(&mut s, ROOT, "e", NewNode::Dir, 2);
     mk(&mut s, e.id, "inner", NewNode::File, 2);
 
-    assert_eq!(rename(&mut s, ROOT, "a", ROOT, "d", RenameMode::Replace), Err(MetaError::IsDir));
-    assert_eq!(rename(&mut s, ROOT, "d", ROOT, "a", RenameMode::Replace), Err(MetaError::NotDir));
-    assert_eq!(rename(&mut s, ROOT, "d", ROOT, "e", RenameMode::Replace), Err(MetaError::NotEmpty));
-    assert_eq!(rename(&mut s, ROOT, "a", ROOT, "b", RenameMode::NoReplace), Err(MetaError::Exists));
-    assert_eq!(rename(&mut s, ROOT, "zz", ROOT, "b", RenameMode::Replace), Err(MetaError::NotFound));
+    assert_eq!(
+        rename(&mut s, ROOT, "a", ROOT, "d", RenameMode::Replace),
+        Err(MetaError::IsDir)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT, "d", ROOT, "a", RenameMode::Replace),
+        Err(MetaError::NotDir)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT, "d", ROOT, "e", RenameMode::Replace),
+        Err(MetaError::NotEmpty)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT, "a", ROOT, "b", RenameMode::NoReplace),
+        Err(MetaError::Exists)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT, "zz", ROOT, "b", RenameMode::Replace),
+        Err(MetaError::NotFound)
+    );
     assert!(matches!(
         rename(&mut s, ROOT, "e", e.id, "x", RenameMode::Replace),
         Err(MetaError::Invalid(_))
@@ -247,7 +290,13 @@ fn rename_across_directories_moves_dotdot_and_links() {
 fn rename_hard_link_onto_itself_is_a_no_op() {
     let mut s = fresh();
     let f = mk(&mut s, ROOT, "f", NewNode::File, 2);
-    s.apply(FsCommand::Link { ino: f.id, parent: ROOT, name: b"g".to_vec(), now: t(3) }).unwrap();
+    s.apply(FsCommand::Link {
+        ino: f.id,
+        parent: ROOT,
+        name: b"g".to_vec(),
+        now: t(3),
+    })
+    .unwrap();
     rename(&mut s, ROOT, "f", ROOT, "g", RenameMode::Replace).unwrap();
     assert_eq!(s.lookup(ROOT, b"f").unwrap().id, f.id);
     assert_eq!(s.lookup(ROOT, b"g").unwrap().id, f.id);
@@ -281,12 +330,29 @@ fn readdir_cookies_stay_stable_under_changes() {
     for n in ["a", "b", "c", "d"] {
         mk(&mut s, ROOT, n, NewNode::File, 2);
     }
-    let first: Vec<(u64, Name)> = s.entries_after(ROOT, 0).unwrap().map(|(c, n, _)| (c, n.clone())).take(2).collect();
-    assert_eq!(first.iter().map(|x| x.1.clone()).collect::<Vec<_>>(), vec![b"a".to_vec(), b"b".to_vec()]);
+    let first: Vec<(u64, Name)> = s
+        .entries_after(ROOT, 0)
+        .unwrap()
+        .map(|(c, n, _)| (c, n.clone()))
+        .take(2)
+        .collect();
+    assert_eq!(
+        first.iter().map(|x| x.1.clone()).collect::<Vec<_>>(),
+        vec![b"a".to_vec(), b"b".to_vec()]
+    );
     // A concurrent removal of an already-listed entry and a new entry.
-    s.apply(FsCommand::Unlink { parent: ROOT, name: b"a".to_vec(), now: t(3) }).unwrap();
+    s.apply(FsCommand::Unlink {
+        parent: ROOT,
+        name: b"a".to_vec(),
+        now: t(3),
+    })
+    .unwrap();
     mk(&mut s, ROOT, "e", NewNode::File, 3);
-    let rest: Vec<Name> = s.entries_after(ROOT, first[1].0).unwrap().map(|(_, n, _)| n.clone()).collect();
+    let rest: Vec<Name> = s
+        .entries_after(ROOT, first[1].0)
+        .unwrap()
+        .map(|(_, n, _)| n.clone())
+        .collect();
     assert_eq!(rest, vec![b"c".to_vec(), b"d".to_vec(), b"e".to_vec()]);
 }
 
@@ -295,13 +361,22 @@ fn xattrs_follow_create_and_replace_flags() {
     let mut s = fresh();
     let f = mk(&mut s, ROOT, "f", NewNode::File, 2);
     let set = |s: &mut MetaState, v: &str, mode| {
-        s.apply(FsCommand::SetXattr { ino: f.id, name: b"user.k".to_vec(), value: v.into(), mode, now: t(4) })
+        s.apply(FsCommand::SetXattr {
+            ino: f.id,
+            name: b"user.k".to_vec(),
+            value: v.into(),
+            mode,
+            now: t(4),
+        })
     };
     assert_eq!(set(&mut s, "1", XattrMode::Replace), Err(MetaError::NoAttr));
     set(&mut s, "1", XattrMode::Create).unwrap();
     assert_eq!(set(&mut s, "2", XattrMode::Create), Err(MetaError::Exists));
     set(&mut s, "2", XattrMode::Replace).unwrap();
-    assert_eq!(s.get(f.id).unwrap().xattrs.get(&b"user.k".to_vec()), Some(&b"2".to_vec()));
+    assert_eq!(
+        s.get(f.id).unwrap().xattrs.get(b"user.k".as_slice()),
+        Some(&b"2".to_vec())
+    );
     let big = s.apply(FsCommand::SetXattr {
         ino: f.id,
         name: b"user.big".to_vec(),
@@ -310,9 +385,18 @@ fn xattrs_follow_create_and_replace_flags() {
         now: t(4),
     });
     assert_eq!(big, Err(MetaError::AttrTooBig));
-    s.apply(FsCommand::RemoveXattr { ino: f.id, name: b"user.k".to_vec(), now: t(5) }).unwrap();
+    s.apply(FsCommand::RemoveXattr {
+        ino: f.id,
+        name: b"user.k".to_vec(),
+        now: t(5),
+    })
+    .unwrap();
     assert_eq!(
-        s.apply(FsCommand::RemoveXattr { ino: f.id, name: b"user.k".to_vec(), now: t(5) }),
+        s.apply(FsCommand::RemoveXattr {
+            ino: f.id,
+            name: b"user.k".to_vec(),
+            now: t(5)
+        }),
         Err(MetaError::NoAttr)
     );
 }
@@ -334,8 +418,16 @@ fn commit_version_counts_chunk_references() {
             now: t(8),
         })
     };
-    let c1 = ChunkRef { hash: h1, offset: 0, len: 3 };
-    let c2 = ChunkRef { hash: h2, offset: 3, len: 3 };
+    let c1 = ChunkRef {
+        hash: h1,
+        offset: 0,
+        len: 3,
+    };
+    let c2 = ChunkRef {
+        hash: h2,
+        offset: 3,
+        len: 3,
+    };
     commit(&mut s, vec![c1, c2], 6).unwrap();
     let ch = s.take_changes();
     assert_eq!(ch.chunk_deltas.get(&h1), Some(&1));
@@ -348,13 +440,33 @@ fn commit_version_counts_chunk_references() {
     assert!(commit(&mut s, vec![c2], 3).is_err());
     assert!(commit(&mut s, vec![c1], 4).is_err());
     // Replacing c2 by c1 twice: h2 loses its reference, h1 gains one.
-    commit(&mut s, vec![c1, ChunkRef { hash: h1, offset: 3, len: 3 }], 6).unwrap();
+    commit(
+        &mut s,
+        vec![
+            c1,
+            ChunkRef {
+                hash: h1,
+                offset: 3,
+                len: 3,
+            },
+        ],
+        6,
+    )
+    .unwrap();
     let ch = s.take_changes();
     assert_eq!(ch.chunk_deltas.get(&h1), Some(&1));
     assert_eq!(ch.chunk_deltas.get(&h2), Some(&-1));
-    assert_eq!(s.get(f.id).unwrap().content.as_ref().unwrap().chunk_at(4), Some(1));
+    assert_eq!(
+        s.get(f.id).unwrap().content.as_ref().unwrap().chunk_at(4),
+        Some(1)
+    );
     // Unlink then reclaim releases the rest.
-    s.apply(FsCommand::Unlink { parent: ROOT, name: b"f".to_vec(), now: t(9) }).unwrap();
+    s.apply(FsCommand::Unlink {
+        parent: ROOT,
+        name: b"f".to_vec(),
+        now: t(9),
+    })
+    .unwrap();
     s.apply(FsCommand::Reclaim { ino: f.id }).unwrap();
     let ch = s.take_changes();
     assert_eq!(ch.chunk_deltas.get(&h1), Some(&-2));
@@ -364,13 +476,23 @@ fn commit_version_counts_chunk_references() {
 #[test]
 fn symlink_targets_are_checked() {
     let mut s = fresh();
-    let l = mk(&mut s, ROOT, "l", NewNode::Symlink { target: b"/x/y".to_vec() }, 2);
+    let l = mk(
+        &mut s,
+        ROOT,
+        "l",
+        NewNode::Symlink {
+            target: b"/x/y".to_vec(),
+        },
+        2,
+    );
     assert_eq!(l.size(), 4);
     assert_eq!(l.perm, 0o777);
     let r = s.apply(FsCommand::Create {
         parent: ROOT,
         name: b"m".to_vec(),
-        node: NewNode::Symlink { target: vec![b'a'; SYMLINK_MAX + 1] },
+        node: NewNode::Symlink {
+            target: vec![b'a'; SYMLINK_MAX + 1],
+        },
         perm: 0o777,
         uid: 0,
         gid: 0,
@@ -405,7 +527,11 @@ fn failed_commands_change_nothing() {
     s.take_changes();
     let before = s.snapshot();
     let _ = rename(&mut s, ROOT, "a", ROOT, "a", RenameMode::NoReplace);
-    let _ = s.apply(FsCommand::Rmdir { parent: ROOT, name: b"a".to_vec(), now: t(3) });
+    let _ = s.apply(FsCommand::Rmdir {
+        parent: ROOT,
+        name: b"a".to_vec(),
+        now: t(3),
+    });
     assert_eq!(s.snapshot(), before);
     let ch = s.take_changes();
     assert!(ch.inodes.is_empty() && ch.entries.is_empty());
@@ -413,7 +539,14 @@ fn failed_commands_change_nothing() {
 
 #[test]
 fn timestamps_round_trip_through_system_time() {
-    for ts in [t(0), t(1_700_000_000), Timestamp { secs: -5, nanos: 250 }] {
+    for ts in [
+        t(0),
+        t(1_700_000_000),
+        Timestamp {
+            secs: -5,
+            nanos: 250,
+        },
+    ] {
         assert_eq!(Timestamp::from_system(ts.to_system()), ts);
     }
 }
@@ -427,7 +560,12 @@ fn rollback_restores_the_state_before_unpersisted_commands() {
     let before = s.snapshot();
     mk(&mut s, d.id, "g", NewNode::Dir, 3);
     rename(&mut s, d.id, "f", ROOT, "moved", RenameMode::Replace).unwrap();
-    s.apply(FsCommand::Rmdir { parent: d.id, name: b"g".to_vec(), now: t(4) }).unwrap();
+    s.apply(FsCommand::Rmdir {
+        parent: d.id,
+        name: b"g".to_vec(),
+        now: t(4),
+    })
+    .unwrap();
     s.apply(FsCommand::ReclaimOrphans).unwrap();
     s.rollback();
     assert_eq!(s.snapshot(), before);

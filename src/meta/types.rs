@@ -62,7 +62,8 @@ impl Timestamp {
         if self.secs >= 0 {
             UNIX_EPOCH + Duration::new(self.secs as u64, self.nanos)
         } else {
-            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs()) + Duration::from_nanos(self.nanos as u64)
+            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs())
+                + Duration::from_nanos(self.nanos as u64)
         }
     }
 }
@@ -104,7 +105,9 @@ impl Content {
         if offset >= self.size {
             return None;
         }
-        let idx = self.chunks.partition_point(|c| c.offset + c.len as u64 <= offset);
+        let idx = self
+            .chunks
+            .partition_point(|c| c.offset + c.len as u64 <= offset);
         (idx < self.chunks.len()).then_some(idx)
     }
 }

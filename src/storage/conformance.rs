@@ -49,7 +49,10 @@ fn dedup_and_refcounts<S: ChunkStore>(s: &S) {
     assert!(s.contains(&h).unwrap());
     s.apply_refs(&deltas(&[(h, -1)])).unwrap();
     assert_eq!(s.refcount(&h).unwrap(), 0);
-    assert!(!s.contains(&h).unwrap(), "unreferenced, unpinned chunk must be collected");
+    assert!(
+        !s.contains(&h).unwrap(),
+        "unreferenced, unpinned chunk must be collected"
+    );
 }
 
 fn pins_protect_uncommitted_chunks<S: ChunkStore>(s: &S) {
@@ -59,7 +62,10 @@ fn pins_protect_uncommitted_chunks<S: ChunkStore>(s: &S) {
     s.apply_refs(&deltas(&[(x, 1)])).unwrap();
     let again = s.put(b"shared content").unwrap();
     s.apply_refs(&deltas(&[(x, -1)])).unwrap();
-    assert!(s.contains(&x).unwrap(), "a pinned chunk survives its count reaching zero");
+    assert!(
+        s.contains(&x).unwrap(),
+        "a pinned chunk survives its count reaching zero"
+    );
     s.apply_refs(&deltas(&[(again, 1)])).unwrap();
     s.unpin(&[again]);
     assert_eq!(s.get(&x).unwrap().as_deref(), Some(&b"shared content"[..]));

@@ -40,7 +40,9 @@ impl ChunkStore for MemChunkStore {
         let hash = ChunkHash::of(data);
         self.pins.with(|p| {
             *p.entry(hash).or_insert(0) += 1;
-            lock(&self.chunks).entry(hash).or_insert_with(|| data.to_vec());
+            lock(&self.chunks)
+                .entry(hash)
+                .or_insert_with(|| data.to_vec());
         });
         Ok(hash)
     }

@@ -42,7 +42,9 @@ pub struct RocksStore {
 
 impl std::fmt::Debug for RocksStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RocksStore").field("path", &self.db.path()).finish()
+        f.debug_struct("RocksStore")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
@@ -98,7 +100,9 @@ pub struct CheckReport {
 
 impl CheckReport {
     pub fn is_clean(&self) -> bool {
-        self.missing_chunks.is_empty() && self.corrupt_chunks.is_empty() && self.wrong_refcounts.is_empty()
+        self.missing_chunks.is_empty()
+            && self.corrupt_chunks.is_empty()
+            && self.wrong_refcounts.is_empty()
     }
 }
 
@@ -152,7 +156,11 @@ impl RocksStore {
             pins: Pins::default(),
             stats: Mutex::new(StoreStats::default()),
         };
-        let stats = match store.db.get_cf(store.cf(CF_META), KEY_STATS).map_err(db_err)? {
+        let stats = match store
+            .db
+            .get_cf(store.cf(CF_META), KEY_STATS)
+            .map_err(db_err)?
+        {
             Some(b) => decode(&b, "stats")?,
             None => StoreStats::default(),
         };
@@ -164,7 +172,9 @@ impl RocksStore {
         // The three families are created at open, so a missing one is a bug
         // in this file, not bad input.
         #[allow(clippy::expect_used)]
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     /// The namespace as last persisted, or `None` for a fresh database.
@@ -277,7 +287,6 @@ impl RocksStore {
             .map(|v| v.len() as u64))
     }
 
-
     /// Writes memtables to table files, so a clean shutdown leaves nothing
     /// to replay from the WAL.
     pub fn flush(&self) -> Result<(), StorageError> {
@@ -305,7 +314,9 @@ impl RocksStore {
             }
             let have = self.refcount(h)?;
             if have != *want {
-                report.wrong_refcounts.push(format!("{h}: stored {have}, namespace has {want}"));
+                report
+                    .wrong_refcounts
+                    .push(format!("{h}: stored {have}, namespace has {want}"));
             }
         }
         for item in self.scan_chunks() {
@@ -412,7 +423,11 @@ impl ChunkStore for RocksStore {
     }
 
     fn refcount(&self, hash: &ChunkHash) -> Result<u64, StorageError> {
-        match self.db.get_cf(self.cf(CF_REFS), hash.as_bytes()).map_err(db_err)? {
+        match self
+            .db
+            .get_cf(self.cf(CF_REFS), hash.as_bytes())
+            .map_err(db_err)?
+        {
             Some(b) => u64_of(&b),
             None => Ok(0),
         }
@@ -434,7 +449,9 @@ impl ChunkStore for RocksStore {
                 let Some(h) = ChunkHash::from_slice(&k) else {
                     continue;
                 };
-                if pins.contains_key(&h) || self.db.get_pinned_cf(refs, &k).map_err(db_err)?.is_some() {
+                if pins.contains_key(&h)
+                    || self.db.get_pinned_cf(refs, &k).map_err(db_err)?.is_some()
+                {
                     continue;
                 }
                 batch.delete_cf(chunks, &k);
@@ -513,7 +530,11 @@ mod tests {
             m.apply(FsCommand::CommitVersion {
                 ino,
                 size: 7,
-                chunks: vec![crate::meta::ChunkRef { hash: h, offset: 0, len: 7 }],
+                chunks: vec![crate::meta::ChunkRef {
+                    hash: h,
+                    offset: 0,
+                    len: 7,
+                }],
                 mtime: now,
                 author: crate::ids::DeviceId([0; 16]),
                 now,

@@ -42,8 +42,14 @@ pub struct Device {
 impl Device {
     /// A fresh, initialised, not yet mounted device.
     pub fn init(name: &str) -> Self {
-        let data = tempfile::Builder::new().prefix(&format!("meshfs-{name}-data-")).tempdir().unwrap();
-        let mnt = tempfile::Builder::new().prefix(&format!("meshfs-{name}-mnt-")).tempdir().unwrap();
+        let data = tempfile::Builder::new()
+            .prefix(&format!("meshfs-{name}-data-"))
+            .tempdir()
+            .unwrap();
+        let mnt = tempfile::Builder::new()
+            .prefix(&format!("meshfs-{name}-mnt-"))
+            .tempdir()
+            .unwrap();
         let d = data.path().join("d");
         let o = meshfs(&["init", "--data-dir", d.to_str().unwrap(), "--name", name]);
         assert!(o.status.success(), "init failed: {}", stderr(&o));
@@ -81,13 +87,23 @@ impl Device {
 
     pub fn mount_with(&mut self, extra: &[&str]) {
         let o = self.try_mount(extra);
-        assert!(o.status.success(), "mount failed: {}\nlog:\n{}", stderr(&o), self.log());
+        assert!(
+            o.status.success(),
+            "mount failed: {}\nlog:\n{}",
+            stderr(&o),
+            self.log()
+        );
         self.mounted = true;
     }
 
     pub fn try_mount(&mut self, extra: &[&str]) -> Output {
         let dd = self.data_dir();
-        let mut args = vec!["mount", "--data-dir", dd.to_str().unwrap(), self.mnt.path().to_str().unwrap()];
+        let mut args = vec![
+            "mount",
+            "--data-dir",
+            dd.to_str().unwrap(),
+            self.mnt.path().to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let o = meshfs(&args);
         if o.status.success() {
@@ -101,7 +117,11 @@ impl Device {
     }
 
     pub fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.data_dir().join("meshfs.pid")).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.data_dir().join("meshfs.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn log(&self) -> String {
@@ -111,7 +131,10 @@ impl Device {
     /// `umount`, then wait for the daemon to exit.
     pub fn unmount(&mut self) {
         let pid = self.pid();
-        let o = Command::new("umount").arg(self.mnt.path()).output().unwrap();
+        let o = Command::new("umount")
+            .arg(self.mnt.path())
+            .output()
+            .unwrap();
         assert!(o.status.success(), "umount failed: {}", stderr(&o));
         self.mounted = false;
         if let Some(pid) = pid {
@@ -145,7 +168,10 @@ pub fn alive(pid: i32) -> bool {
 pub fn wait_exit(pid: i32, limit: Duration) {
     let t = Instant::now();
     while alive(pid) {
-        assert!(t.elapsed() < limit, "daemon {pid} did not exit within {limit:?}");
+        assert!(
+            t.elapsed() < limit,
+            "daemon {pid} did not exit within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -156,7 +182,10 @@ impl Drop for Device {
         // walk into the mounted filesystem.
         let pid = self.pid();
         if self.mounted || crate_is_mounted(self.mnt.path()) {
-            let _ = Command::new("umount").arg("-l").arg(self.mnt.path()).output();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.mnt.path())
+                .output();
         }
         if let Some(pid) = pid {
             if alive(pid) {
@@ -186,8 +215,7 @@ pub fn fstype(p: &Path) -> Option<String> {
     let want = p.to_string_lossy();
     mounts
         .lines()
-        .filter(|l| l.split(' ').nth(1) == Some(&want))
-        .last()
+        .rfind(|l| l.split(' ').nth(1) == Some(&want))
         .and_then(|l| l.split(' ').nth(2).map(str::to_string))
 }
 
