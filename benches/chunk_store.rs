@@ -59,8 +59,12 @@ fn store_put_get(c: &mut Criterion) {
                     .collect::<Vec<_>>()
             },
             |fresh| {
+                // Referenced as a commit would, then unpinned.
                 let hashes: Vec<ChunkHash> =
                     fresh.iter().map(|c| store.put(c).expect("put")).collect();
+                store
+                    .apply_refs(&hashes.iter().map(|h| (*h, 1)).collect())
+                    .expect("refs");
                 store.unpin(&hashes);
             },
             BatchSize::SmallInput,

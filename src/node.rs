@@ -228,6 +228,11 @@ fn start(
             read_only: opts.read_only,
         },
     )?);
+    // After Fs::new's garbage collection: what it deleted counts too.
+    store.wait_background();
+    if let Err(e) = store.reclaim_if_needed() {
+        tracing::warn!(error = %e, "could not reclaim the space of deleted chunks");
+    }
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let allow_other = opts.allow_other.or(cfg.allow_other).unwrap_or(root);
@@ -328,6 +333,7 @@ fn shutdown(node: &Node, unmount: bool) {
     if let Err(e) = node.fs.commit_all() {
         tracing::error!(error = %e, "some writes could not be committed at shutdown");
     }
+    node.store.wait_background();
     if let Err(e) = node.store.flush() {
         tracing::error!(error = %e, "flushing the database failed");
     }

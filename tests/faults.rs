@@ -149,10 +149,17 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
 
     // What was stored before is intact, now and after a restart.
     assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep);
-    let _ = fs::remove_file(mnt.join("big"));
+    // Deleting gives the space back (at the latest once the daemon restarts
+    // and compacts what it could not reclaim before).
+    fs::remove_file(mnt.join("big")).unwrap();
+    let pid: i32 = fs::read_to_string(dd.join("meshfs.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let st = Command::new("umount").arg(&mnt).status().unwrap();
     assert!(st.success());
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    common::wait_exit(pid, std::time::Duration::from_secs(20));
     let o = mount();
     assert!(
         o.status.success(),
@@ -160,7 +167,20 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
         common::stderr(&o)
     );
     assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep);
-    fs::write(mnt.join("after"), b"space again").unwrap();
+    if let Err(e) = fs::write(mnt.join("after"), b"space again") {
+        let diag = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "df -k {0}; ls -la {0}/d/db {0}/d/spill; tail -5 {0}/d/meshfs.log",
+                small.display()
+            ))
+            .output()
+            .unwrap();
+        panic!(
+            "write after freeing space: {e}\n{}",
+            String::from_utf8_lossy(&diag.stdout)
+        );
+    }
     assert_eq!(fs::read(mnt.join("after")).unwrap(), b"space again");
     let pid: i32 = fs::read_to_string(dd.join("meshfs.pid"))
         .unwrap()

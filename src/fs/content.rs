@@ -5,13 +5,16 @@
 
 use std::io::Read;
 
-use fastcdc::v2020::StreamCDC;
+use fastcdc::v2020::{FastCDC, StreamCDC};
 
 use super::spill::{Source, Spill};
 use super::FsError;
 use crate::ids::ChunkHash;
 use crate::meta::{ChunkRef, Content};
 use crate::storage::ChunkStore;
+
+/// Commits re-chunking at least this much use `ChunkStore::put_bulk`.
+const BULK_COMMIT_BYTES: u64 = 8 << 20;
 
 /// FastCDC parameters.
 #[derive(Debug, Clone, Copy)]
@@ -151,6 +154,98 @@ impl Read for MergedReader<'_> {
     }
 }
 
+/// Streamed bytes beyond which streamed chunks skip the WAL (`put_bulk`).
+const BULK_STREAM_BYTES: u64 = 8 << 20;
+
+fn put_chunk(store: &dyn ChunkStore, data: &[u8], at: u64) -> Result<ChunkHash, FsError> {
+    Ok(if at >= BULK_STREAM_BYTES {
+        store.put_bulk(data)?
+    } else {
+        store.put(data)?
+    })
+}
+
+/// Stores the complete chunks at the front of a stream's tail. Runs once
+/// the tail holds a few max-size chunks, so the work per write stays small;
+/// the last chunk of the tail is never final (more bytes may extend it).
+pub fn stream_cut(
+    store: &dyn ChunkStore,
+    spill: &mut Spill,
+    sizes: ChunkSizes,
+) -> Result<(), FsError> {
+    let Some(st) = spill.stream.as_mut() else {
+        return Ok(());
+    };
+    if st.tail.len() < 4 * sizes.max as usize {
+        return Ok(());
+    }
+    let cuts: Vec<(usize, usize)> = FastCDC::new(&st.tail, sizes.min, sizes.avg, sizes.max)
+        .map(|c| (c.offset, c.length))
+        .collect();
+    let mut consumed = 0;
+    let mut result = Ok(());
+    for &(offset, length) in &cuts[..cuts.len().saturating_sub(1)] {
+        let data = &st.tail[offset..offset + length];
+        let hash = match put_chunk(store, data, st.end) {
+            Ok(h) => h,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        spill.pinned.push(hash);
+        st.chunks.push(ChunkRef {
+            hash,
+            offset: st.end,
+            len: length as u32,
+        });
+        st.end += length as u64;
+        consumed = offset + length;
+    }
+    // Chunks stored before a failure stay stored; the tail keeps the rest.
+    st.tail.drain(..consumed);
+    result
+}
+
+/// The final chunk list of a streamed file: its stored chunks plus its tail,
+/// chunked to the end.
+fn finish_stream(
+    store: &dyn ChunkStore,
+    spill: &Spill,
+    sizes: ChunkSizes,
+) -> Result<NewContent, FsError> {
+    let mut chunks = Vec::new();
+    let mut pinned = Vec::new();
+    let (mut end, tail) = match &spill.stream {
+        Some(st) => {
+            chunks.extend_from_slice(&st.chunks);
+            (st.end, st.tail.as_slice())
+        }
+        None => (0, &[][..]),
+    };
+    for c in FastCDC::new(tail, sizes.min, sizes.avg, sizes.max) {
+        let hash = match put_chunk(store, &tail[c.offset..c.offset + c.length], end) {
+            Ok(h) => h,
+            Err(e) => {
+                store.unpin(&pinned);
+                return Err(e);
+            }
+        };
+        pinned.push(hash);
+        chunks.push(ChunkRef {
+            hash,
+            offset: end,
+            len: c.length as u32,
+        });
+        end += c.length as u64;
+    }
+    Ok(NewContent {
+        chunks,
+        pinned,
+        rechunked_bytes: tail.len() as u64,
+    })
+}
+
 /// The result of chunking a dirty file.
 pub struct NewContent {
     pub chunks: Vec<ChunkRef>,
@@ -169,8 +264,14 @@ pub fn rechunk(
     spill: &Spill,
     sizes: ChunkSizes,
 ) -> Result<NewContent, FsError> {
+    if spill.stream.is_some() {
+        return finish_stream(store, spill, sizes);
+    }
     let base = &spill.base;
     let (dirty_start, dirty_end) = spill.dirty_span().unwrap_or((spill.size, spill.size));
+    // Large commits write content once (no WAL copy); small ones stay on the
+    // WAL, where a flush per commit would cost more than the copy.
+    let bulk = dirty_end - dirty_start >= BULK_COMMIT_BYTES;
     // Keep base chunks that end at or before the first change.
     let keep = base
         .chunks
@@ -201,7 +302,12 @@ pub fn rechunk(
                 break;
             }
         };
-        let hash = match store.put(&chunk.data) {
+        let put = if bulk {
+            store.put_bulk(&chunk.data)
+        } else {
+            store.put(&chunk.data)
+        };
+        let hash = match put {
             Ok(h) => h,
             Err(e) => {
                 store.unpin(&pinned);

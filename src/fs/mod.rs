@@ -812,7 +812,8 @@ impl Fs {
         let h = self.handle(fh)?;
         let mut f = lock(&h.file);
         let f = &mut *f;
-        if let Some(s) = &f.spill {
+        if let Some(s) = f.spill.as_mut() {
+            s.materialize()?;
             let n = s.size.saturating_sub(offset).min(size as u64) as usize;
             let mut out = vec![0u8; n];
             read_merged(&*self.store, &mut f.cache, s, offset, &mut out)?;
@@ -848,6 +849,7 @@ impl Fs {
             return Err(FsError::TooBig);
         }
         s.write(at, data, Timestamp::now())?;
+        content::stream_cut(&*self.store, s, self.opts.chunk_sizes)?;
         Ok(data.len() as u32)
     }
 
@@ -881,7 +883,7 @@ impl Fs {
             if f.handles == 0 && r.is_err() {
                 // Nobody can retry a commit of a released file; the writes
                 // are lost and the caller was told at close().
-                f.spill = None;
+                self.discard_spill(&mut f);
             }
             r
         };
@@ -906,10 +908,12 @@ impl Fs {
             return Ok(());
         };
         if spill.dirty_span().is_none() {
-            f.spill = None;
+            self.discard_spill(f);
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let new = content::rechunk(&*self.store, spill, self.opts.chunk_sizes)?;
+        let chunked = started.elapsed();
         let cmd = FsCommand::CommitVersion {
             ino,
             size: spill.size,
@@ -926,11 +930,26 @@ impl Fs {
             // pages it holds are this version.
             lock(&self.kernel_versions).insert(ino, i.version());
         }
+        tracing::debug!(
+            %ino,
+            size = spill.size,
+            rechunked = new.rechunked_bytes,
+            chunk_ms = chunked.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "committed a new version"
+        );
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.rechunked
             .fetch_add(new.rechunked_bytes, Ordering::Relaxed);
-        f.spill = None;
+        self.discard_spill(f);
         Ok(())
+    }
+
+    /// Drops a file's spill and the pins its streamed chunks held.
+    fn discard_spill(&self, f: &mut OpenFile) {
+        if let Some(s) = f.spill.take() {
+            self.store.unpin(&s.pinned);
+        }
     }
 
     /// Commits every file with uncommitted writes (clean shutdown).

@@ -1,13 +1,21 @@
 //! Uncommitted writes of one file: a sparse spill file on the data dir's disk
 //! (never RAM in proportion to the file) plus the set of byte ranges written
 //! since the base version. Reads merge spill, base chunks and zeros.
+//!
+//! A file written sequentially from empty (a new file, O_TRUNC, a copy) is
+//! *streamed* instead: complete chunks are cut and stored as the writes
+//! arrive, and only the unfinished tail (less than a few max-size chunks)
+//! stays in memory. Nothing goes through the spill file and the commit at
+//! close has only the tail left to do. Any other access materializes the
+//! stream into the general form (streamed chunks become the base).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::meta::{Content, Timestamp};
+use crate::ids::ChunkHash;
+use crate::meta::{ChunkRef, Content, Timestamp};
 
 /// Disjoint, non-adjacent half-open byte ranges.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -84,9 +92,22 @@ pub enum Source {
     Zero(u64),
 }
 
+/// Chunks already cut from a sequentially written file, and its tail.
+#[derive(Debug, Default)]
+pub struct Stream {
+    pub chunks: Vec<ChunkRef>,
+    /// Where `tail` starts: the end of the last stored chunk.
+    pub end: u64,
+    pub tail: Vec<u8>,
+}
+
 /// One file's uncommitted state.
 #[derive(Debug)]
 pub struct Spill {
+    /// Set while the file has only been appended to since it was empty.
+    pub stream: Option<Stream>,
+    /// Chunks stored (and pinned) for this spill before its commit.
+    pub pinned: Vec<ChunkHash>,
     file: File,
     path: PathBuf,
     /// The committed version these writes apply to.
@@ -107,7 +128,10 @@ impl Spill {
             .create(true)
             .truncate(true)
             .open(&path)?;
+        let stream = (base.size == 0).then(Stream::default);
         Ok(Spill {
+            stream,
+            pinned: Vec::new(),
             file,
             path,
             base_limit: base.size,
@@ -118,10 +142,39 @@ impl Spill {
         })
     }
 
+    /// Turns a stream into the general form: its chunks become the base and
+    /// its tail goes to the spill file.
+    pub fn materialize(&mut self) -> std::io::Result<()> {
+        let Some(st) = self.stream.take() else {
+            return Ok(());
+        };
+        self.file.set_len(0)?;
+        self.file.write_all_at(&st.tail, st.end)?;
+        self.base = Content {
+            version: self.base.version,
+            size: st.end,
+            chunks: std::sync::Arc::new(st.chunks),
+            author: None,
+        };
+        self.base_limit = st.end;
+        self.written = RangeSet::default();
+        self.written.insert(st.end, st.end + st.tail.len() as u64);
+        Ok(())
+    }
+
     pub fn write(&mut self, offset: u64, data: &[u8], now: Timestamp) -> std::io::Result<()> {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        if let Some(st) = self.stream.as_mut() {
+            if offset == self.size {
+                st.tail.extend_from_slice(data);
+                self.size = end;
+                self.mtime = now;
+                return Ok(());
+            }
+            self.materialize()?;
+        }
         self.file.write_all_at(data, offset)?;
         self.written.insert(offset, end);
         self.size = self.size.max(end);
@@ -130,6 +183,17 @@ impl Spill {
     }
 
     pub fn set_size(&mut self, size: u64, now: Timestamp) -> std::io::Result<()> {
+        if size == 0 {
+            // Empty again: whatever follows may stream from scratch.
+            self.file.set_len(0)?;
+            self.written = RangeSet::default();
+            self.base_limit = 0;
+            self.size = 0;
+            self.mtime = now;
+            self.stream = Some(Stream::default());
+            return Ok(());
+        }
+        self.materialize()?;
         if size < self.size {
             self.written.truncate(size);
             self.base_limit = self.base_limit.min(size);
@@ -161,8 +225,11 @@ impl Spill {
     }
 
     /// The first and last offsets whose bytes differ from the base version;
-    /// `None` when nothing differs.
+    /// `None` when nothing differs. A stream counts as all new.
     pub fn dirty_span(&self) -> Option<(u64, u64)> {
+        if self.stream.is_some() {
+            return Some((0, self.size));
+        }
         let mut start = self.written.first_start();
         let mut end = self.written.last_end();
         if self.base_limit < self.base.size || self.size != self.base.size {
@@ -232,5 +299,27 @@ mod tests {
         let path = d.path().join("s");
         drop(s);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn streams_appends_and_materializes_on_anything_else() {
+        let d = tempfile::tempdir().unwrap();
+        let now = Timestamp::default();
+        let mut s = Spill::create(d.path(), "s", Content::default(), now).unwrap();
+        s.write(0, b"hello ", now).unwrap();
+        s.write(6, b"world", now).unwrap();
+        assert_eq!(s.stream.as_ref().unwrap().tail, b"hello world");
+        assert_eq!(s.size, 11);
+        // A write elsewhere ends streaming; the tail lands in the spill file.
+        s.write(0, b"J", now).unwrap();
+        assert!(s.stream.is_none());
+        assert_eq!(s.source(0), Source::Spill(11));
+        let mut buf = [0u8; 11];
+        s.read_spill(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"Jello world");
+        // Truncating to zero streams again.
+        s.set_size(0, now).unwrap();
+        assert!(s.stream.is_some());
+        assert_eq!(s.dirty_span(), Some((0, 0)));
     }
 }

@@ -87,7 +87,15 @@ impl ChunkStore for MemChunkStore {
     }
 
     fn unpin(&self, hashes: &[ChunkHash]) {
-        self.pins.unpin(hashes)
+        self.pins.unpin_then(hashes, |_, released| {
+            let refs = lock(&self.refs);
+            let mut chunks = lock(&self.chunks);
+            for h in released {
+                if !refs.contains_key(&h) {
+                    chunks.remove(&h);
+                }
+            }
+        })
     }
 
     fn collect_garbage(&self) -> Result<u64, StorageError> {

@@ -45,6 +45,13 @@ pub trait ChunkStore: Send + Sync {
     /// concurrent release of the same content cannot delete it before the
     /// version that uses it is committed.
     fn put(&self, data: &[u8]) -> Result<ChunkHash, StorageError>;
+    /// Like `put`, for large commits: the store may skip its write-ahead log
+    /// for these bytes, as long as they are durable before any namespace
+    /// change is persisted (RocksDB flushes the chunk family first). This
+    /// writes content to disk once instead of twice.
+    fn put_bulk(&self, data: &[u8]) -> Result<ChunkHash, StorageError> {
+        self.put(data)
+    }
     /// Reads and verifies a chunk. `Ok(None)` when absent, `Corrupt` when the
     /// bytes on disk do not hash to `hash`.
     fn get(&self, hash: &ChunkHash) -> Result<Option<Vec<u8>>, StorageError>;
@@ -53,7 +60,8 @@ pub trait ChunkStore: Send + Sync {
     /// is not pinned is deleted in the same write.
     fn apply_refs(&self, deltas: &BTreeMap<ChunkHash, i64>) -> Result<(), StorageError>;
     fn refcount(&self, hash: &ChunkHash) -> Result<u64, StorageError>;
-    /// Releases pins taken by `put`.
+    /// Releases pins taken by `put`; a chunk left with neither pins nor
+    /// references (its version was never committed) is deleted.
     fn unpin(&self, hashes: &[ChunkHash]);
     /// Deletes every chunk with no references and no pins; returns how many.
     fn collect_garbage(&self) -> Result<u64, StorageError>;
@@ -89,16 +97,26 @@ impl Pins {
         f(&mut guard)
     }
 
-    pub(crate) fn unpin(&self, hashes: &[ChunkHash]) {
+    /// Releases pins; `on_released` runs with the table still locked and
+    /// gets the chunks no pin holds any more, so that it can drop those no
+    /// version references before any new put could pin them again.
+    pub(crate) fn unpin_then<T>(
+        &self,
+        hashes: &[ChunkHash],
+        on_released: impl FnOnce(&mut HashMap<ChunkHash, usize>, Vec<ChunkHash>) -> T,
+    ) -> T {
         self.with(|m| {
+            let mut released = Vec::new();
             for h in hashes {
                 if let Some(n) = m.get_mut(h) {
                     *n -= 1;
                     if *n == 0 {
                         m.remove(h);
+                        released.push(*h);
                     }
                 }
             }
+            on_released(m, released)
         })
     }
 }

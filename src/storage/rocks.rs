@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rocksdb::{
@@ -33,8 +34,17 @@ const PREFIX_INODE: u8 = b'i';
 const PREFIX_ENTRY: u8 = b'e';
 
 pub struct RocksStore {
-    db: DB,
+    /// Shared with the background space-reclaim thread.
+    db: std::sync::Arc<DB>,
+    /// Set while a background compaction reclaims deleted chunks' space.
+    reclaiming: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reclaim_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pins: Pins,
+    /// Count of chunk writes that skipped the WAL, and how many of them a
+    /// flush has made durable: unequal means a flush is owed before the next
+    /// namespace change may reference them.
+    bulk_written: AtomicU64,
+    bulk_flushed: AtomicU64,
     /// Chunk count and bytes; changed only with the pin table locked, and
     /// persisted in the same batches as the chunks they count.
     stats: Mutex<StoreStats>,
@@ -152,8 +162,12 @@ impl RocksStore {
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(db_err)?;
         let store = RocksStore {
-            db,
+            db: std::sync::Arc::new(db),
+            reclaiming: Default::default(),
+            reclaim_thread: Mutex::new(None),
             pins: Pins::default(),
+            bulk_written: AtomicU64::new(0),
+            bulk_flushed: AtomicU64::new(0),
             stats: Mutex::new(StoreStats::default()),
         };
         let stats = match store
@@ -209,6 +223,7 @@ impl RocksStore {
     /// Persists one command's changes and their chunk reference deltas in
     /// one atomic batch. With `sync`, the WAL is on stable storage on return.
     fn persist_changes(&self, changes: &Changes, sync: bool) -> Result<(), StorageError> {
+        self.flush_bulk()?;
         let meta = self.cf(CF_META);
         let mut batch = WriteBatch::default();
         for (ino, inode) in &changes.inodes {
@@ -262,7 +277,11 @@ impl RocksStore {
             let mut wo = WriteOptions::default();
             wo.set_sync(sync);
             self.db.write_opt(batch, &wo).map_err(db_err)?;
+            let deleted = stats.bytes < lock(&self.stats).bytes;
             *lock(&self.stats) = stats;
+            if deleted {
+                self.reclaim_in_background();
+            }
             Ok(())
         })
     }
@@ -279,6 +298,54 @@ impl RocksStore {
             .map(|item| item.map(|(k, v)| (k, v.len())).map_err(db_err))
     }
 
+    /// Makes chunks written without the WAL durable (flush of the chunk
+    /// family's memtable to blob and table files, which RocksDB syncs).
+    fn flush_bulk(&self) -> Result<(), StorageError> {
+        let written = self.bulk_written.load(Ordering::Acquire);
+        if written == self.bulk_flushed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.db.flush_cf(self.cf(CF_CHUNKS)).map_err(db_err)?;
+        self.bulk_flushed.fetch_max(written, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn put_with(&self, data: &[u8], bulk: bool) -> Result<ChunkHash, StorageError> {
+        let hash = ChunkHash::of(data);
+        let chunks = self.cf(CF_CHUNKS);
+        self.pins.with(|pins| {
+            *pins.entry(hash).or_insert(0) += 1;
+            let exists = self
+                .db
+                .get_pinned_cf(chunks, hash.as_bytes())
+                .map_err(db_err)?
+                .is_some();
+            if !exists {
+                if !super::has_space(self.db.path(), data.len() as u64) {
+                    unpin_one(pins, &hash);
+                    return Err(StorageError::NoSpace);
+                }
+                let mut stats = *lock(&self.stats);
+                stats.chunks += 1;
+                stats.bytes += data.len() as u64;
+                let mut batch = WriteBatch::default();
+                batch.put_cf(chunks, hash.as_bytes(), data);
+                batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
+                let mut wo = WriteOptions::default();
+                wo.disable_wal(bulk);
+                if let Err(e) = self.db.write_opt(batch, &wo).map_err(db_err) {
+                    unpin_one(pins, &hash);
+                    return Err(e);
+                }
+                if bulk {
+                    self.bulk_written.fetch_add(1, Ordering::AcqRel);
+                }
+                *lock(&self.stats) = stats;
+            }
+            Ok(hash)
+        })
+    }
+
     fn chunk_len(&self, h: &ChunkHash) -> Result<Option<u64>, StorageError> {
         Ok(self
             .db
@@ -292,6 +359,80 @@ impl RocksStore {
     pub fn flush(&self) -> Result<(), StorageError> {
         for cf in [CF_CHUNKS, CF_REFS, CF_META] {
             self.db.flush_cf(self.cf(cf)).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes in blob files that no live chunk uses any more.
+    fn garbage_bytes(&self) -> u64 {
+        let total = self
+            .db
+            .property_int_value_cf(self.cf(CF_CHUNKS), "rocksdb.total-blob-file-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        total.saturating_sub(lock(&self.stats).bytes)
+    }
+
+    /// Whether deleted content holds enough disk space to be worth a
+    /// compaction: 64 MiB, or a quarter of what is stored.
+    fn needs_reclaim(&self) -> bool {
+        let garbage = self.garbage_bytes();
+        garbage > (64 << 20).max(lock(&self.stats).bytes / 4)
+    }
+
+    /// Gives the disk space of deleted chunks back to the filesystem. RocksDB
+    /// frees a blob file only once compaction has dropped every reference to
+    /// it and relocated its live blobs; normal compactions relocate only the
+    /// oldest quarter of blob files, so this one asks for all of them.
+    pub fn reclaim_space(&self) -> Result<(), StorageError> {
+        compact_chunks(&self.db)
+    }
+
+    /// Starts `reclaim_space` on a background thread when worthwhile and not
+    /// already running, so that `rm` returns promptly and space follows.
+    fn reclaim_in_background(&self) {
+        use std::sync::atomic::Ordering as O;
+        if !self.needs_reclaim() || self.reclaiming.swap(true, O::AcqRel) {
+            return;
+        }
+        let db = self.db.clone();
+        let flag = self.reclaiming.clone();
+        let spawned = std::thread::Builder::new()
+            .name("reclaim".into())
+            .spawn(move || {
+                if let Err(e) = compact_chunks(&db) {
+                    tracing::warn!(error = %e, "reclaiming space of deleted chunks failed");
+                }
+                flag.store(false, O::Release);
+            });
+        match spawned {
+            Ok(h) => {
+                if let Some(old) = lock(&self.reclaim_thread).replace(h) {
+                    let _ = old.join();
+                }
+            }
+            Err(_) => self.reclaiming.store(false, O::Release),
+        }
+    }
+
+    /// Waits for a background reclaim to finish, so that the database is
+    /// closed (and its files let go) before the data dir lock is released.
+    pub fn wait_background(&self) {
+        if let Some(h) = lock(&self.reclaim_thread).take() {
+            let _ = h.join();
+        }
+    }
+
+    /// At start-up: reclaim synchronously if a previous run left much
+    /// garbage (for example, files deleted on a full disk).
+    pub fn reclaim_if_needed(&self) -> Result<(), StorageError> {
+        if self.needs_reclaim() {
+            tracing::info!(
+                garbage_bytes = self.garbage_bytes(),
+                "reclaiming space of deleted chunks"
+            );
+            self.reclaim_space()?;
         }
         Ok(())
     }
@@ -336,6 +477,17 @@ impl RocksStore {
     }
 }
 
+fn compact_chunks(db: &DB) -> Result<(), StorageError> {
+    let Some(cf) = db.cf_handle(CF_CHUNKS) else {
+        return Ok(());
+    };
+    db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", "1.0")])
+        .map_err(db_err)?;
+    db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+    db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", "0.25")])
+        .map_err(db_err)
+}
+
 fn unpin_one(pins: &mut std::collections::HashMap<ChunkHash, usize>, hash: &ChunkHash) {
     if let Some(n) = pins.get_mut(hash) {
         *n -= 1;
@@ -365,34 +517,11 @@ impl super::MetaStore for RocksStore {
 
 impl ChunkStore for RocksStore {
     fn put(&self, data: &[u8]) -> Result<ChunkHash, StorageError> {
-        let hash = ChunkHash::of(data);
-        let chunks = self.cf(CF_CHUNKS);
-        self.pins.with(|pins| {
-            *pins.entry(hash).or_insert(0) += 1;
-            let exists = self
-                .db
-                .get_pinned_cf(chunks, hash.as_bytes())
-                .map_err(db_err)?
-                .is_some();
-            if !exists {
-                if !super::has_space(self.db.path(), data.len() as u64) {
-                    unpin_one(pins, &hash);
-                    return Err(StorageError::NoSpace);
-                }
-                let mut stats = *lock(&self.stats);
-                stats.chunks += 1;
-                stats.bytes += data.len() as u64;
-                let mut batch = WriteBatch::default();
-                batch.put_cf(chunks, hash.as_bytes(), data);
-                batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
-                if let Err(e) = self.db.write(batch).map_err(db_err) {
-                    unpin_one(pins, &hash);
-                    return Err(e);
-                }
-                *lock(&self.stats) = stats;
-            }
-            Ok(hash)
-        })
+        self.put_with(data, false)
+    }
+
+    fn put_bulk(&self, data: &[u8]) -> Result<ChunkHash, StorageError> {
+        self.put_with(data, true)
     }
 
     fn get(&self, hash: &ChunkHash) -> Result<Option<Vec<u8>>, StorageError> {
@@ -419,6 +548,7 @@ impl ChunkStore for RocksStore {
     }
 
     fn apply_refs(&self, deltas: &BTreeMap<ChunkHash, i64>) -> Result<(), StorageError> {
+        self.flush_bulk()?;
         self.write_with_refs(WriteBatch::default(), deltas, false)
     }
 
@@ -434,38 +564,78 @@ impl ChunkStore for RocksStore {
     }
 
     fn unpin(&self, hashes: &[ChunkHash]) {
-        self.pins.unpin(hashes)
+        let r = self
+            .pins
+            .unpin_then(hashes, |_, released| -> Result<bool, StorageError> {
+                let mut stats = *lock(&self.stats);
+                let mut batch = WriteBatch::default();
+                let mut any = false;
+                for h in released {
+                    if self
+                        .db
+                        .get_pinned_cf(self.cf(CF_REFS), h.as_bytes())
+                        .map_err(db_err)?
+                        .is_some()
+                    {
+                        continue;
+                    }
+                    if let Some(len) = self.chunk_len(&h)? {
+                        batch.delete_cf(self.cf(CF_CHUNKS), h.as_bytes());
+                        stats.chunks = stats.chunks.saturating_sub(1);
+                        stats.bytes = stats.bytes.saturating_sub(len);
+                        any = true;
+                    }
+                }
+                if any {
+                    batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
+                    self.db.write(batch).map_err(db_err)?;
+                    *lock(&self.stats) = stats;
+                }
+                Ok(any)
+            });
+        match r {
+            Ok(true) => self.reclaim_in_background(),
+            Ok(false) => {}
+            // Left for the garbage collection at the next start.
+            Err(e) => tracing::warn!(error = %e, "could not drop uncommitted chunks"),
+        }
     }
 
     fn collect_garbage(&self) -> Result<u64, StorageError> {
         let chunks = self.cf(CF_CHUNKS);
         let refs = self.cf(CF_REFS);
-        self.pins.with(|pins| {
-            let mut stats = *lock(&self.stats);
-            let mut batch = WriteBatch::default();
-            let mut n = 0;
-            for item in self.scan_chunks() {
-                let (k, len) = item?;
-                let Some(h) = ChunkHash::from_slice(&k) else {
-                    continue;
-                };
-                if pins.contains_key(&h)
-                    || self.db.get_pinned_cf(refs, &k).map_err(db_err)?.is_some()
-                {
-                    continue;
+        self.pins
+            .with(|pins| {
+                let mut stats = *lock(&self.stats);
+                let mut batch = WriteBatch::default();
+                let mut n = 0;
+                for item in self.scan_chunks() {
+                    let (k, len) = item?;
+                    let Some(h) = ChunkHash::from_slice(&k) else {
+                        continue;
+                    };
+                    if pins.contains_key(&h)
+                        || self.db.get_pinned_cf(refs, &k).map_err(db_err)?.is_some()
+                    {
+                        continue;
+                    }
+                    batch.delete_cf(chunks, &k);
+                    stats.chunks = stats.chunks.saturating_sub(1);
+                    stats.bytes = stats.bytes.saturating_sub(len as u64);
+                    n += 1;
                 }
-                batch.delete_cf(chunks, &k);
-                stats.chunks = stats.chunks.saturating_sub(1);
-                stats.bytes = stats.bytes.saturating_sub(len as u64);
-                n += 1;
-            }
-            if n > 0 {
-                batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
-                self.db.write(batch).map_err(db_err)?;
-                *lock(&self.stats) = stats;
-            }
-            Ok(n)
-        })
+                if n > 0 {
+                    batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
+                    self.db.write(batch).map_err(db_err)?;
+                    *lock(&self.stats) = stats;
+                }
+                Ok(n)
+            })
+            .inspect(|n| {
+                if *n > 0 {
+                    self.reclaim_in_background();
+                }
+            })
     }
 
     fn stats(&self) -> Result<StoreStats, StorageError> {
@@ -499,6 +669,27 @@ mod tests {
             dirs.lock().unwrap().push(d);
             s
         });
+    }
+
+    #[test]
+    fn chunks_left_by_a_crash_are_collected_at_the_next_open() {
+        let d = tempfile::tempdir().unwrap();
+        let (kept, lost);
+        {
+            let s = RocksStore::open(d.path()).unwrap();
+            kept = s.put(b"committed").unwrap();
+            s.apply_refs(&[(kept, 1)].into_iter().collect()).unwrap();
+            s.unpin(&[kept]);
+            // Put for a version that never got committed: the process dies
+            // with the pin held.
+            lost = s.put(b"never committed").unwrap();
+        }
+        let s = RocksStore::open(d.path()).unwrap();
+        assert!(s.contains(&lost).unwrap());
+        assert_eq!(s.collect_garbage().unwrap(), 1);
+        assert!(!s.contains(&lost).unwrap());
+        assert!(s.contains(&kept).unwrap());
+        assert_eq!(s.stats().unwrap().chunks, 1);
     }
 
     #[test]
