@@ -293,6 +293,7 @@ fn serve(node: Arc<Node>, mounted: fuse::Mounted) -> Result<(), Error> {
     let result = rt.block_on(async {
         let listener = control::bind(&sock)?;
         let server = tokio::spawn(control::serve(listener, node.clone(), done_tx.clone()));
+        let syncer = tokio::spawn(sync_periodically(node.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| Error::io("installing SIGTERM handler", e))?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -304,6 +305,7 @@ fn serve(node: Arc<Node>, mounted: fuse::Mounted) -> Result<(), Error> {
         };
         tracing::info!(reason = why, "shutting down");
         server.abort();
+        syncer.abort();
         Ok::<&str, Error>(why)
     });
     let why = result.unwrap_or("error");
@@ -318,6 +320,19 @@ fn serve(node: Arc<Node>, mounted: fuse::Mounted) -> Result<(), Error> {
     tracing::info!("stopped");
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// Bounds how long closed-but-not-fsynced data waits for stable storage.
+async fn sync_periodically(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(node.cfg.sync_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = node.store.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.sync_if_dirty()).await {
+            tracing::warn!(error = %e, "periodic WAL sync failed");
+        }
+    }
 }
 
 fn shutdown(node: &Node, unmount: bool) {

@@ -25,31 +25,38 @@ pub struct ChunkSizes {
 }
 
 /// A small cache of the last chunks read by one open file, so that reads
-/// that straddle chunk boundaries do not fetch and verify a chunk twice.
+/// that straddle chunk boundaries do not fetch and verify a chunk twice. It
+/// locks only around lookups, never while fetching, so that the kernel's
+/// parallel readahead requests for one file are served in parallel.
 #[derive(Debug, Default)]
 pub struct ChunkCache {
-    slots: Vec<(ChunkHash, std::sync::Arc<Vec<u8>>)>,
+    slots: std::sync::Mutex<Vec<(ChunkHash, std::sync::Arc<Vec<u8>>)>>,
 }
 
 const CACHE_SLOTS: usize = 4;
 
 impl ChunkCache {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<(ChunkHash, std::sync::Arc<Vec<u8>>)>> {
+        match self.slots.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     pub fn get(
-        &mut self,
+        &self,
         store: &dyn ChunkStore,
         hash: &ChunkHash,
     ) -> Result<std::sync::Arc<Vec<u8>>, FsError> {
-        if let Some(pos) = self.slots.iter().position(|(h, _)| h == hash) {
-            let hit = self.slots.remove(pos);
-            let data = hit.1.clone();
-            self.slots.push(hit);
-            return Ok(data);
+        if let Some((_, data)) = self.slots().iter().find(|(h, _)| h == hash) {
+            return Ok(data.clone());
         }
         let data = std::sync::Arc::new(store.get(hash)?.ok_or(FsError::MissingChunk(*hash))?);
-        if self.slots.len() >= CACHE_SLOTS {
-            self.slots.remove(0);
+        let mut slots = self.slots();
+        if slots.len() >= CACHE_SLOTS {
+            slots.remove(0);
         }
-        self.slots.push((*hash, data.clone()));
+        slots.push((*hash, data.clone()));
         Ok(data)
     }
 }
@@ -57,7 +64,7 @@ impl ChunkCache {
 /// Copies bytes of a committed version into `out`, starting at `offset`.
 pub fn read_content(
     store: &dyn ChunkStore,
-    cache: &mut ChunkCache,
+    cache: &ChunkCache,
     content: &Content,
     offset: u64,
     out: &mut [u8],
@@ -88,7 +95,7 @@ pub fn read_content(
 /// which the caller has clipped to the size).
 pub fn read_merged(
     store: &dyn ChunkStore,
-    cache: &mut ChunkCache,
+    cache: &ChunkCache,
     spill: &Spill,
     offset: u64,
     out: &mut [u8],
@@ -134,13 +141,7 @@ impl Read for MergedReader<'_> {
         if n == 0 {
             return Ok(0);
         }
-        match read_merged(
-            self.store,
-            &mut self.cache,
-            self.spill,
-            self.pos,
-            &mut buf[..n],
-        ) {
+        match read_merged(self.store, &self.cache, self.spill, self.pos, &mut buf[..n]) {
             Ok(()) => {
                 self.pos += n as u64;
                 Ok(n)

@@ -159,7 +159,7 @@ pub struct FsStats {
 struct OpenFile {
     handles: usize,
     spill: Option<Spill>,
-    cache: ChunkCache,
+    cache: Arc<ChunkCache>,
 }
 
 #[derive(Debug, Clone)]
@@ -701,7 +701,7 @@ impl Fs {
                 Arc::new(Mutex::new(OpenFile {
                     handles: 0,
                     spill: None,
-                    cache: ChunkCache::default(),
+                    cache: Arc::new(ChunkCache::default()),
                 }))
             })
             .clone()
@@ -810,15 +810,22 @@ impl Fs {
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.handle(fh)?;
-        let mut f = lock(&h.file);
-        let f = &mut *f;
-        if let Some(s) = f.spill.as_mut() {
-            s.materialize()?;
-            let n = s.size.saturating_sub(offset).min(size as u64) as usize;
-            let mut out = vec![0u8; n];
-            read_merged(&*self.store, &mut f.cache, s, offset, &mut out)?;
-            return Ok(out);
-        }
+        let cache = {
+            let mut f = lock(&h.file);
+            let f = &mut *f;
+            if let Some(s) = f.spill.as_mut() {
+                s.materialize()?;
+                let n = s.size.saturating_sub(offset).min(size as u64) as usize;
+                let mut out = vec![0u8; n];
+                read_merged(&*self.store, &f.cache, s, offset, &mut out)?;
+                return Ok(out);
+            }
+            f.cache.clone()
+        };
+        // A clean file: read the committed version without holding the
+        // file's lock, so concurrent reads of one file run in parallel. A
+        // commit updates the namespace before it drops its spill, so a read
+        // that found no spill sees at least every completed write.
         let content = {
             let meta = self.read_meta();
             let i = meta.get(h.ino).ok_or(MetaError::NotFound)?;
@@ -826,7 +833,7 @@ impl Fs {
         };
         let n = content.size.saturating_sub(offset).min(size as u64) as usize;
         let mut out = vec![0u8; n];
-        read_content(&*self.store, &mut f.cache, &content, offset, &mut out)?;
+        read_content(&*self.store, &cache, &content, offset, &mut out)?;
         Ok(out)
     }
 

@@ -678,10 +678,31 @@ pub fn mount(fs: Arc<Fs>, cfg: &MountConfig) -> std::io::Result<Mounted> {
         fuser::Session::new(adapter, &cfg.mountpoint, &config)?
     };
     let session = session.spawn()?;
+    raise_readahead(&cfg.mountpoint);
     Ok(Mounted {
         session,
         mountpoint: cfg.mountpoint.clone(),
     })
+}
+
+/// The kernel offers FUSE at most 128 KiB of readahead at INIT; sequential
+/// reads then arrive in 128 KiB requests. Root can raise the mount's
+/// backing-device readahead to MAX_IO afterwards (best effort).
+fn raise_readahead(mountpoint: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let want = mountpoint.as_os_str().as_bytes();
+    let dev = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && f[4].as_bytes() == want).then(|| f[2].to_string())
+    });
+    if let Some(dev) = dev {
+        let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&path, format!("{}", MAX_IO / 1024)) {
+            tracing::debug!(%path, error = %e, "could not raise readahead");
+        }
+    }
 }
 
 /// mount(2) with type `fuse.meshfs`, which fuser's own mount code does not

@@ -74,6 +74,12 @@ pub trait MetaStore: Send + Sync {
     fn persist(&self, changes: &crate::meta::Changes, sync: bool) -> Result<(), StorageError>;
     /// Makes every earlier write durable.
     fn sync(&self) -> Result<(), StorageError>;
+    /// `sync` if anything was written since the last one; says whether it
+    /// synced. The daemon calls it periodically (Config `sync_interval_ms`).
+    fn sync_if_dirty(&self) -> Result<bool, StorageError> {
+        self.sync()?;
+        Ok(true)
+    }
 }
 
 /// Everything the filesystem needs from storage.
