@@ -636,10 +636,14 @@ impl Fs {
 
     // ---- xattrs ----
 
+    /// `user.*` and `trusted.*` attributes are stored. `system.*` (POSIX
+    /// ACLs) is refused: stored as opaque bytes it would only pretend to be
+    /// enforced. `security.*` (SELinux labels, file capabilities) is refused
+    /// too: the mount is always nosuid, so capabilities would never apply,
+    /// and a clear "not supported" lets tools such as `ls -l` stop asking for
+    /// a label on every file (one kernel round trip each).
     fn check_xattr_namespace(name: &[u8]) -> Result<()> {
-        // POSIX ACLs are not implemented: storing them as opaque bytes would
-        // pretend to enforce them.
-        if name.starts_with(b"system.") {
+        if name.starts_with(b"system.") || name.starts_with(b"security.") {
             return Err(FsError::NotSupported);
         }
         Ok(())
