@@ -246,8 +246,14 @@ fn start(
         threads: cfg.fuse_threads,
         ttl: Duration::from_millis(cfg.attr_ttl_ms),
     };
-    let mounted = fuse::mount(fs.clone(), &mcfg)
-        .map_err(|e| Error::Mount(format!("{}: {e}", mountpoint.display())))?;
+    let mounted = fuse::mount(fs.clone(), &mcfg).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied && !root {
+            " (a non-root user needs read-write access to /dev/fuse, as Debian's fuse3 sets it up, and fusermount3)"
+        } else {
+            ""
+        };
+        Error::Mount(format!("{}: {e}{hint}", mountpoint.display()))
+    })?;
     let pid_path = data_dir.join(PID_FILE);
     std::fs::File::create(&pid_path)
         .and_then(|mut f| writeln!(f, "{}", std::process::id()))
