@@ -272,6 +272,9 @@ fn mount(
     // Child: detach from the terminal and log to the data dir.
     // SAFETY: setsid has no preconditions in a fresh child.
     unsafe { libc::setsid() };
+    // Paths are absolute by now; holding the caller's cwd would keep that
+    // filesystem busy for as long as the daemon runs.
+    let _ = std::env::set_current_dir("/");
     let log_path = data_dir.join(node::LOG_FILE);
     let devnull = std::fs::OpenOptions::new()
         .read(true)

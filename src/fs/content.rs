@@ -158,12 +158,29 @@ impl Read for MergedReader<'_> {
 /// Streamed bytes beyond which streamed chunks skip the WAL (`put_bulk`).
 const BULK_STREAM_BYTES: u64 = 8 << 20;
 
-fn put_chunk(store: &dyn ChunkStore, data: &[u8], at: u64) -> Result<ChunkHash, FsError> {
-    Ok(if at >= BULK_STREAM_BYTES {
+/// Stores one chunk (pinned until its version is committed) and appends
+/// it to `chunks` at offset `*at`, which it advances.
+fn store_chunk(
+    store: &dyn ChunkStore,
+    data: &[u8],
+    bulk: bool,
+    at: &mut u64,
+    chunks: &mut Vec<ChunkRef>,
+    pinned: &mut Vec<ChunkHash>,
+) -> Result<(), FsError> {
+    let hash = if bulk {
         store.put_bulk(data)?
     } else {
         store.put(data)?
-    })
+    };
+    pinned.push(hash);
+    chunks.push(ChunkRef {
+        hash,
+        offset: *at,
+        len: data.len() as u32,
+    });
+    *at += data.len() as u64;
+    Ok(())
 }
 
 /// Stores the complete chunks at the front of a stream's tail. Runs once
@@ -174,7 +191,8 @@ pub fn stream_cut(
     spill: &mut Spill,
     sizes: ChunkSizes,
 ) -> Result<(), FsError> {
-    let Some(st) = spill.stream.as_mut() else {
+    let Spill { stream, pinned, .. } = spill;
+    let Some(st) = stream.as_mut() else {
         return Ok(());
     };
     if st.tail.len() < 4 * sizes.max as usize {
@@ -186,21 +204,12 @@ pub fn stream_cut(
     let mut consumed = 0;
     let mut result = Ok(());
     for &(offset, length) in &cuts[..cuts.len().saturating_sub(1)] {
+        let bulk = st.end >= BULK_STREAM_BYTES;
         let data = &st.tail[offset..offset + length];
-        let hash = match put_chunk(store, data, st.end) {
-            Ok(h) => h,
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        };
-        spill.pinned.push(hash);
-        st.chunks.push(ChunkRef {
-            hash,
-            offset: st.end,
-            len: length as u32,
-        });
-        st.end += length as u64;
+        if let Err(e) = store_chunk(store, data, bulk, &mut st.end, &mut st.chunks, pinned) {
+            result = Err(e);
+            break;
+        }
         consumed = offset + length;
     }
     // Chunks stored before a failure stay stored; the tail keeps the rest.
@@ -225,20 +234,12 @@ fn finish_stream(
         None => (0, &[][..]),
     };
     for c in FastCDC::new(tail, sizes.min, sizes.avg, sizes.max) {
-        let hash = match put_chunk(store, &tail[c.offset..c.offset + c.length], end) {
-            Ok(h) => h,
-            Err(e) => {
-                store.unpin(&pinned);
-                return Err(e);
-            }
-        };
-        pinned.push(hash);
-        chunks.push(ChunkRef {
-            hash,
-            offset: end,
-            len: c.length as u32,
-        });
-        end += c.length as u64;
+        let data = &tail[c.offset..c.offset + c.length];
+        let bulk = end >= BULK_STREAM_BYTES;
+        if let Err(e) = store_chunk(store, data, bulk, &mut end, &mut chunks, &mut pinned) {
+            store.unpin(&pinned);
+            return Err(e);
+        }
     }
     Ok(NewContent {
         chunks,
@@ -303,25 +304,10 @@ pub fn rechunk(
                 break;
             }
         };
-        let put = if bulk {
-            store.put_bulk(&chunk.data)
-        } else {
-            store.put(&chunk.data)
-        };
-        let hash = match put {
-            Ok(h) => h,
-            Err(e) => {
-                store.unpin(&pinned);
-                return Err(e.into());
-            }
-        };
-        pinned.push(hash);
-        chunks.push(ChunkRef {
-            hash,
-            offset: at,
-            len: chunk.length as u32,
-        });
-        at += chunk.length as u64;
+        if let Err(e) = store_chunk(store, &chunk.data, bulk, &mut at, &mut chunks, &mut pinned) {
+            store.unpin(&pinned);
+            return Err(e);
+        }
         rechunked += chunk.length as u64;
         if at >= dirty_end && at < base_valid_end {
             // Same bytes from a boundary both runs cut at: same cuts from here.

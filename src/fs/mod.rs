@@ -126,6 +126,8 @@ pub struct StatFs {
     pub files: u64,
     pub ffree: u64,
     pub bsize: u32,
+    /// The unit of `blocks`, `bfree` and `bavail`.
+    pub frsize: u32,
     pub namelen: u32,
 }
 
@@ -480,24 +482,20 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: ResourceId, name: &[u8]) -> Result<()> {
-        let ino = self.read_meta().lookup(parent, name).map(|i| i.id).ok();
-        self.mutate(FsCommand::Unlink {
-            parent,
-            name: name.to_vec(),
-            now: Timestamp::now(),
-        })?;
-        if let Some(ino) = ino {
-            self.maybe_reclaim(ino);
-        }
-        Ok(())
+        self.remove(parent, name, false)
     }
 
     pub fn rmdir(&self, parent: ResourceId, name: &[u8]) -> Result<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: ResourceId, name: &[u8], dir: bool) -> Result<()> {
         let ino = self.read_meta().lookup(parent, name).map(|i| i.id).ok();
-        self.mutate(FsCommand::Rmdir {
-            parent,
-            name: name.to_vec(),
-            now: Timestamp::now(),
+        let (name, now) = (name.to_vec(), Timestamp::now());
+        self.mutate(if dir {
+            FsCommand::Rmdir { parent, name, now }
+        } else {
+            FsCommand::Unlink { parent, name, now }
         })?;
         if let Some(ino) = ino {
             self.maybe_reclaim(ino);
@@ -586,6 +584,7 @@ impl Fs {
     pub fn statfs(&self) -> Result<StatFs> {
         let c = std::ffi::CString::new(self.opts.spill_dir.as_os_str().as_encoded_bytes())
             .map_err(|_| FsError::Meta(MetaError::Invalid("data dir path has a NUL")))?;
+        // SAFETY: an all-zero statvfs is a valid value of the plain C struct.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: `c` is a valid C string and `st` a properly sized out-param.
         if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
@@ -599,6 +598,7 @@ impl Fs {
             files: files + st.f_ffree,
             ffree: st.f_ffree,
             bsize: st.f_bsize as u32,
+            frsize: st.f_frsize as u32,
             namelen: crate::meta::NAME_MAX as u32,
         })
     }

@@ -108,7 +108,10 @@ pub struct Spill {
     pub stream: Option<Stream>,
     /// Chunks stored (and pinned) for this spill before its commit.
     pub pinned: Vec<ChunkHash>,
-    file: File,
+    /// The backing file, created on first need: a streamed file never has
+    /// one, which saves a create and an unlink on the data dir's disk per
+    /// small file.
+    file: Option<File>,
     path: PathBuf,
     /// The committed version these writes apply to.
     pub base: Content,
@@ -122,17 +125,11 @@ pub struct Spill {
 impl Spill {
     pub fn create(dir: &Path, name: &str, base: Content, now: Timestamp) -> std::io::Result<Self> {
         let path = dir.join(name);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
         let stream = (base.size == 0).then(Stream::default);
         Ok(Spill {
             stream,
             pinned: Vec::new(),
-            file,
+            file: None,
             path,
             base_limit: base.size,
             size: base.size,
@@ -142,14 +139,31 @@ impl Spill {
         })
     }
 
+    fn file(&mut self) -> std::io::Result<&File> {
+        if self.file.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&self.path)?;
+            self.file = Some(f);
+        }
+        match &self.file {
+            Some(f) => Ok(f),
+            None => Err(std::io::Error::other("spill file missing")),
+        }
+    }
+
     /// Turns a stream into the general form: its chunks become the base and
     /// its tail goes to the spill file.
     pub fn materialize(&mut self) -> std::io::Result<()> {
         let Some(st) = self.stream.take() else {
             return Ok(());
         };
-        self.file.set_len(0)?;
-        self.file.write_all_at(&st.tail, st.end)?;
+        let file = self.file()?;
+        file.set_len(0)?;
+        file.write_all_at(&st.tail, st.end)?;
         self.base = Content {
             version: self.base.version,
             size: st.end,
@@ -175,7 +189,7 @@ impl Spill {
             }
             self.materialize()?;
         }
-        self.file.write_all_at(data, offset)?;
+        self.file()?.write_all_at(data, offset)?;
         self.written.insert(offset, end);
         self.size = self.size.max(end);
         self.mtime = now;
@@ -185,7 +199,9 @@ impl Spill {
     pub fn set_size(&mut self, size: u64, now: Timestamp) -> std::io::Result<()> {
         if size == 0 {
             // Empty again: whatever follows may stream from scratch.
-            self.file.set_len(0)?;
+            if let Some(f) = &self.file {
+                f.set_len(0)?;
+            }
             self.written = RangeSet::default();
             self.base_limit = 0;
             self.size = 0;
@@ -198,14 +214,21 @@ impl Spill {
             self.written.truncate(size);
             self.base_limit = self.base_limit.min(size);
         }
-        self.file.set_len(size)?;
+        self.file()?.set_len(size)?;
         self.size = size;
         self.mtime = now;
         Ok(())
     }
 
     pub fn read_spill(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        match &self.file {
+            Some(f) => f.read_exact_at(buf, offset),
+            // Nothing was ever written to a spill without a file.
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
     }
 
     /// Where byte `pos` (< size) comes from, and how far that source goes.
@@ -247,7 +270,9 @@ impl Spill {
 impl Drop for Spill {
     fn drop(&mut self) {
         // Committed or abandoned: the spill file is not needed any more.
-        let _ = std::fs::remove_file(&self.path);
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
