@@ -319,14 +319,19 @@ impl Fs {
     }
 
     pub fn forget(&self, ino: ResourceId, n: u64) {
-        {
+        let forgotten = {
             let mut l = lock(&self.lookups);
-            if let Some(c) = l.get_mut(&ino) {
-                *c = c.saturating_sub(n);
-                if *c == 0 {
-                    l.remove(&ino);
+            match l.get_mut(&ino) {
+                Some(c) => {
+                    *c = c.saturating_sub(n);
+                    *c == 0 && l.remove(&ino).is_some()
                 }
+                None => false,
             }
+        };
+        if forgotten {
+            // The kernel dropped the inode and its cached pages with it.
+            lock(&self.kernel_versions).remove(&ino);
         }
         self.maybe_reclaim(ino);
     }
@@ -343,7 +348,6 @@ impl Fs {
         {
             return;
         }
-        lock(&self.kernel_versions).remove(&ino);
         if let Err(e) = self.apply(FsCommand::Reclaim { ino }, false) {
             tracing::warn!(%ino, error = %e, "could not reclaim an unlinked inode; retried at next start");
         }
