@@ -20,3 +20,9 @@ pub mod ids;
 pub mod meta;
 pub mod node;
 pub mod storage;
+
+/// Locks a mutex even if a thread panicked while holding it: one failed
+/// request must not take the whole mount down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

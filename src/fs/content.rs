@@ -37,10 +37,7 @@ const CACHE_SLOTS: usize = 4;
 
 impl ChunkCache {
     fn slots(&self) -> std::sync::MutexGuard<'_, Vec<(ChunkHash, std::sync::Arc<Vec<u8>>)>> {
-        match self.slots.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::lock(&self.slots)
     }
 
     pub fn get(

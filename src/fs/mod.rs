@@ -14,7 +14,9 @@ mod tests;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::lock;
 
 use crate::ids::{ChunkHash, DeviceId, ResourceId, VersionId};
 use crate::meta::{
@@ -185,14 +187,6 @@ pub struct Fs {
     commits: AtomicU64,
     rechunked: AtomicU64,
     spill_seq: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not take the whole mount down with it.
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl Fs {

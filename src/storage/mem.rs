@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
+use crate::lock;
+
 use super::{verify, ChunkStore, Pins, StorageError, StoreStats};
 use crate::ids::ChunkHash;
 
@@ -25,13 +27,6 @@ impl MemChunkStore {
                 *b ^= 0xff;
             }
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

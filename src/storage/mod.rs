@@ -96,11 +96,7 @@ impl Pins {
     /// Runs `f` with the pin table locked: deletion decisions and new pins
     /// are serialised against each other.
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut HashMap<ChunkHash, usize>) -> T) -> T {
-        let mut guard = match self.map.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        f(&mut guard)
+        f(&mut crate::lock(&self.map))
     }
 
     /// Releases pins; `on_released` runs with the table still locked and

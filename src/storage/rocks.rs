@@ -14,6 +14,8 @@ use rocksdb::{
     IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
+use crate::lock;
+
 use super::{verify, ChunkStore, Pins, StorageError, StoreStats};
 use crate::ids::{ChunkHash, ResourceId};
 use crate::meta::{Changes, Entry, Inode, MetaState, Snapshot};
@@ -504,13 +506,6 @@ fn unpin_one(pins: &mut std::collections::HashMap<ChunkHash, usize>, hash: &Chun
         if *n == 0 {
             pins.remove(hash);
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 
