@@ -23,7 +23,6 @@ const MAX_REQUEST: usize = 4096;
 pub enum Request {
     Status,
     Check,
-    Shutdown,
 }
 
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
@@ -36,18 +35,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(l)
 }
 
-pub async fn serve(
-    listener: UnixListener,
-    node: Arc<Node>,
-    done: tokio::sync::mpsc::Sender<&'static str>,
-) {
+pub async fn serve(listener: UnixListener, node: Arc<Node>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let node = node.clone();
-                let done = done.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, node, done).await {
+                    if let Err(e) = handle(stream, node).await {
                         tracing::debug!(error = %e, "control connection failed");
                     }
                 });
@@ -60,11 +54,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(
-    stream: UnixStream,
-    node: Arc<Node>,
-    done: tokio::sync::mpsc::Sender<&'static str>,
-) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(r).take(MAX_REQUEST as u64);
@@ -78,10 +68,6 @@ async fn handle(
                 Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             }
-        }
-        Ok(Request::Shutdown) => {
-            let _ = done.send("shutdown request").await;
-            serde_json::json!({ "ok": true })
         }
         Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
     };

@@ -137,7 +137,12 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, Error> {
     match std::fs::metadata(mountpoint) {
         Ok(m) if !m.is_dir() => return Err(Error::MountPointNotDir(mountpoint.to_path_buf())),
         Ok(_) => {}
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+            ) =>
+        {
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
                 return Err(Error::StaleMount {
@@ -207,12 +212,8 @@ fn start(
 ) -> Result<(Arc<Node>, fuse::Mounted, DirLock), Error> {
     let cfg = Config::load(data_dir)?;
     let lock = DirLock::acquire(data_dir, LOCK_WAIT)?;
-    let store = Arc::new(RocksStore::open(&data_dir.join(DB_DIR))?);
-    let snap = store
-        .load_meta()?
-        .ok_or_else(|| Error::NotInitialized(data_dir.to_path_buf()))?;
-    let meta = MetaState::restore(snap)
-        .map_err(|e| Error::Mount(format!("namespace on disk is inconsistent: {e}")))?;
+    let (store, meta) = open_state(data_dir)?;
+    let store = Arc::new(store);
     let fs = Arc::new(Fs::new(
         store.clone(),
         meta,
@@ -285,20 +286,18 @@ fn serve(node: Arc<Node>, mounted: fuse::Mounted) -> Result<(), Error> {
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
     let sock = node.data_dir.join(SOCKET_FILE);
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
-    let session = {
-        let done = done_tx.clone();
-        std::thread::Builder::new()
-            .name("fuse-wait".into())
-            .spawn(move || {
-                mounted.join();
-                let _ = done.blocking_send("unmounted");
-            })
-            .map_err(|e| Error::io("spawning the session waiter", e))?
-    };
+    // The FUSE session ends when the kernel drops the mount (umount).
+    let (unmounted_tx, mut unmounted) = tokio::sync::oneshot::channel::<()>();
+    let session = std::thread::Builder::new()
+        .name("fuse-wait".into())
+        .spawn(move || {
+            mounted.join();
+            let _ = unmounted_tx.send(());
+        })
+        .map_err(|e| Error::io("spawning the session waiter", e))?;
     let result = rt.block_on(async {
         let listener = control::bind(&sock)?;
-        let server = tokio::spawn(control::serve(listener, node.clone(), done_tx.clone()));
+        let server = tokio::spawn(control::serve(listener, node.clone()));
         let syncer = tokio::spawn(sync_periodically(node.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| Error::io("installing SIGTERM handler", e))?;
@@ -307,7 +306,7 @@ fn serve(node: Arc<Node>, mounted: fuse::Mounted) -> Result<(), Error> {
         let why = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
-            w = done_rx.recv() => w.unwrap_or("unmounted"),
+            _ = &mut unmounted => "unmounted",
         };
         tracing::info!(reason = why, "shutting down");
         server.abort();
@@ -379,11 +378,17 @@ pub fn offline_status(data_dir: &Path) -> Result<serde_json::Value, Error> {
 pub fn offline_check(data_dir: &Path) -> Result<crate::storage::CheckReport, Error> {
     Config::load(data_dir)?;
     let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;
+    let (store, meta) = open_state(data_dir)?;
+    Ok(store.check(&meta)?)
+}
+
+/// Opens a data dir's store and loads its namespace.
+fn open_state(data_dir: &Path) -> Result<(RocksStore, MetaState), Error> {
     let store = RocksStore::open(&data_dir.join(DB_DIR))?;
     let snap = store
         .load_meta()?
         .ok_or_else(|| Error::NotInitialized(data_dir.to_path_buf()))?;
     let meta = MetaState::restore(snap)
         .map_err(|e| Error::Mount(format!("namespace on disk is inconsistent: {e}")))?;
-    Ok(store.check(&meta)?)
+    Ok((store, meta))
 }
