@@ -7,7 +7,9 @@
 mod mem;
 mod rocks;
 
+/// The conformance suite every `ChunkStore` passes (test-only).
 #[cfg(test)]
+#[path = "tests.rs"]
 pub(crate) mod conformance;
 
 use std::collections::{BTreeMap, HashMap};
