@@ -97,6 +97,17 @@ impl ChunkHash {
         Some(Self::from_bytes(arr))
     }
 
+    /// A reserved value (no content hashes to all zeros in practice) that
+    /// marks a run of zero bytes in a chunk list: holes and zero-filled
+    /// extensions cost neither chunking nor storage.
+    pub fn zero_run() -> Self {
+        Self::from_bytes([0; 32])
+    }
+
+    pub fn is_zero_run(&self) -> bool {
+        self.as_bytes() == &[0; 32]
+    }
+
     /// First 8 hex digits, enough to tell chunks apart in a log line.
     pub fn fmt_short(&self) -> String {
         self.0.to_hex()[..8].to_string()

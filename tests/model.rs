@@ -77,10 +77,12 @@ fn random_op(rng: &mut SmallRng) -> Op {
     match rng.gen_range(0..22) {
         0..=5 => Op::Write {
             path,
-            offset: if rng.gen_bool(0.3) {
-                rng.gen_range(0..300_000)
-            } else {
-                rng.gen_range(0..5000)
+            // Mostly small offsets; sometimes far out, leaving holes of
+            // several MiB (stored as zero runs).
+            offset: match rng.gen_range(0..10) {
+                0 => rng.gen_range(0..6_000_000),
+                1..=3 => rng.gen_range(0..300_000),
+                _ => rng.gen_range(0..5000),
             },
             len: rng.gen_range(0..70_000),
             seed: rng.gen(),
@@ -88,7 +90,11 @@ fn random_op(rng: &mut SmallRng) -> Op {
         },
         6 | 7 => Op::Truncate {
             path,
-            size: rng.gen_range(0..200_000),
+            size: if rng.gen_bool(0.2) {
+                rng.gen_range(0..5_000_000)
+            } else {
+                rng.gen_range(0..200_000)
+            },
         },
         8 | 9 => Op::Rename {
             from: path,

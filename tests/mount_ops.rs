@@ -103,6 +103,20 @@ fn sparse_files_read_holes_as_zeros() {
     assert_eq!(got.len(), (5 << 20) + 4);
     assert!(got[..5 << 20].iter().all(|b| *b == 0));
     assert_eq!(&got[5 << 20..], b"tail");
+    // A huge hole (truncate -s 100G) is instant and reads as zeros.
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    let t = std::time::Instant::now();
+    f.set_len(100 << 30).unwrap();
+    drop(f);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    let f = File::open(&p).unwrap();
+    let mut end = [1u8; 8];
+    f.read_exact_at(&mut end, (100 << 30) - 8).unwrap();
+    assert_eq!(end, [0u8; 8]);
 }
 
 #[test]

@@ -13,6 +13,60 @@ use crate::ids::ChunkHash;
 use crate::meta::{ChunkRef, Content};
 use crate::storage::ChunkStore;
 
+/// Zero runs at least this long are stored as references, not chunked.
+const ZERO_RUN_MIN: u64 = 1 << 20;
+/// The longest single zero-run reference (a chunk length is a u32).
+const ZERO_RUN_PIECE: u64 = 1 << 30;
+
+/// From `pos`: where the next run of at least ZERO_RUN_MIN zero bytes (a
+/// hole, or bytes cut off by truncation) starts and ends; `(size, size)` when
+/// there is none.
+fn next_zero_run(spill: &Spill, pos: u64) -> (u64, u64) {
+    let mut p = pos;
+    while p < spill.size {
+        let (end, zeros) = match spill.source(p) {
+            Source::Zero(e) => (e, true),
+            Source::Spill(e) => (e, false),
+            // Zero-run references of the base version stay zero runs.
+            Source::Base(e) => match base_zero_run_end(&spill.base, p) {
+                Some(z) => (z.min(e), true),
+                None => (base_data_end(&spill.base, p).min(e), false),
+            },
+        };
+        if zeros && end - p >= ZERO_RUN_MIN {
+            return (p, end);
+        }
+        p = end.max(p + 1);
+    }
+    (spill.size, spill.size)
+}
+
+/// If the base chunk at `pos` is a zero run: where the run (with any zero
+/// runs right after it) ends.
+fn base_zero_run_end(base: &Content, pos: u64) -> Option<u64> {
+    let mut i = base.chunk_at(pos)?;
+    if !base.chunks[i].hash.is_zero_run() {
+        return None;
+    }
+    let mut end = pos;
+    while i < base.chunks.len() && base.chunks[i].hash.is_zero_run() {
+        end = base.chunks[i].offset + base.chunks[i].len as u64;
+        i += 1;
+    }
+    Some(end)
+}
+
+/// Where the base's data chunks starting at `pos` give way to a zero run.
+fn base_data_end(base: &Content, pos: u64) -> u64 {
+    let Some(mut i) = base.chunk_at(pos) else {
+        return base.size;
+    };
+    while i < base.chunks.len() && !base.chunks[i].hash.is_zero_run() {
+        i += 1;
+    }
+    base.chunks.get(i).map_or(base.size, |c| c.offset)
+}
+
 /// Commits re-chunking at least this much use `ChunkStore::put_bulk`.
 const BULK_COMMIT_BYTES: u64 = 8 << 20;
 
@@ -73,15 +127,19 @@ pub fn read_content(
     };
     while pos < end && idx < content.chunks.len() {
         let c = content.chunks[idx];
-        let data = cache.get(store, &c.hash)?;
-        if data.len() != c.len as usize {
-            tracing::error!(chunk = %c.hash, "chunk length differs from the version's record");
-            return Err(FsError::MissingChunk(c.hash));
-        }
         let from = (pos - c.offset) as usize;
         let n = ((c.offset + c.len as u64).min(end) - pos) as usize;
         let o = (pos - offset) as usize;
-        out[o..o + n].copy_from_slice(&data[from..from + n]);
+        if c.hash.is_zero_run() {
+            out[o..o + n].fill(0);
+        } else {
+            let data = cache.get(store, &c.hash)?;
+            if data.len() != c.len as usize {
+                tracing::error!(chunk = %c.hash, "chunk length differs from the version's record");
+                return Err(FsError::MissingChunk(c.hash));
+            }
+            out[o..o + n].copy_from_slice(&data[from..from + n]);
+        }
         pos += n as u64;
         idx += 1;
     }
@@ -127,13 +185,15 @@ struct MergedReader<'a> {
     cache: ChunkCache,
     spill: &'a Spill,
     pos: u64,
+    /// Reading stops here (exclusive).
+    end: u64,
     /// The real error behind an `io::Error` handed to the chunker.
     failure: Option<FsError>,
 }
 
 impl Read for MergedReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.spill.size.saturating_sub(self.pos);
+        let left = self.end.saturating_sub(self.pos);
         let n = (buf.len() as u64).min(left) as usize;
         if n == 0 {
             return Ok(0);
@@ -280,49 +340,74 @@ pub fn rechunk(
     // Base boundaries where chunking may stop: inside the kept base region.
     let base_valid_end = spill.base_limit.min(base.size).min(spill.size);
 
-    let mut reader = MergedReader {
-        store,
-        cache: ChunkCache::default(),
-        spill,
-        pos: start,
-        failure: None,
-    };
     let mut pinned = Vec::new();
     let mut rechunked = 0u64;
     let mut at = start;
     let mut resume_at: Option<usize> = None;
-    let mut chunker_error = None;
-    let cdc = StreamCDC::new(&mut reader, sizes.min, sizes.avg, sizes.max);
-    for item in cdc {
-        let chunk = match item {
-            Ok(c) => c,
-            Err(e) => {
-                chunker_error = Some(e);
-                break;
-            }
+    // Past the last change, a cut on a base chunk boundary means the same
+    // bytes follow from a boundary both versions cut at: the base chunks
+    // from there are what chunking would produce again.
+    let realign = |at: u64| -> Option<usize> {
+        if at < dirty_end || at >= base_valid_end {
+            return None;
+        }
+        let i = base.chunks.partition_point(|c| c.offset < at);
+        (i < base.chunks.len() && base.chunks[i].offset == at).then_some(i)
+    };
+    'regions: while at < spill.size {
+        // Bytes up to the next long run of zeros go through the chunker;
+        // the run itself becomes zero-run references, never read or hashed.
+        let (data_end, zeros_end) = next_zero_run(spill, at);
+        let mut reader = MergedReader {
+            store,
+            cache: ChunkCache::default(),
+            spill,
+            pos: at,
+            end: data_end,
+            failure: None,
         };
-        if let Err(e) = store_chunk(store, &chunk.data, bulk, &mut at, &mut chunks, &mut pinned) {
-            store.unpin(&pinned);
-            return Err(e);
-        }
-        rechunked += chunk.length as u64;
-        if at >= dirty_end && at < base_valid_end {
-            // Same bytes from a boundary both runs cut at: same cuts from here.
-            let i = base.chunks.partition_point(|c| c.offset < at);
-            if i < base.chunks.len() && base.chunks[i].offset == at {
+        let mut chunker_error = None;
+        for item in StreamCDC::new(&mut reader, sizes.min, sizes.avg, sizes.max) {
+            let chunk = match item {
+                Ok(c) => c,
+                Err(e) => {
+                    chunker_error = Some(e);
+                    break;
+                }
+            };
+            if let Err(e) = store_chunk(store, &chunk.data, bulk, &mut at, &mut chunks, &mut pinned)
+            {
+                store.unpin(&pinned);
+                return Err(e);
+            }
+            rechunked += chunk.length as u64;
+            if let Some(i) = realign(at) {
                 resume_at = Some(i);
-                break;
+                break 'regions;
             }
         }
-    }
-    if let Some(e) = chunker_error {
-        store.unpin(&pinned);
-        // Prefer the reader's own error: it keeps "corrupt chunk" apart
-        // from plain I/O failures.
-        return Err(reader.failure.take().unwrap_or_else(|| match e {
-            fastcdc::v2020::Error::IoError(io) => FsError::Io(io),
-            other => FsError::Io(std::io::Error::other(other.to_string())),
-        }));
+        if let Some(e) = chunker_error {
+            store.unpin(&pinned);
+            // Prefer the reader's own error: it keeps "corrupt chunk" apart
+            // from plain I/O failures.
+            return Err(reader.failure.take().unwrap_or_else(|| match e {
+                fastcdc::v2020::Error::IoError(io) => FsError::Io(io),
+                other => FsError::Io(std::io::Error::other(other.to_string())),
+            }));
+        }
+        while at < zeros_end {
+            let len = (zeros_end - at).min(ZERO_RUN_PIECE);
+            chunks.push(ChunkRef {
+                hash: ChunkHash::zero_run(),
+                offset: at,
+                len: len as u32,
+            });
+            at += len;
+            if let Some(i) = realign(at) {
+                resume_at = Some(i);
+                break 'regions;
+            }
+        }
     }
     if let Some(i) = resume_at {
         // Base chunks beyond `base_valid_end` were cut away; stop there.

@@ -232,3 +232,43 @@ fn read_only_refuses_changes() {
         Err(FsError::ReadOnly)
     ));
 }
+
+#[test]
+fn holes_become_zero_runs_not_chunks() {
+    let (store, fs, _d) = setup();
+    let ino = write_file(&fs, "big-sparse", b"head");
+    let t = std::time::Instant::now();
+    // 64 GiB of hole: chunking it would take minutes.
+    fs.setattr(
+        ino,
+        None,
+        SetAttr {
+            size: Some(64 << 30),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let o = fs.open(ino, libc::O_RDWR).unwrap();
+    fs.write(o.fh, 32 << 30, b"middle").unwrap();
+    fs.release(o.fh).unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    let o = fs.open(ino, libc::O_RDONLY).unwrap();
+    assert_eq!(fs.read(o.fh, 0, 8).unwrap(), b"head\0\0\0\0");
+    assert_eq!(fs.read(o.fh, (32 << 30) - 2, 8).unwrap(), b"\0\0middle");
+    assert_eq!(fs.read(o.fh, (64 << 30) - 4, 100).unwrap(), vec![0u8; 4]);
+    fs.release(o.fh).unwrap();
+    let (zero_runs, stored) = fs.with_meta(|m| {
+        let c = m.get(ino).unwrap().content.clone().unwrap();
+        (
+            c.chunks.iter().filter(|c| c.hash.is_zero_run()).count(),
+            c.chunks.len(),
+        )
+    });
+    assert!(zero_runs >= 64, "{zero_runs} zero runs of {stored} refs");
+    // Only the two small data regions are stored; zero runs are not chunks.
+    assert!(store.stats().unwrap().chunks <= 4);
+}

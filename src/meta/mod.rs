@@ -327,7 +327,7 @@ impl MetaState {
         let mut refs = BTreeMap::new();
         for inode in self.inodes.values() {
             if let Some(c) = &inode.content {
-                for ch in c.chunks.iter() {
+                for ch in c.chunks.iter().filter(|c| !c.hash.is_zero_run()) {
                     *refs.entry(ch.hash).or_insert(0) += 1;
                 }
             }
@@ -450,10 +450,10 @@ impl MetaState {
                 }
                 check_chunk_list(&chunks, size)?;
                 let old = inode.content.take().unwrap_or_default();
-                for c in old.chunks.iter() {
+                for c in old.chunks.iter().filter(|c| !c.hash.is_zero_run()) {
                     *self.chunk_deltas.entry(c.hash).or_insert(0) -= 1;
                 }
-                for c in &chunks {
+                for c in chunks.iter().filter(|c| !c.hash.is_zero_run()) {
                     *self.chunk_deltas.entry(c.hash).or_insert(0) += 1;
                 }
                 inode.content = Some(Content {
@@ -731,7 +731,7 @@ impl MetaState {
         self.save_dir(ino);
         if let Some(inode) = self.inodes.remove(&ino) {
             if let Some(c) = &inode.content {
-                for ch in c.chunks.iter() {
+                for ch in c.chunks.iter().filter(|c| !c.hash.is_zero_run()) {
                     *self.chunk_deltas.entry(ch.hash).or_insert(0) -= 1;
                 }
             }
