@@ -507,7 +507,11 @@ fn compact_chunks(db: &DB) -> Result<(), StorageError> {
     };
     db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", "1.0")])
         .map_err(db_err)?;
-    db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+    // Force the bottommost level too: by default RocksDB skips files already
+    // there, and their blob references would keep dead blob files alive.
+    let mut co = rocksdb::CompactOptions::default();
+    co.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+    db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &co);
     db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", "0.25")])
         .map_err(db_err)
 }
