@@ -325,9 +325,10 @@ impl RocksStore {
         let chunks = self.cf(CF_CHUNKS);
         self.pins.with(|pins| {
             *pins.entry(hash).or_insert(0) += 1;
-            // A stored copy that no longer hashes right is rewritten: writing
-            // the same content again heals a damaged chunk.
-            let stored = self.raw_chunk(&hash)?.map(|v| ChunkHash::of(&v) == hash);
+            // A stored copy that differs from these bytes (which hash to the
+            // key) is damaged and is rewritten: writing the same content
+            // again heals it. Comparing costs less than hashing again.
+            let stored = self.raw_chunk(&hash)?.map(|v| v.as_ref() == data);
             if stored != Some(true) {
                 if !super::has_space(self.db.path(), data.len() as u64) {
                     unpin_one(pins, &hash);
@@ -525,6 +526,30 @@ fn unpin_one(pins: &mut std::collections::HashMap<ChunkHash, usize>, hash: &Chun
     }
 }
 
+impl RocksStore {
+    /// Deletes chunks the caller found unreferenced and unpinned (with the
+    /// pin table locked), in one batch with the stats, and starts reclaiming
+    /// their space. Returns how many went.
+    fn delete_chunks(&self, doomed: Vec<(ChunkHash, u64)>) -> Result<u64, StorageError> {
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let mut stats = *lock(&self.stats);
+        let mut batch = WriteBatch::default();
+        for (h, len) in &doomed {
+            batch.delete_cf(self.cf(CF_CHUNKS), h.as_bytes());
+            stats.chunks = stats.chunks.saturating_sub(1);
+            stats.bytes = stats.bytes.saturating_sub(*len);
+        }
+        batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
+        self.db.write(batch).map_err(db_err)?;
+        self.wal_written.fetch_add(1, Ordering::AcqRel);
+        *lock(&self.stats) = stats;
+        self.reclaim_in_background();
+        Ok(doomed.len() as u64)
+    }
+}
+
 impl super::MetaStore for RocksStore {
     fn persist(&self, changes: &Changes, sync: bool) -> Result<(), StorageError> {
         self.persist_changes(changes, sync)
@@ -599,80 +624,37 @@ impl ChunkStore for RocksStore {
     }
 
     fn unpin(&self, hashes: &[ChunkHash]) {
-        let r = self
-            .pins
-            .unpin_then(hashes, |_, released| -> Result<bool, StorageError> {
-                let mut stats = *lock(&self.stats);
-                let mut batch = WriteBatch::default();
-                let mut any = false;
-                for h in released {
-                    if self
-                        .db
-                        .get_pinned_cf(self.cf(CF_REFS), h.as_bytes())
-                        .map_err(db_err)?
-                        .is_some()
-                    {
-                        continue;
-                    }
+        let r = self.pins.unpin_then(hashes, |_, released| {
+            let mut doomed = Vec::new();
+            for h in released {
+                if self.refcount(&h)? == 0 {
                     if let Some(len) = self.chunk_len(&h)? {
-                        batch.delete_cf(self.cf(CF_CHUNKS), h.as_bytes());
-                        stats.chunks = stats.chunks.saturating_sub(1);
-                        stats.bytes = stats.bytes.saturating_sub(len);
-                        any = true;
+                        doomed.push((h, len));
                     }
                 }
-                if any {
-                    batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
-                    self.db.write(batch).map_err(db_err)?;
-                    self.wal_written.fetch_add(1, Ordering::AcqRel);
-                    *lock(&self.stats) = stats;
-                }
-                Ok(any)
-            });
-        match r {
-            Ok(true) => self.reclaim_in_background(),
-            Ok(false) => {}
+            }
+            self.delete_chunks(doomed)
+        });
+        if let Err(e) = r {
             // Left for the garbage collection at the next start.
-            Err(e) => tracing::warn!(error = %e, "could not drop uncommitted chunks"),
+            tracing::warn!(error = %e, "could not drop uncommitted chunks");
         }
     }
 
     fn collect_garbage(&self) -> Result<u64, StorageError> {
-        let chunks = self.cf(CF_CHUNKS);
-        let refs = self.cf(CF_REFS);
-        self.pins
-            .with(|pins| {
-                let mut stats = *lock(&self.stats);
-                let mut batch = WriteBatch::default();
-                let mut n = 0;
-                for item in self.scan_chunks() {
-                    let (k, len) = item?;
-                    let Some(h) = ChunkHash::from_slice(&k) else {
-                        continue;
-                    };
-                    if pins.contains_key(&h)
-                        || self.db.get_pinned_cf(refs, &k).map_err(db_err)?.is_some()
-                    {
-                        continue;
-                    }
-                    batch.delete_cf(chunks, &k);
-                    stats.chunks = stats.chunks.saturating_sub(1);
-                    stats.bytes = stats.bytes.saturating_sub(len as u64);
-                    n += 1;
+        self.pins.with(|pins| {
+            let mut doomed = Vec::new();
+            for item in self.scan_chunks() {
+                let (k, len) = item?;
+                let Some(h) = ChunkHash::from_slice(&k) else {
+                    continue;
+                };
+                if !pins.contains_key(&h) && self.refcount(&h)? == 0 {
+                    doomed.push((h, len as u64));
                 }
-                if n > 0 {
-                    batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
-                    self.db.write(batch).map_err(db_err)?;
-                    self.wal_written.fetch_add(1, Ordering::AcqRel);
-                    *lock(&self.stats) = stats;
-                }
-                Ok(n)
-            })
-            .inspect(|n| {
-                if *n > 0 {
-                    self.reclaim_in_background();
-                }
-            })
+            }
+            self.delete_chunks(doomed)
+        })
     }
 
     fn stats(&self) -> Result<StoreStats, StorageError> {
