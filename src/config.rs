@@ -18,8 +18,20 @@ pub struct Config {
     pub name: String,
     /// This device's id (hex), chosen at `init`. Do not edit.
     pub device_id: String,
-    /// libp2p listen address for the mesh (used once devices form a mesh).
+    /// libp2p listen address for the mesh. `init` and `join` replace port 0
+    /// with a free port, so that the address other devices record stays
+    /// valid across restarts.
     pub listen: String,
+    /// Find other members on the LAN with mDNS.
+    pub mdns: bool,
+    /// Longest wait for one piece of a chunk from one device before the next
+    /// holder is tried, in milliseconds.
+    pub fetch_timeout_ms: u64,
+    /// Pieces in flight per fetch.
+    pub fetch_window: usize,
+    /// Period of availability and load announcements, in milliseconds
+    /// (changes are announced at once as well).
+    pub announce_interval_ms: u64,
     /// Let users other than the daemon's own reach the mount. `None`: on when
     /// the daemon runs as root (a mesh at /mnt/mesh is for every local user).
     pub allow_other: Option<bool>,
@@ -51,6 +63,10 @@ impl Default for Config {
             name: default_name(),
             device_id: String::new(),
             listen: "/ip4/0.0.0.0/tcp/0".into(),
+            mdns: true,
+            fetch_timeout_ms: 10_000,
+            fetch_window: 32,
+            announce_interval_ms: 10_000,
             allow_other: None,
             sync_on_close: false,
             sync_interval_ms: 200,
@@ -130,6 +146,16 @@ impl Config {
         }
         if self.sync_interval_ms == 0 || self.sync_interval_ms > 60_000 {
             return Err("sync_interval_ms must be 1..=60000".into());
+        }
+        crate::mesh::check_listen(&self.listen)?;
+        if !(100..=600_000).contains(&self.fetch_timeout_ms) {
+            return Err("fetch_timeout_ms must be 100..=600000".into());
+        }
+        if !(1..=1024).contains(&self.fetch_window) {
+            return Err("fetch_window must be 1..=1024".into());
+        }
+        if !(100..=3_600_000).contains(&self.announce_interval_ms) {
+            return Err("announce_interval_ms must be 100..=3600000".into());
         }
         if self.fuse_threads == 0 || self.fuse_threads > 64 {
             return Err("fuse_threads must be 1..=64".into());

@@ -15,14 +15,36 @@ use crate::error::Error;
 use crate::node::{Node, SOCKET_FILE};
 use crate::storage::ChunkStore;
 
-/// Longest request line accepted: requests are tiny.
-const MAX_REQUEST: usize = 4096;
+/// Longest request line accepted (a fetch lists its chunk hashes).
+const MAX_REQUEST: usize = 16 << 20;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
     Check,
+    /// Open a join listener and return a one-time code.
+    Invite {
+        ttl_s: u64,
+    },
+    RemoveDevice {
+        name: String,
+    },
+    /// The chunk list of a file, by its path inside the mount.
+    Chunks {
+        path: String,
+    },
+    /// Fetch chunks from other devices (those named in `from`, in that
+    /// order, or every other member when it is empty) into the local cache;
+    /// with `out`, also write them in order to that file as they arrive.
+    /// For tests and benchmarks of content exchange until the namespace is
+    /// shared.
+    Fetch {
+        #[serde(default)]
+        from: Vec<String>,
+        hashes: Vec<String>,
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
@@ -60,7 +82,7 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
     let mut reader = tokio::io::BufReader::new(r).take(MAX_REQUEST as u64);
     reader.read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(Request::Status) => status(&node),
+        Ok(Request::Status) => status(&node, node.mesh.status().await.ok()),
         Ok(Request::Check) => {
             let n = node.clone();
             match tokio::task::spawn_blocking(move || n.fs.with_meta(|m| n.store.check(m))).await {
@@ -69,6 +91,19 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             }
         }
+        Ok(Request::Invite { ttl_s }) => {
+            let ttl = Duration::from_secs(ttl_s.clamp(1, 7 * 24 * 3600));
+            match crate::mesh::join::invite(&node.mesh, ttl).await {
+                Ok(code) => serde_json::json!({ "code": code.encode(), "expires": code.expires }),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            }
+        }
+        Ok(Request::RemoveDevice { name }) => match node.mesh.remove_member(&name).await {
+            Ok(m) => serde_json::json!({ "removed": m.name, "id": m.device }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        },
+        Ok(Request::Chunks { path }) => chunks(&node, &path),
+        Ok(Request::Fetch { from, hashes, out }) => fetch(&node, from, hashes, out).await,
         Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
     };
     let mut out = reply.to_string();
@@ -77,7 +112,90 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
     w.shutdown().await
 }
 
-fn status(node: &Node) -> serde_json::Value {
+fn chunks(node: &Node, path: &str) -> serde_json::Value {
+    let found = node.fs.with_meta(|m| {
+        let mut ino = crate::ids::ResourceId::ROOT;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            ino = m.lookup(ino, part.as_bytes()).ok()?.id;
+        }
+        let i = m.get(ino)?;
+        let c = i.content.as_ref()?;
+        Some((ino, c.size, c.chunks.clone()))
+    });
+    match found {
+        None => serde_json::json!({ "error": format!("{path}: no such regular file") }),
+        Some((ino, size, chunks)) => serde_json::json!({
+            "resource": ino.0,
+            "size": size,
+            "chunks": chunks.iter().map(|c| serde_json::json!({
+                "hash": c.hash.to_string(), "offset": c.offset, "len": c.len,
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+async fn fetch(
+    node: &Node,
+    from: Vec<String>,
+    hashes: Vec<String>,
+    out: Option<std::path::PathBuf>,
+) -> serde_json::Value {
+    let err = |e: String| serde_json::json!({ "error": e });
+    let mut parsed = Vec::with_capacity(hashes.len());
+    for h in &hashes {
+        match crate::ids::ChunkHash::parse_hex(h) {
+            Some(h) => parsed.push(h),
+            None => return err(format!("bad chunk hash {h:?}")),
+        }
+    }
+    let status = match node.mesh.status().await {
+        Ok(s) => s,
+        Err(e) => return err(e.to_string()),
+    };
+    let me = node.mesh.device();
+    let mut holders = Vec::new();
+    for name in &from {
+        match status.devices.iter().find(|d| &d.name == name) {
+            Some(d) => holders.push(d.id),
+            None => return err(format!("no device named {name} in the mesh")),
+        }
+    }
+    if from.is_empty() {
+        // Connected devices first.
+        let mut d: Vec<_> = status.devices.iter().filter(|d| d.id != me).collect();
+        d.sort_by_key(|d| !d.up);
+        holders = d.into_iter().map(|d| d.id).collect();
+    }
+    let mut file = match &out {
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => Some(f),
+            Err(e) => return err(format!("{}: {e}", p.display())),
+        },
+        None => None,
+    };
+    let r = node
+        .mesh
+        .fetch_stream(parsed, holders, |_, data| {
+            if let Some(f) = file.as_mut() {
+                use std::io::Write;
+                f.write_all(&data)
+                    .map_err(|e| crate::mesh::MeshError::io("writing the fetched data", e))?;
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(rep) => serde_json::json!({
+            "chunks": rep.chunks,
+            "bytes": rep.bytes,
+            "first_chunk_ms": rep.first_chunk.map(|d| d.as_secs_f64() * 1000.0),
+            "total_ms": rep.total.as_secs_f64() * 1000.0,
+        }),
+        Err(e) => err(e.to_string()),
+    }
+}
+
+fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Value {
     let stats = node.store.stats().unwrap_or_default();
     let fs = node.fs.stats();
     let inodes = node.fs.with_meta(|m| m.inode_count());
@@ -88,8 +206,13 @@ fn status(node: &Node) -> serde_json::Value {
         "id": node.cfg.device_id,
         "mountpoint": node.mountpoint,
         "uptime_s": node.started.elapsed().as_secs(),
-        // One device until devices form a mesh: this one, reachable, no RTT.
-        "devices": [{"name": node.cfg.name, "id": node.cfg.device_id, "up": true, "rtt_ms": 0.0}],
+        "devices": match &mesh {
+            Some(m) => serde_json::to_value(&m.devices).unwrap_or_default(),
+            None => serde_json::json!([{"name": node.cfg.name, "id": node.cfg.device_id, "up": true, "rtt_ms": 0.0}]),
+        },
+        "peer": mesh.as_ref().map(|m| m.peer.clone()),
+        "listen": mesh.as_ref().map(|m| m.listen.clone()),
+        "refused_connections": mesh.as_ref().map(|m| m.refused_connections),
         // No consensus runs yet, so there is no leader and no term.
         "leader": null,
         "term": 0,

@@ -37,6 +37,8 @@ pub enum Error {
     Storage(#[from] StorageError),
     #[error("filesystem: {0}")]
     Fs(#[from] FsError),
+    #[error("{0}")]
+    Mesh(#[from] crate::mesh::MeshError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -6,32 +6,37 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A device's identity within a mesh. Random at `init`; later bound to the
-/// device's libp2p key.
+/// A device's identity within a mesh. Random at `init`; the mesh's member
+/// list binds it to the device's libp2p peer id (its ed25519 key).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DeviceId(pub [u8; 16]);
 
+/// Random bytes for ids, keys and secrets: the OS random source, mixed
+/// through BLAKE3 with the time and pid so that no extra crate is needed.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut seed = [0u8; 32];
+    // /dev/urandom is the primary source; time and pid are a fallback only.
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut seed);
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&seed);
+    h.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.update(&now.to_le_bytes());
+    let mut out = [0u8; N];
+    h.finalize_xof().fill(&mut out);
+    out
+}
+
 impl DeviceId {
-    /// A fresh random id, drawn from the OS random source through BLAKE3 of
-    /// the time and pid so that no extra crate is needed for randomness.
+    /// A fresh random id.
     pub fn generate() -> Self {
-        let mut seed = [0u8; 32];
-        // /dev/urandom is the primary source; time and pid are a fallback only.
-        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-            use std::io::Read;
-            let _ = f.read_exact(&mut seed);
-        }
-        let mut h = blake3::Hasher::new();
-        h.update(&seed);
-        h.update(&std::process::id().to_le_bytes());
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        h.update(&now.to_le_bytes());
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
-        DeviceId(out)
+        DeviceId(random_bytes())
     }
 
     pub fn to_hex(&self) -> String {
@@ -89,6 +94,11 @@ impl ChunkHash {
 
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         ChunkHash(blake3::Hash::from_bytes(bytes))
+    }
+
+    /// Parses the 64-digit hex form (`Display`).
+    pub fn parse_hex(s: &str) -> Option<Self> {
+        blake3::Hash::from_hex(s).ok().map(ChunkHash)
     }
 
     /// Parses a key read from disk; `None` when it is not 32 bytes.

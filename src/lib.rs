@@ -7,6 +7,8 @@
 //! - `storage`: RocksDB (the only user of rocksdb): chunks, refcounts, state.
 //! - `fs`: filesystem semantics: handles, spills, reads, commits.
 //! - `fuse`: the thin kernel adapter (the only user of fuser) and mounting.
+//! - `mesh`: libp2p (its only user): the swarm actor, invite/join, chunk
+//!   transfer, availability; `MeshClient` is its handle.
 //! - `control`: the daemon's control socket and its client.
 //! - `node`: composition root: init, start-up, serve, shutdown.
 //! - `error`: the daemon- and CLI-level error.
@@ -17,6 +19,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod ids;
+pub mod mesh;
 pub mod meta;
 pub mod node;
 pub mod storage;

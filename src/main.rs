@@ -53,6 +53,33 @@ enum Cmd {
         #[arg(long, hide = true)]
         sloppy: bool,
     },
+    /// Print a one-time code that lets another device join this mesh (the
+    /// daemon must be running).
+    Invite {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// How long the code stays valid, e.g. 10m, 1h, 90s.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Join the mesh that printed CODE, creating this device's data dir.
+    Join {
+        code: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Device name (default: hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// libp2p listen address, e.g. /ip4/0.0.0.0/tcp/4001.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Remove a device from the mesh: it can no longer connect or fetch.
+    RemoveDevice {
+        name: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Show the device's state.
     Status {
         #[arg(long)]
@@ -127,6 +154,53 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             options,
             sloppy,
         } => mount(&data_dir, &mountpoint, foreground, &options, sloppy),
+        Cmd::Invite { data_dir, ttl } => {
+            init_cli_log();
+            Config::load(&data_dir)?;
+            let v = control::request(
+                &data_dir,
+                &Request::Invite {
+                    ttl_s: ttl.as_secs().max(1),
+                },
+            )
+            .map_err(|e| match e {
+                Error::NotRunning(d) => anyhow::anyhow!(
+                    "no meshfs daemon is running for {}; `meshfs invite` needs the device mounted (meshfs mount --data-dir {} MOUNTPOINT)",
+                    d.display(),
+                    d.display()
+                ),
+                e => e.into(),
+            })?;
+            println!("{}", v["code"].as_str().unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Join {
+            code,
+            data_dir,
+            name,
+            listen,
+        } => {
+            init_cli_log();
+            let cfg = node::join(&code, &data_dir, name, listen)?;
+            println!(
+                "joined the mesh as device '{}' ({}); data dir {}",
+                cfg.name,
+                cfg.device_id,
+                data_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::RemoveDevice { name, data_dir } => {
+            init_cli_log();
+            Config::load(&data_dir)?;
+            match control::request(&data_dir, &Request::RemoveDevice { name: name.clone() }) {
+                Ok(_) => {}
+                Err(Error::NotRunning(_)) => node::offline_remove_device(&data_dir, &name)?,
+                Err(e) => return Err(e.into()),
+            }
+            println!("removed device '{name}' from the mesh");
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Status { data_dir, json } => {
             init_cli_log();
             Config::load(&data_dir)?;
@@ -214,7 +288,45 @@ fn print_status(v: &serde_json::Value) {
         "cache:      {} bytes in {} chunks",
         v["cache_bytes"], v["chunks"]
     );
-    println!("mesh:       this device only (no peers yet)");
+    for d in v["devices"].as_array().into_iter().flatten() {
+        let rtt = d["rtt_ms"]
+            .as_f64()
+            .map(|r| format!("{r:.2} ms"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "device:     {:<16} {:<5} rtt {:<10} holds {} files, load {}% cpu, {} transfers",
+            d["name"].as_str().unwrap_or("?"),
+            if d["up"].as_bool().unwrap_or(false) {
+                "up"
+            } else {
+                "down"
+            },
+            rtt,
+            d["holdings"],
+            d["load"]["cpu_percent"],
+            d["load"]["active_transfers"],
+        );
+    }
+}
+
+/// Parses 90, 90s, 10m, 2h, 1d.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (use e.g. 90s, 10m, 2h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86400),
+        _ => return Err(format!("bad duration unit in {s:?} (use s, m, h or d)")),
+    };
+    if secs == 0 {
+        return Err("duration must be positive".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn mount(

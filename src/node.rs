@@ -15,6 +15,8 @@ use crate::error::Error;
 use crate::fs::{ChunkSizes, Fs, FsOptions};
 use crate::fuse;
 use crate::ids::DeviceId;
+use crate::mesh::protocol::{Holding, InviteCode, JoinRequest};
+use crate::mesh::{self, MeshClient, MeshError, MeshSettings, MeshState};
 use crate::meta::{MetaState, Timestamp};
 use crate::storage::{MetaStore, RocksStore};
 
@@ -34,13 +36,45 @@ pub fn init(
     name: Option<String>,
     listen: Option<String>,
 ) -> Result<Config, Error> {
+    let cfg = new_config(data_dir, name, listen)?;
+    let state = MeshState::generate(&cfg.name, cfg.device_id());
+    create_data_dir(data_dir, &cfg, &state)?;
+    Ok(cfg)
+}
+
+/// `meshfs join CODE`: joins the mesh that issued the invite code, through
+/// the inviting daemon's join listener, then sets up the data dir.
+pub fn join(
+    code: &str,
+    data_dir: &Path,
+    name: Option<String>,
+    listen: Option<String>,
+) -> Result<Config, Error> {
+    let code = InviteCode::decode(code).map_err(|e| Error::Mesh(MeshError::Join(e)))?;
+    let cfg = new_config(data_dir, name, listen)?;
+    let mut state = MeshState::generate(&cfg.name, cfg.device_id());
+    let req = JoinRequest {
+        name: cfg.name.clone(),
+        device: cfg.device_id(),
+        peer: state.peer_id().to_string(),
+        port: mesh::listen_port(&cfg.listen),
+    };
+    let joined = mesh::join::join(&code, &req)?;
+    state.mesh_key = joined.mesh_key;
+    state.members = joined.members;
+    create_data_dir(data_dir, &cfg, &state)?;
+    Ok(cfg)
+}
+
+/// A validated Config for a new data dir, with a fixed listen port.
+fn new_config(
+    data_dir: &Path,
+    name: Option<String>,
+    listen: Option<String>,
+) -> Result<Config, Error> {
     if Config::path(data_dir).exists() {
         return Err(Error::AlreadyInitialized(data_dir.to_path_buf()));
     }
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
-    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io(format!("securing {}", data_dir.display()), e))?;
     let mut cfg = Config {
         device_id: DeviceId::generate().to_hex(),
         ..Config::default()
@@ -48,13 +82,22 @@ pub fn init(
     if let Some(n) = name {
         cfg.name = n;
     }
-    if let Some(l) = listen {
-        cfg.listen = l;
-    }
-    cfg.validate().map_err(|msg| Error::Config {
-        path: Config::path(data_dir),
-        msg,
-    })?;
+    let listen = listen.unwrap_or_else(|| cfg.listen.clone());
+    cfg.validate()
+        .and_then(|_| mesh::check_listen(&listen))
+        .map_err(|msg| Error::Config {
+            path: Config::path(data_dir),
+            msg,
+        })?;
+    cfg.listen = mesh::fix_listen_port(&listen)?;
+    Ok(cfg)
+}
+
+fn create_data_dir(data_dir: &Path, cfg: &Config, state: &MeshState) -> Result<(), Error> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("securing {}", data_dir.display()), e))?;
     let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;
     let store = RocksStore::open(&data_dir.join(DB_DIR))?;
     if store.load_meta()?.is_none() {
@@ -64,9 +107,10 @@ pub fn init(
         store.persist(&meta.take_changes(), true)?;
     }
     store.flush()?;
+    state.save(data_dir)?;
     // The config is written last: its presence marks a complete data dir.
     cfg.save(data_dir)?;
-    Ok(cfg)
+    Ok(())
 }
 
 /// An exclusive lock on a data dir, held for the daemon's whole life.
@@ -173,6 +217,7 @@ pub struct Node {
     pub data_dir: PathBuf,
     pub store: Arc<RocksStore>,
     pub fs: Arc<Fs>,
+    pub mesh: MeshClient,
     pub mountpoint: PathBuf,
     pub started: Instant,
 }
@@ -192,9 +237,9 @@ pub fn run_daemon(
         }
     };
     match start(data_dir, mountpoint, opts) {
-        Ok((node, mounted, lock)) => {
+        Ok((node, mounted, lock, rt)) => {
             report(Ok(()));
-            let r = serve(node, mounted);
+            let r = serve(node, mounted, rt);
             drop(lock);
             r
         }
@@ -205,13 +250,19 @@ pub fn run_daemon(
     }
 }
 
-fn start(
-    data_dir: &Path,
-    mountpoint: &Path,
-    opts: &MountOptions,
-) -> Result<(Arc<Node>, fuse::Mounted, DirLock), Error> {
+type Started = (Arc<Node>, fuse::Mounted, DirLock, tokio::runtime::Runtime);
+
+fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Started, Error> {
     let cfg = Config::load(data_dir)?;
     let lock = DirLock::acquire(data_dir, LOCK_WAIT)?;
+    let mesh_state = if MeshState::exists(data_dir) {
+        MeshState::load(data_dir)?
+    } else {
+        // A data dir made before meshes existed: it becomes a mesh of one.
+        let s = MeshState::generate(&cfg.name, cfg.device_id());
+        s.save(data_dir)?;
+        s
+    };
     let (store, meta) = open_state(data_dir)?;
     let store = Arc::new(store);
     let fs = Arc::new(Fs::new(
@@ -234,6 +285,31 @@ fn start(
     if let Err(e) = store.reclaim_if_needed() {
         tracing::warn!(error = %e, "could not reclaim the space of deleted chunks");
     }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the runtime", e))?;
+    let mesh = {
+        let _in_runtime = rt.enter();
+        let holdings_fs = fs.clone();
+        let mesh = mesh::start(
+            MeshSettings {
+                data_dir: data_dir.to_path_buf(),
+                listen: cfg.listen.clone(),
+                mdns: cfg.mdns,
+                fetch_timeout: Duration::from_millis(cfg.fetch_timeout_ms),
+                announce_every: Duration::from_millis(cfg.announce_interval_ms),
+                fetch_window: cfg.fetch_window,
+            },
+            mesh_state,
+            store.clone(),
+            Arc::new(move || holdings_fs.with_meta(holdings)),
+        )?;
+        let m = mesh.clone();
+        fs.set_on_change(Arc::new(move || m.holdings_changed()));
+        mesh
+    };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let allow_other = opts.allow_other.or(cfg.allow_other).unwrap_or(root);
@@ -271,20 +347,40 @@ fn start(
         data_dir: data_dir.to_path_buf(),
         store,
         fs,
+        mesh,
         mountpoint,
         started: Instant::now(),
     });
-    Ok((node, mounted, lock))
+    Ok((node, mounted, lock, rt))
+}
+
+/// What this device holds, for availability broadcasts: every file with
+/// content (on one device, all of it is local).
+fn holdings(meta: &MetaState) -> std::collections::BTreeMap<crate::ids::ResourceId, Holding> {
+    meta.files()
+        .into_iter()
+        .filter(|(i, _)| i.size() > 0)
+        .map(|(i, name)| {
+            (
+                i.id,
+                Holding {
+                    resource: i.id,
+                    version: i.version(),
+                    size: i.size(),
+                    kind: mesh::protocol::guess_kind(name).to_string(),
+                },
+            )
+        })
+        .collect()
 }
 
 /// Serves the control socket and waits for the end: an unmount from outside,
 /// SIGTERM/SIGINT, or a shutdown request on the socket.
-fn serve(node: Arc<Node>, mounted: fuse::Mounted) -> Result<(), Error> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io("starting the runtime", e))?;
+fn serve(
+    node: Arc<Node>,
+    mounted: fuse::Mounted,
+    rt: tokio::runtime::Runtime,
+) -> Result<(), Error> {
     let sock = node.data_dir.join(SOCKET_FILE);
     // The FUSE session ends when the kernel drops the mount (umount).
     let (unmounted_tx, mut unmounted) = tokio::sync::oneshot::channel::<()>();
@@ -362,16 +458,44 @@ fn shutdown(node: &Node, unmount: bool) {
 /// `meshfs status` without a daemon: what the data dir says.
 pub fn offline_status(data_dir: &Path) -> Result<serde_json::Value, Error> {
     let cfg = Config::load(data_dir)?;
+    let devices: Vec<serde_json::Value> = match MeshState::exists(data_dir) {
+        true => MeshState::load(data_dir)?
+            .members
+            .iter()
+            .map(|m| serde_json::json!({"name": m.name, "id": m.device, "up": false, "rtt_ms": null, "addrs": m.addrs}))
+            .collect(),
+        false => vec![serde_json::json!({"name": cfg.name, "id": cfg.device_id, "up": false, "rtt_ms": null})],
+    };
     Ok(serde_json::json!({
         "running": false,
         "name": cfg.name,
         "id": cfg.device_id,
-        "devices": [{"name": cfg.name, "id": cfg.device_id, "up": false, "rtt_ms": null}],
+        "devices": devices,
         "leader": null,
         "term": 0,
         "cache_bytes": null,
         "prefetch": {"hits": 0, "misses": 0, "wasted_bytes": 0},
     }))
+}
+
+/// `meshfs remove-device` without a daemon: edits the member list on disk;
+/// the removal spreads to the other members when this daemon next runs.
+pub fn offline_remove_device(data_dir: &Path, name: &str) -> Result<(), Error> {
+    let cfg = Config::load(data_dir)?;
+    let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;
+    let mut state = MeshState::load(data_dir)?;
+    if name == cfg.name {
+        return Err(Error::Mesh(MeshError::Membership(
+            "a device cannot remove itself; run remove-device on another member".into(),
+        )));
+    }
+    state.members.remove(name).ok_or_else(|| {
+        Error::Mesh(MeshError::Membership(format!(
+            "no device named {name} in the mesh"
+        )))
+    })?;
+    state.save_members(data_dir)?;
+    Ok(())
 }
 
 /// `meshfs check` without a daemon: open the store and verify it.

@@ -187,6 +187,8 @@ pub struct Fs {
     commits: AtomicU64,
     rechunked: AtomicU64,
     spill_seq: AtomicU64,
+    /// Called after every namespace change (the mesh announces holdings).
+    on_change: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Fs {
@@ -210,6 +212,7 @@ impl Fs {
             commits: AtomicU64::new(0),
             rechunked: AtomicU64::new(0),
             spill_seq: AtomicU64::new(0),
+            on_change: std::sync::OnceLock::new(),
         };
         if !fs.opts.read_only {
             fs.apply(FsCommand::ReclaimOrphans, true)?;
@@ -258,7 +261,15 @@ impl Fs {
         if sync {
             self.store.sync()?;
         }
+        if let Some(f) = self.on_change.get() {
+            f();
+        }
         Ok(out)
+    }
+
+    /// Sets the hook run after every namespace change (once).
+    pub fn set_on_change(&self, f: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.on_change.set(f);
     }
 
     fn mutate(&self, cmd: FsCommand) -> Result<Outcome> {

@@ -318,6 +318,23 @@ impl MetaState {
             .filter_map(move |(c, n)| d.by_name.get(n).map(|e| (*c, n, e))))
     }
 
+    /// Every regular file, once each (hard links included once), with one
+    /// of its names: what availability broadcasts describe.
+    pub fn files(&self) -> Vec<(&Inode, &Name)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for d in self.dirs.values() {
+            for (name, e) in &d.by_name {
+                if e.kind == Kind::File && seen.insert(e.ino) {
+                    if let Some(i) = self.inodes.get(&e.ino) {
+                        out.push((i, name));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
     }

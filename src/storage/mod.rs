@@ -54,6 +54,10 @@ pub trait ChunkStore: Send + Sync {
     fn put_bulk(&self, data: &[u8]) -> Result<ChunkHash, StorageError> {
         self.put(data)
     }
+    /// Stores a chunk fetched from another device, without a pin: it stays
+    /// as cache until a garbage collection or a release of references finds
+    /// it unreferenced.
+    fn put_cached(&self, data: &[u8]) -> Result<ChunkHash, StorageError>;
     /// Reads and verifies a chunk. `Ok(None)` when absent, `Corrupt` when the
     /// bytes on disk do not hash to `hash`.
     fn get(&self, hash: &ChunkHash) -> Result<Option<Vec<u8>>, StorageError>;

@@ -320,11 +320,19 @@ impl RocksStore {
         Ok(())
     }
 
-    fn put_with(&self, data: &[u8], bulk: bool) -> Result<ChunkHash, StorageError> {
+    fn put_with(&self, data: &[u8], bulk: bool, pin: bool) -> Result<ChunkHash, StorageError> {
         let hash = ChunkHash::of(data);
         let chunks = self.cf(CF_CHUNKS);
+        let unpin_one = |pins: &mut std::collections::HashMap<ChunkHash, usize>,
+                         hash: &ChunkHash| {
+            if pin {
+                unpin_one(pins, hash)
+            }
+        };
         self.pins.with(|pins| {
-            *pins.entry(hash).or_insert(0) += 1;
+            if pin {
+                *pins.entry(hash).or_insert(0) += 1;
+            }
             // A stored copy that differs from these bytes (which hash to the
             // key) is damaged and is rewritten: writing the same content
             // again heals it. Comparing costs less than hashing again.
@@ -574,11 +582,15 @@ impl super::MetaStore for RocksStore {
 
 impl ChunkStore for RocksStore {
     fn put(&self, data: &[u8]) -> Result<ChunkHash, StorageError> {
-        self.put_with(data, false)
+        self.put_with(data, false, true)
     }
 
     fn put_bulk(&self, data: &[u8]) -> Result<ChunkHash, StorageError> {
-        self.put_with(data, true)
+        self.put_with(data, true, true)
+    }
+
+    fn put_cached(&self, data: &[u8]) -> Result<ChunkHash, StorageError> {
+        self.put_with(data, false, false)
     }
 
     fn get(&self, hash: &ChunkHash) -> Result<Option<Vec<u8>>, StorageError> {

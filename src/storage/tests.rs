@@ -18,6 +18,25 @@ pub fn run_all<S: ChunkStore + Corrupt>(make: impl Fn() -> S) {
     corruption_is_detected(&make());
     damaged_chunks_can_be_healed_and_released(&make());
     stats_count_bytes(&make());
+    cached_chunks_stay_until_collected(&make());
+}
+
+fn cached_chunks_stay_until_collected<S: ChunkStore>(s: &S) {
+    // A chunk fetched from a peer: readable, unpinned, and gone at the next
+    // garbage collection unless something references it by then.
+    let a = s.put_cached(b"fetched a").unwrap();
+    let b = s.put_cached(b"fetched b").unwrap();
+    assert_eq!(s.get(&a).unwrap(), Some(b"fetched a".to_vec()));
+    s.apply_refs(&deltas(&[(b, 1)])).unwrap();
+    assert_eq!(s.collect_garbage().unwrap(), 1);
+    assert!(!s.contains(&a).unwrap());
+    assert_eq!(s.get(&b).unwrap(), Some(b"fetched b".to_vec()));
+    // Caching content a writer has pinned does not take its pin away.
+    let c = s.put(b"pinned").unwrap();
+    s.put_cached(b"pinned").unwrap();
+    assert_eq!(s.collect_garbage().unwrap(), 0);
+    s.unpin(&[c]);
+    assert!(!s.contains(&c).unwrap());
 }
 
 fn deltas(items: &[(ChunkHash, i64)]) -> BTreeMap<ChunkHash, i64> {

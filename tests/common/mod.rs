@@ -61,6 +61,109 @@ impl Device {
         }
     }
 
+    /// A device that joins a mesh with an invite code (not yet mounted).
+    pub fn join(name: &str, code: &str) -> Self {
+        let d = Self::try_join(name, code);
+        match d {
+            Ok(d) => d,
+            Err(e) => panic!("join failed: {e}"),
+        }
+    }
+
+    /// Like `join`, returning the command's error line on failure.
+    pub fn try_join(name: &str, code: &str) -> Result<Self, String> {
+        let data = tempfile::Builder::new()
+            .prefix(&format!("meshfs-{name}-data-"))
+            .tempdir()
+            .unwrap();
+        let mnt = tempfile::Builder::new()
+            .prefix(&format!("meshfs-{name}-mnt-"))
+            .tempdir()
+            .unwrap();
+        let d = data.path().join("d");
+        let o = meshfs(&[
+            "join",
+            code,
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--name",
+            name,
+        ]);
+        if !o.status.success() {
+            return Err(stderr(&o));
+        }
+        Ok(Device {
+            name: name.into(),
+            data,
+            mnt,
+            mounted: false,
+        })
+    }
+
+    /// A device whose data dir is a copy of `src`'s (same identity, same
+    /// keys), not mounted: for tests that tamper with a copy.
+    pub fn copy_of(src: &Device, name: &str) -> Self {
+        let data = tempfile::Builder::new()
+            .prefix(&format!("meshfs-{name}-data-"))
+            .tempdir()
+            .unwrap();
+        let mnt = tempfile::Builder::new()
+            .prefix(&format!("meshfs-{name}-mnt-"))
+            .tempdir()
+            .unwrap();
+        let o = Command::new("cp")
+            .arg("-a")
+            .arg(src.data_dir())
+            .arg(data.path().join("d"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "copy failed: {}", stderr(&o));
+        Device {
+            name: name.into(),
+            data,
+            mnt,
+            mounted: false,
+        }
+    }
+
+    /// A fresh one-time invite code from this (mounted) device.
+    pub fn invite(&self, ttl: &str) -> String {
+        let dd = self.data_dir();
+        let o = meshfs(&["invite", "--data-dir", dd.to_str().unwrap(), "--ttl", ttl]);
+        assert!(o.status.success(), "invite failed: {}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    }
+
+    /// One request to the daemon's control socket.
+    pub fn control(&self, req: &meshfs::control::Request) -> Result<serde_json::Value, String> {
+        meshfs::control::request(&self.data_dir(), req).map_err(|e| e.to_string())
+    }
+
+    /// Waits until this device sees every named device connected.
+    pub fn wait_connected(&self, names: &[&str], limit: Duration) {
+        let t = Instant::now();
+        loop {
+            let st = self.status_json();
+            let up: Vec<String> = st["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|d| d["up"].as_bool() == Some(true))
+                .filter_map(|d| d["name"].as_str().map(str::to_string))
+                .collect();
+            if names.iter().all(|n| up.iter().any(|u| u == n)) {
+                return;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "{} sees only {up:?} up, wanted {names:?}\nlog:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// An initialised device, mounted.
     pub fn start(name: &str) -> Self {
         let mut d = Self::init(name);
@@ -97,6 +200,11 @@ impl Device {
     }
 
     pub fn try_mount(&mut self, extra: &[&str]) -> Output {
+        self.try_mount_env(extra, &[])
+    }
+
+    /// Mounts with extra environment for the daemon (fault hooks).
+    pub fn try_mount_env(&mut self, extra: &[&str], env: &[(&str, &str)]) -> Output {
         let dd = self.data_dir();
         let mut args = vec![
             "mount",
@@ -105,7 +213,12 @@ impl Device {
             self.mnt.path().to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let o = meshfs(&args);
+        let o = Command::new(MESHFS)
+            .args(&args)
+            .env("MESHFS_LOG", "info")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run meshfs");
         if o.status.success() {
             self.mounted = true;
         }

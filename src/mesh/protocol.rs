@@ -1,0 +1,453 @@
+//! Every message that crosses the network, with its versioned protocol id
+//! and its encoding. Nothing here trusts its input: every decoder bounds
+//! what it reads and returns an error for anything malformed.
+//!
+//! Encoding: postcard (serde) frames prefixed with a u32 big-endian length;
+//! chunk bytes follow their header raw, so a 1 MiB piece is not walked byte
+//! by byte through serde.
+
+use std::io;
+use std::net::SocketAddr;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::ids::{ChunkHash, DeviceId, ResourceId, VersionId};
+
+/// Chunk transfer (request-response).
+pub const CHUNK_PROTOCOL: &str = "/meshfs/chunk/1";
+/// Availability snapshots, paged (request-response), for a device that
+/// missed deltas.
+pub const AVAIL_PROTOCOL: &str = "/meshfs/avail/1";
+/// Identify, with our own protocol version so that other libp2p networks
+/// are told apart in logs.
+pub const IDENTIFY_PROTOCOL: &str = "/meshfs/id/1";
+/// Kademlia under our own name: provider records for resources.
+pub const KAD_PROTOCOL: &str = "/meshfs/kad/1";
+/// Gossipsub topics.
+pub const TOPIC_AVAILABILITY: &str = "meshfs/availability/1";
+pub const TOPIC_MEMBERS: &str = "meshfs/members/1";
+/// The join handshake: both sides ephemeral, authenticated by the invite's
+/// secret as pre-shared key.
+pub const JOIN_NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+/// Version byte at the start of every join-listener conversation.
+pub const JOIN_VERSION: u8 = 1;
+
+/// Largest piece of a chunk sent in one response: a big transfer is many
+/// small requests interleaved with everyone else's on the multiplexer.
+pub const MAX_PIECE: u32 = 1 << 20;
+/// Largest request or header frame accepted.
+const MAX_FRAME: u32 = 64 * 1024;
+/// Largest availability snapshot page.
+pub const MAX_AVAIL_PAGE: usize = 2048;
+/// Largest number of changes in one availability announcement.
+pub const MAX_DELTA: usize = 256;
+
+// ---------------------------------------------------------------- chunks --
+
+/// Ask for `len` bytes of chunk `hash` starting at `offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    pub hash: ChunkHash,
+    pub offset: u32,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkResponse {
+    /// `bytes` start at the requested offset; `total` is the chunk's length.
+    Data {
+        total: u32,
+        bytes: Vec<u8>,
+    },
+    NotFound,
+    /// The server is overloaded or refuses; the reason is for logs.
+    Refused(String),
+}
+
+/// The response's header on the wire; `Data`'s bytes follow it raw.
+#[derive(Serialize, Deserialize)]
+enum ChunkResponseHead {
+    Data { total: u32, len: u32 },
+    NotFound,
+    Refused(String),
+}
+
+// ---------------------------------------------------------- availability --
+
+/// What a device holds of one resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    pub resource: ResourceId,
+    pub version: VersionId,
+    pub size: u64,
+    /// A MIME type guessed from the name, for placement and prefetch.
+    pub kind: String,
+}
+
+/// How busy a device is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    /// Chunk requests being served right now.
+    pub active_transfers: u32,
+    /// Chunk requests waiting for a serving slot.
+    pub queue_depth: u32,
+    /// 1-minute load average per core, in percent.
+    pub cpu_percent: u32,
+}
+
+/// A periodic and on-change broadcast: load plus the changes to what the
+/// device holds since announcement `base` (a bounded delta, never a full
+/// list). A receiver whose last known sequence for the device is not `base`
+/// asks for a snapshot over `AVAIL_PROTOCOL`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    pub device: DeviceId,
+    pub base: u64,
+    pub seq: u64,
+    pub load: Load,
+    pub added: Vec<Holding>,
+    pub removed: Vec<ResourceId>,
+}
+
+/// One page of a device's holdings, resources after `after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AvailRequest {
+    pub after: Option<ResourceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AvailResponse {
+    /// The announcement sequence this page reflects.
+    pub seq: u64,
+    pub holdings: Vec<Holding>,
+    /// Ask again from here; `None` on the last page.
+    pub next: Option<ResourceId>,
+}
+
+// ------------------------------------------------------------ membership --
+
+/// One device of the mesh, as every member records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub device: DeviceId,
+    /// libp2p peer id (base58), bound to the device's ed25519 key.
+    pub peer: String,
+    /// Multiaddrs where it was last seen listening.
+    pub addrs: Vec<String>,
+    /// Bumped by the device itself whenever it changes its own record
+    /// (its addresses), so that the newest record wins every merge.
+    pub rev: u64,
+}
+
+// --------------------------------------------------------------- joining --
+
+/// The joiner's first encrypted message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub name: String,
+    pub device: DeviceId,
+    pub peer: String,
+    /// TCP port the joiner will listen on (its address is the one the
+    /// inviter sees the join connection come from).
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinReply {
+    Accepted {
+        mesh_key: [u8; 32],
+        members: crate::mesh::members::Members,
+    },
+    Rejected(String),
+}
+
+/// What `meshfs invite` prints: where the join listener is, the secret
+/// and the expiry. Text form: `meshfs1-` then hex of the postcard bytes and
+/// a 4-byte BLAKE3 checksum, so that a mistyped code is caught before any
+/// connection is made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteCode {
+    pub addrs: Vec<SocketAddr>,
+    pub secret: [u8; 16],
+    /// Seconds since the Unix epoch.
+    pub expires: u64,
+}
+
+const CODE_PREFIX: &str = "meshfs1-";
+
+impl InviteCode {
+    pub fn encode(&self) -> String {
+        let mut bytes = postcard::to_stdvec(self).unwrap_or_default();
+        let sum = blake3::hash(&bytes);
+        bytes.extend_from_slice(&sum.as_bytes()[..4]);
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{CODE_PREFIX}{hex}")
+    }
+
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let hex = text
+            .strip_prefix(CODE_PREFIX)
+            .ok_or("not a meshfs invite code (it starts with meshfs1-)")?;
+        if hex.len() % 2 != 0 || hex.len() > 4096 {
+            return Err("invite code has a bad length (copied incompletely?)".into());
+        }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or("invite code has characters that are not hex digits")?;
+        if bytes.len() < 5 {
+            return Err("invite code is too short".into());
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 4);
+        if &blake3::hash(body).as_bytes()[..4] != sum {
+            return Err("invite code checksum does not match (mistyped?)".into());
+        }
+        let code: InviteCode =
+            postcard::from_bytes(body).map_err(|e| format!("invite code is malformed: {e}"))?;
+        if code.addrs.is_empty() {
+            return Err("invite code names no address".into());
+        }
+        Ok(code)
+    }
+
+    /// The handshake's pre-shared key: the 128-bit secret stretched to the
+    /// 32 bytes Noise wants, under a context of our own.
+    pub fn psk(&self) -> [u8; 32] {
+        blake3::derive_key("meshfs join psk v1", &self.secret)
+    }
+}
+
+// -------------------------------------------------------------- encoding --
+
+/// Largest availability page frame.
+pub const MAX_AVAIL_FRAME: u32 = 4 << 20;
+
+/// Writes one length-prefixed postcard frame of at most `MAX_FRAME` bytes.
+pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &T,
+) -> io::Result<()> {
+    write_frame_max(w, msg, MAX_FRAME).await
+}
+
+pub async fn write_frame_max<T: Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &T,
+    max: u32,
+) -> io::Result<()> {
+    let bytes = postcard::to_stdvec(msg).map_err(|e| io::Error::other(e.to_string()))?;
+    let len = u32::try_from(bytes.len()).map_err(|_| invalid("frame too large"))?;
+    if len > max {
+        return Err(invalid("frame too large"));
+    }
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(&bytes).await
+}
+
+/// Reads one length-prefixed postcard frame of at most `MAX_FRAME` bytes.
+pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R) -> io::Result<T> {
+    read_frame_max(r, MAX_FRAME).await
+}
+
+pub async fn read_frame_max<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+) -> io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len);
+    if len > max {
+        return Err(invalid(&format!("frame of {len} bytes is over the limit")));
+    }
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf).await?;
+    decode(&buf)
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| invalid(&format!("malformed message: {e}")))
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Our own types always serialize; an empty frame would be refused by
+    // the receiver, never misread.
+    postcard::to_stdvec(msg).unwrap_or_default()
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+pub async fn write_chunk_response<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    resp: ChunkResponse,
+) -> io::Result<()> {
+    match resp {
+        ChunkResponse::Data { total, bytes } => {
+            let len = u32::try_from(bytes.len()).map_err(|_| invalid("piece too large"))?;
+            if len > MAX_PIECE {
+                return Err(invalid("piece too large"));
+            }
+            write_frame(w, &ChunkResponseHead::Data { total, len }).await?;
+            w.write_all(&bytes).await
+        }
+        ChunkResponse::NotFound => write_frame(w, &ChunkResponseHead::NotFound).await,
+        ChunkResponse::Refused(why) => write_frame(w, &ChunkResponseHead::Refused(why)).await,
+    }
+}
+
+pub async fn read_chunk_response<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<ChunkResponse> {
+    match read_frame(r).await? {
+        ChunkResponseHead::Data { total, len } => {
+            if len > MAX_PIECE || len > total {
+                return Err(invalid(&format!(
+                    "piece of {len} bytes (chunk {total}) is over the limit"
+                )));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            r.read_exact(&mut bytes).await?;
+            Ok(ChunkResponse::Data { total, bytes })
+        }
+        ChunkResponseHead::NotFound => Ok(ChunkResponse::NotFound),
+        ChunkResponseHead::Refused(why) => Ok(ChunkResponse::Refused(why)),
+    }
+}
+
+/// A guess at a resource's MIME type from its name, for availability
+/// broadcasts (placement and prefetch weigh media differently).
+pub fn guess_kind(name: &[u8]) -> &'static str {
+    let ext = name
+        .rsplit(|&b| b == b'.')
+        .next()
+        .filter(|e| e.len() < name.len())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_slice() {
+        b"txt" | b"md" | b"log" | b"csv" => "text/plain",
+        b"html" | b"htm" => "text/html",
+        b"json" => "application/json",
+        b"pdf" => "application/pdf",
+        b"zip" => "application/zip",
+        b"gz" | b"tgz" => "application/gzip",
+        b"tar" => "application/x-tar",
+        b"jpg" | b"jpeg" => "image/jpeg",
+        b"png" => "image/png",
+        b"gif" => "image/gif",
+        b"webp" => "image/webp",
+        b"mp3" => "audio/mpeg",
+        b"flac" => "audio/flac",
+        b"ogg" | b"opus" => "audio/ogg",
+        b"mp4" | b"m4v" => "video/mp4",
+        b"mkv" => "video/x-matroska",
+        b"webm" => "video/webm",
+        b"rs" | b"c" | b"h" | b"py" | b"sh" | b"toml" | b"yaml" | b"yml" => "text/x-source",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invite_code_round_trips_and_catches_typos() {
+        let code = InviteCode {
+            addrs: vec!["127.0.0.1:4100".parse().unwrap()],
+            secret: [7; 16],
+            expires: 1_900_000_000,
+        };
+        let text = code.encode();
+        assert!(text.starts_with("meshfs1-"));
+        assert_eq!(InviteCode::decode(&text), Ok(code.clone()));
+        assert_eq!(InviteCode::decode(&format!("  {text}\n")), Ok(code));
+        // One changed digit fails the checksum, not the handshake.
+        let mut bad = text.clone().into_bytes();
+        let i = bad.len() - 12;
+        bad[i] = if bad[i] == b'0' { b'1' } else { b'0' };
+        let err = InviteCode::decode(std::str::from_utf8(&bad).unwrap()).unwrap_err();
+        assert!(err.contains("checksum"), "{err}");
+        assert!(InviteCode::decode("hello").is_err());
+        assert!(InviteCode::decode("meshfs1-zz").is_err());
+        assert!(InviteCode::decode(&text[..text.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn frames_reject_oversized_and_malformed_input() {
+        futures::executor::block_on(async {
+            let req = ChunkRequest {
+                hash: ChunkHash::of(b"x"),
+                offset: 0,
+                len: 10,
+            };
+            let mut buf = Vec::new();
+            write_frame(&mut buf, &req).await.unwrap();
+            let back: ChunkRequest = read_frame(&mut buf.as_slice()).await.unwrap();
+            assert_eq!(back, req);
+
+            let huge = (MAX_FRAME + 1).to_be_bytes();
+            let err = read_frame::<ChunkRequest, _>(&mut huge.as_slice())
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+
+            let mut garbage = 3u32.to_be_bytes().to_vec();
+            garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+            assert!(read_frame::<ChunkRequest, _>(&mut garbage.as_slice())
+                .await
+                .is_err());
+            // Truncated: an error, not a hang or a panic.
+            assert!(read_frame::<ChunkRequest, _>(&mut &buf[..buf.len() - 1])
+                .await
+                .is_err());
+        });
+    }
+
+    #[test]
+    fn chunk_responses_round_trip_and_bound_pieces() {
+        futures::executor::block_on(async {
+            for resp in [
+                ChunkResponse::Data {
+                    total: 10,
+                    bytes: b"hello".to_vec(),
+                },
+                ChunkResponse::NotFound,
+                ChunkResponse::Refused("busy".into()),
+            ] {
+                let mut buf = Vec::new();
+                write_chunk_response(&mut buf, resp.clone()).await.unwrap();
+                assert_eq!(
+                    read_chunk_response(&mut buf.as_slice()).await.unwrap(),
+                    resp
+                );
+            }
+            // A header claiming more than a piece is refused before any
+            // allocation of that size.
+            let mut buf = Vec::new();
+            write_frame(
+                &mut buf,
+                &ChunkResponseHead::Data {
+                    total: u32::MAX,
+                    len: u32::MAX,
+                },
+            )
+            .await
+            .unwrap();
+            assert!(read_chunk_response(&mut buf.as_slice()).await.is_err());
+        });
+    }
+
+    #[test]
+    fn kinds_are_guessed_from_extensions() {
+        assert_eq!(guess_kind(b"film.MKV"), "video/x-matroska");
+        assert_eq!(guess_kind(b"notes.txt"), "text/plain");
+        assert_eq!(guess_kind(b"Makefile"), "application/octet-stream");
+        assert_eq!(guess_kind(b".bashrc"), "application/octet-stream");
+    }
+}

@@ -1,0 +1,1005 @@
+//! The swarm actor: one tokio task owns the libp2p Swarm and everything
+//! only it may touch (the peer table, pending requests, the availability
+//! view, the member list). Everyone else talks to it through `MeshClient`
+//! over a bounded channel. Serving a chunk reads the store on the blocking
+//! pool and hands the answer back through the same channel, so the event
+//! loop never waits on disk.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::transport::upgrade::Version;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{DialError, ListenError, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    allow_block_list, gossipsub, identify, kad, mdns, noise, ping, pnet, tcp, yamux, Multiaddr,
+    PeerId, StreamProtocol, Swarm, Transport,
+};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+
+use super::codec::{AvailCodec, ChunkCodec};
+use super::protocol::{
+    self, Announcement, AvailRequest, AvailResponse, ChunkRequest, ChunkResponse, Holding, Load,
+    Member, MAX_PIECE,
+};
+use super::state::MeshState;
+use super::view::{Applied, Outbox, View};
+use super::{DeviceStatus, MeshError, MeshSettings, MeshStatus};
+use crate::ids::{DeviceId, ResourceId};
+use crate::storage::ChunkStore;
+
+/// Chunk requests served at once; more wait in a queue of `MAX_QUEUE`,
+/// beyond which a request is refused as busy (the asker tries elsewhere).
+const SERVE_SLOTS: usize = 16;
+const MAX_QUEUE: u32 = 512;
+/// How often members that are not connected are dialled again.
+const REDIAL: Duration = Duration::from_secs(3);
+/// How often the member list is gossiped even without a change (it heals
+/// partitions and devices that were down).
+const MEMBERS_EVERY: Duration = Duration::from_secs(20);
+
+/// What the actor can be asked.
+pub(crate) enum Command {
+    Fetch {
+        device: DeviceId,
+        req: ChunkRequest,
+        reply: oneshot::Sender<Result<ChunkResponse, MeshError>>,
+    },
+    Respond {
+        channel: ResponseChannel<ChunkResponse>,
+        resp: ChunkResponse,
+    },
+    Holdings(BTreeMap<ResourceId, Holding>),
+    Status(oneshot::Sender<MeshStatus>),
+    Members(oneshot::Sender<(super::members::Members, Vec<Multiaddr>)>),
+    AddMember(Member, oneshot::Sender<Result<(), MeshError>>),
+    RemoveMember(String, oneshot::Sender<Result<Member, MeshError>>),
+    BadBytes(DeviceId),
+    FindHolders(ResourceId, oneshot::Sender<Vec<DeviceId>>),
+}
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    allow: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    chunk: request_response::Behaviour<ChunkCodec>,
+    avail: request_response::Behaviour<AvailCodec>,
+    gossip: gossipsub::Behaviour,
+}
+
+#[derive(Debug, Default)]
+struct Peer {
+    connections: usize,
+    rtt: Option<Duration>,
+    /// Chunks this peer sent that failed verification.
+    bad_chunks: u64,
+}
+
+/// Function giving this device's current holdings (runs on the blocking pool).
+pub type HoldingsFn = Arc<dyn Fn() -> BTreeMap<ResourceId, Holding> + Send + Sync>;
+
+pub(crate) struct Actor {
+    swarm: Swarm<Behaviour>,
+    cmds: mpsc::Receiver<Command>,
+    cmd_tx: mpsc::Sender<Command>,
+    state: MeshState,
+    data_dir: PathBuf,
+    me: DeviceId,
+    peer_id: PeerId,
+    peers: HashMap<PeerId, Peer>,
+    pending_chunks: HashMap<OutboundRequestId, oneshot::Sender<Result<ChunkResponse, MeshError>>>,
+    pending_avail: HashMap<OutboundRequestId, DeviceId>,
+    pending_providers: HashMap<kad::QueryId, (oneshot::Sender<Vec<DeviceId>>, HashSet<PeerId>)>,
+    outbox: Outbox,
+    view: View,
+    holdings: HoldingsFn,
+    holdings_running: bool,
+    provided: BTreeSet<ResourceId>,
+    changed: Arc<Notify>,
+    store: Arc<dyn ChunkStore>,
+    serve_slots: Arc<Semaphore>,
+    active: Arc<AtomicU32>,
+    queued: Arc<AtomicU32>,
+    refused: u64,
+    /// Test hook (`MESHFS_FAULT=corrupt-serve`): serve damaged chunks, as a
+    /// faulty or hostile peer would, so that tests can watch the receiver
+    /// reject them.
+    fault_corrupt: bool,
+    announce_every: Duration,
+    topic_avail: gossipsub::IdentTopic,
+    topic_members: gossipsub::IdentTopic,
+}
+
+impl Actor {
+    /// Builds the swarm and starts listening; errors (a bad or busy listen
+    /// address) are reported here, before the daemon says it is ready.
+    pub(crate) fn new(
+        settings: &MeshSettings,
+        state: MeshState,
+        store: Arc<dyn ChunkStore>,
+        holdings: HoldingsFn,
+        changed: Arc<Notify>,
+        cmds: mpsc::Receiver<Command>,
+        cmd_tx: mpsc::Sender<Command>,
+    ) -> Result<Self, MeshError> {
+        let peer_id = state.peer_id();
+        let psk = pnet::PreSharedKey::new(state.mesh_key);
+        let delay = super::delay::from_env();
+        if !delay.is_zero() {
+            tracing::warn!(
+                ?delay,
+                "test delay line on every mesh connection (MESHFS_TEST_DELAY_MS)"
+            );
+        }
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(state.identity.clone())
+            .with_tokio()
+            .with_other_transport(|key| {
+                let noise = noise::Config::new(key)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+                let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+                // The private network wraps the raw socket: without the
+                // mesh key nothing else (not even Noise) is reachable.
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    tcp.and_then(move |socket, _| {
+                        pnet::PnetConfig::new(psk)
+                            .handshake(super::delay::Delayed::new(socket, delay))
+                    })
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(Duration::from_secs(20)),
+                )
+            })
+            .map_err(|e| MeshError::Transport(e.to_string()))?
+            .with_behaviour(|key| build_behaviour(key, settings))
+            .map_err(|e| MeshError::Transport(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let listen: Multiaddr = settings
+            .listen
+            .parse()
+            .map_err(|e| MeshError::Listen(format!("{}: {e}", settings.listen)))?;
+        swarm
+            .listen_on(listen.clone())
+            .map_err(|e| MeshError::Listen(format!("{listen}: {e}")))?;
+        let topic_avail = gossipsub::IdentTopic::new(protocol::TOPIC_AVAILABILITY);
+        let topic_members = gossipsub::IdentTopic::new(protocol::TOPIC_MEMBERS);
+        let b = swarm.behaviour_mut();
+        b.gossip
+            .subscribe(&topic_avail)
+            .and_then(|_| b.gossip.subscribe(&topic_members))
+            .map_err(|e| MeshError::Transport(format!("gossipsub: {e}")))?;
+        b.kad.set_mode(Some(kad::Mode::Server));
+        let me = state
+            .members
+            .get(&peer_id.to_string())
+            .map(|m| m.device)
+            .ok_or_else(|| MeshError::State("this device is not in its own member list".into()))?;
+        let mut actor = Actor {
+            swarm,
+            cmds,
+            cmd_tx,
+            state,
+            data_dir: settings.data_dir.clone(),
+            me,
+            peer_id,
+            peers: HashMap::new(),
+            pending_chunks: HashMap::new(),
+            pending_avail: HashMap::new(),
+            pending_providers: HashMap::new(),
+            outbox: Outbox::default(),
+            view: View::default(),
+            holdings,
+            holdings_running: false,
+            provided: BTreeSet::new(),
+            changed,
+            store,
+            serve_slots: Arc::new(Semaphore::new(SERVE_SLOTS)),
+            active: Arc::new(AtomicU32::new(0)),
+            queued: Arc::new(AtomicU32::new(0)),
+            refused: 0,
+            fault_corrupt: std::env::var("MESHFS_FAULT").is_ok_and(|v| v == "corrupt-serve"),
+            announce_every: settings.announce_every,
+            topic_avail,
+            topic_members,
+        };
+        actor.sync_allow_list();
+        Ok(actor)
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut announce = tokio::time::interval(self.announce_every);
+        let mut redial = tokio::time::interval(REDIAL);
+        let mut members = tokio::time::interval(MEMBERS_EVERY);
+        for t in [&mut announce, &mut redial, &mut members] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let changed = self.changed.clone();
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_event(ev),
+                cmd = self.cmds.recv() => match cmd {
+                    Some(c) => self.on_command(c),
+                    // Every handle is gone: the daemon is shutting down.
+                    None => break,
+                },
+                _ = announce.tick() => self.refresh_holdings(Duration::ZERO),
+                // A burst of changes (a tar extract) becomes one refresh.
+                _ = changed.notified() => self.refresh_holdings(Duration::from_millis(200)),
+                _ = redial.tick() => self.redial(),
+                _ = members.tick() => self.publish_members(),
+            }
+        }
+        tracing::debug!("mesh actor stopped");
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Fetch { device, req, reply } => {
+                let Some(m) = self.state.members.by_device(device) else {
+                    let _ = reply.send(Err(MeshError::UnknownDevice(device.to_string())));
+                    return;
+                };
+                let Ok(peer) = m.peer.parse::<PeerId>() else {
+                    let _ = reply.send(Err(MeshError::UnknownDevice(device.to_string())));
+                    return;
+                };
+                let addrs = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .chunk
+                    .send_request_with_addresses(&peer, req, addrs);
+                self.pending_chunks.insert(id, reply);
+            }
+            Command::Respond { channel, resp } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .chunk
+                    .send_response(channel, resp)
+                    .is_err()
+                {
+                    tracing::debug!("a chunk response found its requester gone");
+                }
+            }
+            Command::Holdings(current) => {
+                self.holdings_running = false;
+                self.announce(current);
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Members(reply) => {
+                let addrs = self.swarm.listeners().cloned().collect();
+                let _ = reply.send((self.state.members.clone(), addrs));
+            }
+            Command::AddMember(m, reply) => {
+                let r = self
+                    .state
+                    .members
+                    .add(m.clone())
+                    .map_err(MeshError::Membership)
+                    .and_then(|_| self.state.save_members(&self.data_dir));
+                if r.is_ok() {
+                    tracing::info!(device = %m.name, peer = %m.peer, "device joined the mesh");
+                    self.sync_allow_list();
+                    self.publish_members();
+                }
+                let _ = reply.send(r);
+            }
+            Command::RemoveMember(name, reply) => {
+                let r = match self.state.members.by_name(&name) {
+                    Some(m) if m.device == self.me => Err(MeshError::Membership(
+                        "a device cannot remove itself; run remove-device on another member".into(),
+                    )),
+                    Some(_) => {
+                        let m = self.state.members.remove(&name);
+                        self.state
+                            .save_members(&self.data_dir)
+                            .and(m.ok_or(MeshError::Membership(format!("no device named {name}"))))
+                    }
+                    None => Err(MeshError::Membership(format!(
+                        "no device named {name} in the mesh"
+                    ))),
+                };
+                if let Ok(m) = &r {
+                    tracing::info!(device = %m.name, peer = %m.peer, "device removed from the mesh");
+                    self.view.forget(m.device);
+                    self.sync_allow_list();
+                    self.publish_members();
+                }
+                let _ = reply.send(r);
+            }
+            Command::BadBytes(device) => {
+                if let Some(peer) = self.peer_of(device) {
+                    self.peers.entry(peer).or_default().bad_chunks += 1;
+                }
+            }
+            Command::FindHolders(resource, reply) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(resource_key(resource));
+                self.pending_providers.insert(id, (reply, HashSet::new()));
+            }
+        }
+    }
+
+    fn peer_of(&self, device: DeviceId) -> Option<PeerId> {
+        self.state
+            .members
+            .by_device(device)
+            .and_then(|m| m.peer.parse().ok())
+    }
+
+    fn device_of(&self, peer: &PeerId) -> Option<DeviceId> {
+        self.state.members.get(&peer.to_string()).map(|m| m.device)
+    }
+
+    /// The allow list follows the member list: a removed device's open
+    /// connections are closed at once.
+    fn sync_allow_list(&mut self) {
+        let members: Vec<PeerId> = self
+            .state
+            .members
+            .iter()
+            .filter_map(|m| m.peer.parse().ok())
+            .filter(|p| *p != self.peer_id)
+            .collect();
+        let allow = &mut self.swarm.behaviour_mut().allow;
+        let current: Vec<PeerId> = allow.allowed_peers().iter().copied().collect();
+        for p in current {
+            if !members.contains(&p) {
+                allow.disallow_peer(p);
+            }
+        }
+        for p in members {
+            allow.allow_peer(p);
+        }
+    }
+
+    fn redial(&mut self) {
+        let targets: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .state
+            .members
+            .iter()
+            .filter_map(|m| Some((m.peer.parse::<PeerId>().ok()?, m)))
+            .filter(|(p, _)| *p != self.peer_id && !self.swarm.is_connected(p))
+            .map(|(p, m)| (p, m.addrs.iter().filter_map(|a| a.parse().ok()).collect()))
+            .collect();
+        for (peer, addrs) in targets {
+            if addrs.is_empty() {
+                continue;
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::trace!(%peer, error = %e, "redial failed");
+            }
+        }
+    }
+
+    fn publish_members(&mut self) {
+        let bytes = protocol::encode(&self.state.members);
+        let topic = self.topic_members.clone();
+        if let Err(e) = self.swarm.behaviour_mut().gossip.publish(topic, bytes) {
+            tracing::trace!(error = %e, "member list not published");
+        }
+    }
+
+    fn refresh_holdings(&mut self, delay: Duration) {
+        if self.holdings_running {
+            return;
+        }
+        self.holdings_running = true;
+        let f = self.holdings.clone();
+        let tx = self.cmd_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            match tokio::task::spawn_blocking(move || f()).await {
+                Ok(h) => {
+                    let _ = tx.send(Command::Holdings(h)).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "listing holdings failed"),
+            }
+        });
+    }
+
+    fn load(&self) -> Load {
+        Load {
+            active_transfers: self.active.load(Ordering::Relaxed),
+            queue_depth: self.queued.load(Ordering::Relaxed),
+            cpu_percent: cpu_percent(),
+        }
+    }
+
+    fn announce(&mut self, current: BTreeMap<ResourceId, Holding>) {
+        // Provider records follow the holdings.
+        let now: BTreeSet<ResourceId> = current.keys().copied().collect();
+        for gone in self.provided.difference(&now) {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .stop_providing(&resource_key(*gone));
+        }
+        for new in now.difference(&self.provided) {
+            if let Err(e) = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .start_providing(resource_key(*new))
+            {
+                tracing::debug!(error = %e, "provider record not stored");
+            }
+        }
+        self.provided = now;
+        let load = self.load();
+        if let Some(a) = self.outbox.next(self.me, &current, load, true) {
+            self.publish_announcement(&a);
+        }
+        // A backlog bigger than one delta drains at once, one bounded
+        // announcement after another.
+        let mut rounds = 0;
+        while self.outbox.behind(&current) && rounds < 64 {
+            if let Some(a) = self.outbox.next(self.me, &current, load, false) {
+                self.publish_announcement(&a);
+            }
+            rounds += 1;
+        }
+    }
+
+    fn publish_announcement(&mut self, a: &Announcement) {
+        let topic = self.topic_avail.clone();
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .gossip
+            .publish(topic, protocol::encode(a))
+        {
+            tracing::trace!(error = %e, "availability not published");
+        }
+    }
+
+    fn status(&self) -> MeshStatus {
+        let now = Instant::now();
+        let devices = self
+            .state
+            .members
+            .iter()
+            .map(|m| {
+                let me = m.device == self.me;
+                let peer = m.peer.parse::<PeerId>().ok();
+                let info = peer.and_then(|p| self.peers.get(&p));
+                let remote = self.view.devices.get(&m.device);
+                DeviceStatus {
+                    name: m.name.clone(),
+                    id: m.device,
+                    peer: m.peer.clone(),
+                    up: me || peer.is_some_and(|p| self.swarm.is_connected(&p)),
+                    rtt_ms: if me {
+                        Some(0.0)
+                    } else {
+                        info.and_then(|i| i.rtt).map(|d| d.as_secs_f64() * 1000.0)
+                    },
+                    bad_chunks: info.map_or(0, |i| i.bad_chunks),
+                    holdings: if me {
+                        self.provided.len()
+                    } else {
+                        remote.map_or(0, |r| r.holdings.len())
+                    },
+                    held_bytes: remote.map_or(0, |r| r.holdings.values().map(|h| h.size).sum()),
+                    load: if me {
+                        self.load()
+                    } else {
+                        remote.map(|r| r.load).unwrap_or_default()
+                    },
+                    last_announce_s: remote
+                        .and_then(|r| r.updated)
+                        .map(|t| now.duration_since(t).as_secs_f64()),
+                    addrs: m.addrs.clone(),
+                }
+            })
+            .collect();
+        MeshStatus {
+            peer: self.peer_id.to_string(),
+            listen: self.swarm.listeners().map(|a| a.to_string()).collect(),
+            devices,
+            refused_connections: self.refused,
+        }
+    }
+
+    fn on_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "mesh listening");
+                self.update_own_addrs();
+            }
+            SwarmEvent::ExpiredListenAddr { .. } => self.update_own_addrs(),
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                // The allow list already refused non-members; this is a
+                // second check on the authenticated id, in case the list
+                // changed while the handshake ran.
+                if !self.state.members.is_member(&peer_id.to_string()) {
+                    self.refused += 1;
+                    tracing::warn!(peer = %peer_id, "closing a connection from a device outside the mesh's device list");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                self.peers.entry(peer_id).or_default().connections += 1;
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, address.clone());
+                }
+                tracing::debug!(peer = %peer_id, "connected");
+                // A newcomer needs our list and our holdings now, not at
+                // the next tick.
+                self.publish_members();
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if let Some(p) = self.peers.get_mut(&peer_id) {
+                    p.connections = num_established as usize;
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                ..
+            } => {
+                if let ListenError::Denied { cause } = &error {
+                    self.refused += 1;
+                    tracing::warn!(from = %send_back_addr, reason = %cause, "refused a connection from a device outside the mesh's device list");
+                } else {
+                    // Wrong mesh key, port scans, and the like.
+                    tracing::debug!(from = %send_back_addr, error = %error, "incoming connection failed");
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let DialError::Denied { cause } = &error {
+                    tracing::debug!(peer = ?peer_id, reason = %cause, "not dialling a non-member");
+                } else {
+                    tracing::trace!(peer = ?peer_id, error = %error, "dial failed");
+                }
+            }
+            SwarmEvent::Behaviour(b) => self.on_behaviour(b),
+            _ => {}
+        }
+    }
+
+    fn update_own_addrs(&mut self) {
+        let addrs: Vec<String> = self
+            .swarm
+            .listeners()
+            .filter(|a| !is_unspecified(a))
+            .map(|a| a.to_string())
+            .collect();
+        if self
+            .state
+            .members
+            .set_own_addrs(&self.peer_id.to_string(), addrs)
+        {
+            if let Err(e) = self.state.save_members(&self.data_dir) {
+                tracing::warn!(error = %e, "could not save the member list");
+            }
+            self.publish_members();
+        }
+    }
+
+    fn on_behaviour(&mut self, ev: BehaviourEvent) {
+        match ev {
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
+                let p = self.peers.entry(peer).or_default();
+                // Smoothed like TCP's SRTT, so one slow ping does not swing
+                // the proximity weights.
+                p.rtt = Some(match p.rtt {
+                    Some(old) => old.mul_f64(0.75) + rtt.mul_f64(0.25),
+                    None => rtt,
+                });
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                for a in info.listen_addrs.into_iter().filter(|a| !is_unspecified(a)) {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    if self.state.members.is_member(&peer.to_string())
+                        && peer != self.peer_id
+                        && !self.swarm.is_connected(&peer)
+                    {
+                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                            .addresses(vec![addr])
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(r),
+                step,
+                ..
+            }) => {
+                if let Some((_, found)) = self.pending_providers.get_mut(&id) {
+                    if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = r {
+                        found.extend(providers);
+                    }
+                }
+                if step.last {
+                    if let Some((reply, found)) = self.pending_providers.remove(&id) {
+                        let devices = found.iter().filter_map(|p| self.device_of(p)).collect();
+                        let _ = reply.send(devices);
+                    }
+                }
+            }
+            BehaviourEvent::Chunk(ev) => self.on_chunk(ev),
+            BehaviourEvent::Avail(ev) => self.on_avail(ev),
+            BehaviourEvent::Gossip(gossipsub::Event::Message { message, .. }) => {
+                let Some(source) = message.source else {
+                    return;
+                };
+                if !self.state.members.is_member(&source.to_string()) {
+                    tracing::debug!(%source, "ignoring gossip from a non-member");
+                    return;
+                }
+                if message.topic == self.topic_members.hash() {
+                    self.on_members(&message.data);
+                } else if message.topic == self.topic_avail.hash() {
+                    self.on_announcement(source, &message.data);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_members(&mut self, data: &[u8]) {
+        let theirs: super::members::Members = match protocol::decode(data) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed member list in gossip");
+                return;
+            }
+        };
+        if self.state.members.merge(&theirs) {
+            if self.state.members.is_removed(&self.peer_id.to_string()) {
+                tracing::warn!("this device was removed from the mesh");
+            }
+            if let Err(e) = self.state.save_members(&self.data_dir) {
+                tracing::warn!(error = %e, "could not save the member list");
+            }
+            self.sync_allow_list();
+            self.publish_members();
+            self.redial();
+        }
+    }
+
+    fn on_announcement(&mut self, source: PeerId, data: &[u8]) {
+        let a: Announcement = match protocol::decode(data) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%source, error = %e, "malformed availability announcement");
+                return;
+            }
+        };
+        // A device speaks only for itself.
+        if self.device_of(&source) != Some(a.device) {
+            tracing::warn!(%source, "availability announcement for another device; ignored");
+            return;
+        }
+        if self.view.apply(&a, Instant::now()) == Applied::NeedSnapshot {
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .avail
+                .send_request(&source, AvailRequest { after: None });
+            self.pending_avail.insert(id, a.device);
+        }
+    }
+
+    fn on_avail(&mut self, ev: request_response::Event<AvailRequest, AvailResponse>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message {
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let page = self.outbox.page(&request);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .avail
+                    .send_response(channel, page);
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some(device) = self.pending_avail.remove(&request_id) else {
+                    return;
+                };
+                if let Some(after) = self.view.apply_page(device, response) {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .avail
+                        .send_request(&peer, AvailRequest { after: Some(after) });
+                    self.pending_avail.insert(id, device);
+                }
+            }
+            Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(device) = self.pending_avail.remove(&request_id) {
+                    tracing::debug!(error = %error, "availability snapshot failed");
+                    self.view.abandon_sync(device);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_chunk(&mut self, ev: request_response::Event<ChunkRequest, ChunkResponse>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => self.serve_chunk(peer, request, channel),
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending_chunks.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_chunks.remove(&request_id) {
+                    let _ = reply.send(Err(MeshError::Peer(format!("{peer}: {error}"))));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                // Includes malformed requests: the stream is dropped, the
+                // connection and everyone else's requests carry on.
+                tracing::debug!(%peer, error = %error, "inbound chunk request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn serve_chunk(
+        &mut self,
+        peer: PeerId,
+        req: ChunkRequest,
+        channel: ResponseChannel<ChunkResponse>,
+    ) {
+        if self.queued.load(Ordering::Relaxed) >= MAX_QUEUE {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .chunk
+                .send_response(channel, ChunkResponse::Refused("busy".into()));
+            return;
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let (slots, active, queued) = (
+            self.serve_slots.clone(),
+            self.active.clone(),
+            self.queued.clone(),
+        );
+        let store = self.store.clone();
+        let tx = self.cmd_tx.clone();
+        let corrupt = self.fault_corrupt;
+        tokio::spawn(async move {
+            let permit = slots.acquire_owned().await;
+            queued.fetch_sub(1, Ordering::Relaxed);
+            active.fetch_add(1, Ordering::Relaxed);
+            let resp = match permit {
+                Ok(_permit) => {
+                    let got = tokio::task::spawn_blocking(move || store.get(&req.hash)).await;
+                    match got {
+                        Ok(Ok(Some(mut data))) => {
+                            if corrupt {
+                                if let Some(b) = data.first_mut() {
+                                    *b ^= 0xff;
+                                }
+                            }
+                            piece(&data, req.offset, req.len)
+                        }
+                        Ok(Ok(None)) => ChunkResponse::NotFound,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, chunk = %req.hash, error = %e, "cannot serve a chunk");
+                            ChunkResponse::NotFound
+                        }
+                        Err(e) => ChunkResponse::Refused(e.to_string()),
+                    }
+                }
+                Err(_) => ChunkResponse::Refused("shutting down".into()),
+            };
+            active.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(Command::Respond { channel, resp }).await;
+        });
+    }
+}
+
+/// The requested piece of a chunk, at most `MAX_PIECE` bytes.
+fn piece(data: &[u8], offset: u32, len: u32) -> ChunkResponse {
+    let total = data.len() as u32;
+    if offset > total {
+        return ChunkResponse::Refused(format!("offset {offset} beyond chunk of {total}"));
+    }
+    let end = offset.saturating_add(len.min(MAX_PIECE)).min(total);
+    ChunkResponse::Data {
+        total,
+        bytes: data[offset as usize..end as usize].to_vec(),
+    }
+}
+
+fn resource_key(r: ResourceId) -> kad::RecordKey {
+    let mut k = b"meshfs/r/".to_vec();
+    k.extend_from_slice(&r.0.to_be_bytes());
+    kad::RecordKey::new(&k)
+}
+
+fn is_unspecified(a: &Multiaddr) -> bool {
+    a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+/// The 1-minute load average per core, in percent (0 when unknown).
+fn cpu_percent() -> u32 {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    (load / cores * 100.0).round().clamp(0.0, 10_000.0) as u32
+}
+
+fn build_behaviour(
+    key: &libp2p::identity::Keypair,
+    settings: &MeshSettings,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer = key.public().to_peer_id();
+    let mdns = if settings.mdns {
+        match mdns::tokio::Behaviour::new(mdns::Config::default(), peer) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                // No multicast-capable interface is not fatal: members are
+                // still found through their recorded addresses.
+                tracing::warn!(error = %e, "mDNS unavailable; LAN discovery is off");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut kad_cfg = kad::Config::new(StreamProtocol::new(protocol::KAD_PROTOCOL));
+    kad_cfg.set_query_timeout(Duration::from_secs(10));
+    let store_cfg = kad::store::MemoryStoreConfig {
+        max_records: 1024,
+        max_value_bytes: 1024,
+        max_providers_per_key: 64,
+        max_provided_keys: 1 << 20,
+    };
+    let kad = kad::Behaviour::with_config(
+        peer,
+        kad::store::MemoryStore::with_config(peer, store_cfg),
+        kad_cfg,
+    );
+    let rr_cfg = request_response::Config::default()
+        .with_request_timeout(settings.fetch_timeout)
+        .with_max_concurrent_streams(1024);
+    let chunk = request_response::Behaviour::with_codec(
+        ChunkCodec,
+        [(
+            StreamProtocol::new(protocol::CHUNK_PROTOCOL),
+            ProtocolSupport::Full,
+        )],
+        rr_cfg.clone(),
+    );
+    let avail = request_response::Behaviour::with_codec(
+        AvailCodec,
+        [(
+            StreamProtocol::new(protocol::AVAIL_PROTOCOL),
+            ProtocolSupport::Full,
+        )],
+        rr_cfg,
+    );
+    let gossip_cfg = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_secs(1))
+        .max_transmit_size(4 << 20)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .build()
+        .map_err(|e| format!("gossipsub config: {e}"))?;
+    let gossip = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_cfg,
+    )?;
+    Ok(Behaviour {
+        allow: allow_block_list::Behaviour::default(),
+        identify: identify::Behaviour::new(identify::Config::new(
+            protocol::IDENTIFY_PROTOCOL.into(),
+            key.public(),
+        )),
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+        mdns: Toggle::from(mdns),
+        kad,
+        chunk,
+        avail,
+        gossip,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_are_bounded_and_checked() {
+        let data = vec![7u8; (MAX_PIECE as usize) * 2 + 10];
+        match piece(&data, 0, u32::MAX) {
+            ChunkResponse::Data { total, bytes } => {
+                assert_eq!(total as usize, data.len());
+                assert_eq!(bytes.len(), MAX_PIECE as usize);
+            }
+            other => panic!("{other:?}"),
+        }
+        match piece(&data, 2 * MAX_PIECE, MAX_PIECE) {
+            ChunkResponse::Data { bytes, .. } => assert_eq!(bytes.len(), 10),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            piece(&data, u32::MAX, 1),
+            ChunkResponse::Refused(_)
+        ));
+    }
+}

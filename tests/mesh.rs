@@ -1,0 +1,309 @@
+//! Devices forming a mesh: separate `meshfs` processes on loopback, each
+//! with its own data dir, port and mount point. Invite and join, chunk
+//! exchange through `MeshClient` (driven over the control socket), the
+//! private network and the member list keeping others out, corrupt peers,
+//! and peers dying mid-transfer.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{bytes, Device};
+use meshfs::control::Request;
+use meshfs::mesh::protocol::InviteCode;
+
+const CONNECT: Duration = Duration::from_secs(30);
+
+/// Writes `data` into `rel` on `d`'s mount and returns its chunk hashes.
+fn put_file(d: &Device, rel: &str, data: &[u8]) -> Vec<String> {
+    let mut f = std::fs::File::create(d.path(rel)).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    chunk_hashes(d, rel)
+}
+
+fn chunk_hashes(d: &Device, rel: &str) -> Vec<String> {
+    let v = d
+        .control(&Request::Chunks { path: rel.into() })
+        .expect("chunks");
+    v["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["hash"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Asks `d` to fetch `hashes` from the devices in `from` (in order) into
+/// a file; returns the reply or the error.
+fn fetch(
+    d: &Device,
+    from: &[&str],
+    hashes: &[String],
+) -> (Result<serde_json::Value, String>, tempfile::NamedTempFile) {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let r = d.control(&Request::Fetch {
+        from: from.iter().map(|s| s.to_string()).collect(),
+        hashes: hashes.to_vec(),
+        out: Some(out.path().to_path_buf()),
+    });
+    (r, out)
+}
+
+fn device_field(d: &Device, name: &str, field: &str) -> serde_json::Value {
+    let st = d.status_json();
+    st["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name)
+        .map(|x| x[field].clone())
+        .unwrap_or_default()
+}
+
+fn member_count(d: &Device) -> usize {
+    d.status_json()["devices"].as_array().unwrap().len()
+}
+
+#[test]
+fn three_devices_join_and_exchange_chunks() {
+    require_root!();
+    let a = Device::start("alpha");
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    b.mount();
+    let mut c = Device::join("charlie", &a.invite("10m"));
+    c.mount();
+    for (d, others) in [
+        (&a, ["bravo", "charlie"]),
+        (&b, ["alpha", "charlie"]),
+        (&c, ["alpha", "bravo"]),
+    ] {
+        d.wait_connected(&others, CONNECT);
+    }
+    // Every device learnt the whole list, including the one that joined
+    // after it; RTTs are measured.
+    assert_eq!(member_count(&b), 3);
+    let t = Instant::now();
+    while device_field(&b, "charlie", "rtt_ms").is_null() {
+        assert!(t.elapsed() < CONNECT, "no RTT measured");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let data = bytes(3 << 20, 11);
+    let hashes = put_file(&a, "photo.jpg", &data);
+    assert!(hashes.len() > 10);
+    for (d, from) in [(&b, vec!["alpha"]), (&c, vec![])] {
+        let (r, out) = fetch(d, &from, &hashes);
+        let r = r.expect("fetch");
+        assert_eq!(r["chunks"].as_u64(), Some(hashes.len() as u64));
+        assert_eq!(std::fs::read(out.path()).unwrap(), data, "{}", d.name);
+    }
+
+    // Availability: charlie hears what alpha holds, with its kind.
+    let t = Instant::now();
+    while device_field(&c, "alpha", "holdings").as_u64() != Some(1) {
+        assert!(t.elapsed() < CONNECT, "no availability from alpha");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        device_field(&c, "alpha", "held_bytes").as_u64(),
+        Some(data.len() as u64)
+    );
+}
+
+#[test]
+fn invite_codes_are_single_use_expire_and_need_the_secret() {
+    require_root!();
+    let a = Device::start("alpha");
+    let code = a.invite("10m");
+
+    // Wrong secret: refused, nothing created, nothing added.
+    let mut wrong = InviteCode::decode(&code).unwrap();
+    wrong.secret[0] ^= 1;
+    let e = Device::try_join("mallory", &wrong.encode()).err().unwrap();
+    assert!(e.contains("refused the code"), "{e}");
+    assert_eq!(member_count(&a), 1);
+
+    // Garbage sent to the join listener is refused and the code still works.
+    let addr = wrong.addrs[0];
+    if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+        let _ = s.write_all(b"\x01\xff\xffnot noise at all");
+    }
+    let _b = Device::join("bravo", &code);
+    assert_eq!(member_count(&a), 2);
+
+    // Used once: a second use gets a clear refusal.
+    let e = Device::try_join("charlie", &code).err().unwrap();
+    assert!(e.contains("already used"), "{e}");
+    assert_eq!(member_count(&a), 2);
+
+    // Expired.
+    let short = a.invite("1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    let e = Device::try_join("delta", &short).err().unwrap();
+    assert!(e.contains("expired"), "{e}");
+
+    // A mistyped code is caught before any connection.
+    let mut typo = code.clone();
+    typo.pop();
+    typo.push(if code.ends_with('0') { '1' } else { '0' });
+    let e = Device::try_join("echo", &typo).err().unwrap();
+    assert!(e.contains("checksum"), "{e}");
+    assert_eq!(member_count(&a), 2);
+}
+
+#[test]
+fn wrong_mesh_key_and_removed_devices_are_kept_out() {
+    require_root!();
+    let a = Device::start("alpha");
+    let data = bytes(1 << 20, 5);
+    let hashes = put_file(&a, "f.bin", &data);
+    let mut b = Device::join("bravo", &a.invite("10m"));
+
+    // A clone of bravo holding a different mesh key: it knows alpha's
+    // address and is on alpha's list, but cannot get past the private
+    // network layer.
+    let mut x = Device::copy_of(&b, "bravo-clone");
+    let stranger = Device::init("stranger");
+    std::fs::copy(
+        stranger.data_dir().join("mesh/mesh.key"),
+        x.data_dir().join("mesh/mesh.key"),
+    )
+    .unwrap();
+    x.mount();
+    let t = Instant::now();
+    let (r, _) = fetch(&x, &["alpha"], &hashes[..1]);
+    assert!(r.is_err(), "a device with the wrong key fetched: {r:?}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert_ne!(device_field(&a, "bravo", "up"), true);
+    x.unmount();
+
+    // The real bravo gets in.
+    b.mount();
+    b.wait_connected(&["alpha"], CONNECT);
+    let (r, out) = fetch(&b, &["alpha"], &hashes);
+    r.expect("member fetch");
+    assert_eq!(std::fs::read(out.path()).unwrap(), data);
+
+    // Removed: its connection is closed and it can fetch no more.
+    a.control(&Request::RemoveDevice {
+        name: "bravo".into(),
+    })
+    .expect("remove");
+    let t = Instant::now();
+    while device_field(&a, "bravo", "name") == "bravo" {
+        assert!(t.elapsed() < CONNECT);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (r, _) = fetch(&b, &["alpha"], &hashes);
+    assert!(r.is_err(), "a removed device fetched: {r:?}");
+    // bravo either heard of its removal or keeps being refused; either way
+    // it stays out.
+    let t = Instant::now();
+    loop {
+        let refused = a.status_json()["refused_connections"].as_u64().unwrap_or(0);
+        if refused >= 1 || b.log().contains("this device was removed from the mesh") {
+            break;
+        }
+        assert!(t.elapsed() < CONNECT, "no sign of bravo being kept out");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_ne!(device_field(&a, "bravo", "up"), true);
+}
+
+#[test]
+fn corrupt_peers_are_rejected_and_another_holder_used() {
+    require_root!();
+    let a = Device::start("alpha");
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    let mut c = Device::join("charlie", &a.invite("10m"));
+    // bravo serves damaged bytes (test hook), as a faulty disk path or a
+    // hostile member would.
+    let o = b.try_mount_env(&[], &[("MESHFS_FAULT", "corrupt-serve")]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    c.mount();
+    c.wait_connected(&["alpha", "bravo"], CONNECT);
+
+    let data = bytes(2 << 20, 9);
+    let hashes = put_file(&a, "doc.pdf", &data);
+    // bravo takes a (good) copy from alpha...
+    let (r, _) = fetch(&b, &["alpha"], &hashes);
+    r.expect("bravo fetch");
+    // ...but serves it damaged: charlie rejects every chunk from it, takes
+    // them from alpha instead, and records bravo's bad bytes.
+    let (r, out) = fetch(&c, &["bravo", "alpha"], &hashes);
+    r.expect("fetch around a corrupt peer");
+    assert_eq!(std::fs::read(out.path()).unwrap(), data);
+    let bad = device_field(&c, "bravo", "bad_chunks")
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(bad, hashes.len() as u64);
+    // With no one else to ask, the error names the failed verification.
+    let (r, _) = fetch(&c, &["bravo"], &hashes[..1]);
+    let e = r.err().unwrap();
+    assert!(e.contains("BLAKE3"), "{e}");
+    // Malformed bytes on the mesh port: the daemon shrugs them off.
+    let port = a.status_json()["listen"][0]
+        .as_str()
+        .and_then(|l| l.rsplit('/').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap();
+    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = s.write_all(&[0xffu8; 4096]);
+    }
+    let (r, _) = fetch(&c, &["alpha"], &hashes[..1]);
+    r.expect("alpha still serves after garbage");
+}
+
+#[test]
+fn a_peer_dying_mid_transfer_is_skipped_or_reported() {
+    require_root!();
+    let mut a = Device::start("alpha");
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    let mut c = Device::join("charlie", &a.invite("10m"));
+    b.mount();
+    c.mount();
+    c.wait_connected(&["alpha", "bravo"], CONNECT);
+    let data = bytes(64 << 20, 3);
+    let hashes = put_file(&a, "video.mkv", &data);
+    let (r, _) = fetch(&b, &["alpha"], &hashes);
+    r.expect("bravo copy");
+
+    // charlie fetches from alpha first; alpha is killed once bytes flow.
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let (dd, path, hs) = (c.data_dir(), out.path().to_path_buf(), hashes.clone());
+    let fetcher = std::thread::spawn(move || {
+        meshfs::control::request(
+            &dd,
+            &Request::Fetch {
+                from: vec!["alpha".into(), "bravo".into()],
+                hashes: hs,
+                out: Some(path),
+            },
+        )
+        .map_err(|e| e.to_string())
+    });
+    let t = Instant::now();
+    while std::fs::metadata(out.path()).map_or(0, |m| m.len()) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no bytes arrived");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    a.kill9();
+    let r = fetcher.join().unwrap();
+    let took = t.elapsed();
+    r.expect("fetch moves on to bravo");
+    assert_eq!(std::fs::read(out.path()).unwrap(), data);
+    eprintln!("fetch with alpha killed mid-way took {took:?}");
+
+    // With alpha the only holder, the fetch fails in bounded time.
+    let t = Instant::now();
+    let (r, _) = fetch(&c, &["alpha"], &hashes[..2]);
+    assert!(r.is_err(), "fetch from a dead peer succeeded");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "took {:?}",
+        t.elapsed()
+    );
+}
