@@ -65,7 +65,7 @@ impl Default for Config {
             listen: "/ip4/0.0.0.0/tcp/0".into(),
             mdns: true,
             fetch_timeout_ms: 10_000,
-            fetch_window: 32,
+            fetch_window: 64,
             announce_interval_ms: 10_000,
             allow_other: None,
             sync_on_close: false,
