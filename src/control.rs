@@ -152,7 +152,6 @@ async fn fetch(
         Ok(s) => s,
         Err(e) => return err(e.to_string()),
     };
-    let me = node.mesh.device();
     let mut holders = Vec::new();
     for name in &from {
         match status.devices.iter().find(|d| &d.name == name) {
@@ -161,10 +160,10 @@ async fn fetch(
         }
     }
     if from.is_empty() {
-        // Connected devices first.
-        let mut d: Vec<_> = status.devices.iter().filter(|d| d.id != me).collect();
-        d.sort_by_key(|d| !d.up);
-        holders = d.into_iter().map(|d| d.id).collect();
+        holders = match node.mesh.nearest_devices().await {
+            Ok(h) => h,
+            Err(e) => return err(e.to_string()),
+        };
     }
     let mut file = match &out {
         Some(p) => match std::fs::File::create(p) {

@@ -308,6 +308,10 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         )?;
         let m = mesh.clone();
         fs.set_on_change(Arc::new(move || m.holdings_changed()));
+        fs.set_remote(Arc::new(MeshChunks {
+            mesh: mesh.clone(),
+            rt: rt.handle().clone(),
+        }));
         mesh
     };
     // SAFETY: geteuid has no preconditions.
@@ -352,6 +356,28 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         started: Instant::now(),
     });
     Ok((node, mounted, lock, rt))
+}
+
+/// Reads of chunks missing or damaged here go to the nearest members.
+struct MeshChunks {
+    mesh: MeshClient,
+    rt: tokio::runtime::Handle,
+}
+
+impl crate::fs::RemoteChunks for MeshChunks {
+    fn fetch(&self, hash: &crate::ids::ChunkHash) -> Result<Vec<u8>, String> {
+        // Kernel request threads block here; a runtime thread must not.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err("remote fetch requested from inside the runtime".into());
+        }
+        let (mesh, hash) = (self.mesh.clone(), *hash);
+        self.rt.block_on(async move {
+            let holders = mesh.nearest_devices().await.map_err(|e| e.to_string())?;
+            mesh.fetch_chunk(hash, &holders)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// What this device holds, for availability broadcasts: every file with

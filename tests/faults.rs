@@ -7,35 +7,10 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use common::{bytes, Device};
-
-fn db_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir.join("db")).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            out.push(p);
-        }
-    }
-    out
-}
-
-/// Flips one byte of the first copy of `needle` found in the store's files.
-fn flip_in_db(data_dir: &Path, needle: &[u8]) -> bool {
-    for p in db_files(data_dir) {
-        let hay = fs::read(&p).unwrap();
-        if let Some(pos) = hay.windows(needle.len()).position(|w| w == needle) {
-            let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
-            f.write_all_at(&[hay[pos + 10] ^ 0x40], (pos + 10) as u64)
-                .unwrap();
-            return true;
-        }
-    }
-    false
-}
+use common::{bytes, flip_in_db, Device};
 
 #[test]
 fn corrupted_chunk_gives_eio_and_names_the_chunk() {

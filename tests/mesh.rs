@@ -9,7 +9,7 @@ mod common;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::{bytes, Device};
+use common::{bytes, flip_in_db, Device};
 use meshfs::control::Request;
 use meshfs::mesh::protocol::InviteCode;
 
@@ -305,5 +305,40 @@ fn a_peer_dying_mid_transfer_is_skipped_or_reported() {
         t.elapsed() < Duration::from_secs(25),
         "took {:?}",
         t.elapsed()
+    );
+}
+
+#[test]
+fn a_damaged_chunk_is_read_from_another_device_and_healed() {
+    require_root!();
+    let mut a = Device::start("alpha");
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    b.mount();
+    b.wait_connected(&["alpha"], CONNECT);
+    let victim = bytes(1 << 20, 17);
+    let hashes = put_file(&a, "victim.bin", &victim);
+    let (r, _) = fetch(&b, &["alpha"], &hashes);
+    r.expect("bravo caches a copy");
+
+    // alpha's disk damages one chunk while it is down.
+    a.unmount();
+    assert!(flip_in_db(&a.data_dir(), &victim[600_000..600_064]));
+    a.mount();
+    a.wait_connected(&["bravo"], CONNECT);
+
+    // Reading through alpha's mount gets bravo's verified copy, which also
+    // replaces the damaged one on alpha's disk.
+    assert_eq!(std::fs::read(a.path("victim.bin")).unwrap(), victim);
+    assert!(
+        a.log().contains("chunk fetched from another device"),
+        "{}",
+        a.log()
+    );
+    let dd = a.data_dir();
+    let o = common::meshfs(&["check", "--data-dir", dd.to_str().unwrap()]);
+    assert!(
+        o.status.success(),
+        "check after healing: {}",
+        String::from_utf8_lossy(&o.stdout)
     );
 }

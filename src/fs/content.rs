@@ -11,7 +11,7 @@ use super::spill::{Source, Spill};
 use super::FsError;
 use crate::ids::ChunkHash;
 use crate::meta::{ChunkRef, Content};
-use crate::storage::ChunkStore;
+use crate::storage::{ChunkStore, StorageError};
 
 /// Zero runs at least this long are stored as references, not chunked.
 const ZERO_RUN_MIN: u64 = 1 << 20;
@@ -82,14 +82,32 @@ pub struct ChunkSizes {
 /// that straddle chunk boundaries do not fetch and verify a chunk twice. It
 /// locks only around lookups, never while fetching, so that the kernel's
 /// parallel readahead requests for one file are served in parallel.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ChunkCache {
     slots: std::sync::Mutex<Vec<(ChunkHash, std::sync::Arc<Vec<u8>>)>>,
+    /// Where a chunk missing or damaged here is fetched from (the mesh).
+    remote: Option<std::sync::Arc<dyn super::RemoteChunks>>,
 }
 
 const CACHE_SLOTS: usize = 4;
 
+impl std::fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkCache")
+            .field("cached", &self.slots().len())
+            .field("remote", &self.remote.is_some())
+            .finish()
+    }
+}
+
 impl ChunkCache {
+    pub fn with_remote(remote: Option<std::sync::Arc<dyn super::RemoteChunks>>) -> Self {
+        ChunkCache {
+            remote,
+            ..ChunkCache::default()
+        }
+    }
+
     fn slots(&self) -> std::sync::MutexGuard<'_, Vec<(ChunkHash, std::sync::Arc<Vec<u8>>)>> {
         crate::lock(&self.slots)
     }
@@ -102,7 +120,33 @@ impl ChunkCache {
         if let Some((_, data)) = self.slots().iter().find(|(h, _)| h == hash) {
             return Ok(data.clone());
         }
-        let data = std::sync::Arc::new(store.get(hash)?.ok_or(FsError::MissingChunk(*hash))?);
+        let local = match store.get(hash) {
+            Ok(Some(d)) => Ok(d),
+            Ok(None) => Err(FsError::MissingChunk(*hash)),
+            Err(e) => Err(FsError::from(e)),
+        };
+        let data = match (local, &self.remote) {
+            (Ok(d), _) => d,
+            // Missing or damaged here: another device's copy (verified, and
+            // stored over the damaged one) serves the read instead.
+            (
+                Err(
+                    e @ (FsError::MissingChunk(_) | FsError::Storage(StorageError::Corrupt { .. })),
+                ),
+                Some(remote),
+            ) => match remote.fetch(hash) {
+                Ok(d) => {
+                    tracing::info!(chunk = %hash, local = %e, "chunk fetched from another device");
+                    d
+                }
+                Err(why) => {
+                    tracing::warn!(chunk = %hash, local = %e, error = %why, "no other device could supply the chunk");
+                    return Err(e);
+                }
+            },
+            (Err(e), _) => return Err(e),
+        };
+        let data = std::sync::Arc::new(data);
         let mut slots = self.slots();
         if slots.len() >= CACHE_SLOTS {
             slots.remove(0);

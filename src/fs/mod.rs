@@ -189,6 +189,15 @@ pub struct Fs {
     spill_seq: AtomicU64,
     /// Called after every namespace change (the mesh announces holdings).
     on_change: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    /// Where reads get chunks this device lacks or holds damaged.
+    remote: std::sync::OnceLock<Arc<dyn RemoteChunks>>,
+}
+
+/// A source of chunks beyond the local store (the mesh). Blocking: it is
+/// called from the kernel request threads.
+pub trait RemoteChunks: Send + Sync {
+    /// The chunk's bytes, verified against `hash` and stored locally.
+    fn fetch(&self, hash: &ChunkHash) -> std::result::Result<Vec<u8>, String>;
 }
 
 impl Fs {
@@ -213,6 +222,7 @@ impl Fs {
             rechunked: AtomicU64::new(0),
             spill_seq: AtomicU64::new(0),
             on_change: std::sync::OnceLock::new(),
+            remote: std::sync::OnceLock::new(),
         };
         if !fs.opts.read_only {
             fs.apply(FsCommand::ReclaimOrphans, true)?;
@@ -265,6 +275,11 @@ impl Fs {
             f();
         }
         Ok(out)
+    }
+
+    /// Sets where reads fetch chunks missing or damaged here (once).
+    pub fn set_remote(&self, r: Arc<dyn RemoteChunks>) {
+        let _ = self.remote.set(r);
     }
 
     /// Sets the hook run after every namespace change (once).
@@ -714,7 +729,7 @@ impl Fs {
                 Arc::new(Mutex::new(OpenFile {
                     handles: 0,
                     spill: None,
-                    cache: Arc::new(ChunkCache::default()),
+                    cache: Arc::new(ChunkCache::with_remote(self.remote.get().cloned())),
                 }))
             })
             .clone()

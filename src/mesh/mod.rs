@@ -271,6 +271,22 @@ impl MeshClient {
         self.ask(|r| swarm::Command::RemoveMember(name, r)).await?
     }
 
+    /// Other members that are connected, nearest (lowest RTT) first: whom
+    /// to ask for a chunk when nothing better is known.
+    pub async fn nearest_devices(&self) -> Result<Vec<DeviceId>, MeshError> {
+        let st = self.status().await?;
+        let mut up: Vec<&DeviceStatus> = st
+            .devices
+            .iter()
+            .filter(|d| d.up && d.id != self.me)
+            .collect();
+        up.sort_by(|a, b| {
+            let (x, y) = (a.rtt_ms.unwrap_or(f64::MAX), b.rtt_ms.unwrap_or(f64::MAX));
+            x.total_cmp(&y)
+        });
+        Ok(up.into_iter().map(|d| d.id).collect())
+    }
+
     /// Devices that announced a provider record for `resource` (Kademlia).
     pub async fn find_holders(&self, resource: ResourceId) -> Result<Vec<DeviceId>, MeshError> {
         self.ask(|r| swarm::Command::FindHolders(resource, r)).await

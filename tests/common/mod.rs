@@ -344,3 +344,30 @@ pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+fn db_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir.join("db")).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Flips one byte of the first copy of `needle` found in the store's files,
+/// as a bad disk would (the daemon must not be running).
+pub fn flip_in_db(data_dir: &Path, needle: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    for p in db_files(data_dir) {
+        let hay = std::fs::read(&p).unwrap();
+        if let Some(pos) = hay.windows(needle.len()).position(|w| w == needle) {
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.write_all_at(&[hay[pos + 10] ^ 0x40], (pos + 10) as u64)
+                .unwrap();
+            return true;
+        }
+    }
+    false
+}
