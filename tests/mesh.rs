@@ -258,7 +258,7 @@ fn corrupt_peers_are_rejected_and_another_holder_used() {
 }
 
 #[test]
-fn a_peer_dying_mid_transfer_is_skipped_or_reported() {
+fn a_200_mib_file_streams_and_a_dying_peer_is_skipped() {
     require_root!();
     let mut a = Device::start("alpha");
     let mut b = Device::join("bravo", &a.invite("10m"));
@@ -266,10 +266,19 @@ fn a_peer_dying_mid_transfer_is_skipped_or_reported() {
     b.mount();
     c.mount();
     c.wait_connected(&["alpha", "bravo"], CONNECT);
-    let data = bytes(64 << 20, 3);
+    let data = bytes(200 << 20, 3);
     let hashes = put_file(&a, "video.mkv", &data);
-    let (r, _) = fetch(&b, &["alpha"], &hashes);
-    r.expect("bravo copy");
+    let (r, out) = fetch(&b, &["alpha"], &hashes);
+    let r = r.expect("bravo copy");
+    assert_eq!(std::fs::read(out.path()).unwrap(), data);
+    // Streamed: the first chunk is handed on long before the last arrives.
+    let (first, total) = (
+        r["first_chunk_ms"].as_f64().unwrap(),
+        r["total_ms"].as_f64().unwrap(),
+    );
+    eprintln!("200 MiB over loopback: first chunk after {first:.1} ms, all after {total:.0} ms");
+    assert!(first * 4.0 < total, "first {first} ms of {total} ms");
+    drop(out);
 
     // charlie fetches from alpha first; alpha is killed once bytes flow.
     let out = tempfile::NamedTempFile::new().unwrap();
