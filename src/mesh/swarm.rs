@@ -849,7 +849,7 @@ impl Actor {
                                     *b ^= 0xff;
                                 }
                             }
-                            piece(&data, req.offset, req.len)
+                            piece(data, req.offset, req.len)
                         }
                         Ok(Ok(None)) => ChunkResponse::NotFound,
                         Ok(Err(e)) => {
@@ -867,17 +867,21 @@ impl Actor {
     }
 }
 
-/// The requested piece of a chunk, at most `MAX_PIECE` bytes.
-fn piece(data: &[u8], offset: u32, len: u32) -> ChunkResponse {
+/// The requested piece of a chunk, at most `MAX_PIECE` bytes. The usual
+/// case, a whole chunk in one piece, moves the buffer instead of copying.
+fn piece(mut data: Vec<u8>, offset: u32, len: u32) -> ChunkResponse {
     let total = data.len() as u32;
     if offset > total {
         return ChunkResponse::Refused(format!("offset {offset} beyond chunk of {total}"));
     }
     let end = offset.saturating_add(len.min(MAX_PIECE)).min(total);
-    ChunkResponse::Data {
-        total,
-        bytes: data[offset as usize..end as usize].to_vec(),
-    }
+    let bytes = if offset == 0 {
+        data.truncate(end as usize);
+        data
+    } else {
+        data[offset as usize..end as usize].to_vec()
+    };
+    ChunkResponse::Data { total, bytes }
 }
 
 fn resource_key(r: ResourceId) -> kad::RecordKey {
@@ -986,19 +990,19 @@ mod tests {
     #[test]
     fn pieces_are_bounded_and_checked() {
         let data = vec![7u8; (MAX_PIECE as usize) * 2 + 10];
-        match piece(&data, 0, u32::MAX) {
+        match piece(data.clone(), 0, u32::MAX) {
             ChunkResponse::Data { total, bytes } => {
                 assert_eq!(total as usize, data.len());
                 assert_eq!(bytes.len(), MAX_PIECE as usize);
             }
             other => panic!("{other:?}"),
         }
-        match piece(&data, 2 * MAX_PIECE, MAX_PIECE) {
+        match piece(data.clone(), 2 * MAX_PIECE, MAX_PIECE) {
             ChunkResponse::Data { bytes, .. } => assert_eq!(bytes.len(), 10),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            piece(&data, u32::MAX, 1),
+            piece(data, u32::MAX, 1),
             ChunkResponse::Refused(_)
         ));
     }

@@ -590,7 +590,9 @@ impl ChunkStore for RocksStore {
     }
 
     fn put_cached(&self, data: &[u8]) -> Result<ChunkHash, StorageError> {
-        self.put_with(data, false, false)
+        // Cache needs no WAL: losing it in a crash loses nothing, and the
+        // bulk path makes it durable before any version can reference it.
+        self.put_with(data, true, false)
     }
 
     fn get(&self, hash: &ChunkHash) -> Result<Option<Vec<u8>>, StorageError> {
