@@ -99,7 +99,7 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
             }
         }
         Ok(Request::RemoveDevice { name }) => match node.mesh.remove_member(&name).await {
-            Ok(m) => serde_json::json!({ "removed": m.name, "id": m.device }),
+            Ok(m) => serde_json::json!({ "removed": m.name, "id": m.device.to_hex() }),
             Err(e) => serde_json::json!({ "error": e.to_string() }),
         },
         Ok(Request::Chunks { path }) => chunks(&node, &path),

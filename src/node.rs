@@ -488,7 +488,7 @@ pub fn offline_status(data_dir: &Path) -> Result<serde_json::Value, Error> {
         true => MeshState::load(data_dir)?
             .members
             .iter()
-            .map(|m| serde_json::json!({"name": m.name, "id": m.device, "up": false, "rtt_ms": null, "addrs": m.addrs}))
+            .map(|m| serde_json::json!({"name": m.name, "id": m.device.to_hex(), "up": false, "rtt_ms": null, "addrs": m.addrs}))
             .collect(),
         false => vec![serde_json::json!({"name": cfg.name, "id": cfg.device_id, "up": false, "rtt_ms": null})],
     };

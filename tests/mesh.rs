@@ -83,8 +83,11 @@ fn three_devices_join_and_exchange_chunks() {
         d.wait_connected(&others, CONNECT);
     }
     // Every device learnt the whole list, including the one that joined
-    // after it; RTTs are measured.
+    // after it; RTTs are measured; ids are the hex form.
     assert_eq!(member_count(&b), 3);
+    for d in b.status_json()["devices"].as_array().unwrap() {
+        assert_eq!(d["id"].as_str().map(str::len), Some(32), "{d}");
+    }
     let t = Instant::now();
     while device_field(&b, "charlie", "rtt_ms").is_null() {
         assert!(t.elapsed() < CONNECT, "no RTT measured");
@@ -144,6 +147,25 @@ fn invite_codes_are_single_use_expire_and_need_the_secret() {
     std::thread::sleep(Duration::from_millis(2100));
     let e = Device::try_join("delta", &short).err().unwrap();
     assert!(e.contains("expired"), "{e}");
+
+    // A second daemon cannot take a port another one listens on (libp2p
+    // would share it silently).
+    let listen = a.status_json()["listen"][0].as_str().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = tmp.path().join("d");
+    let mnt = tmp.path().join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    let (dds, mnts) = (dd.to_str().unwrap(), mnt.to_str().unwrap());
+    let o = common::meshfs(&["init", "--data-dir", dds, "--listen", &listen]);
+    assert!(o.status.success());
+    let o = common::meshfs(&["mount", "--data-dir", dds, mnts]);
+    assert!(!o.status.success(), "a second daemon took {listen}");
+    assert!(
+        common::stderr(&o).contains("in use"),
+        "{}",
+        common::stderr(&o)
+    );
+    assert!(!common::is_mounted(&mnt));
 
     // A mistyped code is caught before any connection.
     let mut typo = code.clone();

@@ -163,6 +163,7 @@ pub struct MeshSettings {
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceStatus {
     pub name: String,
+    #[serde(serialize_with = "hex_id")]
     pub id: DeviceId,
     pub peer: String,
     pub up: bool,
@@ -173,6 +174,10 @@ pub struct DeviceStatus {
     pub load: Load,
     pub last_announce_s: Option<f64>,
     pub addrs: Vec<String>,
+}
+
+fn hex_id<S: serde::Serializer>(id: &DeviceId, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&id.to_hex())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -316,6 +321,7 @@ impl MeshClient {
 
     async fn fetch_from(&self, device: DeviceId, hash: ChunkHash) -> Result<Vec<u8>, MeshError> {
         let mut data: Vec<u8> = Vec::new();
+        let mut expected_total = None;
         loop {
             let req = ChunkRequest {
                 hash,
@@ -337,14 +343,17 @@ impl MeshClient {
                         )));
                     }
                     if data.is_empty() {
+                        expected_total = Some(total);
                         data.reserve_exact(total as usize);
-                    } else if data.capacity() < total as usize {
-                        return Err(MeshError::Peer(format!(
-                            "{device} changed the chunk's length mid-transfer"
-                        )));
                     }
-                    if bytes.is_empty() && (data.len() as u32) < total {
-                        return Err(MeshError::Peer(format!("{device} sent an empty piece")));
+                    // Every piece but the last is full: a peer dribbling
+                    // bytes (or changing the length) is cut off at once.
+                    let want = MAX_PIECE.min(total.saturating_sub(data.len() as u32));
+                    if expected_total != Some(total) || bytes.len() as u32 != want {
+                        return Err(MeshError::Peer(format!(
+                            "{device} sent a piece of {} bytes where {want} were due",
+                            bytes.len()
+                        )));
                     }
                     data.extend_from_slice(&bytes);
                     if data.len() as u32 >= total {

@@ -169,6 +169,7 @@ impl Actor {
             .listen
             .parse()
             .map_err(|e| MeshError::Listen(format!("{}: {e}", settings.listen)))?;
+        probe_listen(&listen)?;
         swarm
             .listen_on(listen.clone())
             .map_err(|e| MeshError::Listen(format!("{listen}: {e}")))?;
@@ -882,6 +883,30 @@ fn piece(mut data: Vec<u8>, offset: u32, len: u32) -> ChunkResponse {
         data[offset as usize..end as usize].to_vec()
     };
     ChunkResponse::Data { total, bytes }
+}
+
+/// libp2p's TCP transport listens with SO_REUSEPORT, so a second daemon on
+/// the same port would silently share (and split) the first one's incoming
+/// connections. A plain bind first turns that into a clear error.
+fn probe_listen(listen: &Multiaddr) -> Result<(), MeshError> {
+    let mut ip = None;
+    let mut port = 0;
+    for p in listen.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(p) => port = p,
+            _ => {}
+        }
+    }
+    match (ip, port) {
+        (Some(ip), p) if p != 0 => std::net::TcpListener::bind((ip, p)).map(drop).map_err(|e| {
+            MeshError::Listen(format!(
+                "{listen}: {e} (is another meshfs daemon using this port?)"
+            ))
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn resource_key(r: ResourceId) -> kad::RecordKey {
