@@ -408,10 +408,13 @@ impl RocksStore {
     }
 
     /// Whether deleted content holds enough disk space to be worth a
-    /// compaction: 64 MiB, or a quarter of what is stored.
+    /// compaction: 64 MiB, or a quarter of what is stored; or any megabyte
+    /// when the disk is short of space (within 64 MiB of the reserve), where
+    /// every byte back decides whether the next write fits.
     fn needs_reclaim(&self) -> bool {
         let garbage = self.garbage_bytes();
         garbage > (64 << 20).max(lock(&self.stats).bytes / 4)
+            || (garbage > 1 << 20 && !super::has_space(self.db.path(), 64 << 20))
     }
 
     /// Gives the disk space of deleted chunks back to the filesystem. RocksDB
