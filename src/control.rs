@@ -34,6 +34,10 @@ pub enum Request {
     Chunks {
         path: String,
     },
+    /// Devices holding a resource, from Kademlia provider records.
+    Holders {
+        resource: u64,
+    },
     /// Fetch chunks from other devices (those named in `from`, in that
     /// order, or every other member when it is empty) into the local cache;
     /// with `out`, also write them in order to that file as they arrive.
@@ -103,6 +107,7 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
             Err(e) => serde_json::json!({ "error": e.to_string() }),
         },
         Ok(Request::Chunks { path }) => chunks(&node, &path),
+        Ok(Request::Holders { resource }) => holders(&node, resource).await,
         Ok(Request::Fetch { from, hashes, out }) => fetch(&node, from, hashes, out).await,
         Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
     };
@@ -131,6 +136,26 @@ fn chunks(node: &Node, path: &str) -> serde_json::Value {
                 "hash": c.hash.to_string(), "offset": c.offset, "len": c.len,
             })).collect::<Vec<_>>(),
         }),
+    }
+}
+
+async fn holders(node: &Node, resource: u64) -> serde_json::Value {
+    let found = node
+        .mesh
+        .find_holders(crate::ids::ResourceId(resource))
+        .await;
+    let st = node.mesh.status().await;
+    match (found, st) {
+        (Ok(devices), Ok(st)) => {
+            let names: Vec<&str> = st
+                .devices
+                .iter()
+                .filter(|d| devices.contains(&d.id))
+                .map(|d| d.name.as_str())
+                .collect();
+            serde_json::json!({ "holders": names })
+        }
+        (Err(e), _) | (_, Err(e)) => serde_json::json!({ "error": e.to_string() }),
     }
 }
 

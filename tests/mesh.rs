@@ -104,6 +104,29 @@ fn three_devices_join_and_exchange_chunks() {
         assert_eq!(std::fs::read(out.path()).unwrap(), data, "{}", d.name);
     }
 
+    // Kademlia: charlie finds alpha as a holder through provider records.
+    let resource = a
+        .control(&Request::Chunks {
+            path: "photo.jpg".into(),
+        })
+        .unwrap()["resource"]
+        .as_u64()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let h = c.control(&Request::Holders { resource }).expect("holders");
+        if h["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "alpha")
+        {
+            break;
+        }
+        assert!(t.elapsed() < CONNECT, "no provider record for alpha: {h}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     // Availability: charlie hears what alpha holds, with its kind.
     let t = Instant::now();
     while device_field(&c, "alpha", "holdings").as_u64() != Some(1) {
