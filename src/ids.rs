@@ -168,11 +168,12 @@ impl<'de> Deserialize<'de> for ChunkHash {
 )]
 pub struct VersionId(pub u64);
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+/// Parses lowercase or uppercase hex; `None` for odd lengths or non-digits.
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

@@ -25,18 +25,26 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What `init` and `join` ask about the device they create.
+#[derive(clap::Args)]
+struct NewDevice {
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Device name (default: hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// libp2p listen address, e.g. /ip4/0.0.0.0/tcp/4001 (default: all
+    /// interfaces, a free port chosen now and kept).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new mesh with this device as its first member.
     Init {
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// Device name (default: hostname).
-        #[arg(long)]
-        name: Option<String>,
-        /// libp2p listen address, e.g. /ip4/0.0.0.0/tcp/4001.
-        #[arg(long)]
-        listen: Option<String>,
+        #[command(flatten)]
+        new: NewDevice,
     },
     /// Run the device and mount its filesystem at MOUNTPOINT.
     Mount {
@@ -65,14 +73,8 @@ enum Cmd {
     /// Join the mesh that printed CODE, creating this device's data dir.
     Join {
         code: String,
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// Device name (default: hostname).
-        #[arg(long)]
-        name: Option<String>,
-        /// libp2p listen address, e.g. /ip4/0.0.0.0/tcp/4001.
-        #[arg(long)]
-        listen: Option<String>,
+        #[command(flatten)]
+        new: NewDevice,
     },
     /// Remove a device from the mesh: it can no longer connect or fetch.
     RemoveDevice {
@@ -133,9 +135,12 @@ fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Init {
-            data_dir,
-            name,
-            listen,
+            new:
+                NewDevice {
+                    data_dir,
+                    name,
+                    listen,
+                },
         } => {
             init_cli_log();
             let cfg = node::init(&data_dir, name, listen)?;
@@ -176,9 +181,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Join {
             code,
-            data_dir,
-            name,
-            listen,
+            new:
+                NewDevice {
+                    data_dir,
+                    name,
+                    listen,
+                },
         } => {
             init_cli_log();
             let cfg = node::join(&code, &data_dir, name, listen)?;

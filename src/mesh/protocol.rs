@@ -182,8 +182,7 @@ impl InviteCode {
         let mut bytes = postcard::to_stdvec(self).unwrap_or_default();
         let sum = blake3::hash(&bytes);
         bytes.extend_from_slice(&sum.as_bytes()[..4]);
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{CODE_PREFIX}{hex}")
+        format!("{CODE_PREFIX}{}", crate::ids::hex(&bytes))
     }
 
     pub fn decode(text: &str) -> Result<Self, String> {
@@ -194,14 +193,8 @@ impl InviteCode {
         if hex.len() % 2 != 0 || hex.len() > 4096 {
             return Err("invite code has a bad length (copied incompletely?)".into());
         }
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| {
-                hex.get(i..i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-            })
-            .collect::<Option<Vec<u8>>>()
-            .ok_or("invite code has characters that are not hex digits")?;
+        let bytes =
+            crate::ids::unhex(hex).ok_or("invite code has characters that are not hex digits")?;
         if bytes.len() < 5 {
             return Err("invite code is too short".into());
         }

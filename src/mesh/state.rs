@@ -118,13 +118,7 @@ impl MeshState {
 /// parsed from the key file's last line, which is their hex.
 fn psk_bytes(psk: &PreSharedKey, text: &str) -> Result<[u8; 32], MeshError> {
     let hex = text.lines().last().unwrap_or_default().trim();
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect::<Option<Vec<u8>>>()
+    let bytes = crate::ids::unhex(hex)
         .and_then(|v| <[u8; 32]>::try_from(v).ok())
         .ok_or_else(|| MeshError::State("mesh.key: bad key line".into()))?;
     // Same key as libp2p parsed, or the file is not what we think it is.

@@ -40,25 +40,29 @@ pub struct Device {
 }
 
 impl Device {
-    /// A fresh, initialised, not yet mounted device.
-    pub fn init(name: &str) -> Self {
-        let data = tempfile::Builder::new()
-            .prefix(&format!("meshfs-{name}-data-"))
-            .tempdir()
-            .unwrap();
-        let mnt = tempfile::Builder::new()
-            .prefix(&format!("meshfs-{name}-mnt-"))
-            .tempdir()
-            .unwrap();
-        let d = data.path().join("d");
-        let o = meshfs(&["init", "--data-dir", d.to_str().unwrap(), "--name", name]);
-        assert!(o.status.success(), "init failed: {}", stderr(&o));
+    /// A device whose data dir (`data/d`) does not exist yet.
+    fn blank(name: &str) -> Self {
+        let dir = |what: &str| {
+            tempfile::Builder::new()
+                .prefix(&format!("meshfs-{name}-{what}-"))
+                .tempdir()
+                .unwrap()
+        };
         Device {
             name: name.into(),
-            data,
-            mnt,
+            data: dir("data"),
+            mnt: dir("mnt"),
             mounted: false,
         }
+    }
+
+    /// A fresh, initialised, not yet mounted device.
+    pub fn init(name: &str) -> Self {
+        let d = Self::blank(name);
+        let dd = d.data_dir();
+        let o = meshfs(&["init", "--data-dir", dd.to_str().unwrap(), "--name", name]);
+        assert!(o.status.success(), "init failed: {}", stderr(&o));
+        d
     }
 
     /// A device that joins a mesh with an invite code (not yet mounted).
@@ -103,27 +107,15 @@ impl Device {
     /// A device whose data dir is a copy of `src`'s (same identity, same
     /// keys), not mounted: for tests that tamper with a copy.
     pub fn copy_of(src: &Device, name: &str) -> Self {
-        let data = tempfile::Builder::new()
-            .prefix(&format!("meshfs-{name}-data-"))
-            .tempdir()
-            .unwrap();
-        let mnt = tempfile::Builder::new()
-            .prefix(&format!("meshfs-{name}-mnt-"))
-            .tempdir()
-            .unwrap();
+        let d = Self::blank(name);
         let o = Command::new("cp")
             .arg("-a")
             .arg(src.data_dir())
-            .arg(data.path().join("d"))
+            .arg(d.data_dir())
             .output()
             .unwrap();
         assert!(o.status.success(), "copy failed: {}", stderr(&o));
-        Device {
-            name: name.into(),
-            data,
-            mnt,
-            mounted: false,
-        }
+        d
     }
 
     /// A fresh one-time invite code from this (mounted) device.
