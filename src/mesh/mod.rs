@@ -387,31 +387,43 @@ impl MeshClient {
         Ok(data)
     }
 
-    /// Fetches `hashes` in order with a window of pieces in flight, handing
-    /// each chunk to `sink` as soon as it and all before it are here (a
-    /// reader streams the file instead of waiting for all of it).
+    /// Fetches `hashes` in order, handing each chunk to `sink` as soon as it
+    /// and all before it are here (a reader streams the file instead of
+    /// waiting for all of it). Chunks in flight start at `START_WINDOW` and
+    /// double with every chunk delivered, up to `fetch_window`: the first
+    /// chunks then get the link to themselves instead of sharing it with a
+    /// full window, which keeps the first byte one round trip away.
     pub async fn fetch_stream(
         &self,
         hashes: Vec<ChunkHash>,
         holders: Vec<DeviceId>,
         mut sink: impl FnMut(usize, Vec<u8>) -> Result<(), MeshError>,
     ) -> Result<FetchReport, MeshError> {
+        const START_WINDOW: usize = 2;
         let start = Instant::now();
         let mut first = None;
         let mut bytes = 0u64;
         let holders = Arc::new(holders);
-        let mut stream = futures::stream::iter(hashes.into_iter().map(|h| {
-            let holders = holders.clone();
-            async move { self.fetch_chunk(h, &holders).await }
-        }))
-        .buffered(self.settings.fetch_window.max(1));
+        let max = self.settings.fetch_window.max(1);
+        let mut window = START_WINDOW.min(max);
+        let mut todo = hashes.into_iter();
+        let mut in_flight = futures::stream::FuturesOrdered::new();
         let mut i = 0;
-        while let Some(r) = stream.next().await {
+        loop {
+            while in_flight.len() < window {
+                let Some(h) = todo.next() else { break };
+                let holders = holders.clone();
+                in_flight.push_back(async move { self.fetch_chunk(h, &holders).await });
+            }
+            let Some(r) = in_flight.next().await else {
+                break;
+            };
             let data = r?;
             first.get_or_insert_with(|| start.elapsed());
             bytes += data.len() as u64;
             sink(i, data)?;
             i += 1;
+            window = (window * 2).min(max);
         }
         Ok(FetchReport {
             chunks: i,

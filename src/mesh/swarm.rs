@@ -163,7 +163,14 @@ impl Actor {
             .map_err(|e| MeshError::Transport(e.to_string()))?
             .with_behaviour(|key| build_behaviour(key, settings))
             .map_err(|e| MeshError::Transport(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .with_swarm_config(|c| {
+                c.with_idle_connection_timeout(Duration::from_secs(60))
+                    // Every peer is a meshfs device speaking our protocols,
+                    // so a stream's protocol is proposed together with its
+                    // first message instead of waiting for the answer: one
+                    // round trip less for every chunk request.
+                    .with_substream_upgrade_protocol_override(Version::V1Lazy)
+            })
             .build();
         let listen: Multiaddr = settings
             .listen
