@@ -396,3 +396,190 @@ fn a_damaged_chunk_is_read_from_another_device_and_healed() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// A member that speaks garbage: a real libp2p peer built here with the
+/// member's keys (the daemon's own code is not used to build it), which
+/// sends malformed chunk requests.
+mod rogue {
+    use std::io;
+
+    use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
+    use libp2p::request_response::{self, Codec, ProtocolSupport};
+    use libp2p::{StreamProtocol, Transport};
+
+    /// Writes whatever bytes it is given as the request; reads nothing.
+    #[derive(Clone, Default)]
+    pub struct Garbage;
+
+    impl Codec for Garbage {
+        type Protocol = StreamProtocol;
+        type Request = Vec<u8>;
+        type Response = Vec<u8>;
+
+        async fn read_request<T: AsyncRead + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            _: &mut T,
+        ) -> io::Result<Vec<u8>> {
+            Err(io::Error::other("a rogue serves nothing"))
+        }
+
+        async fn read_response<T: AsyncRead + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+        ) -> io::Result<Vec<u8>> {
+            let mut buf = Vec::new();
+            futures::AsyncReadExt::read_to_end(io, &mut buf).await?;
+            if buf.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no answer"));
+            }
+            Ok(buf)
+        }
+
+        async fn write_request<T: AsyncWrite + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+            req: Vec<u8>,
+        ) -> io::Result<()> {
+            io.write_all(&req).await?;
+            io.close().await
+        }
+
+        async fn write_response<T: AsyncWrite + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            _: &mut T,
+            _: Vec<u8>,
+        ) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    pub type Swarm = libp2p::Swarm<request_response::Behaviour<Garbage>>;
+
+    pub fn swarm(identity: libp2p::identity::Keypair, mesh_key: [u8; 32]) -> Swarm {
+        let psk = libp2p::pnet::PreSharedKey::new(mesh_key);
+        libp2p::SwarmBuilder::with_existing_identity(identity)
+            .with_tokio()
+            .with_other_transport(|key| {
+                let noise = libp2p::noise::Config::new(key)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default())
+                        .and_then(move |s, _| libp2p::pnet::PnetConfig::new(psk).handshake(s))
+                        .upgrade(libp2p::core::upgrade::Version::V1)
+                        .authenticate(noise)
+                        .multiplex(libp2p::yamux::Config::default()),
+                )
+            })
+            .unwrap()
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    Garbage,
+                    [(
+                        StreamProtocol::new("/meshfs/chunk/1"),
+                        ProtocolSupport::Outbound,
+                    )],
+                    request_response::Config::default()
+                        .with_request_timeout(std::time::Duration::from_secs(10)),
+                )
+            })
+            .unwrap()
+            .build()
+    }
+}
+
+#[test]
+fn malformed_messages_from_a_member_are_refused_not_fatal() {
+    require_root!();
+    use futures::StreamExt;
+    use libp2p::request_response::Event;
+    use libp2p::swarm::SwarmEvent;
+
+    let a = Device::start("alpha");
+    let data = bytes(256 << 10, 8);
+    let hashes = put_file(&a, "ok.bin", &data);
+    let r = Device::join("rogue", &a.invite("10m"));
+    let keys = meshfs::mesh::MeshState::load(&r.data_dir()).unwrap();
+    let alpha_peer: libp2p::PeerId = a.status_json()["peer"].as_str().unwrap().parse().unwrap();
+    let alpha_addr: libp2p::Multiaddr = a.status_json()["listen"][0]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let outcomes = rt.block_on(async {
+        let mut sw = rogue::swarm(keys.identity.clone(), keys.mesh_key);
+        let hash = hex_bytes(&hashes[0]);
+        // A frame claiming 4 GiB; a frame whose body is not a request; a
+        // request cut off mid-hash; and, last, a well-formed one.
+        let mut truncated = 36u32.to_be_bytes().to_vec();
+        truncated.extend_from_slice(&hash[..10]);
+        // postcard: the hash's 32 bytes, offset 0, len 1 MiB as a varint.
+        let body = [hash.clone(), vec![0, 0x80, 0x80, 0x40]].concat();
+        let good = [(body.len() as u32).to_be_bytes().to_vec(), body].concat();
+        let requests = vec![
+            vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+            [3u32.to_be_bytes().to_vec(), vec![0xff, 0xff, 0xff]].concat(),
+            truncated,
+            good,
+        ];
+        let mut ids = Vec::new();
+        for req in requests {
+            ids.push(sw.behaviour_mut().send_request_with_addresses(
+                &alpha_peer,
+                req,
+                vec![alpha_addr.clone()],
+            ));
+        }
+        let mut outcomes = vec![None; ids.len()];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while outcomes.iter().any(Option::is_none) {
+            let ev = tokio::time::timeout_at(deadline, sw.select_next_some())
+                .await
+                .expect("the daemon neither answered nor refused");
+            let (id, ok) = match ev {
+                SwarmEvent::Behaviour(Event::Message {
+                    message:
+                        libp2p::request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                }) => (request_id, Some(response)),
+                SwarmEvent::Behaviour(Event::OutboundFailure { request_id, .. }) => {
+                    (request_id, None)
+                }
+                _ => continue,
+            };
+            if let Some(i) = ids.iter().position(|x| *x == id) {
+                outcomes[i] = Some(ok);
+            }
+        }
+        outcomes
+    });
+    // Every malformed request failed; the well-formed one, sent on the same
+    // connection after them, got the chunk.
+    for o in &outcomes[..3] {
+        assert_eq!(o.as_ref().map(Option::is_some), Some(false), "{outcomes:?}");
+    }
+    let good = outcomes[3]
+        .clone()
+        .flatten()
+        .expect("well-formed request unanswered");
+    // The answer carries the chunk, which starts with the file's first bytes.
+    assert!(good.windows(4096).any(|w| w == &data[..4096]));
+    // The daemon is alive and still serves its mount.
+    assert!(common::alive(a.pid().unwrap()));
+    assert_eq!(std::fs::read(a.path("ok.bin")).unwrap(), data);
+}
+
+fn hex_bytes(h: &str) -> Vec<u8> {
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
+}
