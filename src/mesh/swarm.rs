@@ -111,6 +111,8 @@ pub(crate) struct Actor {
     active: Arc<AtomicU32>,
     queued: Arc<AtomicU32>,
     refused: u64,
+    /// Addresses whose refusal was logged as a warning already.
+    refused_from: HashSet<String>,
     /// Test hook (`MESHFS_FAULT=corrupt-serve`): serve damaged chunks, as a
     /// faulty or hostile peer would, so that tests can watch the receiver
     /// reject them.
@@ -216,6 +218,7 @@ impl Actor {
             active: Arc::new(AtomicU32::new(0)),
             queued: Arc::new(AtomicU32::new(0)),
             refused: 0,
+            refused_from: HashSet::new(),
             fault_corrupt: std::env::var("MESHFS_FAULT").is_ok_and(|v| v == "corrupt-serve"),
             announce_every: settings.announce_every,
             topic_avail,
@@ -379,6 +382,10 @@ impl Actor {
     }
 
     fn redial(&mut self) {
+        // A removed device would only be refused, again and again.
+        if self.state.members.is_removed(&self.peer_id.to_string()) {
+            return;
+        }
         let targets: Vec<(PeerId, Vec<Multiaddr>)> = self
             .state
             .members
@@ -504,11 +511,15 @@ impl Actor {
                     },
                     bad_chunks: info.map_or(0, |i| i.bad_chunks),
                     holdings: if me {
-                        self.provided.len()
+                        self.outbox.held()
                     } else {
                         remote.map_or(0, |r| r.holdings.len())
                     },
-                    held_bytes: remote.map_or(0, |r| r.holdings.values().map(|h| h.size).sum()),
+                    held_bytes: if me {
+                        self.outbox.held_bytes()
+                    } else {
+                        remote.map_or(0, |r| r.holdings.values().map(|h| h.size).sum())
+                    },
                     load: if me {
                         self.load()
                     } else {
@@ -576,7 +587,16 @@ impl Actor {
             } => {
                 if let ListenError::Denied { cause } = &error {
                     self.refused += 1;
-                    tracing::warn!(from = %send_back_addr, reason = %cause, "refused a connection from a device outside the mesh's device list");
+                    // Once per address at warning level: a removed device
+                    // that keeps trying must not flood the log.
+                    let ip = send_back_addr.iter().next().map(|p| p.to_string());
+                    if self.refused_from.len() < 1024
+                        && self.refused_from.insert(ip.unwrap_or_default())
+                    {
+                        tracing::warn!(from = %send_back_addr, reason = %cause, "refused a connection from a device outside the mesh's device list");
+                    } else {
+                        tracing::debug!(from = %send_back_addr, reason = %cause, "refused a connection again");
+                    }
                 } else {
                     // Wrong mesh key, port scans, and the like.
                     tracing::debug!(from = %send_back_addr, error = %error, "incoming connection failed");

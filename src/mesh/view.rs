@@ -24,6 +24,16 @@ impl Outbox {
         self.seq
     }
 
+    /// Resources announced.
+    pub fn held(&self) -> usize {
+        self.announced.len()
+    }
+
+    /// Bytes of the resources announced.
+    pub fn held_bytes(&self) -> u64 {
+        self.announced.values().map(|h| h.size).sum()
+    }
+
     /// The next announcement towards `current`: at most `MAX_DELTA` changes
     /// (the rest follow in later ones). `None` when nothing changed and
     /// `force` (the periodic load report) is off.
