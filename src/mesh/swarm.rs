@@ -296,13 +296,15 @@ impl Actor {
                 let _ = reply.send((self.state.members.clone(), addrs));
             }
             Command::AddMember(m, reply) => {
-                let r = self
-                    .state
+                // Changed on a copy, so that a failed save changes nothing.
+                let mut next = self.state.clone();
+                let r = next
                     .members
                     .add(m.clone())
                     .map_err(MeshError::Membership)
-                    .and_then(|_| self.state.save_members(&self.data_dir));
+                    .and_then(|_| next.save_members(&self.data_dir));
                 if r.is_ok() {
+                    self.state = next;
                     tracing::info!(device = %m.name, peer = %m.peer, "device joined the mesh");
                     self.sync_allow_list();
                     self.publish_members();
@@ -310,21 +312,22 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Command::RemoveMember(name, reply) => {
-                let r = match self.state.members.by_name(&name) {
+                let mut next = self.state.clone();
+                let r = match next.members.by_name(&name) {
                     Some(m) if m.device == self.me => Err(MeshError::Membership(
                         "a device cannot remove itself; run remove-device on another member".into(),
                     )),
-                    Some(_) => {
-                        let m = self.state.members.remove(&name);
-                        self.state
-                            .save_members(&self.data_dir)
-                            .and(m.ok_or(MeshError::Membership(format!("no device named {name}"))))
-                    }
+                    Some(_) => next
+                        .members
+                        .remove(&name)
+                        .ok_or_else(|| MeshError::Membership(format!("no device named {name}")))
+                        .and_then(|m| next.save_members(&self.data_dir).map(|_| m)),
                     None => Err(MeshError::Membership(format!(
                         "no device named {name} in the mesh"
                     ))),
                 };
                 if let Ok(m) = &r {
+                    self.state = next;
                     tracing::info!(device = %m.name, peer = %m.peer, "device removed from the mesh");
                     self.view.forget(m.device);
                     self.sync_allow_list();
