@@ -38,7 +38,8 @@ pub fn init(
 ) -> Result<Config, Error> {
     let cfg = new_config(data_dir, name, listen)?;
     let state = MeshState::generate(&cfg.name, cfg.device_id());
-    create_data_dir(data_dir, &cfg, &state)?;
+    let _lock = prepare_data_dir(data_dir)?;
+    finish_data_dir(data_dir, &cfg, &state)?;
     Ok(cfg)
 }
 
@@ -59,10 +60,21 @@ pub fn join(
         peer: state.peer_id().to_string(),
         port: mesh::listen_port(&cfg.listen),
     };
-    let joined = mesh::join::join(&code, &req)?;
+    // Everything local that can fail is done before the inviter adds us,
+    // and undone if the join fails: a refused code leaves nothing behind.
+    let existed = data_dir.exists();
+    let lock = prepare_data_dir(data_dir)?;
+    let joined = match mesh::join::join(&code, &req) {
+        Ok(j) => j,
+        Err(e) => {
+            drop(lock);
+            undo_data_dir(data_dir, existed);
+            return Err(e.into());
+        }
+    };
     state.mesh_key = joined.mesh_key;
     state.members = joined.members;
-    create_data_dir(data_dir, &cfg, &state)?;
+    finish_data_dir(data_dir, &cfg, &state)?;
     Ok(cfg)
 }
 
@@ -93,12 +105,13 @@ fn new_config(
     Ok(cfg)
 }
 
-fn create_data_dir(data_dir: &Path, cfg: &Config, state: &MeshState) -> Result<(), Error> {
+/// Creates a data dir's directory and empty store; returns its lock.
+fn prepare_data_dir(data_dir: &Path) -> Result<DirLock, Error> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::io(format!("securing {}", data_dir.display()), e))?;
-    let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;
+    let lock = DirLock::acquire(data_dir, Duration::ZERO)?;
     let store = RocksStore::open(&data_dir.join(DB_DIR))?;
     if store.load_meta()?.is_none() {
         // SAFETY: getuid/getgid have no preconditions.
@@ -107,6 +120,24 @@ fn create_data_dir(data_dir: &Path, cfg: &Config, state: &MeshState) -> Result<(
         store.persist(&meta.take_changes(), true)?;
     }
     store.flush()?;
+    Ok(lock)
+}
+
+/// Removes what `prepare_data_dir` made (the directory itself only when it
+/// did not exist before).
+fn undo_data_dir(data_dir: &Path, existed: bool) {
+    if existed {
+        for name in [DB_DIR, LOCK_FILE] {
+            let p = data_dir.join(name);
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(data_dir);
+    }
+}
+
+/// Writes the mesh state, then the config, which marks the data dir complete.
+fn finish_data_dir(data_dir: &Path, cfg: &Config, state: &MeshState) -> Result<(), Error> {
     state.save(data_dir)?;
     // The config is written last: its presence marks a complete data dir.
     cfg.save(data_dir)?;

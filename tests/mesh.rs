@@ -151,6 +151,12 @@ fn invite_codes_are_single_use_expire_and_need_the_secret() {
     let e = Device::try_join("mallory", &wrong.encode()).err().unwrap();
     assert!(e.contains("refused the code"), "{e}");
     assert_eq!(member_count(&a), 1);
+    // The joiner's side keeps nothing of a refused join either.
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = tmp.path().join("never");
+    let o = common::meshfs(&["join", &wrong.encode(), "--data-dir", dd.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(!dd.exists(), "a refused join left {}", dd.display());
 
     // Garbage sent to the join listener is refused and the code still works.
     let addr = wrong.addrs[0];
