@@ -524,8 +524,9 @@ fn malformed_messages_from_a_member_are_refused_not_fatal() {
         // request cut off mid-hash; and, last, a well-formed one.
         let mut truncated = 36u32.to_be_bytes().to_vec();
         truncated.extend_from_slice(&hash[..10]);
-        // postcard: the hash's 32 bytes, offset 0, len 1 MiB as a varint.
-        let body = [hash.clone(), vec![0, 0x80, 0x80, 0x40]].concat();
+        // postcard: one piece: the hash's 32 bytes, offset 0, len 1 MiB as
+        // a varint.
+        let body = [vec![1], hash.clone(), vec![0, 0x80, 0x80, 0x40]].concat();
         let good = [(body.len() as u32).to_be_bytes().to_vec(), body].concat();
         let requests = vec![
             vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],

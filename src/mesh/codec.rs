@@ -24,7 +24,7 @@ impl Codec for ChunkCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<ChunkRequest> {
-        protocol::read_frame(io).await
+        protocol::read_chunk_request(io).await
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(

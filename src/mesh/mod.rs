@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::ids::{ChunkHash, DeviceId, ResourceId};
 use crate::storage::ChunkStore;
-use protocol::{ChunkRequest, ChunkResponse, Load, Member, MAX_PIECE};
+use protocol::{ChunkRequest, Load, Member, Piece, PieceRequest, MAX_PIECE};
 pub use state::MeshState;
 pub use swarm::HoldingsFn;
 
@@ -320,51 +320,143 @@ impl MeshClient {
     }
 
     async fn fetch_from(&self, device: DeviceId, hash: ChunkHash) -> Result<Vec<u8>, MeshError> {
-        let mut data: Vec<u8> = Vec::new();
-        let mut expected_total = None;
-        loop {
-            let req = ChunkRequest {
-                hash,
-                offset: data.len() as u32,
-                len: MAX_PIECE,
-            };
-            let timeout = self.settings.fetch_timeout;
-            let resp = tokio::time::timeout(
-                timeout,
-                self.ask(|reply| swarm::Command::Fetch { device, req, reply }),
-            )
+        self.fetch_batch(device, &[hash])
             .await
-            .map_err(|_| MeshError::Timeout(timeout))???;
-            match resp {
-                ChunkResponse::Data { total, bytes } => {
-                    if total > MAX_CHUNK {
-                        return Err(MeshError::Peer(format!(
-                            "{device} claims a chunk of {total} bytes"
-                        )));
+            .pop()
+            .unwrap_or(Err(MeshError::Stopped))
+    }
+
+    /// One request for several chunks from one device; one result per hash.
+    /// Pieces the device deferred are asked for again; a chunk larger than
+    /// one piece continues on its own.
+    async fn fetch_batch(
+        &self,
+        device: DeviceId,
+        hashes: &[ChunkHash],
+    ) -> Vec<Result<Vec<u8>, MeshError>> {
+        let mut out: Vec<Option<Result<Vec<u8>, MeshError>>> =
+            (0..hashes.len()).map(|_| None).collect();
+        let mut todo: Vec<usize> = (0..hashes.len()).collect();
+        while !todo.is_empty() {
+            let req = ChunkRequest {
+                pieces: todo
+                    .iter()
+                    .map(|&i| PieceRequest {
+                        hash: hashes[i],
+                        offset: 0,
+                        len: MAX_PIECE,
+                    })
+                    .collect(),
+            };
+            let refuse_all =
+                |why: String| todo.iter().map(|_| Piece::Refused(why.clone())).collect();
+            let pieces = match self.request(device, req).await {
+                Ok(p) if p.len() == todo.len() => p,
+                Ok(_) => refuse_all("answered a different number of pieces".to_string()),
+                Err(e) => refuse_all(e.to_string()),
+            };
+            let mut deferred = Vec::new();
+            for (&i, p) in todo.iter().zip(pieces) {
+                let r = match p {
+                    Piece::Deferred => {
+                        deferred.push(i);
+                        continue;
                     }
-                    if data.is_empty() {
-                        expected_total = Some(total);
-                        data.reserve_exact(total as usize);
+                    Piece::Data { total, bytes } => {
+                        self.complete(device, hashes[i], total, bytes).await
                     }
-                    // Every piece but the last is full: a peer dribbling
-                    // bytes (or changing the length) is cut off at once.
-                    let want = MAX_PIECE.min(total.saturating_sub(data.len() as u32));
-                    if expected_total != Some(total) || bytes.len() as u32 != want {
-                        return Err(MeshError::Peer(format!(
-                            "{device} sent a piece of {} bytes where {want} were due",
-                            bytes.len()
-                        )));
+                    Piece::NotFound => {
+                        Err(MeshError::Peer(format!("{device} does not hold the chunk")))
                     }
-                    data.extend_from_slice(&bytes);
-                    if data.len() as u32 >= total {
-                        break;
-                    }
+                    Piece::Refused(why) => Err(MeshError::Peer(format!("{device}: {why}"))),
+                };
+                out[i] = Some(r);
+            }
+            // The first piece of every response is served, so each round
+            // makes progress; a peer deferring everything is cut off.
+            if deferred.len() == todo.len() {
+                for i in deferred {
+                    out[i] = Some(Err(MeshError::Peer(format!(
+                        "{device} deferred every piece"
+                    ))));
                 }
-                ChunkResponse::NotFound => {
-                    return Err(MeshError::Peer(format!("{device} does not hold the chunk")))
+                break;
+            }
+            todo = deferred;
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or(Err(MeshError::Stopped)))
+            .collect()
+    }
+
+    /// Sends one chunk request and waits for its answer, within the fetch
+    /// timeout.
+    async fn request(&self, device: DeviceId, req: ChunkRequest) -> Result<Vec<Piece>, MeshError> {
+        let timeout = self.settings.fetch_timeout;
+        let resp = tokio::time::timeout(
+            timeout,
+            self.ask(|reply| swarm::Command::Fetch { device, req, reply }),
+        )
+        .await
+        .map_err(|_| MeshError::Timeout(timeout))???;
+        Ok(resp.pieces)
+    }
+
+    /// Takes a chunk's first piece, fetches the rest when it is larger than
+    /// one piece, verifies it and stores it in the local cache.
+    async fn complete(
+        &self,
+        device: DeviceId,
+        hash: ChunkHash,
+        total: u32,
+        first: Vec<u8>,
+    ) -> Result<Vec<u8>, MeshError> {
+        if total > MAX_CHUNK {
+            return Err(MeshError::Peer(format!(
+                "{device} claims a chunk of {total} bytes"
+            )));
+        }
+        let mut data = first;
+        data.reserve_exact((total as usize).saturating_sub(data.len()));
+        let mut piece_total = total;
+        let mut bytes = std::mem::take(&mut data);
+        loop {
+            // Every piece but the last is full: a peer dribbling bytes (or
+            // changing the length) is cut off at once.
+            let want = MAX_PIECE.min(total.saturating_sub(data.len() as u32));
+            if piece_total != total || bytes.len() as u32 != want {
+                return Err(MeshError::Peer(format!(
+                    "{device} sent a piece of {} bytes where {want} were due",
+                    bytes.len()
+                )));
+            }
+            if data.is_empty() {
+                data = bytes;
+            } else {
+                data.extend_from_slice(&bytes);
+            }
+            if data.len() as u32 >= total {
+                break;
+            }
+            let req = ChunkRequest {
+                pieces: vec![PieceRequest {
+                    hash,
+                    offset: data.len() as u32,
+                    len: MAX_PIECE,
+                }],
+            };
+            match self.request(device, req).await?.pop() {
+                Some(Piece::Data { total: t, bytes: b }) => {
+                    piece_total = t;
+                    bytes = b;
                 }
-                ChunkResponse::Refused(why) => {
-                    return Err(MeshError::Peer(format!("{device} refused: {why}")))
+                Some(Piece::Refused(why)) => {
+                    return Err(MeshError::Peer(format!("{device}: {why}")))
+                }
+                _ => {
+                    return Err(MeshError::Peer(format!(
+                        "{device} stopped serving the chunk mid-way"
+                    )))
                 }
             }
         }
@@ -387,42 +479,97 @@ impl MeshClient {
         Ok(data)
     }
 
+    /// Several chunks, in order: one batch from the first holder, then each
+    /// chunk it could not supply from the others, one by one.
+    async fn fetch_many(
+        &self,
+        hashes: Vec<ChunkHash>,
+        holders: &[DeviceId],
+    ) -> Result<Vec<Vec<u8>>, MeshError> {
+        let holders: Vec<DeviceId> = holders.iter().copied().filter(|d| *d != self.me).collect();
+        let Some(&first) = holders.first() else {
+            return Err(MeshError::Unavailable {
+                hash: hashes.first().copied().unwrap_or_else(ChunkHash::zero_run),
+                last: "no holders given".into(),
+            });
+        };
+        let got = self.fetch_batch(first, &hashes).await;
+        let mut out = Vec::with_capacity(hashes.len());
+        for (hash, r) in hashes.into_iter().zip(got) {
+            match r {
+                Ok(d) => out.push(d),
+                Err(e) if holders.len() == 1 => {
+                    return Err(MeshError::Unavailable {
+                        hash,
+                        last: e.to_string(),
+                    })
+                }
+                Err(e) => {
+                    tracing::debug!(chunk = %hash.fmt_short(), device = %first, error = %e, "fetch failed; trying the next holder");
+                    out.push(self.fetch_chunk(hash, &holders[1..]).await?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Fetches `hashes` in order, handing each chunk to `sink` as soon as it
     /// and all before it are here (a reader streams the file instead of
-    /// waiting for all of it). Chunks in flight start at `START_WINDOW` and
-    /// double with every chunk delivered, up to `fetch_window`: the first
-    /// chunks then get the link to themselves instead of sharing it with a
-    /// full window, which keeps the first byte one round trip away.
+    /// waiting for all of it). Chunks in flight start at 2 and double with
+    /// every batch delivered, up to `fetch_window`: the first chunks get the
+    /// link to themselves, so the first byte is one round trip away.
+    ///
+    /// Batches: on a short round trip (LAN, loopback) the cost per request
+    /// dominates, so batches grow with the window up to `MAX_BATCH` chunks.
+    /// On a long one, a batch would outgrow what one Yamux stream may have
+    /// in flight (256 KiB a round trip; our streams are too short-lived for
+    /// Yamux to widen that), so each chunk gets its own stream.
     pub async fn fetch_stream(
         &self,
         hashes: Vec<ChunkHash>,
         holders: Vec<DeviceId>,
         mut sink: impl FnMut(usize, Vec<u8>) -> Result<(), MeshError>,
     ) -> Result<FetchReport, MeshError> {
-        const START_WINDOW: usize = 2;
+        const SHORT_RTT_MS: f64 = 5.0;
         let start = Instant::now();
         let mut first = None;
         let mut bytes = 0u64;
-        let holders = Arc::new(holders);
         let max = self.settings.fetch_window.max(1);
-        let mut window = START_WINDOW.min(max);
-        let mut todo = hashes.into_iter();
+        let mut window = 2.min(max);
+        let rtt = match (holders.iter().find(|d| **d != self.me), self.status().await) {
+            (Some(d), Ok(st)) => st.devices.iter().find(|x| x.id == *d).and_then(|x| x.rtt_ms),
+            _ => None,
+        };
+        let max_batch = if rtt.is_some_and(|r| r <= SHORT_RTT_MS) {
+            protocol::MAX_BATCH
+        } else {
+            1
+        };
+        let mut todo = hashes.into_iter().peekable();
         let mut in_flight = futures::stream::FuturesOrdered::new();
+        let mut flying = 0;
         let mut i = 0;
         loop {
-            while in_flight.len() < window {
-                let Some(h) = todo.next() else { break };
-                let holders = holders.clone();
-                in_flight.push_back(async move { self.fetch_chunk(h, &holders).await });
+            while flying < window && todo.peek().is_some() {
+                let batch = (window / 4).clamp(1, max_batch);
+                let take: Vec<ChunkHash> = todo.by_ref().take(batch).collect();
+                flying += take.len();
+                let holders = &holders;
+                in_flight.push_back(async move {
+                    let n = take.len();
+                    (n, self.fetch_many(take, holders).await)
+                });
             }
-            let Some(r) = in_flight.next().await else {
+            let Some((n, r)) = in_flight.next().await else {
                 break;
             };
-            let data = r?;
-            first.get_or_insert_with(|| start.elapsed());
-            bytes += data.len() as u64;
-            sink(i, data)?;
-            i += 1;
+            flying -= n;
+            for data in r? {
+                first.get_or_insert_with(|| start.elapsed());
+                bytes += data.len() as u64;
+                sink(i, data)?;
+                i += 1;
+            }
             window = (window * 2).min(max);
         }
         Ok(FetchReport {

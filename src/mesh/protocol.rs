@@ -45,16 +45,30 @@ pub const MAX_DELTA: usize = 256;
 
 // ---------------------------------------------------------------- chunks --
 
+/// Pieces asked for in one request: consecutive chunks of a file travel
+/// together, so that a stream is opened per batch, not per 64 KiB.
+pub const MAX_BATCH: usize = 16;
+/// Largest sum of piece bytes in one response; pieces beyond it are
+/// `Deferred` (the first is always served, so every request progresses).
+pub const MAX_RESPONSE: u32 = 2 << 20;
+
 /// Ask for `len` bytes of chunk `hash` starting at `offset`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChunkRequest {
+pub struct PieceRequest {
     pub hash: ChunkHash,
     pub offset: u32,
     pub len: u32,
 }
 
+/// One to `MAX_BATCH` pieces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ChunkResponse {
+pub struct ChunkRequest {
+    pub pieces: Vec<PieceRequest>,
+}
+
+/// The answer for one piece.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Piece {
     /// `bytes` start at the requested offset; `total` is the chunk's length.
     Data {
         total: u32,
@@ -63,14 +77,24 @@ pub enum ChunkResponse {
     NotFound,
     /// The server is overloaded or refuses; the reason is for logs.
     Refused(String),
+    /// Over this response's byte budget: ask again.
+    Deferred,
 }
 
-/// The response's header on the wire; `Data`'s bytes follow it raw.
+/// One answer per requested piece, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkResponse {
+    pub pieces: Vec<Piece>,
+}
+
+/// A piece's header on the wire; `Data`'s bytes follow all the headers,
+/// raw and in order.
 #[derive(Serialize, Deserialize)]
-enum ChunkResponseHead {
+enum PieceHead {
     Data { total: u32, len: u32 },
     NotFound,
     Refused(String),
+    Deferred,
 }
 
 // ---------------------------------------------------------- availability --
@@ -278,39 +302,78 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
+pub async fn read_chunk_request<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<ChunkRequest> {
+    let req: ChunkRequest = read_frame(r).await?;
+    if req.pieces.is_empty() || req.pieces.len() > MAX_BATCH {
+        return Err(invalid(&format!(
+            "request for {} pieces (1 to {MAX_BATCH} allowed)",
+            req.pieces.len()
+        )));
+    }
+    Ok(req)
+}
+
 pub async fn write_chunk_response<W: AsyncWrite + Unpin>(
     w: &mut W,
     resp: ChunkResponse,
 ) -> io::Result<()> {
-    match resp {
-        ChunkResponse::Data { total, bytes } => {
-            let len = u32::try_from(bytes.len()).map_err(|_| invalid("piece too large"))?;
-            if len > MAX_PIECE {
-                return Err(invalid("piece too large"));
+    let mut heads = Vec::with_capacity(resp.pieces.len());
+    let mut sum = 0u32;
+    for p in &resp.pieces {
+        heads.push(match p {
+            Piece::Data { total, bytes } => {
+                let len = u32::try_from(bytes.len()).map_err(|_| invalid("piece too large"))?;
+                sum = sum.saturating_add(len);
+                if len > MAX_PIECE || sum > MAX_RESPONSE {
+                    return Err(invalid("response over its byte budget"));
+                }
+                PieceHead::Data { total: *total, len }
             }
-            write_frame(w, &ChunkResponseHead::Data { total, len }).await?;
-            w.write_all(&bytes).await
-        }
-        ChunkResponse::NotFound => write_frame(w, &ChunkResponseHead::NotFound).await,
-        ChunkResponse::Refused(why) => write_frame(w, &ChunkResponseHead::Refused(why)).await,
+            Piece::NotFound => PieceHead::NotFound,
+            Piece::Refused(why) => PieceHead::Refused(why.clone()),
+            Piece::Deferred => PieceHead::Deferred,
+        });
     }
+    write_frame(w, &heads).await?;
+    for p in resp.pieces {
+        if let Piece::Data { bytes, .. } = p {
+            w.write_all(&bytes).await?;
+        }
+    }
+    Ok(())
 }
 
 pub async fn read_chunk_response<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<ChunkResponse> {
-    match read_frame(r).await? {
-        ChunkResponseHead::Data { total, len } => {
-            if len > MAX_PIECE || len > total {
+    let heads: Vec<PieceHead> = read_frame(r).await?;
+    if heads.len() > MAX_BATCH {
+        return Err(invalid("response with too many pieces"));
+    }
+    // Check every length before allocating any.
+    let mut sum = 0u32;
+    for h in &heads {
+        if let PieceHead::Data { total, len } = h {
+            sum = sum.saturating_add(*len);
+            if *len > MAX_PIECE || len > total || sum > MAX_RESPONSE {
                 return Err(invalid(&format!(
                     "piece of {len} bytes (chunk {total}) is over the limit"
                 )));
             }
-            let mut bytes = vec![0u8; len as usize];
-            r.read_exact(&mut bytes).await?;
-            Ok(ChunkResponse::Data { total, bytes })
         }
-        ChunkResponseHead::NotFound => Ok(ChunkResponse::NotFound),
-        ChunkResponseHead::Refused(why) => Ok(ChunkResponse::Refused(why)),
     }
+    let mut pieces = Vec::with_capacity(heads.len());
+    for h in heads {
+        pieces.push(match h {
+            PieceHead::Data { total, len } => {
+                let mut bytes = vec![0u8; len as usize];
+                r.read_exact(&mut bytes).await?;
+                Piece::Data { total, bytes }
+            }
+            PieceHead::NotFound => Piece::NotFound,
+            PieceHead::Refused(why) => Piece::Refused(why),
+            PieceHead::Deferred => Piece::Deferred,
+        });
+    }
+    Ok(ChunkResponse { pieces })
 }
 
 /// A guess at a resource's MIME type from its name, for availability
@@ -375,64 +438,87 @@ mod tests {
     fn frames_reject_oversized_and_malformed_input() {
         futures::executor::block_on(async {
             let req = ChunkRequest {
-                hash: ChunkHash::of(b"x"),
-                offset: 0,
-                len: 10,
+                pieces: vec![PieceRequest {
+                    hash: ChunkHash::of(b"x"),
+                    offset: 0,
+                    len: 10,
+                }],
             };
             let mut buf = Vec::new();
             write_frame(&mut buf, &req).await.unwrap();
-            let back: ChunkRequest = read_frame(&mut buf.as_slice()).await.unwrap();
+            let back = read_chunk_request(&mut buf.as_slice()).await.unwrap();
             assert_eq!(back, req);
 
             let huge = (MAX_FRAME + 1).to_be_bytes();
-            let err = read_frame::<ChunkRequest, _>(&mut huge.as_slice())
-                .await
-                .unwrap_err();
+            let err = read_chunk_request(&mut huge.as_slice()).await.unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 
             let mut garbage = 3u32.to_be_bytes().to_vec();
             garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
-            assert!(read_frame::<ChunkRequest, _>(&mut garbage.as_slice())
-                .await
-                .is_err());
+            assert!(read_chunk_request(&mut garbage.as_slice()).await.is_err());
             // Truncated: an error, not a hang or a panic.
-            assert!(read_frame::<ChunkRequest, _>(&mut &buf[..buf.len() - 1])
+            assert!(read_chunk_request(&mut &buf[..buf.len() - 1])
                 .await
                 .is_err());
+            // Empty and oversized batches are refused.
+            for n in [0, MAX_BATCH + 1] {
+                let mut buf = Vec::new();
+                let pieces = vec![req.pieces[0].clone(); n];
+                write_frame(&mut buf, &ChunkRequest { pieces })
+                    .await
+                    .unwrap();
+                assert!(read_chunk_request(&mut buf.as_slice()).await.is_err());
+            }
         });
     }
 
     #[test]
     fn chunk_responses_round_trip_and_bound_pieces() {
         futures::executor::block_on(async {
-            for resp in [
-                ChunkResponse::Data {
-                    total: 10,
-                    bytes: b"hello".to_vec(),
-                },
-                ChunkResponse::NotFound,
-                ChunkResponse::Refused("busy".into()),
-            ] {
-                let mut buf = Vec::new();
-                write_chunk_response(&mut buf, resp.clone()).await.unwrap();
-                assert_eq!(
-                    read_chunk_response(&mut buf.as_slice()).await.unwrap(),
-                    resp
-                );
-            }
-            // A header claiming more than a piece is refused before any
-            // allocation of that size.
+            let resp = ChunkResponse {
+                pieces: vec![
+                    Piece::Data {
+                        total: 10,
+                        bytes: b"hello".to_vec(),
+                    },
+                    Piece::NotFound,
+                    Piece::Data {
+                        total: 3,
+                        bytes: b"abc".to_vec(),
+                    },
+                    Piece::Refused("busy".into()),
+                    Piece::Deferred,
+                ],
+            };
             let mut buf = Vec::new();
-            write_frame(
-                &mut buf,
-                &ChunkResponseHead::Data {
+            write_chunk_response(&mut buf, resp.clone()).await.unwrap();
+            assert_eq!(
+                read_chunk_response(&mut buf.as_slice()).await.unwrap(),
+                resp
+            );
+            // Headers claiming more than the limits are refused before any
+            // allocation of that size.
+            for heads in [
+                vec![PieceHead::Data {
                     total: u32::MAX,
                     len: u32::MAX,
-                },
-            )
-            .await
-            .unwrap();
-            assert!(read_chunk_response(&mut buf.as_slice()).await.is_err());
+                }],
+                vec![
+                    PieceHead::Data {
+                        total: MAX_PIECE,
+                        len: MAX_PIECE,
+                    },
+                    PieceHead::Data {
+                        total: MAX_PIECE,
+                        len: MAX_PIECE,
+                    },
+                    PieceHead::Data { total: 1, len: 1 },
+                ],
+            ] {
+                let mut buf = Vec::new();
+                write_frame(&mut buf, &heads).await.unwrap();
+                assert!(read_chunk_response(&mut buf.as_slice()).await.is_err());
+            }
         });
     }
 

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use super::codec::{AvailCodec, ChunkCodec};
 use super::protocol::{
     self, Announcement, AvailRequest, AvailResponse, ChunkRequest, ChunkResponse, Holding, Load,
-    Member, MAX_PIECE,
+    Member, Piece, PieceRequest, MAX_PIECE, MAX_RESPONSE,
 };
 use super::state::MeshState;
 use super::view::{Applied, Outbox, View};
@@ -849,12 +849,14 @@ impl Actor {
         req: ChunkRequest,
         channel: ResponseChannel<ChunkResponse>,
     ) {
+        let n = req.pieces.len();
+        let all = move |p: Piece| ChunkResponse { pieces: vec![p; n] };
         if self.queued.load(Ordering::Relaxed) >= MAX_QUEUE {
             let _ = self
                 .swarm
                 .behaviour_mut()
                 .chunk
-                .send_response(channel, ChunkResponse::Refused("busy".into()));
+                .send_response(channel, all(Piece::Refused("busy".into())));
             return;
         }
         self.queued.fetch_add(1, Ordering::Relaxed);
@@ -872,25 +874,13 @@ impl Actor {
             active.fetch_add(1, Ordering::Relaxed);
             let resp = match permit {
                 Ok(_permit) => {
-                    let got = tokio::task::spawn_blocking(move || store.get(&req.hash)).await;
-                    match got {
-                        Ok(Ok(Some(mut data))) => {
-                            if corrupt {
-                                if let Some(b) = data.first_mut() {
-                                    *b ^= 0xff;
-                                }
-                            }
-                            piece(data, req.offset, req.len)
-                        }
-                        Ok(Ok(None)) => ChunkResponse::NotFound,
-                        Ok(Err(e)) => {
-                            tracing::warn!(%peer, chunk = %req.hash, error = %e, "cannot serve a chunk");
-                            ChunkResponse::NotFound
-                        }
-                        Err(e) => ChunkResponse::Refused(e.to_string()),
+                    let read = move || read_pieces(&*store, &req.pieces, corrupt, &peer);
+                    match tokio::task::spawn_blocking(read).await {
+                        Ok(pieces) => ChunkResponse { pieces },
+                        Err(e) => all(Piece::Refused(e.to_string())),
                     }
                 }
-                Err(_) => ChunkResponse::Refused("shutting down".into()),
+                Err(_) => all(Piece::Refused("shutting down".into())),
             };
             active.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(Command::Respond { channel, resp }).await;
@@ -898,12 +888,51 @@ impl Actor {
     }
 }
 
+/// Reads the pieces of one request from the store (blocking), within the
+/// response's byte budget.
+fn read_pieces(
+    store: &dyn ChunkStore,
+    wanted: &[PieceRequest],
+    corrupt: bool,
+    peer: &PeerId,
+) -> Vec<Piece> {
+    let mut budget = MAX_RESPONSE;
+    let mut out = Vec::with_capacity(wanted.len());
+    for (i, w) in wanted.iter().enumerate() {
+        let p = match store.get(&w.hash) {
+            Ok(Some(mut data)) => {
+                if corrupt {
+                    if let Some(b) = data.first_mut() {
+                        *b ^= 0xff;
+                    }
+                }
+                piece(data, w.offset, w.len)
+            }
+            Ok(None) => Piece::NotFound,
+            Err(e) => {
+                tracing::warn!(%peer, chunk = %w.hash, error = %e, "cannot serve a chunk");
+                Piece::NotFound
+            }
+        };
+        let p = match p {
+            Piece::Data { bytes, .. } if i > 0 && bytes.len() as u32 > budget => Piece::Deferred,
+            Piece::Data { total, bytes } => {
+                budget = budget.saturating_sub(bytes.len() as u32);
+                Piece::Data { total, bytes }
+            }
+            other => other,
+        };
+        out.push(p);
+    }
+    out
+}
+
 /// The requested piece of a chunk, at most `MAX_PIECE` bytes. The usual
 /// case, a whole chunk in one piece, moves the buffer instead of copying.
-fn piece(mut data: Vec<u8>, offset: u32, len: u32) -> ChunkResponse {
+fn piece(mut data: Vec<u8>, offset: u32, len: u32) -> Piece {
     let total = data.len() as u32;
     if offset > total {
-        return ChunkResponse::Refused(format!("offset {offset} beyond chunk of {total}"));
+        return Piece::Refused(format!("offset {offset} beyond chunk of {total}"));
     }
     let end = offset.saturating_add(len.min(MAX_PIECE)).min(total);
     let bytes = if offset == 0 {
@@ -912,7 +941,7 @@ fn piece(mut data: Vec<u8>, offset: u32, len: u32) -> ChunkResponse {
     } else {
         data[offset as usize..end as usize].to_vec()
     };
-    ChunkResponse::Data { total, bytes }
+    Piece::Data { total, bytes }
 }
 
 /// libp2p's TCP transport listens with SO_REUSEPORT, so a second daemon on
@@ -1043,22 +1072,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_batch_stays_within_its_byte_budget() {
+        let store = crate::storage::MemChunkStore::default();
+        let big: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; MAX_PIECE as usize]).collect();
+        let wanted: Vec<PieceRequest> = big
+            .iter()
+            .map(|d| PieceRequest {
+                hash: store.put_cached(d).unwrap(),
+                offset: 0,
+                len: MAX_PIECE,
+            })
+            .chain([PieceRequest {
+                hash: crate::ids::ChunkHash::of(b"absent"),
+                offset: 0,
+                len: 1,
+            }])
+            .collect();
+        let peer = PeerId::random();
+        let got = read_pieces(&store, &wanted, false, &peer);
+        let kinds: Vec<&str> = got
+            .iter()
+            .map(|p| match p {
+                Piece::Data { .. } => "data",
+                Piece::Deferred => "deferred",
+                Piece::NotFound => "missing",
+                Piece::Refused(_) => "refused",
+            })
+            .collect();
+        assert_eq!(kinds, ["data", "data", "deferred", "deferred", "missing"]);
+    }
+
+    #[test]
     fn pieces_are_bounded_and_checked() {
         let data = vec![7u8; (MAX_PIECE as usize) * 2 + 10];
         match piece(data.clone(), 0, u32::MAX) {
-            ChunkResponse::Data { total, bytes } => {
+            Piece::Data { total, bytes } => {
                 assert_eq!(total as usize, data.len());
                 assert_eq!(bytes.len(), MAX_PIECE as usize);
             }
             other => panic!("{other:?}"),
         }
         match piece(data.clone(), 2 * MAX_PIECE, MAX_PIECE) {
-            ChunkResponse::Data { bytes, .. } => assert_eq!(bytes.len(), 10),
+            Piece::Data { bytes, .. } => assert_eq!(bytes.len(), 10),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            piece(data, u32::MAX, 1),
-            ChunkResponse::Refused(_)
-        ));
+        assert!(matches!(piece(data, u32::MAX, 1), Piece::Refused(_)));
     }
 }
