@@ -590,3 +590,40 @@ fn hex_bytes(h: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
         .collect()
 }
+
+#[test]
+fn chunks_larger_than_a_piece_and_over_budget_batches_arrive_whole() {
+    require_root!();
+    // Chunks of 1 to 4 MiB: each is several 1 MiB pieces, and a batch of
+    // them overflows a response's 2 MiB budget, so pieces are deferred and
+    // asked for again.
+    let mut a = Device::init("alpha");
+    let cfg = a.data_dir().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text
+        .lines()
+        .map(|l| match l.split(" = ").next() {
+            Some("chunk_min") => "chunk_min = 1048576".to_string(),
+            Some("chunk_avg") => "chunk_avg = 2097152".to_string(),
+            Some("chunk_max") => "chunk_max = 4194304".to_string(),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&cfg, text).unwrap();
+    a.mount();
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    let o = b.try_mount_env(&[], &[("MESHFS_LOG", "info,meshfs::mesh=debug")]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    b.wait_connected(&["alpha"], CONNECT);
+    let data = bytes(48 << 20, 31);
+    let hashes = put_file(&a, "large.bin", &data);
+    assert!((12..=48).contains(&hashes.len()), "{} chunks", hashes.len());
+    let (r, out) = fetch(&b, &["alpha"], &hashes);
+    r.expect("fetch of large chunks");
+    assert_eq!(std::fs::read(out.path()).unwrap(), data);
+    assert!(
+        b.log().contains("pieces deferred"),
+        "no batch was over budget"
+    );
+}

@@ -372,6 +372,9 @@ impl MeshClient {
                 };
                 out[i] = Some(r);
             }
+            if !deferred.is_empty() {
+                tracing::debug!(%device, deferred = deferred.len(), "pieces deferred; asking again");
+            }
             // The first piece of every response is served, so each round
             // makes progress; a peer deferring everything is cut off.
             if deferred.len() == todo.len() {
@@ -537,7 +540,11 @@ impl MeshClient {
         let max = self.settings.fetch_window.max(1);
         let mut window = 2.min(max);
         let rtt = match (holders.iter().find(|d| **d != self.me), self.status().await) {
-            (Some(d), Ok(st)) => st.devices.iter().find(|x| x.id == *d).and_then(|x| x.rtt_ms),
+            (Some(d), Ok(st)) => st
+                .devices
+                .iter()
+                .find(|x| x.id == *d)
+                .and_then(|x| x.rtt_ms),
             _ => None,
         };
         let max_batch = if rtt.is_some_and(|r| r <= SHORT_RTT_MS) {
