@@ -122,7 +122,14 @@ impl Device {
     pub fn invite(&self, ttl: &str) -> String {
         let dd = self.data_dir();
         let o = meshfs(&["invite", "--data-dir", dd.to_str().unwrap(), "--ttl", ttl]);
-        assert!(o.status.success(), "invite failed: {}", stderr(&o));
+        assert!(
+            o.status.success(),
+            "invite failed: {}\ndaemon pid {:?} alive: {:?}\nlog:\n{}",
+            stderr(&o),
+            self.pid(),
+            self.pid().map(alive),
+            self.log()
+        );
         String::from_utf8(o.stdout).unwrap().trim().to_string()
     }
 
