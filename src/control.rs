@@ -202,7 +202,9 @@ async fn fetch(
         .fetch_stream(parsed, holders, |_, data| {
             if let Some(f) = file.as_mut() {
                 use std::io::Write;
-                f.write_all(&data)
+                // A disk write on a runtime thread: tell the runtime, so
+                // that other tasks move to another worker meanwhile.
+                tokio::task::block_in_place(|| f.write_all(&data))
                     .map_err(|e| crate::mesh::MeshError::io("writing the fetched data", e))?;
             }
             Ok(())
