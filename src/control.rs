@@ -173,23 +173,25 @@ async fn fetch(
             None => return err(format!("bad chunk hash {h:?}")),
         }
     }
-    let status = match node.mesh.status().await {
-        Ok(s) => s,
-        Err(e) => return err(e.to_string()),
-    };
-    let mut holders = Vec::new();
-    for name in &from {
-        match status.devices.iter().find(|d| &d.name == name) {
-            Some(d) => holders.push(d.id),
-            None => return err(format!("no device named {name} in the mesh")),
-        }
-    }
-    if from.is_empty() {
-        holders = match node.mesh.nearest_devices().await {
+    let holders = if from.is_empty() {
+        match node.mesh.nearest_devices().await {
             Ok(h) => h,
             Err(e) => return err(e.to_string()),
+        }
+    } else {
+        let status = match node.mesh.status().await {
+            Ok(s) => s,
+            Err(e) => return err(e.to_string()),
         };
-    }
+        let mut named = Vec::with_capacity(from.len());
+        for name in &from {
+            match status.devices.iter().find(|d| &d.name == name) {
+                Some(d) => named.push(d.id),
+                None => return err(format!("no device named {name} in the mesh")),
+            }
+        }
+        named
+    };
     let mut file = match &out {
         Some(p) => match std::fs::File::create(p) {
             Ok(f) => Some(f),

@@ -470,12 +470,11 @@ impl Actor {
         }
         // A backlog bigger than one delta drains at once, one bounded
         // announcement after another.
-        let mut rounds = 0;
-        while self.outbox.behind(&current) && rounds < 64 {
-            if let Some(a) = self.outbox.next(self.me, &current, load, false) {
-                self.publish_announcement(&a);
+        for _ in 0..64 {
+            match self.outbox.next(self.me, &current, load, false) {
+                Some(a) => self.publish_announcement(&a),
+                None => break,
             }
-            rounds += 1;
         }
     }
 
