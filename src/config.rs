@@ -55,6 +55,23 @@ pub struct Config {
     pub chunk_max: u32,
     /// Default tracing filter for the daemon's log (MESHFS_LOG overrides).
     pub log: String,
+    /// Raft leader heartbeat period, in milliseconds.
+    pub raft_heartbeat_ms: u64,
+    /// A follower that hears no heartbeat for a random time in
+    /// [min, max] milliseconds starts an election. Tuned for a LAN: a few
+    /// lost heartbeats, not one, trigger it; a dead leader is replaced in
+    /// well under a second.
+    pub raft_election_min_ms: u64,
+    pub raft_election_max_ms: u64,
+    /// Longest an open waits for the leader's read index before it serves
+    /// the local replica (which may then be stale), in milliseconds.
+    pub read_wait_ms: u64,
+    /// Longest a namespace change waits for a leader to commit it before
+    /// the program gets EIO, in milliseconds.
+    pub write_timeout_ms: u64,
+    /// Devices that vote in Raft; later ones stay learners (they get every
+    /// change but do not count for the quorum).
+    pub max_voters: usize,
 }
 
 impl Default for Config {
@@ -76,6 +93,12 @@ impl Default for Config {
             chunk_avg: 64 * 1024,
             chunk_max: 256 * 1024,
             log: "info".into(),
+            raft_heartbeat_ms: 50,
+            raft_election_min_ms: 250,
+            raft_election_max_ms: 500,
+            read_wait_ms: 1000,
+            write_timeout_ms: 10_000,
+            max_voters: 5,
         }
     }
 }
@@ -159,6 +182,22 @@ impl Config {
         }
         if self.fuse_threads == 0 || self.fuse_threads > 64 {
             return Err("fuse_threads must be 1..=64".into());
+        }
+        if !(10..=10_000).contains(&self.raft_heartbeat_ms)
+            || self.raft_election_min_ms < 3 * self.raft_heartbeat_ms
+            || self.raft_election_max_ms <= self.raft_election_min_ms
+            || self.raft_election_max_ms > 60_000
+        {
+            return Err("need 10 <= raft_heartbeat_ms, 3 x raft_heartbeat_ms <= raft_election_min_ms < raft_election_max_ms <= 60000".into());
+        }
+        if self.read_wait_ms > 60_000 {
+            return Err("read_wait_ms must be 0..=60000".into());
+        }
+        if !(100..=600_000).contains(&self.write_timeout_ms) {
+            return Err("write_timeout_ms must be 100..=600000".into());
+        }
+        if !(1..=15).contains(&self.max_voters) {
+            return Err("max_voters must be 1..=15".into());
         }
         Ok(())
     }

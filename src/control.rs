@@ -227,6 +227,7 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
     let stats = node.store.stats().unwrap_or_default();
     let fs = node.fs.stats();
     let inodes = node.fs.with_meta(|m| m.inode_count());
+    let raft = node.replica.status();
     serde_json::json!({
         "running": true,
         "pid": std::process::id(),
@@ -241,9 +242,9 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
         "peer": mesh.as_ref().map(|m| m.peer.clone()),
         "listen": mesh.as_ref().map(|m| m.listen.clone()),
         "refused_connections": mesh.as_ref().map(|m| m.refused_connections),
-        // No consensus runs yet, so there is no leader and no term.
-        "leader": null,
-        "term": 0,
+        "leader": raft.leader,
+        "term": raft.term,
+        "raft": raft,
         "cache_bytes": stats.bytes,
         "chunks": stats.chunks,
         "inodes": inodes,

@@ -39,6 +39,8 @@ pub enum Error {
     Fs(#[from] FsError),
     #[error("{0}")]
     Mesh(#[from] crate::mesh::MeshError),
+    #[error("{0}")]
+    Raft(#[from] crate::raft::RaftError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -22,6 +22,7 @@ pub mod ids;
 pub mod mesh;
 pub mod meta;
 pub mod node;
+pub mod raft;
 pub mod storage;
 
 /// Locks a mutex even if a thread panicked while holding it: one failed

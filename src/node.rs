@@ -15,9 +15,11 @@ use crate::error::Error;
 use crate::fs::{ChunkSizes, Fs, FsOptions};
 use crate::fuse;
 use crate::ids::DeviceId;
+use crate::ids::ResourceId;
 use crate::mesh::protocol::{Holding, InviteCode, JoinRequest};
 use crate::mesh::{self, MeshClient, MeshError, MeshSettings, MeshState};
 use crate::meta::{MetaState, Timestamp};
+use crate::raft::{self, RaftSettings, Replica};
 use crate::storage::{MetaStore, RocksStore};
 
 pub const PID_FILE: &str = "meshfs.pid";
@@ -249,6 +251,7 @@ pub struct Node {
     pub store: Arc<RocksStore>,
     pub fs: Arc<Fs>,
     pub mesh: MeshClient,
+    pub replica: Replica,
     pub mountpoint: PathBuf,
     pub started: Instant,
 }
@@ -309,6 +312,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
             },
             sync_on_close: cfg.sync_on_close,
             read_only: opts.read_only,
+            replicated: true,
         },
     )?);
     // After Fs::new's garbage collection: what it deleted counts too.
@@ -321,9 +325,11 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
-    let mesh = {
+    let bootstrap = mesh_state.members.len() == 1;
+    let (mesh, replica) = {
         let _in_runtime = rt.enter();
         let holdings_fs = fs.clone();
+        let holdings_store = store.clone();
         let mesh = mesh::start(
             MeshSettings {
                 data_dir: data_dir.to_path_buf(),
@@ -335,15 +341,40 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
             },
             mesh_state,
             store.clone(),
-            Arc::new(move || holdings_fs.with_meta(holdings)),
+            Arc::new(move || holdings_fs.with_meta(|m| holdings(m, &*holdings_store))),
         )?;
+        let replica = rt.block_on(raft::start(
+            RaftSettings {
+                data_dir: data_dir.to_path_buf(),
+                name: cfg.name.clone(),
+                bootstrap,
+                heartbeat: Duration::from_millis(cfg.raft_heartbeat_ms),
+                election_min: Duration::from_millis(cfg.raft_election_min_ms),
+                election_max: Duration::from_millis(cfg.raft_election_max_ms),
+                read_wait: Duration::from_millis(cfg.read_wait_ms),
+                write_timeout: Duration::from_millis(cfg.write_timeout_ms),
+                max_voters: cfg.max_voters,
+            },
+            mesh.clone(),
+            store.clone(),
+            fs.namespace(),
+        ))?;
         let m = mesh.clone();
         fs.set_on_change(Arc::new(move || m.holdings_changed()));
+        let (hook_fs, hook_mesh) = (fs.clone(), mesh.clone());
+        replica.set_hook(Arc::new(move |b: raft::AppliedBatch<'_>| {
+            if b.replaced || !b.remote.inodes.is_empty() || !b.remote.entries.is_empty() {
+                hook_fs.changed_elsewhere(b.remote);
+                hook_mesh.holdings_changed();
+            }
+        }));
+        fs.set_replica(Arc::new(replica.clone()));
         fs.set_remote(Arc::new(MeshChunks {
             mesh: mesh.clone(),
+            replica: replica.clone(),
             rt: rt.handle().clone(),
         }));
-        mesh
+        (mesh, replica)
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -383,27 +414,35 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         store,
         fs,
         mesh,
+        replica,
         mountpoint,
         started: Instant::now(),
     });
     Ok((node, mounted, lock, rt))
 }
 
-/// Reads of chunks missing or damaged here go to the nearest members.
+/// Reads of chunks missing or damaged here go to the file's authority
+/// first, then to the other members, nearest first.
 struct MeshChunks {
     mesh: MeshClient,
+    replica: Replica,
     rt: tokio::runtime::Handle,
 }
 
 impl crate::fs::RemoteChunks for MeshChunks {
-    fn fetch(&self, hash: &crate::ids::ChunkHash) -> Result<Vec<u8>, String> {
+    fn fetch(&self, ino: ResourceId, hash: &crate::ids::ChunkHash) -> Result<Vec<u8>, String> {
         // Kernel request threads block here; a runtime thread must not.
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err("remote fetch requested from inside the runtime".into());
         }
         let (mesh, hash) = (self.mesh.clone(), *hash);
+        let authority = self.replica.authority(ino).filter(|d| *d != mesh.device());
         self.rt.block_on(async move {
-            let holders = mesh.nearest_devices().await.map_err(|e| e.to_string())?;
+            let mut holders = mesh.nearest_devices().await.map_err(|e| e.to_string())?;
+            if let Some(a) = authority {
+                holders.retain(|d| *d != a);
+                holders.insert(0, a);
+            }
             mesh.fetch_chunk(hash, &holders)
                 .await
                 .map_err(|e| e.to_string())
@@ -412,11 +451,21 @@ impl crate::fs::RemoteChunks for MeshChunks {
 }
 
 /// What this device holds, for availability broadcasts: every file with
-/// content (on one device, all of it is local).
-fn holdings(meta: &MetaState) -> std::collections::BTreeMap<crate::ids::ResourceId, Holding> {
+/// content whose chunks are all here.
+fn holdings(
+    meta: &MetaState,
+    store: &dyn crate::storage::ChunkStore,
+) -> std::collections::BTreeMap<ResourceId, Holding> {
     meta.files()
         .into_iter()
         .filter(|(i, _)| i.size() > 0)
+        .filter(|(i, _)| match &i.content {
+            Some(c) => c
+                .chunks
+                .iter()
+                .all(|r| store.contains(&r.hash).unwrap_or(false)),
+            None => false,
+        })
         .map(|(i, name)| {
             (
                 i.id,

@@ -32,7 +32,12 @@ fn mount_shows_type_fuse_meshfs_and_status_reports() {
     assert_eq!(s["running"], true);
     assert_eq!(s["devices"][0]["name"], "alice");
     assert_eq!(s["devices"][0]["up"], true);
-    assert!(s["leader"].is_null());
+    // A mesh of one: this device bootstrapped Raft and leads it alone.
+    assert_eq!(s["leader"], "alice");
+    assert!(s["term"].as_u64().unwrap() >= 1);
+    assert_eq!(s["raft"]["state"], "leader");
+    assert_eq!(s["raft"]["voters"], serde_json::json!(["alice"]));
+    assert_eq!(s["raft"]["degraded"], false);
     assert!(s["cache_bytes"].is_u64());
     assert_eq!(s["prefetch"]["hits"], 0);
     // The control socket is private to the daemon's user.

@@ -9,7 +9,7 @@ use fastcdc::v2020::{FastCDC, StreamCDC};
 
 use super::spill::{Source, Spill};
 use super::FsError;
-use crate::ids::ChunkHash;
+use crate::ids::{ChunkHash, ResourceId};
 use crate::meta::{ChunkRef, Content};
 use crate::storage::{ChunkStore, StorageError};
 
@@ -87,6 +87,8 @@ pub struct ChunkCache {
     slots: std::sync::Mutex<Vec<(ChunkHash, std::sync::Arc<Vec<u8>>)>>,
     /// Where a chunk missing or damaged here is fetched from (the mesh).
     remote: Option<std::sync::Arc<dyn super::RemoteChunks>>,
+    /// The file whose chunks these are (the mesh asks its authority first).
+    ino: ResourceId,
 }
 
 const CACHE_SLOTS: usize = 4;
@@ -101,9 +103,13 @@ impl std::fmt::Debug for ChunkCache {
 }
 
 impl ChunkCache {
-    pub fn with_remote(remote: Option<std::sync::Arc<dyn super::RemoteChunks>>) -> Self {
+    pub fn with_remote(
+        remote: Option<std::sync::Arc<dyn super::RemoteChunks>>,
+        ino: ResourceId,
+    ) -> Self {
         ChunkCache {
             remote,
+            ino,
             ..ChunkCache::default()
         }
     }
@@ -134,9 +140,15 @@ impl ChunkCache {
                     e @ (FsError::MissingChunk(_) | FsError::Storage(StorageError::Corrupt { .. })),
                 ),
                 Some(remote),
-            ) => match remote.fetch(hash) {
+            ) => match remote.fetch(self.ino, hash) {
                 Ok(d) => {
-                    tracing::info!(chunk = %hash, local = %e, "chunk fetched from another device");
+                    // A missing chunk is the normal case of a file written
+                    // elsewhere; a damaged one is worth a line in the log.
+                    if matches!(e, FsError::MissingChunk(_)) {
+                        tracing::debug!(chunk = %hash, "chunk fetched from another device");
+                    } else {
+                        tracing::info!(chunk = %hash, local = %e, "chunk fetched from another device");
+                    }
                     d
                 }
                 Err(why) => {

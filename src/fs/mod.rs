@@ -11,6 +11,7 @@ mod spill;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +50,9 @@ pub enum FsError {
     Access,
     #[error("file too large")]
     TooBig,
+    /// The change could not be committed by the mesh (no leader, no quorum).
+    #[error("mesh unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type Result<T> = std::result::Result<T, FsError>;
@@ -141,6 +145,9 @@ pub struct FsOptions {
     pub chunk_sizes: ChunkSizes,
     pub sync_on_close: bool,
     pub read_only: bool,
+    /// The namespace is replicated (Raft): changes go through a
+    /// `Replicator`, and nothing is changed locally at start-up.
+    pub replicated: bool,
 }
 
 /// What `open` tells the kernel.
@@ -176,7 +183,8 @@ struct Handle {
 
 pub struct Fs {
     store: Arc<dyn Store>,
-    meta: RwLock<MetaState>,
+    /// Shared with the Raft state machine, which applies replicated changes.
+    meta: Arc<RwLock<MetaState>>,
     opts: FsOptions,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
@@ -191,13 +199,36 @@ pub struct Fs {
     on_change: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
     /// Where reads get chunks this device lacks or holds damaged.
     remote: std::sync::OnceLock<Arc<dyn RemoteChunks>>,
+    /// Consensus on namespace changes, when the mesh has it.
+    replica: std::sync::OnceLock<Arc<dyn Replicator>>,
+    /// Tells the kernel to drop cached names and attributes.
+    invalidate: std::sync::OnceLock<Arc<dyn Fn(Invalidate) + Send + Sync>>,
+}
+
+/// Something the kernel may have cached that another device changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidate {
+    Entry { parent: ResourceId, name: Name },
+    Inode(ResourceId),
+}
+
+/// Agreement on namespace changes across devices (Raft). Blocking: called
+/// from kernel request threads.
+pub trait Replicator: Send + Sync {
+    /// Commits `cmd` through consensus and returns once it is applied to
+    /// the local replica (which `Fs` reads).
+    fn propose(&self, cmd: FsCommand) -> Result<Outcome>;
+    /// Waits (boundedly) until the local replica has applied every change
+    /// committed before the call.
+    fn read_barrier(&self);
 }
 
 /// A source of chunks beyond the local store (the mesh). Blocking: it is
 /// called from the kernel request threads.
 pub trait RemoteChunks: Send + Sync {
-    /// The chunk's bytes, verified against `hash` and stored locally.
-    fn fetch(&self, hash: &ChunkHash) -> std::result::Result<Vec<u8>, String>;
+    /// The bytes of chunk `hash` of file `ino`, verified against `hash` and
+    /// stored locally.
+    fn fetch(&self, ino: ResourceId, hash: &ChunkHash) -> std::result::Result<Vec<u8>, String>;
 }
 
 impl Fs {
@@ -211,7 +242,7 @@ impl Fs {
         }
         let fs = Fs {
             store,
-            meta: RwLock::new(meta),
+            meta: Arc::new(RwLock::new(meta)),
             opts,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -223,8 +254,12 @@ impl Fs {
             spill_seq: AtomicU64::new(0),
             on_change: std::sync::OnceLock::new(),
             remote: std::sync::OnceLock::new(),
+            replica: std::sync::OnceLock::new(),
+            invalidate: std::sync::OnceLock::new(),
         };
-        if !fs.opts.read_only {
+        // With a replicated namespace, orphans are not ours to drop at
+        // start-up: another device may hold them open.
+        if !fs.opts.read_only && !fs.opts.replicated {
             fs.apply(FsCommand::ReclaimOrphans, true)?;
             // Best effort: leftover chunks waste space but harm nothing.
             match fs.store.collect_garbage() {
@@ -248,7 +283,19 @@ impl Fs {
 
     /// Applies one command and persists it; on a storage failure the
     /// in-memory state is rolled back so memory and disk never disagree.
+    /// With a replica, the command goes through consensus instead and the
+    /// state machine applies and persists it.
     fn apply(&self, cmd: FsCommand, sync: bool) -> Result<Outcome> {
+        if let Some(r) = self.replica.get() {
+            let out = r.propose(cmd)?;
+            if sync {
+                self.store.sync()?;
+            }
+            if let Some(f) = self.on_change.get() {
+                f();
+            }
+            return Ok(out);
+        }
         let mut meta = match self.meta.write() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -280,6 +327,39 @@ impl Fs {
     /// Sets where reads fetch chunks missing or damaged here (once).
     pub fn set_remote(&self, r: Arc<dyn RemoteChunks>) {
         let _ = self.remote.set(r);
+    }
+
+    /// Routes namespace changes through consensus from now on (once).
+    pub fn set_replica(&self, r: Arc<dyn Replicator>) {
+        let _ = self.replica.set(r);
+    }
+
+    /// The namespace, for the Raft state machine to apply changes to.
+    pub fn namespace(&self) -> Arc<RwLock<MetaState>> {
+        self.meta.clone()
+    }
+
+    /// Sets how the kernel is told of changes made elsewhere (once).
+    pub fn set_invalidator(&self, f: Arc<dyn Fn(Invalidate) + Send + Sync>) {
+        let _ = self.invalidate.set(f);
+    }
+
+    /// Changes another device made were applied here: the kernel's cached
+    /// names and attributes of what they touched must go, so that the next
+    /// lookup or stat sees them.
+    pub fn changed_elsewhere(&self, changes: &crate::meta::Changes) {
+        let Some(f) = self.invalidate.get() else {
+            return;
+        };
+        for (parent, name, _) in &changes.entries {
+            f(Invalidate::Entry {
+                parent: *parent,
+                name: name.clone(),
+            });
+        }
+        for (ino, _) in &changes.inodes {
+            f(Invalidate::Inode(*ino));
+        }
     }
 
     /// Sets the hook run after every namespace change (once).
@@ -388,9 +468,9 @@ impl Fs {
                 Kind::File => {}
                 Kind::Dir => return Err(FsError::Meta(MetaError::IsDir)),
                 _ => {
-                    return Err(FsError::Meta(MetaError::Invalid(
+                    return Err(FsError::Meta(MetaError::Invalid(Cow::Borrowed(
                         "truncate of a special file",
-                    )))
+                    ))))
                 }
             }
             let file = self.open_file(ino);
@@ -438,7 +518,9 @@ impl Fs {
         let i = meta.get(ino).ok_or(MetaError::NotFound)?;
         i.target
             .clone()
-            .ok_or(FsError::Meta(MetaError::Invalid("not a symlink")))
+            .ok_or(FsError::Meta(MetaError::Invalid(Cow::Borrowed(
+                "not a symlink",
+            ))))
     }
 
     fn create_node(
@@ -478,7 +560,11 @@ impl Fs {
             libc::S_IFCHR => NewNode::CharDev { rdev },
             libc::S_IFBLK => NewNode::BlockDev { rdev },
             libc::S_IFDIR => NewNode::Dir,
-            _ => return Err(FsError::Meta(MetaError::Invalid("unknown file type"))),
+            _ => {
+                return Err(FsError::Meta(MetaError::Invalid(Cow::Borrowed(
+                    "unknown file type",
+                ))))
+            }
         };
         self.create_node(ctx, parent, name, node, (mode & 0o7777) as u16)
     }
@@ -607,7 +693,9 @@ impl Fs {
 
     pub fn statfs(&self) -> Result<StatFs> {
         let c = std::ffi::CString::new(self.opts.spill_dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| FsError::Meta(MetaError::Invalid("data dir path has a NUL")))?;
+            .map_err(|_| {
+                FsError::Meta(MetaError::Invalid(Cow::Borrowed("data dir path has a NUL")))
+            })?;
         // SAFETY: an all-zero statvfs is a valid value of the plain C struct.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: `c` is a valid C string and `st` a properly sized out-param.
@@ -679,7 +767,7 @@ impl Fs {
             0 => XattrMode::Any,
             libc::XATTR_CREATE => XattrMode::Create,
             libc::XATTR_REPLACE => XattrMode::Replace,
-            _ => return Err(MetaError::Invalid("xattr flags").into()),
+            _ => return Err(MetaError::Invalid(Cow::Borrowed("xattr flags")).into()),
         };
         self.mutate(FsCommand::SetXattr {
             ino,
@@ -729,7 +817,7 @@ impl Fs {
                 Arc::new(Mutex::new(OpenFile {
                     handles: 0,
                     spill: None,
-                    cache: Arc::new(ChunkCache::with_remote(self.remote.get().cloned())),
+                    cache: Arc::new(ChunkCache::with_remote(self.remote.get().cloned(), ino)),
                 }))
             })
             .clone()
@@ -777,6 +865,16 @@ impl Fs {
         if writable && self.opts.read_only {
             return Err(FsError::ReadOnly);
         }
+        // Close-to-open across devices: wait until everything committed
+        // before this open is applied here, then look again.
+        let version = match self.replica.get() {
+            Some(r) => {
+                r.read_barrier();
+                let meta = self.read_meta();
+                meta.get(ino).ok_or(MetaError::NotFound)?.version()
+            }
+            None => version,
+        };
         let file = self.open_file(ino);
         {
             let mut f = lock(&file);

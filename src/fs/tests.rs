@@ -26,6 +26,7 @@ fn setup() -> (Arc<MemChunkStore>, Fs, tempfile::TempDir) {
             },
             sync_on_close: false,
             read_only: false,
+            replicated: false,
         },
     )
     .unwrap();
@@ -224,6 +225,7 @@ fn read_only_refuses_changes() {
             },
             sync_on_close: false,
             read_only: true,
+            replicated: false,
         },
     )
     .unwrap();

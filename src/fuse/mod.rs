@@ -57,6 +57,7 @@ fn errno(e: &FsError) -> Errno {
         FsError::NotSupported => Errno::EOPNOTSUPP,
         FsError::Access => Errno::EACCES,
         FsError::TooBig => Errno::EFBIG,
+        FsError::Unavailable(_) => Errno::EIO,
     }
 }
 
@@ -643,6 +644,7 @@ pub fn unmount(path: &Path) -> std::io::Result<()> {
 
 /// Mounts `fs` and serves it on background threads.
 pub fn mount(fs: Arc<Fs>, cfg: &MountConfig) -> std::io::Result<Mounted> {
+    let fs_for_inval = fs.clone();
     let adapter = Adapter::new(fs, cfg.ttl);
     let acl = if cfg.allow_other {
         SessionACL::All
@@ -678,11 +680,40 @@ pub fn mount(fs: Arc<Fs>, cfg: &MountConfig) -> std::io::Result<Mounted> {
         fuser::Session::new(adapter, &cfg.mountpoint, &config)?
     };
     let session = session.spawn()?;
+    start_invalidator(&fs_for_inval, session.notifier());
     raise_readahead(&cfg.mountpoint);
     Ok(Mounted {
         session,
         mountpoint: cfg.mountpoint.clone(),
     })
+}
+
+/// Tells the kernel about changes made on other devices, from a thread of
+/// its own: a notification can wait on a kernel lock held by a request we
+/// are serving, so it must never be sent from a request thread or from
+/// where a request waits (the Raft apply). When the queue is full the
+/// notification is dropped and the attribute TTL bounds the staleness.
+fn start_invalidator(fs: &Arc<Fs>, notifier: fuser::Notifier) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<crate::fs::Invalidate>(4096);
+    fs.set_invalidator(Arc::new(move |inv| {
+        let _ = tx.try_send(inv);
+    }));
+    let spawned = std::thread::Builder::new()
+        .name("fuse-inval".into())
+        .spawn(move || {
+            while let Ok(inv) = rx.recv() {
+                // ENOENT (nothing cached) is the common, harmless answer.
+                let _ = match inv {
+                    crate::fs::Invalidate::Entry { parent, name } => {
+                        notifier.inval_entry(INodeNo(parent.0), OsStr::from_bytes(&name))
+                    }
+                    crate::fs::Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(ino.0), 0, 0),
+                };
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no invalidation thread; remote changes show after the attribute TTL");
+    }
 }
 
 /// The kernel offers FUSE at most 128 KiB of readahead at INIT; sequential

@@ -8,7 +8,7 @@ use libp2p::request_response::Codec;
 use libp2p::StreamProtocol;
 
 use super::protocol::{
-    self, AvailRequest, AvailResponse, ChunkRequest, ChunkResponse, MAX_AVAIL_FRAME,
+    self, AvailRequest, AvailResponse, ChunkRequest, ChunkResponse, MAX_AVAIL_FRAME, MAX_RAFT_FRAME,
 };
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -101,5 +101,49 @@ impl Codec for AvailCodec {
         resp: AvailResponse,
     ) -> io::Result<()> {
         protocol::write_frame_max(io, &resp, MAX_AVAIL_FRAME).await
+    }
+}
+
+/// Raft frames: opaque bytes, bounded by `MAX_RAFT_FRAME` both ways.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RaftCodec;
+
+impl Codec for RaftCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        protocol::read_frame_max(io, MAX_RAFT_FRAME).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        protocol::read_frame_max(io, MAX_RAFT_FRAME).await
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        protocol::write_frame_max(io, &req, MAX_RAFT_FRAME).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        resp: Vec<u8>,
+    ) -> io::Result<()> {
+        protocol::write_frame_max(io, &resp, MAX_RAFT_FRAME).await
     }
 }

@@ -188,6 +188,14 @@ pub struct MeshStatus {
     pub refused_connections: u64,
 }
 
+/// A Raft request from a member, for `raft/` to answer through `reply`.
+/// Dropping `reply` fails the caller's request.
+pub struct RaftInbound {
+    pub from: DeviceId,
+    pub bytes: Vec<u8>,
+    pub reply: oneshot::Sender<Vec<u8>>,
+}
+
 /// The handle every other subsystem uses to reach the mesh.
 #[derive(Clone)]
 pub struct MeshClient {
@@ -274,6 +282,39 @@ impl MeshClient {
     pub async fn remove_member(&self, name: &str) -> Result<Member, MeshError> {
         let name = name.to_string();
         self.ask(|r| swarm::Command::RemoveMember(name, r)).await?
+    }
+
+    /// Sends one Raft frame to `device` and waits for its answer, at most
+    /// `timeout`.
+    pub async fn raft_call(
+        &self,
+        device: DeviceId,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, MeshError> {
+        let call = self.ask(|reply| swarm::Command::RaftCall {
+            device,
+            bytes,
+            reply,
+        });
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r?,
+            Err(_) => Err(MeshError::Timeout(timeout)),
+        }
+    }
+
+    /// Routes Raft requests from members to `inbox` from now on.
+    pub async fn set_raft_inbox(&self, inbox: mpsc::Sender<RaftInbound>) -> Result<(), MeshError> {
+        self.tx
+            .send(swarm::Command::SetRaftInbox(inbox))
+            .await
+            .map_err(|_| MeshError::Stopped)
+    }
+
+    /// Every current member as (name, device id).
+    pub async fn member_devices(&self) -> Result<Vec<(String, DeviceId)>, MeshError> {
+        let (members, _) = self.members().await?;
+        Ok(members.iter().map(|m| (m.name.clone(), m.device)).collect())
     }
 
     /// Other members that are connected, nearest (lowest RTT) first: whom

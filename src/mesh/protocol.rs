@@ -24,6 +24,12 @@ pub const AVAIL_PROTOCOL: &str = "/meshfs/avail/1";
 pub const IDENTIFY_PROTOCOL: &str = "/meshfs/id/1";
 /// Kademlia under our own name: provider records for resources.
 pub const KAD_PROTOCOL: &str = "/meshfs/kad/1";
+/// Raft RPCs and forwarded writes (request-response). The payload is opaque
+/// here: `raft/` encodes and checks it.
+pub const RAFT_PROTOCOL: &str = "/meshfs/raft/1";
+/// Largest Raft frame: an append of up to `raft::MAX_PAYLOAD_ENTRIES`
+/// commands, or one snapshot piece.
+pub const MAX_RAFT_FRAME: u32 = 16 << 20;
 /// Gossipsub topics.
 pub const TOPIC_AVAILABILITY: &str = "meshfs/availability/1";
 pub const TOPIC_MEMBERS: &str = "meshfs/members/1";

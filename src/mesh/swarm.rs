@@ -24,14 +24,14 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
-use super::codec::{AvailCodec, ChunkCodec};
+use super::codec::{AvailCodec, ChunkCodec, RaftCodec};
 use super::protocol::{
     self, Announcement, AvailRequest, AvailResponse, ChunkRequest, ChunkResponse, Holding, Load,
     Member, Piece, PieceRequest, MAX_PIECE, MAX_RESPONSE,
 };
 use super::state::MeshState;
 use super::view::{Applied, Outbox, View};
-use super::{DeviceStatus, MeshError, MeshSettings, MeshStatus};
+use super::{DeviceStatus, MeshError, MeshSettings, MeshStatus, RaftInbound};
 use crate::ids::{DeviceId, ResourceId};
 use crate::storage::ChunkStore;
 
@@ -63,6 +63,16 @@ pub(crate) enum Command {
     RemoveMember(String, oneshot::Sender<Result<Member, MeshError>>),
     BadBytes(DeviceId),
     FindHolders(ResourceId, oneshot::Sender<Vec<DeviceId>>),
+    RaftCall {
+        device: DeviceId,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, MeshError>>,
+    },
+    RaftRespond {
+        channel: ResponseChannel<Vec<u8>>,
+        bytes: Vec<u8>,
+    },
+    SetRaftInbox(mpsc::Sender<RaftInbound>),
 }
 
 #[derive(NetworkBehaviour)]
@@ -74,6 +84,7 @@ pub(crate) struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     chunk: request_response::Behaviour<ChunkCodec>,
     avail: request_response::Behaviour<AvailCodec>,
+    raft: request_response::Behaviour<RaftCodec>,
     gossip: gossipsub::Behaviour,
 }
 
@@ -99,6 +110,9 @@ pub(crate) struct Actor {
     peers: HashMap<PeerId, Peer>,
     pending_chunks: HashMap<OutboundRequestId, oneshot::Sender<Result<ChunkResponse, MeshError>>>,
     pending_avail: HashMap<OutboundRequestId, DeviceId>,
+    pending_raft: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, MeshError>>>,
+    /// Where Raft requests from members go (set once Raft starts).
+    raft_inbox: Option<mpsc::Sender<RaftInbound>>,
     pending_providers: HashMap<kad::QueryId, (oneshot::Sender<Vec<DeviceId>>, HashSet<PeerId>)>,
     outbox: Outbox,
     view: View,
@@ -206,6 +220,8 @@ impl Actor {
             peers: HashMap::new(),
             pending_chunks: HashMap::new(),
             pending_avail: HashMap::new(),
+            pending_raft: HashMap::new(),
+            raft_inbox: None,
             pending_providers: HashMap::new(),
             outbox: Outbox::default(),
             view: View::default(),
@@ -273,6 +289,39 @@ impl Actor {
                     .send_request_with_addresses(&peer, req, addrs);
                 self.pending_chunks.insert(id, reply);
             }
+            Command::RaftCall {
+                device,
+                bytes,
+                reply,
+            } => {
+                let Some(m) = self.state.members.by_device(device) else {
+                    let _ = reply.send(Err(MeshError::UnknownDevice(device.to_string())));
+                    return;
+                };
+                let Ok(peer) = m.peer.parse::<PeerId>() else {
+                    let _ = reply.send(Err(MeshError::UnknownDevice(device.to_string())));
+                    return;
+                };
+                let addrs = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .raft
+                    .send_request_with_addresses(&peer, bytes, addrs);
+                self.pending_raft.insert(id, reply);
+            }
+            Command::RaftRespond { channel, bytes } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .raft
+                    .send_response(channel, bytes)
+                    .is_err()
+                {
+                    tracing::debug!("a raft response found its requester gone");
+                }
+            }
+            Command::SetRaftInbox(tx) => self.raft_inbox = Some(tx),
             Command::Respond { channel, resp } => {
                 if self
                     .swarm
@@ -688,6 +737,7 @@ impl Actor {
             }
             BehaviourEvent::Chunk(ev) => self.on_chunk(ev),
             BehaviourEvent::Avail(ev) => self.on_avail(ev),
+            BehaviourEvent::Raft(ev) => self.on_raft(ev),
             BehaviourEvent::Gossip(gossipsub::Event::Message { message, .. }) => {
                 let Some(source) = message.source else {
                     return;
@@ -797,6 +847,74 @@ impl Actor {
                 }
             }
             _ => {}
+        }
+    }
+
+    fn on_raft(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                // The allow list admits members only, but a device removed a
+                // moment ago may still have a connection open.
+                let Some(from) = self.state.members.get(&peer.to_string()).map(|m| m.device) else {
+                    tracing::debug!(%peer, "raft request from a non-member dropped");
+                    return;
+                };
+                let Some(inbox) = &self.raft_inbox else {
+                    return;
+                };
+                let (reply, rx) = oneshot::channel();
+                let msg = RaftInbound {
+                    from,
+                    bytes: request,
+                    reply,
+                };
+                if inbox.try_send(msg).is_err() {
+                    // Dropping the channel fails the caller's request at once;
+                    // Raft retries.
+                    tracing::debug!(%peer, "raft inbox full; request dropped");
+                    return;
+                }
+                let tx = self.cmd_tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(bytes) = rx.await {
+                        let _ = tx.send(Command::RaftRespond { channel, bytes }).await;
+                    }
+                });
+            }
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending_raft.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_raft.remove(&request_id) {
+                    let _ = reply.send(Err(MeshError::Peer(format!("{peer}: {error}"))));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "inbound raft request failed");
+            }
+            Event::ResponseSent { .. } => {}
         }
     }
 
@@ -1039,7 +1157,17 @@ fn build_behaviour(
             StreamProtocol::new(protocol::AVAIL_PROTOCOL),
             ProtocolSupport::Full,
         )],
-        rr_cfg,
+        rr_cfg.clone(),
+    );
+    let raft = request_response::Behaviour::with_codec(
+        RaftCodec,
+        [(
+            StreamProtocol::new(protocol::RAFT_PROTOCOL),
+            ProtocolSupport::Full,
+        )],
+        // Raft bounds each call itself (heartbeats much tighter than this);
+        // this only reaps streams nobody waits on any more.
+        rr_cfg.with_request_timeout(Duration::from_secs(30)),
     );
     let gossip_cfg = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_secs(1))
@@ -1062,6 +1190,7 @@ fn build_behaviour(
         kad,
         chunk,
         avail,
+        raft,
         gossip,
     })
 }

@@ -9,6 +9,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use crate::ids::{ChunkHash, ResourceId, VersionId};
 pub use types::*;
 
 /// Why a command was refused. Each maps to one POSIX errno in `fuse/`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum MetaError {
     #[error("no such file or directory")]
     NotFound,
@@ -34,7 +35,7 @@ pub enum MetaError {
     #[error("name too long")]
     NameTooLong,
     #[error("invalid argument: {0}")]
-    Invalid(&'static str),
+    Invalid(Cow<'static, str>),
     #[error("operation not permitted")]
     NotPermitted,
     #[error("too many links")]
@@ -50,7 +51,7 @@ pub enum MetaError {
 }
 
 /// What a successful command produced.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {
     /// The inode created, linked or changed.
     Inode(Box<Inode>),
@@ -165,15 +166,19 @@ impl MetaState {
             let dir = s
                 .dirs
                 .get_mut(&parent)
-                .ok_or(MetaError::Invalid("entry in a missing directory"))?;
+                .ok_or(MetaError::Invalid(Cow::Borrowed(
+                    "entry in a missing directory",
+                )))?;
             if !s.inodes.contains_key(&entry.ino) {
-                return Err(MetaError::Invalid("entry for a missing inode"));
+                return Err(MetaError::Invalid(Cow::Borrowed(
+                    "entry for a missing inode",
+                )));
             }
             dir.by_cookie.insert(entry.cookie, name.clone());
             dir.by_name.insert(name, entry);
         }
         if !s.inodes.contains_key(&ResourceId::ROOT) {
-            return Err(MetaError::Invalid("no root directory"));
+            return Err(MetaError::Invalid(Cow::Borrowed("no root directory")));
         }
         Ok(s)
     }
@@ -463,7 +468,11 @@ impl MetaState {
                 match inode.kind {
                     Kind::File => {}
                     Kind::Dir => return Err(MetaError::IsDir),
-                    _ => return Err(MetaError::Invalid("content for a non-regular file")),
+                    _ => {
+                        return Err(MetaError::Invalid(Cow::Borrowed(
+                            "content for a non-regular file",
+                        )))
+                    }
                 }
                 check_chunk_list(&chunks, size)?;
                 let old = inode.content.take().unwrap_or_default();
@@ -657,13 +666,17 @@ impl MetaState {
             };
         }
         if src.kind == Kind::Dir && self.is_ancestor_or_self(src.ino, new_parent) {
-            return Err(MetaError::Invalid("cannot move a directory into itself"));
+            return Err(MetaError::Invalid(Cow::Borrowed(
+                "cannot move a directory into itself",
+            )));
         }
         match mode {
             RenameMode::Exchange => {
                 let dst = dst.ok_or(MetaError::NotFound)?;
                 if dst.kind == Kind::Dir && self.is_ancestor_or_self(dst.ino, parent) {
-                    return Err(MetaError::Invalid("cannot move a directory into itself"));
+                    return Err(MetaError::Invalid(Cow::Borrowed(
+                        "cannot move a directory into itself",
+                    )));
                 }
                 self.set_entry_ino(parent, &name, dst.ino, dst.kind);
                 self.set_entry_ino(new_parent, &new_name, src.ino, src.kind);
@@ -881,7 +894,7 @@ fn check_name(name: &[u8]) -> R<()> {
     }
     if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
     {
-        return Err(MetaError::Invalid("bad name"));
+        return Err(MetaError::Invalid(Cow::Borrowed("bad name")));
     }
     Ok(())
 }
@@ -897,14 +910,18 @@ fn check_chunk_list(chunks: &[ChunkRef], size: u64) -> R<()> {
     let mut at = 0u64;
     for c in chunks {
         if c.offset != at || c.len == 0 {
-            return Err(MetaError::Invalid("chunk list is not contiguous"));
+            return Err(MetaError::Invalid(Cow::Borrowed(
+                "chunk list is not contiguous",
+            )));
         }
         at = at
             .checked_add(c.len as u64)
-            .ok_or(MetaError::Invalid("chunk list overflows"))?;
+            .ok_or(MetaError::Invalid(Cow::Borrowed("chunk list overflows")))?;
     }
     if at != size {
-        return Err(MetaError::Invalid("chunk list does not cover the size"));
+        return Err(MetaError::Invalid(Cow::Borrowed(
+            "chunk list does not cover the size",
+        )));
     }
     Ok(())
 }

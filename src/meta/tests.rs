@@ -83,9 +83,9 @@ fn names_are_checked() {
     let long = "x".repeat(256);
     for (name, want) in [
         (long.as_str(), MetaError::NameTooLong),
-        ("", MetaError::Invalid("bad name")),
-        ("a/b", MetaError::Invalid("bad name")),
-        ("..", MetaError::Invalid("bad name")),
+        ("", MetaError::Invalid(Cow::Borrowed("bad name"))),
+        ("a/b", MetaError::Invalid(Cow::Borrowed("bad name"))),
+        ("..", MetaError::Invalid(Cow::Borrowed("bad name"))),
     ] {
         let r = s.apply(FsCommand::Create {
             parent: ROOT,

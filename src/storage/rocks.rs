@@ -20,6 +20,11 @@ use super::{verify, ChunkStore, Pins, StorageError, StoreStats};
 use crate::ids::{ChunkHash, ResourceId};
 use crate::meta::{Changes, Entry, Inode, MetaState, Snapshot};
 
+#[path = "raft_log.rs"]
+mod raft_log;
+pub use raft_log::Extra;
+use raft_log::CF_RAFT_LOG;
+
 const CF_CHUNKS: &str = "chunks";
 const CF_REFS: &str = "refs";
 const CF_META: &str = "meta";
@@ -163,7 +168,8 @@ impl RocksStore {
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_REFS, small.clone()),
-            ColumnFamilyDescriptor::new(CF_META, small),
+            ColumnFamilyDescriptor::new(CF_META, small.clone()),
+            ColumnFamilyDescriptor::new(CF_RAFT_LOG, small),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(db_err)?;
         let store = RocksStore {
@@ -190,7 +196,7 @@ impl RocksStore {
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
-        // The three families are created at open, so a missing one is a bug
+        // The families are created at open, so a missing one is a bug
         // in this file, not bad input.
         #[allow(clippy::expect_used)]
         self.db
@@ -230,6 +236,16 @@ impl RocksStore {
     /// Persists one command's changes and their chunk reference deltas in
     /// one atomic batch. With `sync`, the WAL is on stable storage on return.
     fn persist_changes(&self, changes: &Changes, sync: bool) -> Result<(), StorageError> {
+        self.persist_changes_with(changes, &[], sync)
+    }
+
+    /// `persist_changes` plus arbitrary meta-family writes in the same batch.
+    fn persist_changes_with(
+        &self,
+        changes: &Changes,
+        extra: &[Extra],
+        sync: bool,
+    ) -> Result<(), StorageError> {
         self.flush_bulk()?;
         let meta = self.cf(CF_META);
         let mut batch = WriteBatch::default();
@@ -246,6 +262,12 @@ impl RocksStore {
             }
         }
         batch.put_cf(meta, KEY_NEXT_INO, changes.next_ino.to_le_bytes());
+        for (k, v) in extra {
+            match v {
+                Some(v) => batch.put_cf(meta, k, v),
+                None => batch.delete_cf(meta, k),
+            }
+        }
         self.write_with_refs(batch, &changes.chunk_deltas, sync)
     }
 
@@ -390,7 +412,7 @@ impl RocksStore {
     /// Writes memtables to table files, so a clean shutdown leaves nothing
     /// to replay from the WAL.
     pub fn flush(&self) -> Result<(), StorageError> {
-        for cf in [CF_CHUNKS, CF_REFS, CF_META] {
+        for cf in [CF_CHUNKS, CF_REFS, CF_META, CF_RAFT_LOG] {
             self.db.flush_cf(self.cf(cf)).map_err(db_err)?;
         }
         Ok(())

@@ -1,0 +1,167 @@
+//! Raft's log and vote in RocksDB (through `storage::RocksStore`), encoded
+//! with postcard.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{Entry, OptionalSend, RaftLogId, StorageError, StorageIOError, Vote};
+
+use super::types::{LogId, NodeId, TypeConfig};
+use crate::storage::RocksStore;
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "purged";
+
+#[derive(Clone)]
+pub struct LogStore {
+    store: Arc<RocksStore>,
+}
+
+impl LogStore {
+    pub fn new(store: Arc<RocksStore>) -> Self {
+        LogStore { store }
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StorageIOError<NodeId>> {
+        match self
+            .store
+            .raft_get(key)
+            .map_err(|e| StorageIOError::read(&e))?
+        {
+            Some(b) => postcard::from_bytes(&b)
+                .map(Some)
+                .map_err(|e| StorageIOError::read(&e)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageIOError<NodeId>> {
+    postcard::to_stdvec(v).map_err(|e| StorageIOError::write(&e))
+}
+
+fn decode_entry(bytes: &[u8]) -> Result<Entry<TypeConfig>, StorageIOError<NodeId>> {
+    postcard::from_bytes(bytes).map_err(|e| StorageIOError::read_logs(&e))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let from = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let to = match range.end_bound() {
+            Bound::Included(&i) => i.saturating_add(1),
+            Bound::Excluded(&i) => i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let rows = self
+            .store
+            .raft_entries(from, to)
+            .map_err(|e| StorageIOError::read_logs(&e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, b) in rows {
+            out.push(decode_entry(&b)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let last_purged_log_id: Option<LogId> = self.get(KEY_PURGED)?;
+        let last = match self
+            .store
+            .raft_last()
+            .map_err(|e| StorageIOError::read_logs(&e))?
+        {
+            Some((_, b)) => Some(*decode_entry(&b)?.get_log_id()),
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        // Synced: voting twice in one term after a power cut would let two
+        // leaders share a term.
+        self.store
+            .raft_put(KEY_VOTE, &encode(vote)?, true)
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        Ok(self.get(KEY_VOTE)?)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId>,
+    ) -> Result<(), StorageError<NodeId>> {
+        self.store
+            .raft_put(KEY_COMMITTED, &encode(&committed)?, false)
+            .map_err(|e| StorageIOError::write(&e))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError<NodeId>> {
+        Ok(self.get::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            rows.push((e.log_id.index, encode(&e)?));
+        }
+        let res = self.store.raft_append(&rows);
+        // The WAL write is done (not fsynced: see storage/raft_log.rs).
+        callback.log_io_completed(
+            res.as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+        res.map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
+        self.store
+            .raft_truncate(log_id.index)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
+        self.store
+            .raft_purge(log_id.index, (KEY_PURGED, encode(&log_id)?))
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}

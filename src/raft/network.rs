@@ -1,0 +1,222 @@
+//! Raft over the mesh: every RPC and forwarded request is one postcard
+//! frame on `/meshfs/raft/1`, request-response, between members only (the
+//! mesh's allow list and member check). This side knows openraft's types;
+//! the mesh carries opaque bytes.
+
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::types::{NodeId, Raft, RaftNode, Request, Response, TypeConfig};
+use crate::ids::DeviceId;
+use crate::mesh::{MeshClient, RaftInbound};
+
+/// A request on `/meshfs/raft/1`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Rpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A write forwarded by a follower to the leader.
+    Write(Request),
+    /// Read-index: the leader confirms it still leads and says up to which
+    /// log index a reader must have applied.
+    ReadIndex,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    Append(AppendEntriesResponse<NodeId>),
+    Vote(VoteResponse<NodeId>),
+    Snapshot(InstallSnapshotResponse<NodeId>),
+    Written {
+        index: u64,
+        result: Response,
+    },
+    ReadIndex {
+        index: u64,
+    },
+    /// Not the leader (any more); `leader` is the one it knows, if any.
+    NotLeader {
+        leader: Option<NodeId>,
+    },
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub struct Msg(pub String);
+
+impl std::fmt::Display for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Msg {}
+
+/// Sends one RPC to `device` and decodes the reply.
+pub async fn call(
+    mesh: &MeshClient,
+    device: DeviceId,
+    rpc: &Rpc,
+    timeout: Duration,
+) -> Result<Reply, Msg> {
+    let bytes = postcard::to_stdvec(rpc).map_err(|e| Msg(format!("encoding: {e}")))?;
+    let answer = mesh
+        .raft_call(device, bytes, timeout)
+        .await
+        .map_err(|e| Msg(e.to_string()))?;
+    postcard::from_bytes(&answer).map_err(|e| Msg(format!("malformed raft reply: {e}")))
+}
+
+/// Builds a client per peer.
+#[derive(Clone)]
+pub struct Network {
+    pub mesh: MeshClient,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Conn;
+
+    async fn new_client(&mut self, target: NodeId, node: &RaftNode) -> Conn {
+        Conn {
+            mesh: self.mesh.clone(),
+            device: node.device,
+            target,
+        }
+    }
+}
+
+pub struct Conn {
+    mesh: MeshClient,
+    device: DeviceId,
+    target: NodeId,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, RaftNode, RaftError<NodeId, E>>;
+
+impl Conn {
+    async fn send<E: std::error::Error>(
+        &self,
+        rpc: Rpc,
+        opt: &RPCOption,
+    ) -> Result<Reply, RpcErr<E>> {
+        match call(&self.mesh, self.device, &rpc, opt.hard_ttl()).await {
+            Ok(Reply::Failed(m)) => Err(RPCError::Network(NetworkError::new(&Msg(m)))),
+            Ok(r) => Ok(r),
+            // Not connected, timed out or gone: openraft backs off and
+            // retries (see `backoff`).
+            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+        }
+    }
+}
+
+fn unexpected<E: std::error::Error>(target: NodeId, r: Reply) -> RpcErr<E> {
+    RPCError::Network(NetworkError::new(&Msg(format!(
+        "node {target} answered with {r:?}"
+    ))))
+}
+
+impl RaftNetwork<TypeConfig> for Conn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        match self.send(Rpc::Append(rpc), &option).await? {
+            Reply::Append(r) => Ok(r),
+            r => Err(unexpected(self.target, r)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        match self.send(Rpc::Snapshot(rpc), &option).await? {
+            Reply::Snapshot(r) => Ok(r),
+            r => Err(unexpected(self.target, r)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        match self.send(Rpc::Vote(rpc), &option).await? {
+            Reply::Vote(r) => Ok(r),
+            r => Err(unexpected(self.target, r)),
+        }
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        // A device that restarts is back within a second; 500 ms (the
+        // default) would add to every failover.
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+    }
+}
+
+/// Answers Raft requests from members until the mesh goes away.
+pub async fn serve(raft: Raft, mut inbox: mpsc::Receiver<RaftInbound>) {
+    while let Some(req) = inbox.recv().await {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let reply = answer(&raft, &req.bytes).await;
+            let bytes = postcard::to_stdvec(&reply).unwrap_or_default();
+            let _ = req.reply.send(bytes);
+        });
+    }
+}
+
+async fn answer(raft: &Raft, bytes: &[u8]) -> Reply {
+    let rpc: Rpc = match postcard::from_bytes(bytes) {
+        Ok(r) => r,
+        Err(e) => return Reply::Failed(format!("malformed raft request: {e}")),
+    };
+    match rpc {
+        Rpc::Append(r) => match raft.append_entries(r).await {
+            Ok(r) => Reply::Append(r),
+            Err(e) => Reply::Failed(e.to_string()),
+        },
+        Rpc::Vote(r) => match raft.vote(r).await {
+            Ok(r) => Reply::Vote(r),
+            Err(e) => Reply::Failed(e.to_string()),
+        },
+        Rpc::Snapshot(r) => match raft.install_snapshot(r).await {
+            Ok(r) => Reply::Snapshot(r),
+            Err(e) => Reply::Failed(e.to_string()),
+        },
+        Rpc::Write(req) => match raft.client_write(req).await {
+            Ok(r) => Reply::Written {
+                index: r.log_id.index,
+                result: r.data,
+            },
+            Err(e) => match e.forward_to_leader::<RaftNode>() {
+                Some(f) => Reply::NotLeader {
+                    leader: f.leader_id,
+                },
+                None => Reply::Failed(e.to_string()),
+            },
+        },
+        Rpc::ReadIndex => match raft.get_read_log_id().await {
+            Ok((read, _)) => Reply::ReadIndex {
+                index: read.map_or(0, |l| l.index),
+            },
+            Err(e) => match e.forward_to_leader::<RaftNode>() {
+                Some(f) => Reply::NotLeader {
+                    leader: f.leader_id,
+                },
+                None => Reply::Failed(e.to_string()),
+            },
+        },
+    }
+}

@@ -1,0 +1,435 @@
+//! The Raft state machine: `meta::MetaState` (shared with `fs/`, which
+//! reads it) plus the authority map. A batch of committed entries is applied
+//! in memory and persisted with the applied position in one RocksDB batch;
+//! snapshots are the whole state, postcard-encoded, kept in one file.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+};
+use serde::{Deserialize, Serialize};
+
+use super::types::{
+    Authority, LogId, NodeId, Op, RaftNode, Response, StoredMembership, TypeConfig,
+};
+use crate::ids::{DeviceId, ResourceId};
+use crate::lock;
+use crate::meta::{Changes, FsCommand, MetaError, MetaState, Outcome};
+use crate::storage::{Extra, RocksStore};
+
+const KEY_APPLIED: &str = "applied";
+const KEY_MEMBERSHIP: &str = "membership";
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+/// What one applied batch changed, for the hooks.
+pub struct AppliedBatch<'a> {
+    /// Changes made by commands from other devices: the kernel's cached
+    /// names and attributes for these are stale.
+    pub remote: &'a Changes,
+    /// Whether a whole snapshot replaced the state.
+    pub replaced: bool,
+}
+
+pub type ApplyHook = Arc<dyn Fn(AppliedBatch<'_>) + Send + Sync>;
+
+/// State shared by the state machine, its snapshot builders and the
+/// replica handle.
+pub struct Shared {
+    pub meta: Arc<RwLock<MetaState>>,
+    pub store: Arc<RocksStore>,
+    pub authority: RwLock<BTreeMap<ResourceId, Authority>>,
+    me: DeviceId,
+    /// Last applied log id and membership; written with `meta` locked so
+    /// that a snapshot sees them consistent with the namespace.
+    applied: Mutex<(Option<LogId>, StoredMembership)>,
+    snapshot_dir: PathBuf,
+    hook: std::sync::OnceLock<ApplyHook>,
+    snapshot_seq: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Loads the applied position, membership and authority map persisted
+    /// beside the namespace.
+    pub fn load(
+        meta: Arc<RwLock<MetaState>>,
+        store: Arc<RocksStore>,
+        me: DeviceId,
+        snapshot_dir: PathBuf,
+    ) -> Result<Self, crate::storage::StorageError> {
+        let applied: Option<LogId> = match store.raft_get(KEY_APPLIED)? {
+            Some(b) => dec(b, "raft applied position")?,
+            None => None,
+        };
+        let membership: StoredMembership = match store.raft_get(KEY_MEMBERSHIP)? {
+            Some(b) => dec(b, "raft membership")?,
+            None => StoredMembership::default(),
+        };
+        let mut authority = BTreeMap::new();
+        for (id, row) in store.table_rows()? {
+            authority.insert(ResourceId(id), dec(row, "authority")?);
+        }
+        std::fs::create_dir_all(&snapshot_dir)?;
+        Ok(Shared {
+            meta,
+            store,
+            authority: RwLock::new(authority),
+            me,
+            applied: Mutex::new((applied, membership)),
+            snapshot_dir,
+            hook: std::sync::OnceLock::new(),
+            snapshot_seq: Default::default(),
+        })
+    }
+
+    pub fn set_hook(&self, hook: ApplyHook) {
+        let _ = self.hook.set(hook);
+    }
+
+    pub fn authority_of(&self, resource: ResourceId) -> Option<Authority> {
+        read(&self.authority).get(&resource).copied()
+    }
+}
+
+fn dec<T: serde::de::DeserializeOwned>(
+    b: Vec<u8>,
+    what: &str,
+) -> Result<T, crate::storage::StorageError> {
+    postcard::from_bytes(&b)
+        .map_err(|e| crate::storage::StorageError::Decode(format!("{what}: {e}")))
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The whole replicated state, as a snapshot carries it.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    namespace: crate::meta::Snapshot,
+    authority: Vec<(ResourceId, Authority)>,
+}
+
+/// A snapshot file: its Raft metadata, then the body's bytes.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, RaftNode>,
+    body: Vec<u8>,
+}
+
+fn merge(into: &mut Changes, from: Changes) {
+    into.inodes.extend(from.inodes);
+    into.entries.extend(from.entries);
+    for (h, d) in from.chunk_deltas {
+        *into.chunk_deltas.entry(h).or_insert(0) += d;
+    }
+    into.chunk_deltas.retain(|_, d| *d != 0);
+    into.next_ino = from.next_ino;
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
+    postcard::to_stdvec(v).map_err(|e| StorageIOError::write_state_machine(&e).into())
+}
+
+#[derive(Clone)]
+pub struct StateMachine {
+    pub shared: Arc<Shared>,
+}
+
+impl StateMachine {
+    fn snapshot_path(&self) -> PathBuf {
+        self.shared.snapshot_dir.join(SNAPSHOT_FILE)
+    }
+
+    fn save_snapshot_file(&self, file: &SnapshotFile) -> Result<(), StorageError<NodeId>> {
+        let sig = Some(file.meta.signature());
+        let bytes = postcard::to_stdvec(file)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        let path = self.snapshot_path();
+        let tmp = path.with_extension("tmp");
+        let res = (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        res.map_err(|e| StorageIOError::write_snapshot(sig, &e).into())
+    }
+
+    fn load_snapshot_file(&self) -> Result<Option<SnapshotFile>, StorageError<NodeId>> {
+        match std::fs::read(self.snapshot_path()) {
+            Ok(b) => postcard::from_bytes(&b)
+                .map(Some)
+                .map_err(|e| StorageIOError::read_snapshot(None, &e).into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
+        }
+    }
+
+    /// Applies one command to the namespace, recording what changed.
+    fn apply_op(
+        &self,
+        meta: &mut MetaState,
+        authority: &mut BTreeMap<ResourceId, Authority>,
+        touched: &mut BTreeMap<ResourceId, Option<Authority>>,
+        op: Op,
+    ) -> (Response, Changes) {
+        match op {
+            Op::Fs(cmd) => {
+                let author = match &cmd {
+                    FsCommand::CommitVersion { ino, author, .. } => Some((*ino, *author)),
+                    _ => None,
+                };
+                match meta.apply(cmd) {
+                    Ok(out) => {
+                        let changes = meta.take_changes();
+                        if let Some((ino, device)) = author {
+                            let epoch = authority.get(&ino).map_or(0, |a| a.epoch) + 1;
+                            let a = Authority { device, epoch };
+                            authority.insert(ino, a);
+                            touched.insert(ino, Some(a));
+                        }
+                        for (ino, inode) in &changes.inodes {
+                            if inode.is_none() && authority.remove(ino).is_some() {
+                                touched.insert(*ino, None);
+                            }
+                        }
+                        (Ok(out), changes)
+                    }
+                    Err(e) => {
+                        meta.rollback();
+                        (Err(e), Changes::default())
+                    }
+                }
+            }
+            Op::SetAuthority {
+                resource,
+                device,
+                epoch,
+            } => {
+                let current = authority.get(&resource).map_or(0, |a| a.epoch);
+                if meta.get(resource).is_none() {
+                    return (Err(MetaError::NotFound), Changes::default());
+                }
+                if epoch <= current {
+                    return (
+                        Err(MetaError::Invalid("stale authority epoch".into())),
+                        Changes::default(),
+                    );
+                }
+                let a = Authority { device, epoch };
+                authority.insert(resource, a);
+                touched.insert(resource, Some(a));
+                (Ok(Outcome::Done), Changes::default())
+            }
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (namespace, authority, applied, membership) = {
+            let meta = read(&self.shared.meta);
+            let (applied, membership) = lock(&self.shared.applied).clone();
+            let authority: Vec<_> = read(&self.shared.authority)
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            (meta.snapshot(), authority, applied, membership)
+        };
+        let body = enc(&SnapshotBody {
+            namespace,
+            authority,
+        })?;
+        let seq = self
+            .shared
+            .snapshot_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let snapshot_id = match applied {
+            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+            None => format!("none-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let file = SnapshotFile { meta, body };
+        self.save_snapshot_file(&file)?;
+        Ok(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(file.body)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+        Ok(lock(&self.shared.applied).clone())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let shared = self.shared.clone();
+        let mut meta = write(&shared.meta);
+        let mut authority = write(&shared.authority);
+        let mut applied = lock(&shared.applied);
+        let (mut last, mut membership) = applied.clone();
+        let mut all = Changes {
+            next_ino: 0,
+            ..Default::default()
+        };
+        let mut remote = Changes::default();
+        let mut touched = BTreeMap::new();
+        let mut out = Vec::new();
+        for entry in entries {
+            last = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => out.push(Ok(Outcome::Done)),
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(entry.log_id), m);
+                    out.push(Ok(Outcome::Done));
+                }
+                EntryPayload::Normal(req) => {
+                    let (resp, changes) =
+                        self.apply_op(&mut meta, &mut authority, &mut touched, req.op);
+                    if req.origin != shared.me {
+                        merge(
+                            &mut remote,
+                            Changes {
+                                inodes: changes.inodes.clone(),
+                                entries: changes.entries.clone(),
+                                chunk_deltas: BTreeMap::new(),
+                                next_ino: changes.next_ino,
+                            },
+                        );
+                    }
+                    merge(&mut all, changes);
+                    out.push(resp);
+                }
+            }
+        }
+        // Persisted with every batch; nothing is dirty here, so this only
+        // reads the counter.
+        all.next_ino = meta.take_changes().next_ino;
+        let mut extra: Vec<Extra> = vec![
+            (RocksStore::raft_state_key(KEY_APPLIED), Some(enc(&last)?)),
+            (
+                RocksStore::raft_state_key(KEY_MEMBERSHIP),
+                Some(enc(&membership)?),
+            ),
+        ];
+        for (ino, a) in &touched {
+            let row = match a {
+                Some(a) => Some(enc(a)?),
+                None => None,
+            };
+            extra.push((RocksStore::table_key(ino.0), row));
+        }
+        // A failure here leaves memory ahead of disk: Raft stops (a storage
+        // error is fatal to it) and the restart reloads the state as of the
+        // last successful batch, then replays the log from there.
+        shared
+            .store
+            .persist_applied(&all, &extra, false)
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        *applied = (last, membership);
+        drop(applied);
+        drop(authority);
+        drop(meta);
+        if let Some(h) = shared.hook.get() {
+            h(AppliedBatch {
+                remote: &remote,
+                replaced: false,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, RaftNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let sig = Some(meta.signature());
+        let bytes = snapshot.into_inner();
+        let body: SnapshotBody = postcard::from_bytes(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        let state = MetaState::restore(body.namespace.clone())
+            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        let rows: Vec<(u64, Vec<u8>)> = body
+            .authority
+            .iter()
+            .map(|(k, v)| Ok((k.0, enc(v)?)))
+            .collect::<Result<_, StorageError<NodeId>>>()?;
+        let extra: Vec<Extra> = vec![
+            (
+                RocksStore::raft_state_key(KEY_APPLIED),
+                Some(enc(&meta.last_log_id)?),
+            ),
+            (
+                RocksStore::raft_state_key(KEY_MEMBERSHIP),
+                Some(enc(&meta.last_membership)?),
+            ),
+        ];
+        {
+            let shared = &self.shared;
+            let mut m = write(&shared.meta);
+            let mut authority = write(&shared.authority);
+            let mut applied = lock(&shared.applied);
+            shared
+                .store
+                .replace_namespace(&body.namespace, &rows, &extra)
+                .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+            *m = state;
+            *authority = body.authority.into_iter().collect();
+            *applied = (meta.last_log_id, meta.last_membership.clone());
+        }
+        self.save_snapshot_file(&SnapshotFile {
+            meta: meta.clone(),
+            body: bytes,
+        })?;
+        if let Some(h) = self.shared.hook.get() {
+            h(AppliedBatch {
+                remote: &Changes::default(),
+                replaced: true,
+            });
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self.load_snapshot_file()?.map(|f| Snapshot {
+            meta: f.meta,
+            snapshot: Box::new(Cursor::new(f.body)),
+        }))
+    }
+}
