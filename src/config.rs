@@ -72,6 +72,9 @@ pub struct Config {
     /// Devices that vote in Raft; later ones stay learners (they get every
     /// change but do not count for the quorum).
     pub max_voters: usize,
+    /// Complete copies of every committed version the mesh keeps, on
+    /// distinct devices (fewer while the mesh has fewer devices).
+    pub replicas: usize,
 }
 
 impl Default for Config {
@@ -93,12 +96,13 @@ impl Default for Config {
             chunk_avg: 64 * 1024,
             chunk_max: 256 * 1024,
             log: "info".into(),
-            raft_heartbeat_ms: 50,
-            raft_election_min_ms: 250,
-            raft_election_max_ms: 500,
+            raft_heartbeat_ms: 40,
+            raft_election_min_ms: 120,
+            raft_election_max_ms: 200,
             read_wait_ms: 1000,
             write_timeout_ms: 10_000,
             max_voters: 5,
+            replicas: 2,
         }
     }
 }
@@ -195,6 +199,9 @@ impl Config {
         }
         if !(100..=600_000).contains(&self.write_timeout_ms) {
             return Err("write_timeout_ms must be 100..=600000".into());
+        }
+        if !(1..=16).contains(&self.replicas) {
+            return Err("replicas must be 1..=16".into());
         }
         if !(1..=15).contains(&self.max_voters) {
             return Err("max_voters must be 1..=15".into());

@@ -23,6 +23,7 @@ pub mod mesh;
 pub mod meta;
 pub mod node;
 pub mod raft;
+pub mod replicate;
 pub mod storage;
 
 /// Locks a mutex even if a thread panicked while holding it: one failed

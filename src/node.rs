@@ -362,12 +362,25 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         let m = mesh.clone();
         fs.set_on_change(Arc::new(move || m.holdings_changed()));
         let (hook_fs, hook_mesh) = (fs.clone(), mesh.clone());
+        let replicate_now = Arc::new(tokio::sync::Notify::new());
+        let hook_replicate = replicate_now.clone();
         replica.set_hook(Arc::new(move |b: raft::AppliedBatch<'_>| {
             if b.replaced || !b.remote.inodes.is_empty() || !b.remote.entries.is_empty() {
                 hook_fs.changed_elsewhere(b.remote);
                 hook_mesh.holdings_changed();
+                hook_replicate.notify_one();
             }
         }));
+        tokio::spawn(crate::replicate::run(
+            fs.clone(),
+            store.clone(),
+            replica.clone(),
+            mesh.clone(),
+            cfg.replicas,
+            replicate_now.clone(),
+        ));
+        // A restarted device may lack content committed while it was away.
+        replicate_now.notify_one();
         fs.set_replica(Arc::new(replica.clone()));
         fs.set_remote(Arc::new(MeshChunks {
             mesh: mesh.clone(),

@@ -108,3 +108,65 @@ fn three_namespaced_devices_exchange_a_file_over_a_shaped_link() {
     assert!(rtt >= 19.0, "rtt {rtt} ms");
     eprintln!("4 MiB over 40 Mbit/s, 0.5% loss, +10 ms each way: {took:?}, rtt {rtt:.1} ms");
 }
+
+fn voters(data: &Path) -> usize {
+    request(data, &Request::Status).unwrap()["raft"]["voters"]
+        .as_array()
+        .map_or(0, |v| v.len())
+}
+
+#[test]
+fn a_partitioned_minority_cannot_commit_and_converges_after_healing() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("netns");
+    let net = Netns::up(&work, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while voters(&net.data("a")) < 3 {
+        assert!(Instant::now() < deadline, "never 3 voters");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::write(work.join("a/mnt/before"), b"0").unwrap();
+    let o = net.script("partition", &["c"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+
+    // The minority (c alone) cannot commit: its create fails with EIO once
+    // the write timeout (10 s) runs out, and leaves nothing behind.
+    let t = Instant::now();
+    let err = std::fs::write(work.join("c/mnt/minority"), b"lost").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(t.elapsed() >= Duration::from_secs(5), "{:?}", t.elapsed());
+    // The majority goes on.
+    for i in 0..20 {
+        std::fs::write(work.join(format!("a/mnt/majority-{i}")), format!("{i}")).unwrap();
+    }
+    assert_eq!(
+        std::fs::read(work.join("b/mnt/majority-19")).unwrap(),
+        b"19"
+    );
+
+    let o = net.script("heal", &["c"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // An open waits for the read index: once c reaches a leader again it
+        // sees every committed change.
+        if let Ok(b) = std::fs::read(work.join("c/mnt/majority-19")) {
+            assert_eq!(b, b"19");
+            break;
+        }
+        assert!(Instant::now() < deadline, "c never converged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for dev in ["a", "b", "c"] {
+        assert!(!work.join(format!("{dev}/mnt/minority")).exists(), "{dev}");
+        assert_eq!(
+            std::fs::read(work.join(format!("{dev}/mnt/before"))).unwrap(),
+            b"0"
+        );
+        for i in 0..20 {
+            let got = std::fs::read(work.join(format!("{dev}/mnt/majority-{i}"))).unwrap();
+            assert_eq!(got, format!("{i}").as_bytes(), "{dev} majority-{i}");
+        }
+    }
+}

@@ -169,3 +169,122 @@ fn killing_the_leader_elects_another_and_writes_resume() {
     }
     assert_eq!(fs::read(dead.path("after")).unwrap(), b"2");
 }
+
+/// Writes `n` files from a thread on `d`; returns the names whose close
+/// succeeded (acknowledged writes).
+fn burst(d: &Device, prefix: &'static str, n: usize) -> std::thread::JoinHandle<Vec<String>> {
+    let root = d.mountpoint().to_path_buf();
+    std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for i in 0..n {
+            let name = format!("{prefix}-{i}");
+            let r = fs::File::create(root.join(&name))
+                .and_then(|mut f| f.write_all(name.as_bytes()).and_then(|_| f.sync_all()));
+            match r {
+                Ok(()) => acked.push(name),
+                // The writer's own daemon was killed: the mount is gone.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => break,
+                Err(_) => {}
+            }
+        }
+        acked
+    })
+}
+
+fn wait_for(d: &Device, rel: &str) {
+    let deadline = Instant::now() + LIMIT;
+    while !d.path(rel).exists() {
+        assert!(Instant::now() < deadline, "{} never saw {rel}", d.name);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn devices_killed_mid_burst_catch_up_and_lose_no_acknowledged_write() {
+    require_root!();
+    let (a, b, c) = three();
+    // 1. A follower dies while another follower writes; it restarts and
+    // catches up.
+    let mut devs = vec![a, b, c];
+    let leader = raft(&devs[0])["leader"].as_str().unwrap().to_string();
+    let li = devs.iter().position(|d| d.name == leader).unwrap();
+    let leader_dev = devs.remove(li);
+    let (mut writer, mut victim) = (devs.remove(0), devs.remove(0));
+    let h = burst(&writer, "one", 150);
+    std::thread::sleep(Duration::from_millis(300));
+    victim.kill9();
+    let acked = h.join().unwrap();
+    assert!(
+        acked.len() >= 140,
+        "only {} of 150 acknowledged",
+        acked.len()
+    );
+    victim.mount();
+    for d in [&leader_dev, &writer, &victim] {
+        wait_for(d, acked.last().unwrap());
+        for name in &acked {
+            assert_eq!(
+                fs::read(d.path(name)).unwrap(),
+                name.as_bytes(),
+                "{} {name}",
+                d.name
+            );
+        }
+    }
+    // 2. The writer itself dies mid-burst: what it acknowledged is on the
+    // others at once (metadata) and, once it is back, everywhere.
+    let h = burst(&writer, "two", 100_000);
+    std::thread::sleep(Duration::from_millis(500));
+    writer.kill9();
+    let acked = h.join().unwrap();
+    assert!(!acked.is_empty());
+    for name in &acked {
+        assert!(leader_dev.path(name).exists(), "{name} lost on the leader");
+        assert!(victim.path(name).exists(), "{name} lost on {}", victim.name);
+    }
+    writer.mount();
+    for d in [&leader_dev, &writer, &victim] {
+        for name in &acked {
+            assert_eq!(
+                fs::read(d.path(name)).unwrap(),
+                name.as_bytes(),
+                "{} {name}",
+                d.name
+            );
+        }
+    }
+}
+
+fn own_holdings(d: &Device) -> u64 {
+    let s = d.status_json();
+    s["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == d.name.as_str())
+        .map_or(0, |x| x["holdings"].as_u64().unwrap_or(0))
+}
+
+#[test]
+fn content_is_replicated_so_a_dead_author_loses_nothing() {
+    require_root!();
+    let (mut a, b, c) = three();
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("r{i}"), bytes(300_000 + i * 1000, 40 + i as u64)))
+        .collect();
+    for (name, data) in &files {
+        write(&a, name, data);
+    }
+    // replicas = 2: besides alpha, each file gets one more complete copy,
+    // on bravo or charlie.
+    let deadline = Instant::now() + LIMIT;
+    while own_holdings(&b) + own_holdings(&c) < files.len() as u64 {
+        assert!(Instant::now() < deadline, "content never replicated");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.kill9();
+    for (name, data) in &files {
+        assert_eq!(&fs::read(b.path(name)).unwrap(), data, "{name} on bravo");
+        assert_eq!(&fs::read(c.path(name)).unwrap(), data, "{name} on charlie");
+    }
+}

@@ -243,7 +243,11 @@ impl Replica {
                     }
                 }
                 Some((_, device)) => {
-                    match call(&self.mesh, device, &Rpc::Write(req.clone()), left).await {
+                    let rpc = Rpc::Write {
+                        req: req.clone(),
+                        expires_ms: network::unix_ms() + left.as_millis() as u64,
+                    };
+                    match call(&self.mesh, device, &rpc, left).await {
                         Ok(Reply::Written { index, result }) => {
                             self.wait_applied(index, deadline).await?;
                             return Ok(result);

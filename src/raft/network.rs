@@ -24,8 +24,14 @@ pub enum Rpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A write forwarded by a follower to the leader.
-    Write(Request),
+    /// A write forwarded by a follower to the leader. `expires_ms` (Unix
+    /// time) is when the follower gives up on it: a request held up in a
+    /// hung connection and delivered after that is refused, so that a write
+    /// a program was told failed does not happen later.
+    Write {
+        req: Request,
+        expires_ms: u64,
+    },
     /// Read-index: the leader confirms it still leads and says up to which
     /// log index a reader must have applied.
     ReadIndex,
@@ -195,7 +201,10 @@ async fn answer(raft: &Raft, bytes: &[u8]) -> Reply {
             Ok(r) => Reply::Snapshot(r),
             Err(e) => Reply::Failed(e.to_string()),
         },
-        Rpc::Write(req) => match raft.client_write(req).await {
+        Rpc::Write { expires_ms, .. } if unix_ms() > expires_ms => {
+            Reply::Failed("forwarded write arrived after its deadline".into())
+        }
+        Rpc::Write { req, .. } => match raft.client_write(req).await {
             Ok(r) => Reply::Written {
                 index: r.log_id.index,
                 result: r.data,
@@ -219,4 +228,12 @@ async fn answer(raft: &Raft, bytes: &[u8]) -> Reply {
             },
         },
     }
+}
+
+/// Milliseconds since the Unix epoch (devices' clocks are assumed to agree
+/// to well within a write timeout, as NTP keeps them).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -1,0 +1,187 @@
+//! Background replication of content: every committed version should have
+//! `replicas` complete copies on distinct devices. Which devices hold a file
+//! is a pure function of the file, its authority and the member list
+//! (`placement`, rendezvous hashing), so every device decides alone, with no
+//! coordination, whether it should hold a file, and fetches what it lacks.
+//! A removed device leaves the member list and the placement moves, which
+//! restores the count.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::fs::Fs;
+use crate::ids::{ChunkHash, DeviceId, ResourceId};
+use crate::mesh::MeshClient;
+use crate::raft::Replica;
+use crate::storage::ChunkStore;
+
+/// The devices that should hold `resource`: its authority first (if still
+/// a member), then the members that rank highest for it.
+pub fn placement(
+    resource: ResourceId,
+    authority: Option<DeviceId>,
+    members: &[DeviceId],
+    replicas: usize,
+) -> Vec<DeviceId> {
+    let mut out = Vec::with_capacity(replicas);
+    if let Some(a) = authority.filter(|a| members.contains(a)) {
+        out.push(a);
+    }
+    let mut ranked: Vec<([u8; 32], DeviceId)> = members
+        .iter()
+        .filter(|d| !out.contains(d))
+        .map(|d| {
+            let mut h = blake3::Hasher::new();
+            h.update(&resource.0.to_be_bytes());
+            h.update(&d.0);
+            (*h.finalize().as_bytes(), *d)
+        })
+        .collect();
+    ranked.sort();
+    let room = replicas.saturating_sub(out.len());
+    out.extend(ranked.into_iter().take(room).map(|(_, d)| d));
+    out
+}
+
+/// Bytes fetched per round at most, so that replication never crowds out
+/// reads for long; the next round carries on.
+const ROUND_BYTES: u64 = 256 << 20;
+
+/// Replicates until the runtime stops. `changed` is notified after changes
+/// from other devices are applied.
+pub async fn run(
+    fs: Arc<Fs>,
+    store: Arc<dyn ChunkStore>,
+    replica: Replica,
+    mesh: MeshClient,
+    replicas: usize,
+    changed: Arc<Notify>,
+) {
+    let me = mesh.device();
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        // Let a burst of changes settle into one round.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Ok(members) = mesh.member_devices().await else {
+            return;
+        };
+        let members: Vec<DeviceId> = members.into_iter().map(|(_, d)| d).collect();
+        let (fs2, store2, replica2) = (fs.clone(), store.clone(), replica.clone());
+        let wanted = tokio::task::spawn_blocking(move || {
+            missing_here(&fs2, &*store2, &replica2, &members, me, replicas)
+        })
+        .await
+        .unwrap_or_default();
+        if wanted.is_empty() {
+            continue;
+        }
+        let nearest = mesh.nearest_devices().await.unwrap_or_default();
+        let mut fetched = 0u64;
+        let mut more = false;
+        for (ino, hashes) in wanted {
+            let mut holders = nearest.clone();
+            if let Some(a) = replica.authority(ino).filter(|a| *a != me) {
+                holders.retain(|d| *d != a);
+                holders.insert(0, a);
+            }
+            for h in hashes {
+                match mesh.fetch_chunk(h, &holders).await {
+                    Ok(d) => fetched += d.len() as u64,
+                    Err(e) => {
+                        tracing::debug!(resource = ino.0, error = %e, "replication fetch failed; retried later");
+                        more = true;
+                        break;
+                    }
+                }
+            }
+            if fetched >= ROUND_BYTES {
+                more = true;
+                break;
+            }
+        }
+        if fetched > 0 {
+            tracing::debug!(bytes = fetched, "replicated content to this device");
+            mesh.holdings_changed();
+        }
+        if more {
+            changed.notify_one();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+}
+
+/// Files this device should hold, with the chunks it lacks.
+fn missing_here(
+    fs: &Fs,
+    store: &dyn ChunkStore,
+    replica: &Replica,
+    members: &[DeviceId],
+    me: DeviceId,
+    replicas: usize,
+) -> Vec<(ResourceId, Vec<ChunkHash>)> {
+    let files: Vec<(ResourceId, Vec<ChunkHash>)> = fs.with_meta(|m| {
+        m.files()
+            .into_iter()
+            .filter_map(|(i, _)| {
+                let c = i.content.as_ref()?;
+                Some((i.id, c.chunks.iter().map(|r| r.hash).collect()))
+            })
+            .collect()
+    });
+    files
+        .into_iter()
+        .filter(|(ino, _)| {
+            placement(*ino, replica.authority(*ino), members, replicas).contains(&me)
+        })
+        .filter_map(|(ino, hashes)| {
+            let mut missing: Vec<ChunkHash> = hashes
+                .into_iter()
+                .filter(|h| !store.contains(h).unwrap_or(false))
+                .collect();
+            missing.dedup();
+            (!missing.is_empty()).then_some((ino, missing))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: u8) -> DeviceId {
+        DeviceId([n; 16])
+    }
+
+    #[test]
+    fn placement_puts_the_authority_first_and_spreads_the_rest() {
+        let members = [d(1), d(2), d(3), d(4)];
+        let p = placement(ResourceId(7), Some(d(3)), &members, 2);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0], d(3));
+        assert_ne!(p[1], d(3));
+        // Deterministic: every device computes the same set.
+        assert_eq!(p, placement(ResourceId(7), Some(d(3)), &members, 2));
+        // Over many files, every member gets a share of second copies.
+        let mut count = std::collections::HashMap::new();
+        for r in 0..400 {
+            let p = placement(ResourceId(r), Some(d(1)), &members, 2);
+            *count.entry(p[1]).or_insert(0) += 1;
+        }
+        assert_eq!(count.len(), 3, "{count:?}");
+        assert!(count.values().all(|c| *c > 80), "{count:?}");
+    }
+
+    #[test]
+    fn a_removed_authority_or_member_moves_the_copies() {
+        let p = placement(ResourceId(1), Some(d(9)), &[d(1), d(2)], 2);
+        assert_eq!(p.len(), 2);
+        assert!(!p.contains(&d(9)));
+        let one = placement(ResourceId(1), None, &[d(1)], 2);
+        assert_eq!(one, vec![d(1)]);
+    }
+}
