@@ -296,6 +296,34 @@ fn print_status(v: &serde_json::Value) {
         "cache:      {} bytes in {} chunks",
         v["cache_bytes"], v["chunks"]
     );
+    let r = &v["raft"];
+    if r.is_object() {
+        let names = |k: &str| {
+            r[k].as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "raft:       {}, leader {}, term {}, applied {}{}",
+            r["state"].as_str().unwrap_or("?"),
+            r["leader"].as_str().unwrap_or("none"),
+            r["term"],
+            r["applied_index"],
+            if r["degraded"].as_bool().unwrap_or(false) {
+                " - DEGRADED: no quorum, writes fail and opens may be stale"
+            } else {
+                ""
+            }
+        );
+        println!("voters:     {}", names("voters"));
+        let learners = names("learners");
+        if !learners.is_empty() {
+            println!("learners:   {learners}");
+        }
+    }
     for d in v["devices"].as_array().into_iter().flatten() {
         let rtt = d["rtt_ms"]
             .as_f64()

@@ -12,15 +12,21 @@ use meshfs::control::{request, Request};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-mesh");
 
+/// The namespaces, bridge and addresses are fixed names: one test at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Tears the namespaces down even when the test fails.
 struct Netns {
     work: PathBuf,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Netns {
     fn up(work: &Path, opts: &[&str]) -> Self {
         let n = Netns {
             work: work.to_path_buf(),
+            // A failed test poisons the lock; the next one still runs.
+            _turn: ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner()),
         };
         let o = n.script("up", opts);
         assert!(
