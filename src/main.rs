@@ -128,8 +128,15 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::try_from_env("MESHFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+    tracing_subscriber::EnvFilter::try_from_env("MESHFS_LOG").unwrap_or_else(|_| {
+        // openraft narrates every vote and membership step at info; our own
+        // lines say what matters. A filter that names openraft wins.
+        if default.contains("openraft") {
+            tracing_subscriber::EnvFilter::new(default)
+        } else {
+            tracing_subscriber::EnvFilter::new(format!("{default},openraft=warn"))
+        }
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -307,10 +314,10 @@ fn print_status(v: &serde_json::Value) {
                 .join(", ")
         };
         println!(
-            "raft:       {}, leader {}, term {}, applied {}{}",
-            r["state"].as_str().unwrap_or("?"),
+            "raft:       leader {}, term {}; this device is {}, applied index {}{}",
             r["leader"].as_str().unwrap_or("none"),
             r["term"],
+            r["state"].as_str().unwrap_or("?"),
             r["applied_index"],
             if r["degraded"].as_bool().unwrap_or(false) {
                 " - DEGRADED: no quorum, writes fail and opens may be stale"
