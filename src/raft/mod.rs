@@ -118,7 +118,9 @@ pub async fn start(
     let raft = Raft::new(
         me,
         Arc::new(config),
-        network::Network { mesh: mesh.clone() },
+        network::Network {
+            transport: mesh.clone(),
+        },
         log_store::LogStore::new(store),
         state_machine::StateMachine {
             shared: shared.clone(),

@@ -67,54 +67,75 @@ impl std::fmt::Display for Msg {
 
 impl std::error::Error for Msg {}
 
+/// Carries Raft frames to a device: the mesh in the daemon, an in-memory
+/// router in tests.
+pub trait Transport: Clone + Send + Sync + 'static {
+    fn send_frame(
+        &self,
+        device: DeviceId,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, Msg>> + Send;
+}
+
+impl Transport for MeshClient {
+    async fn send_frame(
+        &self,
+        device: DeviceId,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, Msg> {
+        self.raft_call(device, bytes, timeout)
+            .await
+            .map_err(|e| Msg(e.to_string()))
+    }
+}
+
 /// Sends one RPC to `device` and decodes the reply.
-pub async fn call(
-    mesh: &MeshClient,
+pub async fn call<T: Transport>(
+    transport: &T,
     device: DeviceId,
     rpc: &Rpc,
     timeout: Duration,
 ) -> Result<Reply, Msg> {
     let bytes = postcard::to_stdvec(rpc).map_err(|e| Msg(format!("encoding: {e}")))?;
-    let answer = mesh
-        .raft_call(device, bytes, timeout)
-        .await
-        .map_err(|e| Msg(e.to_string()))?;
+    let answer = transport.send_frame(device, bytes, timeout).await?;
     postcard::from_bytes(&answer).map_err(|e| Msg(format!("malformed raft reply: {e}")))
 }
 
 /// Builds a client per peer.
 #[derive(Clone)]
-pub struct Network {
-    pub mesh: MeshClient,
+pub struct Network<T> {
+    pub transport: T,
 }
 
-impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = Conn;
+impl<T: Transport> RaftNetworkFactory<TypeConfig> for Network<T> {
+    type Network = Conn<T>;
 
-    async fn new_client(&mut self, target: NodeId, node: &RaftNode) -> Conn {
+    async fn new_client(&mut self, target: NodeId, node: &RaftNode) -> Conn<T> {
         Conn {
-            mesh: self.mesh.clone(),
+            transport: self.transport.clone(),
             device: node.device,
             target,
         }
     }
 }
 
-pub struct Conn {
-    mesh: MeshClient,
+pub struct Conn<T> {
+    transport: T,
     device: DeviceId,
     target: NodeId,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, RaftNode, RaftError<NodeId, E>>;
 
-impl Conn {
+impl<T: Transport> Conn<T> {
     async fn send<E: std::error::Error>(
         &self,
         rpc: Rpc,
         opt: &RPCOption,
     ) -> Result<Reply, RpcErr<E>> {
-        match call(&self.mesh, self.device, &rpc, opt.hard_ttl()).await {
+        match call(&self.transport, self.device, &rpc, opt.hard_ttl()).await {
             Ok(Reply::Failed(m)) => Err(RPCError::Network(NetworkError::new(&Msg(m)))),
             Ok(r) => Ok(r),
             // Not connected, timed out or gone: openraft backs off and
@@ -130,7 +151,7 @@ fn unexpected<E: std::error::Error>(target: NodeId, r: Reply) -> RpcErr<E> {
     ))))
 }
 
-impl RaftNetwork<TypeConfig> for Conn {
+impl<T: Transport> RaftNetwork<TypeConfig> for Conn<T> {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -183,7 +204,8 @@ pub async fn serve(raft: Raft, mut inbox: mpsc::Receiver<RaftInbound>) {
     }
 }
 
-async fn answer(raft: &Raft, bytes: &[u8]) -> Reply {
+/// Decodes one request and answers it with this device's Raft.
+pub async fn answer(raft: &Raft, bytes: &[u8]) -> Reply {
     let rpc: Rpc = match postcard::from_bytes(bytes) {
         Ok(r) => r,
         Err(e) => return Reply::Failed(format!("malformed raft request: {e}")),

@@ -94,3 +94,277 @@ fn removed_members_leave_but_the_last_voter_stays() {
     let none_left = plan(&members(&[]), &ids(&[1]), &ids(&[]), &BTreeMap::new(), 0, 5);
     assert!(none_left.is_empty());
 }
+
+// ------------------------------------------------- in-memory network ---
+
+mod cluster {
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::time::Duration;
+
+    use super::super::log_store::LogStore;
+    use super::super::network::{answer, call, unix_ms, Msg, Network, Reply, Rpc, Transport};
+    use super::super::state_machine::{Shared, StateMachine};
+    use super::super::types::{node_id, Op, Raft, RaftNode, Request};
+    use super::dev;
+    use crate::ids::{DeviceId, ResourceId};
+    use crate::meta::{FsCommand, MetaState, NewNode, Outcome, Timestamp};
+    use crate::storage::{MetaStore, RocksStore};
+
+    /// Frames go straight to the target's `answer`, through the same
+    /// encoding as on the mesh; a device in `down` is unreachable.
+    #[derive(Clone, Default)]
+    struct Router {
+        nodes: Arc<Mutex<HashMap<DeviceId, Raft>>>,
+        down: Arc<Mutex<HashSet<DeviceId>>>,
+    }
+
+    impl Transport for Router {
+        async fn send_frame(
+            &self,
+            device: DeviceId,
+            bytes: Vec<u8>,
+            timeout: Duration,
+        ) -> Result<Vec<u8>, Msg> {
+            let raft = {
+                if self.down.lock().unwrap().contains(&device) {
+                    return Err(Msg("unreachable".into()));
+                }
+                self.nodes.lock().unwrap().get(&device).cloned()
+            };
+            let raft = raft.ok_or_else(|| Msg("unknown device".into()))?;
+            let reply = tokio::time::timeout(timeout, answer(&raft, &bytes))
+                .await
+                .map_err(|_| Msg("timeout".into()))?;
+            Ok(postcard::to_stdvec(&reply).unwrap())
+        }
+    }
+
+    struct Node {
+        raft: Raft,
+        meta: Arc<RwLock<MetaState>>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn node(router: &Router, n: u8) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RocksStore::open(&dir.path().join("db")).unwrap());
+        let mut m = MetaState::new(0, 0, Timestamp { secs: 1, nanos: 0 });
+        store.persist(&m.take_changes(), false).unwrap();
+        let meta = Arc::new(RwLock::new(m));
+        let shared =
+            Shared::load(meta.clone(), store.clone(), dev(n), dir.path().join("raft")).unwrap();
+        let config = openraft::Config {
+            heartbeat_interval: 50,
+            election_timeout_min: 150,
+            election_timeout_max: 300,
+            snapshot_max_chunk_size: 1024,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let raft = Raft::new(
+            node_id(dev(n)),
+            Arc::new(config),
+            Network {
+                transport: router.clone(),
+            },
+            LogStore::new(store),
+            StateMachine {
+                shared: Arc::new(shared),
+            },
+        )
+        .await
+        .unwrap();
+        router.nodes.lock().unwrap().insert(dev(n), raft.clone());
+        Node {
+            raft,
+            meta,
+            _dir: dir,
+        }
+    }
+
+    fn rnode(n: u8) -> RaftNode {
+        RaftNode {
+            name: format!("d{n}"),
+            device: dev(n),
+        }
+    }
+
+    fn create(origin: u8, name: &str) -> Request {
+        Request {
+            origin: dev(origin),
+            op: Op::Fs(FsCommand::Create {
+                parent: ResourceId::ROOT,
+                name: name.as_bytes().to_vec(),
+                node: NewNode::File,
+                perm: 0o644,
+                uid: 0,
+                gid: 0,
+                now: Timestamp { secs: 2, nanos: 0 },
+            }),
+        }
+    }
+
+    fn has(n: &Node, name: &str) -> bool {
+        n.meta
+            .read()
+            .unwrap()
+            .lookup(ResourceId::ROOT, name.as_bytes())
+            .is_ok()
+    }
+
+    async fn leader_among(nodes: &[&Node]) -> u64 {
+        for _ in 0..100 {
+            for n in nodes {
+                let m = n.raft.metrics().borrow().clone();
+                if m.current_leader == Some(m.id) {
+                    return m.id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no leader elected");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_nodes_over_the_adapter_replicate_forward_fail_over_and_snapshot() {
+        let router = Router::default();
+        let nodes = [
+            node(&router, 1).await,
+            node(&router, 2).await,
+            node(&router, 3).await,
+        ];
+        let members: BTreeMap<u64, RaftNode> =
+            (1..=3).map(|n| (node_id(dev(n)), rnode(n))).collect();
+        nodes[0].raft.initialize(members).await.unwrap();
+        let lid = leader_among(&nodes.iter().collect::<Vec<_>>()).await;
+        let li = (0..3).find(|i| node_id(dev(*i as u8 + 1)) == lid).unwrap();
+        let fi = (li + 1) % 3;
+
+        // A write on the leader reaches every replica.
+        let r = nodes[li]
+            .raft
+            .client_write(create(li as u8 + 1, "a"))
+            .await
+            .unwrap();
+        assert!(matches!(r.data, Ok(Outcome::Inode(_))));
+        // A write forwarded from a follower, as `Replica::propose` does.
+        let fwd = Rpc::Write {
+            req: create(fi as u8 + 1, "b"),
+            expires_ms: unix_ms() + 5000,
+        };
+        let leader_dev = dev(li as u8 + 1);
+        let Reply::Written { index, result } =
+            call(&router, leader_dev, &fwd, Duration::from_secs(5))
+                .await
+                .unwrap()
+        else {
+            panic!("forwarded write not written");
+        };
+        assert!(result.is_ok());
+        nodes[fi]
+            .raft
+            .wait(Some(Duration::from_secs(5)))
+            .applied_index_at_least(Some(index), "forwarded")
+            .await
+            .unwrap();
+        assert!(has(&nodes[fi], "a") && has(&nodes[fi], "b"));
+        // The same name again: the state machine refuses it everywhere.
+        let again = call(&router, leader_dev, &fwd, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                again,
+                Reply::Written {
+                    result: Err(crate::meta::MetaError::Exists),
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+        // Read index from a follower.
+        let ri = call(&router, leader_dev, &Rpc::ReadIndex, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            matches!(ri, Reply::ReadIndex { index: i } if i >= index),
+            "{ri:?}"
+        );
+        // A forwarded write past its deadline, a follower asked to write,
+        // and garbage are refused.
+        let late = Rpc::Write {
+            req: create(fi as u8 + 1, "late"),
+            expires_ms: unix_ms().saturating_sub(1),
+        };
+        let r = call(&router, leader_dev, &late, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(matches!(r, Reply::Failed(_)), "{r:?}");
+        let to_follower = call(
+            &router,
+            dev(fi as u8 + 1),
+            &Rpc::ReadIndex,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(to_follower, Reply::NotLeader { leader: Some(l) } if l == lid),
+            "{to_follower:?}"
+        );
+        assert!(matches!(
+            answer(&nodes[0].raft, b"\xff\xff\xff").await,
+            Reply::Failed(_)
+        ));
+
+        // The leader goes away; the other two elect one and go on.
+        router.down.lock().unwrap().insert(leader_dev);
+        nodes[li].raft.shutdown().await.unwrap();
+        let rest: Vec<&Node> = (0..3).filter(|i| *i != li).map(|i| &nodes[i]).collect();
+        let new_lid = leader_among(&rest).await;
+        assert_ne!(new_lid, lid);
+        let new_leader = rest
+            .iter()
+            .find(|n| n.raft.metrics().borrow().id == new_lid)
+            .unwrap();
+        new_leader.raft.client_write(create(0, "c")).await.unwrap();
+
+        // A snapshot, the log purged behind it: a new learner can only
+        // catch up by installing the snapshot, piece by piece (1 KiB here).
+        new_leader.raft.trigger().snapshot().await.unwrap();
+        let applied = new_leader.raft.metrics().borrow().last_applied.unwrap();
+        new_leader
+            .raft
+            .wait(Some(Duration::from_secs(5)))
+            .snapshot(applied, "snapshot")
+            .await
+            .unwrap();
+        new_leader
+            .raft
+            .trigger()
+            .purge_log(applied.index)
+            .await
+            .unwrap();
+        let late_node = node(&router, 4).await;
+        new_leader
+            .raft
+            .add_learner(node_id(dev(4)), rnode(4), true)
+            .await
+            .unwrap();
+        late_node
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(applied.index), "learner")
+            .await
+            .unwrap();
+        for name in ["a", "b", "c"] {
+            assert!(has(&late_node, name), "{name} missing on the learner");
+        }
+        assert!(late_node.raft.metrics().borrow().snapshot.is_some());
+        for n in rest.iter().chain([&&late_node]) {
+            let _ = n.raft.shutdown().await;
+        }
+    }
+}
