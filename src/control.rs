@@ -87,14 +87,10 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
     reader.read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
         Ok(Request::Status) => status(&node, node.mesh.status().await.ok()),
-        Ok(Request::Check) => {
-            let n = node.clone();
-            match tokio::task::spawn_blocking(move || n.fs.with_meta(|m| n.store.check(m))).await {
-                Ok(Ok(report)) => serde_json::json!({ "ok": report.is_clean(), "report": report }),
-                Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
-            }
-        }
+        Ok(Request::Check) => match crate::node::check_mesh(&node).await {
+            Ok(report) => serde_json::json!({ "ok": report.is_clean(), "report": report }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        },
         Ok(Request::Invite { ttl_s }) => {
             let ttl = Duration::from_secs(ttl_s.clamp(1, 7 * 24 * 3600));
             match crate::mesh::join::invite(&node.mesh, ttl).await {

@@ -239,25 +239,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(Error::NotRunning(_)) => serde_json::to_value(node::offline_check(&data_dir)?)?,
                 Err(e) => return Err(e.into()),
             };
-            let clean = ["missing_chunks", "corrupt_chunks", "wrong_refcounts"]
-                .iter()
-                .all(|k| {
-                    report
-                        .get(k)
-                        .and_then(|v| v.as_array())
-                        .is_some_and(|a| a.is_empty())
-                });
+            let clean = [
+                "missing_chunks",
+                "corrupt_chunks",
+                "wrong_refcounts",
+                "state_mismatch",
+            ]
+            .iter()
+            .all(|k| {
+                report
+                    .get(k)
+                    .and_then(|v| v.as_array())
+                    .is_some_and(|a| a.is_empty())
+            });
+            // Reports from before these keys existed count as empty.
+            let clean = clean
+                || ["missing_chunks", "corrupt_chunks", "wrong_refcounts"]
+                    .iter()
+                    .all(|k| {
+                        report
+                            .get(k)
+                            .and_then(|v| v.as_array())
+                            .is_some_and(|a| a.is_empty())
+                    })
+                    && report.get("state_mismatch").is_none();
             if json {
                 println!("{}", serde_json::json!({"ok": clean, "report": report}));
             } else {
                 println!(
-                    "{}: {} inodes, {} chunks referenced, {} unreferenced",
+                    "{}: {} inodes, {} chunks referenced ({} held by other devices, {} not here and not checked), {} unreferenced",
                     if clean { "ok" } else { "PROBLEMS" },
                     report["inodes"],
                     report["chunks_referenced"],
+                    report["held_elsewhere"],
+                    report["unverified_not_here"],
                     report["unreferenced_chunks"]
                 );
-                for k in ["missing_chunks", "corrupt_chunks", "wrong_refcounts"] {
+                for k in [
+                    "missing_chunks",
+                    "corrupt_chunks",
+                    "wrong_refcounts",
+                    "state_mismatch",
+                ] {
                     for item in report[k].as_array().into_iter().flatten() {
                         println!("{k}: {}", item.as_str().unwrap_or_default());
                     }
@@ -385,7 +408,7 @@ fn mount(
     let data_dir = std::fs::canonicalize(data_dir)
         .map_err(|_| Error::NotInitialized(data_dir.to_path_buf()))?;
     let cfg = Config::load(&data_dir)?;
-    let mountpoint = node::check_mountpoint(mountpoint)?;
+    let mountpoint = node::check_mountpoint(mountpoint, &data_dir)?;
 
     if foreground {
         let _ = tracing_subscriber::fmt()

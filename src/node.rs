@@ -210,7 +210,47 @@ fn unescape_mount_path(s: &str) -> String {
 
 /// Checks the mount point before the daemon starts; clears a stale mount
 /// left by a killed daemon when it can.
-pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, Error> {
+/// The source and type of the mount at `path`, from /proc/self/mountinfo.
+fn mount_source(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.as_os_str().as_encoded_bytes();
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.get(4)
+            .map(|m| unescape_mount_path(m))
+            .as_deref()
+            .map(str::as_bytes)
+            != Some(want)
+        {
+            return None;
+        }
+        let sep = f.iter().position(|x| *x == "-")?;
+        Some((
+            unescape_mount_path(f.get(sep + 2)?),
+            f.get(sep + 1)?.to_string(),
+        ))
+    })
+}
+
+/// Whether the daemon recorded in `data_dir`'s pid file is alive. A zombie
+/// (killed, not reaped: a container's init may never reap) is not: its
+/// files, /dev/fuse included, are closed.
+fn daemon_alive(data_dir: &Path) -> bool {
+    let Some(pid) = read_pid(data_dir) else {
+        return false;
+    };
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+pub fn check_mountpoint(mountpoint: &Path, data_dir: &Path) -> Result<PathBuf, Error> {
     match std::fs::metadata(mountpoint) {
         Ok(m) if !m.is_dir() => return Err(Error::MountPointNotDir(mountpoint.to_path_buf())),
         Ok(_) => {}
@@ -239,7 +279,19 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, Error> {
     let abs = std::fs::canonicalize(mountpoint)
         .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
     if is_mounted(&abs) {
-        return Err(Error::AlreadyMounted(abs));
+        // A daemon killed a moment ago leaves a mount whose root the kernel
+        // may still answer from its attribute cache: ours (same data dir,
+        // type fuse.meshfs) with no live daemon is stale, not busy.
+        let ours = mount_source(&abs)
+            .is_some_and(|(src, fstype)| fstype == "fuse.meshfs" && Path::new(&src) == data_dir);
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if ours && root && !daemon_alive(data_dir) {
+            fuse::unmount(&abs).map_err(|_| Error::StaleMount { path: abs.clone() })?;
+            tracing::info!(path = %abs.display(), "cleared a stale mount left by a dead daemon");
+        } else {
+            return Err(Error::AlreadyMounted(abs));
+        }
     }
     Ok(abs)
 }
@@ -392,7 +444,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let allow_other = opts.allow_other.or(cfg.allow_other).unwrap_or(root);
-    let mountpoint = check_mountpoint(mountpoint)?;
+    let mountpoint = check_mountpoint(mountpoint, data_dir)?;
     let mcfg = fuse::MountConfig {
         mountpoint: mountpoint.clone(),
         source: data_dir.display().to_string(),
@@ -617,12 +669,73 @@ pub fn offline_remove_device(data_dir: &Path, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// `meshfs check` without a daemon: open the store and verify it.
+/// `meshfs check` without a daemon: open the store and verify it. In a mesh
+/// of several devices, chunks not stored here are normal (they live on
+/// other devices) and cannot be checked without the daemon: they are
+/// counted, not reported as missing.
 pub fn offline_check(data_dir: &Path) -> Result<crate::storage::CheckReport, Error> {
     Config::load(data_dir)?;
     let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;
     let (store, meta) = open_state(data_dir)?;
-    Ok(store.check(&meta)?)
+    let mut report = store.check(&meta)?;
+    let shared = MeshState::exists(data_dir) && MeshState::load(data_dir)?.members.len() > 1;
+    if shared {
+        report.unverified_not_here = report.missing_chunks.len() as u64;
+        report.missing_chunks.clear();
+    }
+    Ok(report)
+}
+
+/// `meshfs check` with the daemon running: the local store against the
+/// namespace, the namespace in memory against the one on disk and Raft's
+/// applied position, and every referenced chunk not stored here against
+/// the other live members (missing only when nobody has it).
+pub async fn check_mesh(node: &Arc<Node>) -> Result<crate::storage::CheckReport, Error> {
+    let n = node.clone();
+    let (report, disk_matches) = tokio::task::spawn_blocking(move || {
+        n.fs.with_meta(|m| -> Result<_, Error> {
+            let report = n.store.check(m)?;
+            let disk = n.store.load_meta()?;
+            Ok((report, disk.as_ref() == Some(&m.snapshot())))
+        })
+    })
+    .await
+    .map_err(|e| Error::Control(e.to_string()))??;
+    let mut report = report;
+    if !disk_matches {
+        report
+            .state_mismatch
+            .push("the namespace on disk differs from the one in memory".into());
+    }
+    let st = node.replica.status();
+    if st.applied_index.is_none() {
+        report
+            .state_mismatch
+            .push("raft has applied nothing on this device".into());
+    }
+    let mut missing: Vec<crate::ids::ChunkHash> = report
+        .missing_chunks
+        .iter()
+        .filter_map(|h| crate::ids::ChunkHash::parse_hex(h))
+        .collect();
+    if !missing.is_empty() {
+        let before = missing.len() as u64;
+        for device in node.mesh.nearest_devices().await.unwrap_or_default() {
+            if missing.is_empty() {
+                break;
+            }
+            let held = node.mesh.probe(device, &missing).await;
+            let mut i = 0;
+            missing.retain(|_| {
+                let keep = !held[i];
+                i += 1;
+                keep
+            });
+        }
+        report.held_elsewhere = before - missing.len() as u64;
+        report.missing_chunks = missing.iter().map(|h| h.to_string()).collect();
+    }
+    Ok(report)
 }
 
 /// Opens a data dir's store and loads its namespace.

@@ -282,9 +282,52 @@ fn content_is_replicated_so_a_dead_author_loses_nothing() {
         assert!(Instant::now() < deadline, "content never replicated");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // `check` on bravo: what it does not store, a live member does.
+    let (ok, report) = check(&b);
+    assert!(ok, "{report}");
+    assert!(report["held_elsewhere"].as_u64().unwrap() > 0, "{report}");
     a.kill9();
     for (name, data) in &files {
         assert_eq!(&fs::read(b.path(name)).unwrap(), data, "{name} on bravo");
         assert_eq!(&fs::read(c.path(name)).unwrap(), data, "{name} on charlie");
     }
+    // Alpha is dead, yet every chunk is still held by a live device.
+    let (ok, report) = check(&b);
+    assert!(ok, "{report}");
+}
+
+/// `meshfs check --json` on `d`: (exit status ok, report).
+fn check(d: &Device) -> (bool, serde_json::Value) {
+    let dd = d.data_dir();
+    let o = common::meshfs(&["check", "--data-dir", dd.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(o.status.success(), v["ok"] == true, "{v}");
+    (o.status.success(), v["report"].clone())
+}
+
+#[test]
+fn check_finds_chunks_that_no_live_device_holds() {
+    require_root!();
+    let (a, b, mut c) = three();
+    // Written on charlie and read nowhere else: until replication places a
+    // copy, only charlie (and the placement's second device) holds it.
+    // Kill charlie and the device holding the second copy; alpha's check
+    // must then report the chunks as missing.
+    write(&c, "only-here", &bytes(200_000, 77));
+    let deadline = Instant::now() + LIMIT;
+    while own_holdings(&a) + own_holdings(&b) < 1 {
+        assert!(Instant::now() < deadline, "never replicated");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, _) = check(&a);
+    assert!(ok);
+    let (mut keeper, other) = if own_holdings(&a) > 0 { (a, b) } else { (b, a) };
+    c.kill9();
+    keeper.kill9();
+    let (ok, report) = check(&other);
+    assert!(!ok, "{report}");
+    assert!(
+        !report["missing_chunks"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
 }

@@ -446,6 +446,32 @@ impl MeshClient {
         Ok(resp.pieces)
     }
 
+    /// Which of `hashes` `device` holds, by asking for one byte of each (16
+    /// to a request). A chunk the device could not be asked about counts as
+    /// not held.
+    pub async fn probe(&self, device: DeviceId, hashes: &[ChunkHash]) -> Vec<bool> {
+        let mut out = Vec::with_capacity(hashes.len());
+        for batch in hashes.chunks(protocol::MAX_BATCH) {
+            let req = ChunkRequest {
+                pieces: batch
+                    .iter()
+                    .map(|h| PieceRequest {
+                        hash: *h,
+                        offset: 0,
+                        len: 1,
+                    })
+                    .collect(),
+            };
+            match self.request(device, req).await {
+                Ok(pieces) if pieces.len() == batch.len() => {
+                    out.extend(pieces.iter().map(|p| matches!(p, Piece::Data { .. })))
+                }
+                _ => out.extend(batch.iter().map(|_| false)),
+            }
+        }
+        out
+    }
+
     /// Takes a chunk's first piece, fetches the rest when it is larger than
     /// one piece, verifies it and stores it in the local cache.
     async fn complete(

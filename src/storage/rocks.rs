@@ -116,6 +116,18 @@ pub struct CheckReport {
     pub corrupt_chunks: Vec<String>,
     pub wrong_refcounts: Vec<String>,
     pub unreferenced_chunks: u64,
+    /// Chunks not stored here that a live member holds (in a mesh, content
+    /// lives on `replicas` devices, not necessarily this one).
+    #[serde(default)]
+    pub held_elsewhere: u64,
+    /// Chunks not stored here that could not be checked elsewhere (the
+    /// daemon is not running, so other devices cannot be asked).
+    #[serde(default)]
+    pub unverified_not_here: u64,
+    /// Disagreements between the namespace in memory, on disk and the Raft
+    /// log's applied position.
+    #[serde(default)]
+    pub state_mismatch: Vec<String>,
 }
 
 impl CheckReport {
@@ -123,6 +135,7 @@ impl CheckReport {
         self.missing_chunks.is_empty()
             && self.corrupt_chunks.is_empty()
             && self.wrong_refcounts.is_empty()
+            && self.state_mismatch.is_empty()
     }
 }
 
