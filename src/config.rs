@@ -75,6 +75,12 @@ pub struct Config {
     /// Complete copies of every committed version the mesh keeps, on
     /// distinct devices (fewer while the mesh has fewer devices).
     pub replicas: usize,
+    /// Most bytes of content this device keeps, in MiB; beyond it, cached
+    /// copies of files other devices hold are evicted, least recently
+    /// opened first. Content this device must hold (its share of the
+    /// `replicas` copies) and open files are never evicted. Unset: half of
+    /// the data dir's disk.
+    pub cache_limit_mb: Option<u64>,
 }
 
 impl Default for Config {
@@ -103,6 +109,7 @@ impl Default for Config {
             write_timeout_ms: 10_000,
             max_voters: 5,
             replicas: 2,
+            cache_limit_mb: None,
         }
     }
 }

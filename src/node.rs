@@ -429,6 +429,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
             replica.clone(),
             mesh.clone(),
             cfg.replicas,
+            cache_limit(&cfg, data_dir),
             replicate_now.clone(),
         ));
         // A restarted device may lack content committed while it was away.
@@ -484,6 +485,15 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         started: Instant::now(),
     });
     Ok((node, mounted, lock, rt))
+}
+
+/// The store's size limit in bytes: Config `cache_limit_mb`, or half of
+/// the data dir's disk.
+fn cache_limit(cfg: &Config, data_dir: &Path) -> u64 {
+    match cfg.cache_limit_mb {
+        Some(mb) => mb.saturating_mul(1 << 20),
+        None => crate::storage::disk_size(data_dir).map_or(u64::MAX, |t| t / 2),
+    }
 }
 
 /// Reads of chunks missing or damaged here go to the file's authority

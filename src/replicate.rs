@@ -5,6 +5,11 @@
 //! coordination, whether it should hold a file, and fetches what it lacks.
 //! A removed device leaves the member list and the placement moves, which
 //! restores the count.
+//!
+//! The same task keeps the store under its size limit: cached copies of
+//! files this device is not placed to hold go, least recently opened first,
+//! and only once every device of the file's placement answers that it holds
+//! them, so eviction never drops a chunk below `replicas` copies.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,21 +54,36 @@ pub fn placement(
 /// reads for long; the next round carries on.
 const ROUND_BYTES: u64 = 256 << 20;
 
-/// Replicates until the runtime stops. `changed` is notified after changes
-/// from other devices are applied.
+/// Replicates (and evicts beyond `cache_limit` bytes) until the runtime
+/// stops. `changed` is notified after changes from other devices are
+/// applied.
 pub async fn run(
     fs: Arc<Fs>,
     store: Arc<dyn ChunkStore>,
     replica: Replica,
     mesh: MeshClient,
     replicas: usize,
+    cache_limit: u64,
     changed: Arc<Notify>,
 ) {
     let me = mesh.device();
+    let mut ticks = 0u32;
     loop {
-        tokio::select! {
-            _ = changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        // The size check is cheap and runs every 5 s (reads grow the cache
+        // without any notification); the replication scan runs after
+        // changes from elsewhere and every 30 s.
+        let scan = tokio::select! {
+            _ = changed.notified() => true,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                ticks = ticks.wrapping_add(1);
+                ticks.is_multiple_of(6)
+            }
+        };
+        if store.stats().is_ok_and(|s| s.bytes > cache_limit) {
+            evict(&fs, &store, &replica, &mesh, replicas, cache_limit).await;
+        }
+        if !scan {
+            continue;
         }
         // Let a burst of changes settle into one round.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -113,6 +133,105 @@ pub async fn run(
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
+}
+
+/// Brings the store to 90% of `limit` by dropping cached copies, least
+/// recently opened file first, each only after every device placed to hold
+/// the file confirmed it has every chunk of it.
+async fn evict(
+    fs: &Arc<Fs>,
+    store: &Arc<dyn ChunkStore>,
+    replica: &Replica,
+    mesh: &MeshClient,
+    replicas: usize,
+    limit: u64,
+) {
+    let me = mesh.device();
+    let Ok(members) = mesh.member_devices().await else {
+        return;
+    };
+    let members: Vec<DeviceId> = members.into_iter().map(|(_, d)| d).collect();
+    let (fs2, store2, replica2) = (fs.clone(), store.clone(), replica.clone());
+    let plan = tokio::task::spawn_blocking(move || {
+        eviction_plan(&fs2, &*store2, &replica2, &members, me, replicas)
+    })
+    .await
+    .unwrap_or_default();
+    let target = limit / 10 * 9;
+    let mut used = store.stats().map_or(0, |s| s.bytes);
+    for (ino, holders, hashes) in plan {
+        if used <= target {
+            break;
+        }
+        let mut confirmed = !holders.is_empty();
+        for d in &holders {
+            if !mesh.probe(*d, &hashes).await.iter().all(|held| *held) {
+                confirmed = false;
+                break;
+            }
+        }
+        if !confirmed {
+            continue;
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.evict(&hashes)).await {
+            Ok(Ok(freed)) => {
+                used = used.saturating_sub(freed);
+                tracing::debug!(resource = ino.0, bytes = freed, "evicted a cached copy");
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cache eviction failed"),
+            Err(_) => return,
+        }
+    }
+    mesh.holdings_changed();
+}
+
+/// Cached files this device may drop, least recently opened first: each
+/// with the devices placed to hold it and its local chunks that no file
+/// this device must keep (placed here, or open) shares.
+fn eviction_plan(
+    fs: &Fs,
+    store: &dyn ChunkStore,
+    replica: &Replica,
+    members: &[DeviceId],
+    me: DeviceId,
+    replicas: usize,
+) -> Vec<(ResourceId, Vec<DeviceId>, Vec<ChunkHash>)> {
+    let (last_open, open) = fs.usage();
+    let files: Vec<(ResourceId, Vec<ChunkHash>)> = fs.with_meta(|m| {
+        m.files()
+            .into_iter()
+            .filter_map(|(i, _)| {
+                let c = i.content.as_ref()?;
+                Some((i.id, c.chunks.iter().map(|r| r.hash).collect()))
+            })
+            .collect()
+    });
+    let mut keep = std::collections::HashSet::new();
+    let mut cached = Vec::new();
+    for (ino, hashes) in files {
+        let place = placement(ino, replica.authority(ino), members, replicas);
+        if place.contains(&me) || open.contains(&ino) {
+            keep.extend(hashes);
+        } else {
+            cached.push((ino, place, hashes));
+        }
+    }
+    let mut plan: Vec<_> = cached
+        .into_iter()
+        .filter_map(|(ino, place, hashes)| {
+            let mut local: Vec<ChunkHash> = hashes
+                .into_iter()
+                .filter(|h| !keep.contains(h) && store.contains(h).unwrap_or(false))
+                .collect();
+            local.sort();
+            local.dedup();
+            (!local.is_empty()).then_some((ino, place, local))
+        })
+        .collect();
+    // Never opened here sorts first (None < Some).
+    plan.sort_by_key(|(ino, _, _)| last_open.get(ino).copied());
+    plan
 }
 
 /// Files this device should hold, with the chunks it lacks.

@@ -331,3 +331,62 @@ fn check_finds_chunks_that_no_live_device_holds() {
         "{report}"
     );
 }
+
+fn cache_bytes(d: &Device) -> u64 {
+    d.status_json()["cache_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn a_small_cache_evicts_cached_copies_but_never_below_replicas() {
+    require_root!();
+    let mut a = Device::init("alpha");
+    a.mount();
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    // Bravo keeps at most 1 MiB beyond what it must hold.
+    let cfg = b.data_dir().join("config.toml");
+    let mut text = fs::read_to_string(&cfg).unwrap();
+    text.push_str("cache_limit_mb = 1\n");
+    fs::write(&cfg, text).unwrap();
+    b.mount();
+    let mut c = Device::join("charlie", &a.invite("10m"));
+    c.mount();
+    for d in [&a, &b, &c] {
+        d.wait_connected(&["alpha", "bravo", "charlie"], LIMIT);
+    }
+    wait_voters(&a, 3);
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("big{i}"), bytes(512 << 10, 90 + i as u64)))
+        .collect();
+    for (name, data) in &files {
+        write(&a, name, data);
+    }
+    // Reading everything on bravo caches every file there.
+    for (name, data) in &files {
+        assert_eq!(&fs::read(b.path(name)).unwrap(), data);
+    }
+    let full = cache_bytes(&b);
+    assert!(full >= 4 << 20, "bravo holds only {full} bytes");
+    let deadline = Instant::now() + LIMIT;
+    while cache_bytes(&b) > full - (512 << 10) {
+        assert!(
+            Instant::now() < deadline,
+            "nothing evicted from {full} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Evicted copies come back on demand...
+    for (name, data) in &files {
+        assert_eq!(
+            &fs::read(b.path(name)).unwrap(),
+            data,
+            "{name} after eviction"
+        );
+    }
+    // ...and never went below two copies: with alpha (every file's
+    // authority) dead, bravo and charlie between them still have them all.
+    a.kill9();
+    for (name, data) in &files {
+        assert_eq!(&fs::read(c.path(name)).unwrap(), data, "{name} on charlie");
+        assert_eq!(&fs::read(b.path(name)).unwrap(), data, "{name} on bravo");
+    }
+}

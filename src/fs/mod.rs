@@ -203,6 +203,8 @@ pub struct Fs {
     replica: std::sync::OnceLock<Arc<dyn Replicator>>,
     /// Tells the kernel to drop cached names and attributes.
     invalidate: std::sync::OnceLock<Arc<dyn Fn(Invalidate) + Send + Sync>>,
+    /// When each file was last opened here (cache eviction is LRU by file).
+    last_open: Mutex<HashMap<ResourceId, std::time::Instant>>,
 }
 
 /// Something the kernel may have cached that another device changed.
@@ -256,6 +258,7 @@ impl Fs {
             remote: std::sync::OnceLock::new(),
             replica: std::sync::OnceLock::new(),
             invalidate: std::sync::OnceLock::new(),
+            last_open: Mutex::new(HashMap::new()),
         };
         // With a replicated namespace, orphans are not ours to drop at
         // start-up: another device may hold them open.
@@ -360,6 +363,18 @@ impl Fs {
         for (ino, _) in &changes.inodes {
             f(Invalidate::Inode(*ino));
         }
+    }
+
+    /// When each file was last opened on this device, and which are open
+    /// now: what cache eviction must spare and in which order it goes.
+    pub fn usage(
+        &self,
+    ) -> (
+        HashMap<ResourceId, std::time::Instant>,
+        std::collections::HashSet<ResourceId>,
+    ) {
+        let open = lock(&self.open).keys().copied().collect();
+        (lock(&self.last_open).clone(), open)
     }
 
     /// Sets the hook run after every namespace change (once).
@@ -875,6 +890,7 @@ impl Fs {
             }
             None => version,
         };
+        lock(&self.last_open).insert(ino, std::time::Instant::now());
         let file = self.open_file(ino);
         {
             let mut f = lock(&file);

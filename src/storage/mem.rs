@@ -114,6 +114,19 @@ impl ChunkStore for MemChunkStore {
         }))
     }
 
+    fn evict(&self, hashes: &[ChunkHash]) -> Result<u64, StorageError> {
+        self.pins.with(|pins| {
+            let mut chunks = lock(&self.chunks);
+            let mut bytes = 0;
+            for h in hashes {
+                if !pins.contains_key(h) {
+                    bytes += chunks.remove(h).map_or(0, |d| d.len() as u64);
+                }
+            }
+            Ok(bytes)
+        })
+    }
+
     fn stats(&self) -> Result<StoreStats, StorageError> {
         let chunks = lock(&self.chunks);
         Ok(StoreStats {

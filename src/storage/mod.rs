@@ -71,6 +71,10 @@ pub trait ChunkStore: Send + Sync {
     fn unpin(&self, hashes: &[ChunkHash]);
     /// Deletes every chunk with no references and no pins; returns how many.
     fn collect_garbage(&self) -> Result<u64, StorageError>;
+    /// Drops the local copies of `hashes` (cache eviction: other devices
+    /// hold them) while keeping their reference counts; pinned chunks are
+    /// kept. Returns the bytes freed.
+    fn evict(&self, hashes: &[ChunkHash]) -> Result<u64, StorageError>;
     fn stats(&self) -> Result<StoreStats, StorageError>;
 }
 
@@ -137,6 +141,19 @@ impl Pins {
 /// disk, the latter between 1 and 256 MiB.
 pub fn space_reserve(total: u64) -> u64 {
     rocks::MEMTABLE_BUDGET + (total / 50).clamp(1 << 20, 256 << 20)
+}
+
+/// Total size of the filesystem holding `path`, if statvfs answers.
+pub fn disk_size(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: zeroed statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_blocks.saturating_mul(st.f_frsize.max(1)))
 }
 
 /// Whether the disk holding `path` has more than the reserve free, after

@@ -709,6 +709,23 @@ impl ChunkStore for RocksStore {
         })
     }
 
+    fn evict(&self, hashes: &[ChunkHash]) -> Result<u64, StorageError> {
+        self.pins.with(|pins| {
+            let mut doomed = Vec::new();
+            for h in hashes {
+                if pins.contains_key(h) {
+                    continue;
+                }
+                if let Some(len) = self.chunk_len(h)? {
+                    doomed.push((*h, len));
+                }
+            }
+            let bytes = doomed.iter().map(|(_, l)| l).sum();
+            self.delete_chunks(doomed)?;
+            Ok(bytes)
+        })
+    }
+
     fn stats(&self) -> Result<StoreStats, StorageError> {
         Ok(*lock(&self.stats))
     }

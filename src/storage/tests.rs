@@ -19,6 +19,23 @@ pub fn run_all<S: ChunkStore + Corrupt>(make: impl Fn() -> S) {
     damaged_chunks_can_be_healed_and_released(&make());
     stats_count_bytes(&make());
     cached_chunks_stay_until_collected(&make());
+    eviction_drops_bytes_keeps_references_and_spares_pins(&make());
+}
+
+fn eviction_drops_bytes_keeps_references_and_spares_pins<S: ChunkStore>(s: &S) {
+    let a = s.put_cached(b"cached copy").unwrap();
+    s.apply_refs(&deltas(&[(a, 1)])).unwrap();
+    let p = s.put(b"being committed").unwrap();
+    let freed = s.evict(&[a, p, ChunkHash::of(b"never here")]).unwrap();
+    assert_eq!(freed, b"cached copy".len() as u64);
+    assert!(!s.contains(&a).unwrap());
+    assert!(s.contains(&p).unwrap(), "a pinned chunk is not evicted");
+    // The reference stays: the chunk is still part of a version, it just
+    // lives elsewhere now, and fetching it again caches it again.
+    assert_eq!(s.refcount(&a).unwrap(), 1);
+    s.put_cached(b"cached copy").unwrap();
+    assert!(s.contains(&a).unwrap());
+    s.unpin(&[p]);
 }
 
 fn cached_chunks_stay_until_collected<S: ChunkStore>(s: &S) {
