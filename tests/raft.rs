@@ -343,10 +343,7 @@ fn a_small_cache_evicts_cached_copies_but_never_below_replicas() {
     a.mount();
     let mut b = Device::join("bravo", &a.invite("10m"));
     // Bravo keeps at most 1 MiB beyond what it must hold.
-    let cfg = b.data_dir().join("config.toml");
-    let mut text = fs::read_to_string(&cfg).unwrap();
-    text.push_str("cache_limit_mb = 1\n");
-    fs::write(&cfg, text).unwrap();
+    set_config(&b, "cache_limit_mb", "1");
     b.mount();
     let mut c = Device::join("charlie", &a.invite("10m"));
     c.mount();
@@ -389,4 +386,99 @@ fn a_small_cache_evicts_cached_copies_but_never_below_replicas() {
         assert_eq!(&fs::read(c.path(name)).unwrap(), data, "{name} on charlie");
         assert_eq!(&fs::read(b.path(name)).unwrap(), data, "{name} on bravo");
     }
+}
+
+#[test]
+fn two_devices_with_one_down_still_read_but_refuse_writes() {
+    require_root!();
+    let mut a = Device::init("alpha");
+    a.mount();
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    // Short waits so that the test does not sit through the defaults.
+    set_config(&b, "write_timeout_ms", "1500");
+    set_config(&b, "read_wait_ms", "300");
+    b.mount();
+    b.wait_connected(&["alpha", "bravo"], LIMIT);
+    wait_voters(&a, 2);
+    let data = bytes(100_000, 5);
+    write(&a, "cached", &data);
+    fs::create_dir(a.path("dir")).unwrap();
+    assert_eq!(fs::read(b.path("cached")).unwrap(), data);
+    a.kill9();
+    // Quorum is lost: cached content, listings and stats keep working (the
+    // open waits read_wait_ms, then serves the local replica)...
+    assert_eq!(fs::read(b.path("cached")).unwrap(), data);
+    let names: Vec<_> = fs::read_dir(b.mountpoint())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(b.path("dir").is_dir());
+    // ...changes fail with EIO after write_timeout_ms, leaving nothing.
+    let t = Instant::now();
+    let err = fs::write(b.path("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let err = fs::remove_file(b.path("cached")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(!b.path("new").exists());
+    assert_eq!(fs::read(b.path("cached")).unwrap(), data);
+    let r = raft(&b);
+    assert_eq!(r["degraded"], true, "{r}");
+    // Alpha comes back: the mesh heals and writes work again.
+    a.mount();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        match fs::write(b.path("new"), b"x") {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "writes never resumed: {e}"),
+        }
+    }
+    assert_eq!(fs::read(a.path("new")).unwrap(), b"x");
+}
+
+#[test]
+fn a_removed_device_leaves_the_voters() {
+    require_root!();
+    let (a, _b, c) = three();
+    let dd = a.data_dir();
+    let o = common::meshfs(&[
+        "remove-device",
+        "charlie",
+        "--data-dir",
+        dd.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    wait_voters(&a, 2);
+    let r = raft(&a);
+    assert!(
+        !r["voters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "charlie"),
+        "{r}"
+    );
+    // The mesh still commits with its two voters.
+    write(&a, "after-removal", b"ok");
+    // Charlie is cut off: nothing it asks for is answered any more.
+    assert!(!c.path("after-removal").exists());
+}
+
+/// Sets one key of `d`'s config.toml (before it mounts).
+fn set_config(d: &Device, key: &str, value: &str) {
+    let path = d.data_dir().join("config.toml");
+    let text = fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with(&format!("{key} =")))
+        .map(String::from)
+        .collect();
+    // Top-level keys go before any table.
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with('['))
+        .unwrap_or(lines.len());
+    lines.insert(at, format!("{key} = {value}"));
+    fs::write(&path, lines.join("\n") + "\n").unwrap();
 }
