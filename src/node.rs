@@ -421,6 +421,8 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
                 hook_fs.changed_elsewhere(b.remote);
                 hook_mesh.holdings_changed();
                 hook_replicate.notify_one();
+            } else if b.membership {
+                hook_replicate.notify_one();
             }
         }));
         tokio::spawn(crate::replicate::run(
@@ -717,11 +719,14 @@ pub async fn check_mesh(node: &Arc<Node>) -> Result<crate::storage::CheckReport,
             .state_mismatch
             .push("the namespace on disk differs from the one in memory".into());
     }
-    let st = node.replica.status();
-    if st.applied_index.is_none() {
-        report
+    let r = node.replica.clone();
+    match tokio::task::spawn_blocking(move || r.verify_against_log()).await {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(why))) => report.state_mismatch.push(why),
+        Ok(Err(e)) => report
             .state_mismatch
-            .push("raft has applied nothing on this device".into());
+            .push(format!("could not replay the log: {e}")),
+        Err(e) => return Err(Error::Control(e.to_string())),
     }
     let mut missing: Vec<crate::ids::ChunkHash> = report
         .missing_chunks

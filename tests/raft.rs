@@ -482,3 +482,45 @@ fn set_config(d: &Device, key: &str, value: &str) {
     lines.insert(at, format!("{key} = {value}"));
     fs::write(&path, lines.join("\n") + "\n").unwrap();
 }
+
+#[test]
+fn losing_a_device_for_good_restores_the_copy_count() {
+    require_root!();
+    let (mut a, b, mut c) = three();
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("keep{i}"), bytes(200_000, 300 + i as u64)))
+        .collect();
+    for (name, data) in &files {
+        write(&a, name, data);
+    }
+    let deadline = Instant::now() + LIMIT;
+    while own_holdings(&b) + own_holdings(&c) < files.len() as u64 {
+        assert!(Instant::now() < deadline, "content never replicated");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Charlie dies for good and is removed: its copies are gone, so bravo
+    // becomes the second copy of every file.
+    c.kill9();
+    let dd = a.data_dir();
+    let o = common::meshfs(&[
+        "remove-device",
+        "charlie",
+        "--data-dir",
+        dd.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let deadline = Instant::now() + LIMIT;
+    while own_holdings(&b) < files.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "bravo holds {} of {}",
+            own_holdings(&b),
+            files.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.kill9();
+    for (name, data) in &files {
+        assert_eq!(&fs::read(b.path(name)).unwrap(), data, "{name}");
+    }
+}

@@ -334,6 +334,12 @@ impl Replica {
             && voters.next().is_none()
     }
 
+    /// Replays the log over the last snapshot and compares the result with
+    /// the live state (blocking; holds off applies while it runs).
+    pub fn verify_against_log(&self) -> Result<Option<String>, RaftError> {
+        Ok(self.shared.verify_against_log()?)
+    }
+
     /// What `meshfs status` shows about consensus.
     pub fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow().clone();

@@ -33,6 +33,9 @@ pub struct AppliedBatch<'a> {
     pub remote: &'a Changes,
     /// Whether a whole snapshot replaced the state.
     pub replaced: bool,
+    /// Whether the cluster's membership changed (who should hold what
+    /// changes with it).
+    pub membership: bool,
 }
 
 pub type ApplyHook = Arc<dyn Fn(AppliedBatch<'_>) + Send + Sync>;
@@ -92,6 +95,84 @@ impl Shared {
 
     pub fn authority_of(&self, resource: ResourceId) -> Option<Authority> {
         read(&self.authority).get(&resource).copied()
+    }
+}
+
+impl Shared {
+    /// Rebuilds the state from the last snapshot plus the log entries after
+    /// it and compares it with the live state (with applies held off). Says
+    /// what differs, or `None` when they agree.
+    pub fn verify_against_log(&self) -> Result<Option<String>, crate::storage::StorageError> {
+        let meta = read(&self.meta);
+        let authority = read(&self.authority).clone();
+        let applied = lock(&self.applied).0;
+        let file: Option<SnapshotFile> = match std::fs::read(self.snapshot_dir.join(SNAPSHOT_FILE))
+        {
+            Ok(b) => Some(dec(b, "snapshot file")?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        let Some(file) = file else {
+            return Ok(Some("no raft snapshot to check the state against".into()));
+        };
+        let body: SnapshotBody = dec(file.body, "snapshot body")?;
+        let mut state = MetaState::restore(body.namespace)
+            .map_err(|e| crate::storage::StorageError::Decode(format!("snapshot: {e}")))?;
+        let mut auth: BTreeMap<ResourceId, Authority> = body.authority.into_iter().collect();
+        let from = file.meta.last_log_id.map_or(0, |l| l.index + 1);
+        let to = applied.map_or(0, |l| l.index + 1);
+        if to < from {
+            return Ok(Some(format!(
+                "applied index {} is behind the snapshot's {}",
+                to.saturating_sub(1),
+                from - 1
+            )));
+        }
+        let rows = self.store.raft_entries(from, to)?;
+        if rows.len() as u64 != to - from {
+            return Ok(Some(format!(
+                "the log lacks entries between the snapshot ({}) and the applied index ({})",
+                from.saturating_sub(1),
+                to.saturating_sub(1)
+            )));
+        }
+        let sm = StateMachine {
+            shared: Arc::new(Shared {
+                meta: Arc::new(RwLock::new(MetaState::new(
+                    0,
+                    0,
+                    crate::meta::Timestamp::default(),
+                ))),
+                store: self.store.clone(),
+                authority: RwLock::new(BTreeMap::new()),
+                me: self.me,
+                applied: Mutex::new((None, StoredMembership::default())),
+                snapshot_dir: self.snapshot_dir.clone(),
+                hook: std::sync::OnceLock::new(),
+                snapshot_seq: Default::default(),
+            }),
+        };
+        let mut touched = BTreeMap::new();
+        for (_, b) in rows {
+            let entry: openraft::Entry<TypeConfig> = dec(b, "raft log entry")?;
+            if let EntryPayload::Normal(req) = entry.payload {
+                let _ = sm.apply_op(&mut state, &mut auth, &mut touched, req.op);
+            }
+        }
+        let mut diffs = Vec::new();
+        if state.snapshot() != meta.snapshot() {
+            diffs.push("the namespace");
+        }
+        if auth != authority {
+            diffs.push("the authority map");
+        }
+        Ok((!diffs.is_empty()).then(|| {
+            format!(
+                "{} differ(s) from the snapshot replayed with the log up to index {}",
+                diffs.join(" and "),
+                to.saturating_sub(1)
+            )
+        }))
     }
 }
 
@@ -298,11 +379,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut remote = Changes::default();
         let mut touched = BTreeMap::new();
         let mut out = Vec::new();
+        let mut membership_changed = false;
         for entry in entries {
             last = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => out.push(Ok(Outcome::Done)),
                 EntryPayload::Membership(m) => {
+                    membership_changed = true;
                     membership = StoredMembership::new(Some(entry.log_id), m);
                     out.push(Ok(Outcome::Done));
                 }
@@ -357,6 +440,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             h(AppliedBatch {
                 remote: &remote,
                 replaced: false,
+                membership: membership_changed,
             });
         }
         Ok(out)
@@ -419,6 +503,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             h(AppliedBatch {
                 remote: &Changes::default(),
                 replaced: true,
+                membership: true,
             });
         }
         Ok(())

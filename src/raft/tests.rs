@@ -143,6 +143,7 @@ mod cluster {
     struct Node {
         raft: Raft,
         meta: Arc<RwLock<MetaState>>,
+        shared: Arc<Shared>,
         _dir: tempfile::TempDir,
     }
 
@@ -152,8 +153,9 @@ mod cluster {
         let mut m = MetaState::new(0, 0, Timestamp { secs: 1, nanos: 0 });
         store.persist(&m.take_changes(), false).unwrap();
         let meta = Arc::new(RwLock::new(m));
-        let shared =
-            Shared::load(meta.clone(), store.clone(), dev(n), dir.path().join("raft")).unwrap();
+        let shared = Arc::new(
+            Shared::load(meta.clone(), store.clone(), dev(n), dir.path().join("raft")).unwrap(),
+        );
         let config = openraft::Config {
             heartbeat_interval: 50,
             election_timeout_min: 150,
@@ -171,7 +173,7 @@ mod cluster {
             },
             LogStore::new(store),
             StateMachine {
-                shared: Arc::new(shared),
+                shared: shared.clone(),
             },
         )
         .await
@@ -180,6 +182,7 @@ mod cluster {
         Node {
             raft,
             meta,
+            shared,
             _dir: dir,
         }
     }
@@ -363,6 +366,21 @@ mod cluster {
             assert!(has(&late_node, name), "{name} missing on the learner");
         }
         assert!(late_node.raft.metrics().borrow().snapshot.is_some());
+        // `check`'s replay: snapshot + log give exactly the live state; a
+        // change made behind Raft's back is caught.
+        let survivor = rest[0];
+        assert_eq!(survivor.shared.verify_against_log().unwrap(), None);
+        assert_eq!(late_node.shared.verify_against_log().unwrap(), None);
+        {
+            let mut m = survivor.meta.write().unwrap();
+            let Op::Fs(cmd) = create(0, "rogue").op else {
+                unreachable!()
+            };
+            m.apply(cmd).unwrap();
+            m.take_changes();
+        }
+        let why = survivor.shared.verify_against_log().unwrap();
+        assert!(why.is_some_and(|w| w.contains("namespace")));
         for n in rest.iter().chain([&&late_node]) {
             let _ = n.raft.shutdown().await;
         }
