@@ -418,6 +418,11 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         let hook_replicate = replicate_now.clone();
         replica.set_hook(Arc::new(move |b: raft::AppliedBatch<'_>| {
             if b.replaced || !b.remote.inodes.is_empty() || !b.remote.entries.is_empty() {
+                if b.replaced {
+                    // A snapshot replaced everything; names cached in
+                    // subdirectories age out with the attribute TTL.
+                    hook_fs.changed_everywhere();
+                }
                 hook_fs.changed_elsewhere(b.remote);
                 hook_mesh.holdings_changed();
                 hook_replicate.notify_one();

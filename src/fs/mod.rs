@@ -377,6 +377,14 @@ impl Fs {
         (lock(&self.last_open).clone(), open)
     }
 
+    /// The whole namespace was replaced (a Raft snapshot installed): the
+    /// root's cached attributes and listing go at once.
+    pub fn changed_everywhere(&self) {
+        if let Some(f) = self.invalidate.get() {
+            f(Invalidate::Inode(ResourceId::ROOT));
+        }
+    }
+
     /// Sets the hook run after every namespace change (once).
     pub fn set_on_change(&self, f: Arc<dyn Fn() + Send + Sync>) {
         let _ = self.on_change.set(f);

@@ -227,6 +227,7 @@ impl Replica {
     pub async fn propose(&self, op: Op) -> Result<Response, RaftError> {
         let req = Request {
             origin: self.device,
+            id: u64::from_le_bytes(crate::ids::random_bytes()),
             op,
         };
         let deadline = Instant::now() + self.settings.write_timeout;
@@ -258,10 +259,9 @@ impl Replica {
                         Ok(other) => {
                             tracing::debug!(reply = ?other, "forwarded write failed; retrying");
                         }
-                        // Not delivered (the leader is down or unreachable):
-                        // wait for the next leader. A reply lost after the
-                        // leader committed would apply the command twice;
-                        // see docs/ARCHITECTURE.md.
+                        // Not delivered, or delivered and the reply lost:
+                        // either way the retry is safe, since the state
+                        // machine applies a request id once.
                         Err(e) => tracing::debug!(error = %e, "forwarding a write failed"),
                     }
                 }

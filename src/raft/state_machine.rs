@@ -24,6 +24,15 @@ use crate::storage::{Extra, RocksStore};
 
 const KEY_APPLIED: &str = "applied";
 const KEY_MEMBERSHIP: &str = "membership";
+const KEY_RECENT: &str = "recent";
+
+/// Results remembered per proposing device, to answer retries: more than
+/// the proposals one device can have in flight (one per kernel thread and a
+/// few background ones).
+const RECENT_PER_ORIGIN: usize = 32;
+
+/// The last results per origin, oldest first.
+pub type Recent = BTreeMap<DeviceId, std::collections::VecDeque<(u64, Response)>>;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// What one applied batch changed, for the hooks.
@@ -46,6 +55,8 @@ pub struct Shared {
     pub meta: Arc<RwLock<MetaState>>,
     pub store: Arc<RocksStore>,
     pub authority: RwLock<BTreeMap<ResourceId, Authority>>,
+    /// Replicated like the namespace (it decides what a command returns).
+    recent: Mutex<Recent>,
     me: DeviceId,
     /// Last applied log id and membership; written with `meta` locked so
     /// that a snapshot sees them consistent with the namespace.
@@ -76,11 +87,16 @@ impl Shared {
         for (id, row) in store.table_rows()? {
             authority.insert(ResourceId(id), dec(row, "authority")?);
         }
+        let recent: Recent = match store.raft_get(KEY_RECENT)? {
+            Some(b) => dec(b, "raft recent results")?,
+            None => Recent::new(),
+        };
         std::fs::create_dir_all(&snapshot_dir)?;
         Ok(Shared {
             meta,
             store,
             authority: RwLock::new(authority),
+            recent: Mutex::new(recent),
             me,
             applied: Mutex::new((applied, membership)),
             snapshot_dir,
@@ -145,6 +161,7 @@ impl Shared {
                 ))),
                 store: self.store.clone(),
                 authority: RwLock::new(BTreeMap::new()),
+                recent: Mutex::new(Recent::new()),
                 me: self.me,
                 applied: Mutex::new((None, StoredMembership::default())),
                 snapshot_dir: self.snapshot_dir.clone(),
@@ -153,10 +170,19 @@ impl Shared {
             }),
         };
         let mut touched = BTreeMap::new();
+        let mut recent = body.recent;
         for (_, b) in rows {
             let entry: openraft::Entry<TypeConfig> = dec(b, "raft log entry")?;
             if let EntryPayload::Normal(req) = entry.payload {
-                let _ = sm.apply_op(&mut state, &mut auth, &mut touched, req.op);
+                let q = recent.entry(req.origin).or_default();
+                if q.iter().any(|(id, _)| *id == req.id) {
+                    continue;
+                }
+                let (resp, _) = sm.apply_op(&mut state, &mut auth, &mut touched, req.op);
+                q.push_back((req.id, resp));
+                while q.len() > RECENT_PER_ORIGIN {
+                    q.pop_front();
+                }
             }
         }
         let mut diffs = Vec::new();
@@ -197,6 +223,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 struct SnapshotBody {
     namespace: crate::meta::Snapshot,
     authority: Vec<(ResourceId, Authority)>,
+    recent: Recent,
 }
 
 /// A snapshot file: its Raft metadata, then the body's bytes.
@@ -325,11 +352,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 .iter()
                 .map(|(k, v)| (*k, *v))
                 .collect();
-            (meta.snapshot(), authority, applied, membership)
+            let recent = lock(&self.shared.recent).clone();
+            (meta.snapshot(), (authority, recent), applied, membership)
         };
+        let (authority, recent) = authority;
         let body = enc(&SnapshotBody {
             namespace,
             authority,
+            recent,
         })?;
         let seq = self
             .shared
@@ -371,6 +401,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut meta = write(&shared.meta);
         let mut authority = write(&shared.authority);
         let mut applied = lock(&shared.applied);
+        let mut recent = lock(&shared.recent);
+        let mut recent_changed = false;
         let (mut last, mut membership) = applied.clone();
         let mut all = Changes {
             next_ino: 0,
@@ -390,8 +422,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     out.push(Ok(Outcome::Done));
                 }
                 EntryPayload::Normal(req) => {
+                    let seen = recent.get(&req.origin).and_then(|q| {
+                        q.iter()
+                            .find(|(id, _)| *id == req.id)
+                            .map(|(_, r)| r.clone())
+                    });
+                    if let Some(first) = seen {
+                        // A retry of a request already applied: the first
+                        // result again, nothing applied twice.
+                        out.push(first);
+                        continue;
+                    }
                     let (resp, changes) =
                         self.apply_op(&mut meta, &mut authority, &mut touched, req.op);
+                    let q = recent.entry(req.origin).or_default();
+                    q.push_back((req.id, resp.clone()));
+                    while q.len() > RECENT_PER_ORIGIN {
+                        q.pop_front();
+                    }
+                    recent_changed = true;
                     if req.origin != shared.me {
                         merge(
                             &mut remote,
@@ -418,6 +467,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Some(enc(&membership)?),
             ),
         ];
+        if recent_changed {
+            extra.push((RocksStore::raft_state_key(KEY_RECENT), Some(enc(&*recent)?)));
+        }
         for (ino, a) in &touched {
             let row = match a {
                 Some(a) => Some(enc(a)?),
@@ -433,6 +485,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .persist_applied(&all, &extra, false)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         *applied = (last, membership);
+        drop(recent);
         drop(applied);
         drop(authority);
         drop(meta);
@@ -481,6 +534,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 RocksStore::raft_state_key(KEY_MEMBERSHIP),
                 Some(enc(&meta.last_membership)?),
             ),
+            (
+                RocksStore::raft_state_key(KEY_RECENT),
+                Some(enc(&body.recent)?),
+            ),
         ];
         {
             let shared = &self.shared;
@@ -493,6 +550,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
             *m = state;
             *authority = body.authority.into_iter().collect();
+            *lock(&shared.recent) = body.recent;
             *applied = (meta.last_log_id, meta.last_membership.clone());
         }
         self.save_snapshot_file(&SnapshotFile {

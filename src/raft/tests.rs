@@ -197,6 +197,7 @@ mod cluster {
     fn create(origin: u8, name: &str) -> Request {
         Request {
             origin: dev(origin),
+            id: u64::from_le_bytes(crate::ids::random_bytes()),
             op: Op::Fs(FsCommand::Create {
                 parent: ResourceId::ROOT,
                 name: name.as_bytes().to_vec(),
@@ -273,19 +274,35 @@ mod cluster {
             .await
             .unwrap();
         assert!(has(&nodes[fi], "a") && has(&nodes[fi], "b"));
-        // The same name again: the state machine refuses it everywhere.
+        // The same request again (a retry after a lost reply): the first
+        // result, and nothing applied twice.
         let again = call(&router, leader_dev, &fwd, Duration::from_secs(5))
+            .await
+            .unwrap();
+        match again {
+            Reply::Written {
+                result: ref r @ Ok(_),
+                ..
+            } => assert_eq!(r, &result),
+            other => panic!("retry not answered with the first result: {other:?}"),
+        }
+        // A new request for the same name: refused everywhere.
+        let other = Rpc::Write {
+            req: create(fi as u8 + 1, "b"),
+            expires_ms: unix_ms() + 5000,
+        };
+        let refused = call(&router, leader_dev, &other, Duration::from_secs(5))
             .await
             .unwrap();
         assert!(
             matches!(
-                again,
+                refused,
                 Reply::Written {
                     result: Err(crate::meta::MetaError::Exists),
                     ..
                 }
             ),
-            "{again:?}"
+            "{refused:?}"
         );
         // Read index from a follower.
         let ri = call(&router, leader_dev, &Rpc::ReadIndex, Duration::from_secs(5))
@@ -368,7 +385,7 @@ mod cluster {
         assert!(late_node.raft.metrics().borrow().snapshot.is_some());
         // `check`'s replay: snapshot + log give exactly the live state; a
         // change made behind Raft's back is caught.
-        let survivor = rest[0];
+        let survivor = *new_leader;
         assert_eq!(survivor.shared.verify_against_log().unwrap(), None);
         assert_eq!(late_node.shared.verify_against_log().unwrap(), None);
         {

@@ -49,10 +49,13 @@ impl Default for RaftNode {
 
 /// One replicated command and the device that proposed it (so that each
 /// device can tell its own changes, which its kernel already knows, from
-/// others', whose cached names and attributes it must drop).
+/// others', whose cached names and attributes it must drop). `id` is random
+/// per proposal and kept across its retries: the state machine applies a
+/// given (origin, id) once and answers a repeat with the first result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub origin: DeviceId,
+    pub id: u64,
     pub op: Op,
 }
 
