@@ -323,9 +323,9 @@ pub fn run_daemon(
         }
     };
     match start(data_dir, mountpoint, opts) {
-        Ok((node, mounted, lock, rt)) => {
+        Ok((node, mounted, lock, rt, listener)) => {
             report(Ok(()));
-            let r = serve(node, mounted, rt);
+            let r = serve(node, mounted, rt, listener);
             drop(lock);
             r
         }
@@ -336,7 +336,13 @@ pub fn run_daemon(
     }
 }
 
-type Started = (Arc<Node>, fuse::Mounted, DirLock, tokio::runtime::Runtime);
+type Started = (
+    Arc<Node>,
+    fuse::Mounted,
+    DirLock,
+    tokio::runtime::Runtime,
+    tokio::net::UnixListener,
+);
 
 fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Started, Error> {
     let cfg = Config::load(data_dir)?;
@@ -377,6 +383,13 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
+    // Bound before the mount is reported ready, so that a CLI command run
+    // right after `meshfs mount` returns finds the daemon (connections wait
+    // in the backlog until `serve` accepts them).
+    let listener = {
+        let _in_runtime = rt.enter();
+        control::bind(&data_dir.join(SOCKET_FILE))?
+    };
     let bootstrap = mesh_state.members.len() == 1;
     let (mesh, replica) = {
         let _in_runtime = rt.enter();
@@ -491,7 +504,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         mountpoint,
         started: Instant::now(),
     });
-    Ok((node, mounted, lock, rt))
+    Ok((node, mounted, lock, rt, listener))
 }
 
 /// The store's size limit in bytes: Config `cache_limit_mb`, or half of
@@ -568,6 +581,7 @@ fn serve(
     node: Arc<Node>,
     mounted: fuse::Mounted,
     rt: tokio::runtime::Runtime,
+    listener: tokio::net::UnixListener,
 ) -> Result<(), Error> {
     let sock = node.data_dir.join(SOCKET_FILE);
     // The FUSE session ends when the kernel drops the mount (umount).
@@ -580,7 +594,6 @@ fn serve(
         })
         .map_err(|e| Error::io("spawning the session waiter", e))?;
     let result = rt.block_on(async {
-        let listener = control::bind(&sock)?;
         let server = tokio::spawn(control::serve(listener, node.clone()));
         let syncer = tokio::spawn(sync_periodically(node.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
