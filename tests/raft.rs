@@ -83,7 +83,9 @@ fn renames_and_unlinks_show_on_the_others_at_the_next_lookup() {
     require_root!();
     let (a, b, c) = three();
     write(&a, "old", b"x");
-    // Cache the name on bravo and charlie first.
+    // A lookup right after the close elsewhere finds the name (it waits for
+    // the read index like an open); this also caches it on bravo and
+    // charlie.
     assert!(b.path("old").exists());
     assert!(c.path("old").exists());
     fs::rename(a.path("old"), a.path("new")).unwrap();

@@ -223,6 +223,10 @@ pub trait Replicator: Send + Sync {
     /// Waits (boundedly) until the local replica has applied every change
     /// committed before the call.
     fn read_barrier(&self);
+    /// The same for a lookup; concurrent lookups may share one round trip.
+    fn lookup_barrier(&self) {
+        self.read_barrier()
+    }
 }
 
 /// A source of chunks beyond the local store (the mesh). Blocking: it is
@@ -431,6 +435,10 @@ impl Fs {
     // ---- namespace ----
 
     pub fn lookup(&self, parent: ResourceId, name: &[u8]) -> Result<Attr> {
+        // A name looked up right after a change elsewhere must reflect it.
+        if let Some(r) = self.replica.get() {
+            r.lookup_barrier();
+        }
         let attr = Attr::of(self.read_meta().lookup(parent, name)?);
         self.note_lookup_of(attr.ino);
         Ok(self.overlay(attr))

@@ -85,6 +85,43 @@ pub struct Snapshot {
     pub next_ino: u64,
 }
 
+/// `MetaState::snapshot_view`: the state serialized in `Snapshot`'s format.
+pub struct SnapshotView<'a>(&'a MetaState);
+
+impl Serialize for SnapshotView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq, SerializeStruct};
+        struct Inodes<'a>(&'a BTreeMap<ResourceId, Inode>);
+        impl Serialize for Inodes<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for i in self.0.values() {
+                    seq.serialize_element(i)?;
+                }
+                seq.end()
+            }
+        }
+        struct Entries<'a>(&'a BTreeMap<ResourceId, DirEntries>);
+        impl Serialize for Entries<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let n = self.0.values().map(|d| d.by_name.len()).sum();
+                let mut seq = s.serialize_seq(Some(n))?;
+                for (parent, dir) in self.0 {
+                    for (name, e) in &dir.by_name {
+                        seq.serialize_element(&(parent, name, e))?;
+                    }
+                }
+                seq.end()
+            }
+        }
+        let mut st = s.serialize_struct("Snapshot", 3)?;
+        st.serialize_field("inodes", &Inodes(&self.0.inodes))?;
+        st.serialize_field("entries", &Entries(&self.0.dirs))?;
+        st.serialize_field("next_ino", &self.0.next_ino)?;
+        st.end()
+    }
+}
+
 /// The namespace.
 #[derive(Debug, Clone)]
 pub struct MetaState {
@@ -195,6 +232,13 @@ impl MetaState {
             entries,
             next_ino: self.next_ino,
         }
+    }
+
+    /// Serializes exactly as `self.snapshot()` would, without copying the
+    /// state first: a snapshot of a large namespace is written straight to
+    /// its file.
+    pub fn snapshot_view(&self) -> SnapshotView<'_> {
+        SnapshotView(self)
     }
 
     /// Everything changed since the last call, as storage needs it.

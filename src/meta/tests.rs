@@ -575,3 +575,26 @@ fn rollback_restores_the_state_before_unpersisted_commands() {
     let again = mk(&mut s, ROOT, "again", NewNode::File, 5);
     assert_eq!(again.id.0, before.next_ino);
 }
+
+#[test]
+fn snapshot_view_serializes_like_a_snapshot() {
+    let now = Timestamp { secs: 3, nanos: 0 };
+    let mut m = MetaState::new(0, 0, now);
+    for n in ["a", "b", "c"] {
+        m.apply(FsCommand::Create {
+            parent: ResourceId::ROOT,
+            name: n.as_bytes().to_vec(),
+            node: NewNode::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            now,
+        })
+        .unwrap();
+    }
+    let copied = postcard::to_stdvec(&m.snapshot()).unwrap();
+    let viewed = postcard::to_stdvec(&m.snapshot_view()).unwrap();
+    assert_eq!(copied, viewed);
+    let back: Snapshot = postcard::from_bytes(&viewed).unwrap();
+    assert_eq!(back, m.snapshot());
+}

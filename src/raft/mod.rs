@@ -81,6 +81,10 @@ pub struct Replica {
     settings: Arc<RaftSettings>,
     rt: tokio::runtime::Handle,
     stale_opens: Arc<std::sync::atomic::AtomicU64>,
+    /// When the last successful shared barrier started and when the last
+    /// one failed (see `shared_barrier`); held while one runs, so that
+    /// callers queue.
+    barrier: Arc<tokio::sync::Mutex<(Option<Instant>, Option<Instant>)>>,
 }
 
 /// Starts Raft on the current runtime over `meta` (the namespace the
@@ -142,6 +146,7 @@ pub async fn start(
         settings: Arc::new(settings),
         rt: tokio::runtime::Handle::current(),
         stale_opens: Default::default(),
+        barrier: Default::default(),
     };
     let initialized = raft
         .is_initialized()
@@ -324,6 +329,36 @@ impl Replica {
         false
     }
 
+    /// A read barrier shared by concurrent callers: one that started after
+    /// the caller did serves it too (it covers everything committed before
+    /// the caller began), so a burst of lookups costs one round trip. The
+    /// leader needs none for lookups: every acknowledged write was applied
+    /// on it before it was acknowledged.
+    pub async fn shared_barrier(&self) {
+        if self.leader().is_some_and(|(id, _)| id == self.me) {
+            return;
+        }
+        let began = Instant::now();
+        let mut last = self.barrier.lock().await;
+        if last.0.is_some_and(|started| started >= began) {
+            return;
+        }
+        // Without a leader, one lookup waits `read_wait_ms`; the ones right
+        // after it serve the local replica at once instead of each waiting.
+        if last
+            .1
+            .is_some_and(|failed| failed.elapsed() < self.settings.read_wait)
+        {
+            return;
+        }
+        let started = Instant::now();
+        if self.read_barrier().await {
+            last.0 = Some(started);
+        } else {
+            last.1 = Some(Instant::now());
+        }
+    }
+
     /// Whether this device leads a cluster in which it is the only voter.
     fn sole_voter(&self) -> bool {
         let m = self.raft.metrics();
@@ -412,6 +447,11 @@ impl crate::fs::Replicator for Replica {
     fn read_barrier(&self) {
         let r = self.clone();
         block_on(&self.rt, async move { r.read_barrier().await });
+    }
+
+    fn lookup_barrier(&self) {
+        let r = self.clone();
+        block_on(&self.rt, async move { r.shared_barrier().await });
     }
 }
 

@@ -4,7 +4,6 @@
 //! snapshots are the whole state, postcard-encoded, kept in one file.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -122,20 +121,14 @@ impl Shared {
         let meta = read(&self.meta);
         let authority = read(&self.authority).clone();
         let applied = lock(&self.applied).0;
-        let file: Option<SnapshotFile> = match std::fs::read(self.snapshot_dir.join(SNAPSHOT_FILE))
-        {
-            Ok(b) => Some(dec(b, "snapshot file")?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e.into()),
-        };
-        let Some(file) = file else {
+        let Some((snap_meta, body)) = read_snapshot_file(&self.snapshot_dir.join(SNAPSHOT_FILE))?
+        else {
             return Ok(Some("no raft snapshot to check the state against".into()));
         };
-        let body: SnapshotBody = dec(file.body, "snapshot body")?;
         let mut state = MetaState::restore(body.namespace)
             .map_err(|e| crate::storage::StorageError::Decode(format!("snapshot: {e}")))?;
         let mut auth: BTreeMap<ResourceId, Authority> = body.authority.into_iter().collect();
-        let from = file.meta.last_log_id.map_or(0, |l| l.index + 1);
+        let from = snap_meta.last_log_id.map_or(0, |l| l.index + 1);
         let to = applied.map_or(0, |l| l.index + 1);
         if to < from {
             return Ok(Some(format!(
@@ -226,11 +219,46 @@ struct SnapshotBody {
     recent: Recent,
 }
 
-/// A snapshot file: its Raft metadata, then the body's bytes.
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta<NodeId, RaftNode>,
-    body: Vec<u8>,
+/// `SnapshotBody`'s format, serialized from the live state without a copy.
+#[derive(Serialize)]
+struct BodyView<'a> {
+    namespace: crate::meta::SnapshotView<'a>,
+    authority: &'a BTreeMap<ResourceId, Authority>,
+    recent: &'a Recent,
+}
+
+type Meta = SnapshotMeta<NodeId, RaftNode>;
+
+/// Scratch space for decoding a snapshot from a file: only strings pass
+/// through it, one at a time (names are byte sequences, read byte by byte).
+const DECODE_SCRATCH: usize = 1 << 20;
+
+/// Decodes the (meta, body) pair a snapshot file holds, streaming.
+fn read_snapshot_file(path: &std::path::Path) -> std::io::Result<Option<(Meta, SnapshotBody)>> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut scratch = vec![0u8; DECODE_SCRATCH];
+    let reader = std::io::BufReader::with_capacity(1 << 20, f);
+    let (pair, _) = postcard::from_io::<(Meta, SnapshotBody), _>((reader, &mut scratch))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok(Some(pair))
+}
+
+/// Only the metadata at the head of a snapshot file.
+fn read_snapshot_meta(path: &std::path::Path) -> std::io::Result<Option<Meta>> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut scratch = vec![0u8; DECODE_SCRATCH];
+    let reader = std::io::BufReader::new(f);
+    let (meta, _) = postcard::from_io::<Meta, _>((reader, &mut scratch))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok(Some(meta))
 }
 
 fn merge(into: &mut Changes, from: Changes) {
@@ -257,30 +285,13 @@ impl StateMachine {
         self.shared.snapshot_dir.join(SNAPSHOT_FILE)
     }
 
-    fn save_snapshot_file(&self, file: &SnapshotFile) -> Result<(), StorageError<NodeId>> {
-        let sig = Some(file.meta.signature());
-        let bytes = postcard::to_stdvec(file)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        let path = self.snapshot_path();
-        let tmp = path.with_extension("tmp");
-        let res = (|| {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })();
-        res.map_err(|e| StorageIOError::write_snapshot(sig, &e).into())
+    fn incoming_path(&self) -> PathBuf {
+        self.shared.snapshot_dir.join("snapshot.incoming")
     }
 
-    fn load_snapshot_file(&self) -> Result<Option<SnapshotFile>, StorageError<NodeId>> {
-        match std::fs::read(self.snapshot_path()) {
-            Ok(b) => postcard::from_bytes(&b)
-                .map(Some)
-                .map_err(|e| StorageIOError::read_snapshot(None, &e).into()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
-        }
+    /// Opens the current snapshot file for Raft to send, from offset 0.
+    async fn open_snapshot(&self) -> std::io::Result<Box<tokio::fs::File>> {
+        Ok(Box::new(tokio::fs::File::open(self.snapshot_path()).await?))
     }
 
     /// Applies one command to the namespace, recording what changed.
@@ -345,40 +356,56 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (namespace, authority, applied, membership) = {
-            let meta = read(&self.shared.meta);
-            let (applied, membership) = lock(&self.shared.applied).clone();
-            let authority: Vec<_> = read(&self.shared.authority)
-                .iter()
-                .map(|(k, v)| (*k, *v))
-                .collect();
-            let recent = lock(&self.shared.recent).clone();
-            (meta.snapshot(), (authority, recent), applied, membership)
-        };
-        let (authority, recent) = authority;
-        let body = enc(&SnapshotBody {
-            namespace,
-            authority,
-            recent,
-        })?;
         let seq = self
             .shared
             .snapshot_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let snapshot_id = match applied {
-            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
-            None => format!("none-{seq}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        let file = SnapshotFile { meta, body };
-        self.save_snapshot_file(&file)?;
+        let path = self.snapshot_path();
+        let tmp = path.with_extension("tmp");
+        let shared = self.shared.clone();
+        // Written straight from the live state into the file, applies held
+        // off meanwhile (a consistent cut without a copy of the namespace).
+        let built = tokio::task::spawn_blocking(move || -> std::io::Result<Meta> {
+            use std::io::Write;
+            let meta = read(&shared.meta);
+            let (applied, membership) = lock(&shared.applied).clone();
+            let authority = read(&shared.authority);
+            let recent = lock(&shared.recent);
+            let snapshot_id = match applied {
+                Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+                None => format!("none-{seq}"),
+            };
+            let smeta = Meta {
+                last_log_id: applied,
+                last_membership: membership,
+                snapshot_id,
+            };
+            let body = BodyView {
+                namespace: meta.snapshot_view(),
+                authority: &authority,
+                recent: &recent,
+            };
+            let f = std::fs::File::create(&tmp)?;
+            let w = std::io::BufWriter::with_capacity(1 << 20, f);
+            let mut w = postcard::to_io(&(&smeta, &body), w).map_err(std::io::Error::other)?;
+            w.flush()?;
+            drop(recent);
+            drop(authority);
+            drop(meta);
+            w.get_ref().sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(smeta)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())))?;
+        let smeta = built.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let file = self
+            .open_snapshot()
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(smeta.signature()), &e))?;
         Ok(Snapshot {
-            meta: file.meta,
-            snapshot: Box::new(Cursor::new(file.body)),
+            meta: smeta,
+            snapshot: file,
         })
     }
 }
@@ -505,19 +532,48 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        // Pieces land in a file, not in memory.
+        let f = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.incoming_path())
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(f))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, RaftNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
+        use tokio::io::AsyncWriteExt;
         let sig = Some(meta.signature());
-        let bytes = snapshot.into_inner();
-        let body: SnapshotBody = postcard::from_bytes(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        let io_err = |e: std::io::Error| StorageIOError::read_snapshot(sig.clone(), &e);
+        snapshot.flush().await.map_err(io_err)?;
+        // Read from the handle Raft gives (normally our incoming file), then
+        // keep a copy of it as the current snapshot.
+        let file = snapshot.into_std().await;
+        let decoded = tokio::task::spawn_blocking(
+            move || -> std::io::Result<(SnapshotBody, std::fs::File)> {
+                use std::io::{Seek, SeekFrom};
+                let mut file = file;
+                file.seek(SeekFrom::Start(0))?;
+                let mut scratch = vec![0u8; DECODE_SCRATCH];
+                let reader = std::io::BufReader::with_capacity(1 << 20, &file);
+                let ((_, body), _) =
+                    postcard::from_io::<(Meta, SnapshotBody), _>((reader, &mut scratch))
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                Ok((body, file))
+            },
+        )
+        .await
+        .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
+        let (body, file) = decoded.map_err(io_err)?;
+        let _ = std::fs::remove_file(self.incoming_path());
         let state = MetaState::restore(body.namespace.clone())
             .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
         let rows: Vec<(u64, Vec<u8>)> = body
@@ -553,10 +609,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             *lock(&shared.recent) = body.recent;
             *applied = (meta.last_log_id, meta.last_membership.clone());
         }
-        self.save_snapshot_file(&SnapshotFile {
-            meta: meta.clone(),
-            body: bytes,
-        })?;
+        // The state is in; the received file becomes the current snapshot.
+        let (path, tmp) = (
+            self.snapshot_path(),
+            self.snapshot_path().with_extension("tmp"),
+        );
+        let kept = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::{Seek, SeekFrom};
+            let mut file = file;
+            file.seek(SeekFrom::Start(0))?;
+            let mut out = std::fs::File::create(&tmp)?;
+            std::io::copy(&mut file, &mut out)?;
+            out.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })
+        .await
+        .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
+        kept.map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         if let Some(h) = self.shared.hook.get() {
             h(AppliedBatch {
                 remote: &Changes::default(),
@@ -570,9 +639,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(self.load_snapshot_file()?.map(|f| Snapshot {
-            meta: f.meta,
-            snapshot: Box::new(Cursor::new(f.body)),
+        let path = self.snapshot_path();
+        let meta = tokio::task::spawn_blocking(move || read_snapshot_meta(&path))
+            .await
+            .map_err(|e| {
+                StorageIOError::read_snapshot(None, &std::io::Error::other(e.to_string()))
+            })?
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let Some(meta) = meta else {
+            return Ok(None);
+        };
+        let file = self
+            .open_snapshot()
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: file,
         }))
     }
 }

@@ -14,7 +14,9 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = RaftNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        // A file: snapshots are written, sent and received in pieces,
+        // never held whole in memory.
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
