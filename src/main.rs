@@ -239,6 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(Error::NotRunning(_)) => serde_json::to_value(node::offline_check(&data_dir)?)?,
                 Err(e) => return Err(e.into()),
             };
+            // A key a report lacks (from an older daemon) counts as empty.
             let clean = [
                 "missing_chunks",
                 "corrupt_chunks",
@@ -249,20 +250,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .all(|k| {
                 report
                     .get(k)
-                    .and_then(|v| v.as_array())
-                    .is_some_and(|a| a.is_empty())
+                    .is_none_or(|v| v.as_array().is_some_and(|a| a.is_empty()))
             });
-            // Reports from before these keys existed count as empty.
-            let clean = clean
-                || ["missing_chunks", "corrupt_chunks", "wrong_refcounts"]
-                    .iter()
-                    .all(|k| {
-                        report
-                            .get(k)
-                            .and_then(|v| v.as_array())
-                            .is_some_and(|a| a.is_empty())
-                    })
-                    && report.get("state_mismatch").is_none();
             if json {
                 println!("{}", serde_json::json!({"ok": clean, "report": report}));
             } else {

@@ -87,10 +87,9 @@ pub async fn run(
         }
         // Let a burst of changes settle into one round.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let Ok(members) = mesh.member_devices().await else {
+        let Some(members) = member_ids(&mesh).await else {
             return;
         };
-        let members: Vec<DeviceId> = members.into_iter().map(|(_, d)| d).collect();
         let (fs2, store2, replica2) = (fs.clone(), store.clone(), replica.clone());
         let wanted = tokio::task::spawn_blocking(move || {
             missing_here(&fs2, &*store2, &replica2, &members, me, replicas)
@@ -147,10 +146,9 @@ async fn evict(
     limit: u64,
 ) {
     let me = mesh.device();
-    let Ok(members) = mesh.member_devices().await else {
+    let Some(members) = member_ids(mesh).await else {
         return;
     };
-    let members: Vec<DeviceId> = members.into_iter().map(|(_, d)| d).collect();
     let (fs2, store2, replica2) = (fs.clone(), store.clone(), replica.clone());
     let plan = tokio::task::spawn_blocking(move || {
         eviction_plan(&fs2, &*store2, &replica2, &members, me, replicas)
@@ -198,15 +196,7 @@ fn eviction_plan(
     replicas: usize,
 ) -> Vec<(ResourceId, Vec<DeviceId>, Vec<ChunkHash>)> {
     let (last_open, open) = fs.usage();
-    let files: Vec<(ResourceId, Vec<ChunkHash>)> = fs.with_meta(|m| {
-        m.files()
-            .into_iter()
-            .filter_map(|(i, _)| {
-                let c = i.content.as_ref()?;
-                Some((i.id, c.chunks.iter().map(|r| r.hash).collect()))
-            })
-            .collect()
-    });
+    let files = files_with_chunks(fs);
     let mut keep = std::collections::HashSet::new();
     let mut cached = Vec::new();
     for (ino, hashes) in files {
@@ -234,6 +224,25 @@ fn eviction_plan(
     plan
 }
 
+/// Every member's device id; `None` once the mesh has stopped.
+async fn member_ids(mesh: &MeshClient) -> Option<Vec<DeviceId>> {
+    let members = mesh.member_devices().await.ok()?;
+    Some(members.into_iter().map(|(_, d)| d).collect())
+}
+
+/// Every file with content, with the hashes of its chunks.
+fn files_with_chunks(fs: &Fs) -> Vec<(ResourceId, Vec<ChunkHash>)> {
+    fs.with_meta(|m| {
+        m.files()
+            .into_iter()
+            .filter_map(|(i, _)| {
+                let c = i.content.as_ref()?;
+                Some((i.id, c.chunks.iter().map(|r| r.hash).collect()))
+            })
+            .collect()
+    })
+}
+
 /// Files this device should hold, with the chunks it lacks.
 fn missing_here(
     fs: &Fs,
@@ -243,15 +252,7 @@ fn missing_here(
     me: DeviceId,
     replicas: usize,
 ) -> Vec<(ResourceId, Vec<ChunkHash>)> {
-    let files: Vec<(ResourceId, Vec<ChunkHash>)> = fs.with_meta(|m| {
-        m.files()
-            .into_iter()
-            .filter_map(|(i, _)| {
-                let c = i.content.as_ref()?;
-                Some((i.id, c.chunks.iter().map(|r| r.hash).collect()))
-            })
-            .collect()
-    });
+    let files = files_with_chunks(fs);
     files
         .into_iter()
         .filter(|(ino, _)| {

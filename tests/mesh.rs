@@ -613,6 +613,11 @@ fn chunks_larger_than_a_piece_and_over_budget_batches_arrive_whole() {
     std::fs::write(&cfg, text).unwrap();
     a.mount();
     let mut b = Device::join("bravo", &a.invite("10m"));
+    // One copy (alpha's): bravo must not replicate the file in the
+    // background, or the fetch below would find it already here.
+    let cfg = b.data_dir().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("replicas = 2", "replicas = 1")).unwrap();
     let o = b.try_mount_env(&[], &[("MESHFS_LOG", "info,meshfs::mesh=debug")]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     b.wait_connected(&["alpha"], CONNECT);

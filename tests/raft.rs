@@ -279,11 +279,7 @@ fn content_is_replicated_so_a_dead_author_loses_nothing() {
     }
     // replicas = 2: besides alpha, each file gets one more complete copy,
     // on bravo or charlie.
-    let deadline = Instant::now() + LIMIT;
-    while own_holdings(&b) + own_holdings(&c) < files.len() as u64 {
-        assert!(Instant::now() < deadline, "content never replicated");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_held(&[&b, &c], files.len() as u64);
     // `check` on bravo: what it does not store, a live member does.
     let (ok, report) = check(&b);
     assert!(ok, "{report}");
@@ -316,11 +312,7 @@ fn check_finds_chunks_that_no_live_device_holds() {
     // Kill charlie and the device holding the second copy; alpha's check
     // must then report the chunks as missing.
     write(&c, "only-here", &bytes(200_000, 77));
-    let deadline = Instant::now() + LIMIT;
-    while own_holdings(&a) + own_holdings(&b) < 1 {
-        assert!(Instant::now() < deadline, "never replicated");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_held(&[&a, &b], 1);
     let (ok, _) = check(&a);
     assert!(ok);
     let (mut keeper, other) = if own_holdings(&a) > 0 { (a, b) } else { (b, a) };
@@ -332,6 +324,20 @@ fn check_finds_chunks_that_no_live_device_holds() {
         !report["missing_chunks"].as_array().unwrap().is_empty(),
         "{report}"
     );
+}
+
+/// Waits until `devs` between them hold (completely, as announced) at
+/// least `n` files.
+fn wait_held(devs: &[&Device], n: u64) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let held: u64 = devs.iter().map(|d| own_holdings(d)).sum();
+        if held >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {held} of {n} files held");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn cache_bytes(d: &Device) -> u64 {
@@ -495,11 +501,7 @@ fn losing_a_device_for_good_restores_the_copy_count() {
     for (name, data) in &files {
         write(&a, name, data);
     }
-    let deadline = Instant::now() + LIMIT;
-    while own_holdings(&b) + own_holdings(&c) < files.len() as u64 {
-        assert!(Instant::now() < deadline, "content never replicated");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_held(&[&b, &c], files.len() as u64);
     // Charlie dies for good and is removed: its copies are gone, so bravo
     // becomes the second copy of every file.
     c.kill9();
@@ -511,16 +513,7 @@ fn losing_a_device_for_good_restores_the_copy_count() {
         dd.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", common::stderr(&o));
-    let deadline = Instant::now() + LIMIT;
-    while own_holdings(&b) < files.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "bravo holds {} of {}",
-            own_holdings(&b),
-            files.len()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_held(&[&b], files.len() as u64);
     a.kill9();
     for (name, data) in &files {
         assert_eq!(&fs::read(b.path(name)).unwrap(), data, "{name}");

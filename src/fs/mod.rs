@@ -883,6 +883,12 @@ impl Fs {
     }
 
     pub fn open(&self, ino: ResourceId, flags: i32) -> Result<Opened> {
+        self.open_with(ino, flags, true)
+    }
+
+    /// `open`; `barrier` false skips the cross-device read barrier (for a
+    /// file this call just created: the creation is the open's moment).
+    fn open_with(&self, ino: ResourceId, flags: i32, barrier: bool) -> Result<Opened> {
         let acc = flags & libc::O_ACCMODE;
         let writable = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let (kind, version) = {
@@ -898,7 +904,7 @@ impl Fs {
         }
         // Close-to-open across devices: wait until everything committed
         // before this open is applied here, then look again.
-        let version = match self.replica.get() {
+        let version = match self.replica.get().filter(|_| barrier) {
             Some(r) => {
                 r.read_barrier();
                 let meta = self.read_meta();
@@ -955,7 +961,7 @@ impl Fs {
     ) -> Result<(Attr, Opened)> {
         let attr = self.create_node(ctx, parent, name, NewNode::File, (mode & 0o7777) as u16)?;
         // O_TRUNC on a brand-new file is a no-op; opening must not fail on it.
-        let opened = self.open(attr.ino, flags & !libc::O_TRUNC)?;
+        let opened = self.open_with(attr.ino, flags & !libc::O_TRUNC, false)?;
         Ok((attr, opened))
     }
 
