@@ -80,7 +80,7 @@ pub struct Replica {
     device: DeviceId,
     settings: Arc<RaftSettings>,
     rt: tokio::runtime::Handle,
-    stale_opens: Arc<std::sync::atomic::AtomicU64>,
+    stale_reads: Arc<std::sync::atomic::AtomicU64>,
     /// When the last successful shared barrier started and when the last
     /// one failed (see `shared_barrier`); held while one runs, so that
     /// callers queue.
@@ -145,7 +145,7 @@ pub async fn start(
         device,
         settings: Arc::new(settings),
         rt: tokio::runtime::Handle::current(),
-        stale_opens: Default::default(),
+        stale_reads: Default::default(),
         barrier: Default::default(),
     };
     let initialized = raft
@@ -320,7 +320,7 @@ impl Replica {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.stale_opens
+        self.stale_reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
             "no raft leader answered within {:?}; serving the local replica, which may be stale",
@@ -402,7 +402,7 @@ impl Replica {
             voters,
             learners,
             degraded,
-            stale_opens: self.stale_opens.load(std::sync::atomic::Ordering::Relaxed),
+            stale_reads: self.stale_reads.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -426,8 +426,9 @@ pub struct RaftStatus {
     /// No leader known, or this leader has not heard from a quorum lately:
     /// writes cannot commit and opens may be stale.
     pub degraded: bool,
-    /// Opens that found no leader in time and read the local replica.
-    pub stale_opens: u64,
+    /// Opens and lookups that found no leader in time and read the local
+    /// replica.
+    pub stale_reads: u64,
 }
 
 impl crate::fs::Replicator for Replica {
