@@ -531,13 +531,10 @@ impl crate::fs::RemoteChunks for MeshChunks {
             return Err("remote fetch requested from inside the runtime".into());
         }
         let (mesh, hash) = (self.mesh.clone(), *hash);
-        let authority = self.replica.authority(ino).filter(|d| *d != mesh.device());
+        let authority = self.replica.authority(ino);
         self.rt.block_on(async move {
-            let mut holders = mesh.nearest_devices().await.map_err(|e| e.to_string())?;
-            if let Some(a) = authority {
-                holders.retain(|d| *d != a);
-                holders.insert(0, a);
-            }
+            let nearest = mesh.nearest_devices().await.map_err(|e| e.to_string())?;
+            let holders = crate::replicate::authority_first(nearest, authority, mesh.device());
             mesh.fetch_chunk(hash, &holders)
                 .await
                 .map_err(|e| e.to_string())

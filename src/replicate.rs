@@ -103,11 +103,7 @@ pub async fn run(
         let mut fetched = 0u64;
         let mut more = false;
         for (ino, hashes) in wanted {
-            let mut holders = nearest.clone();
-            if let Some(a) = replica.authority(ino).filter(|a| *a != me) {
-                holders.retain(|d| *d != a);
-                holders.insert(0, a);
-            }
+            let holders = authority_first(nearest.clone(), replica.authority(ino), me);
             for h in hashes {
                 match mesh.fetch_chunk(h, &holders).await {
                     Ok(d) => fetched += d.len() as u64,
@@ -127,7 +123,9 @@ pub async fn run(
             tracing::debug!(bytes = fetched, "replicated content to this device");
             mesh.holdings_changed();
         }
-        if more {
+        // Carry on soon only while rounds make progress; a file nobody
+        // reachable holds waits for the next 30 s scan, not a busy retry.
+        if more && fetched > 0 {
             changed.notify_one();
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -222,6 +220,20 @@ fn eviction_plan(
     // Never opened here sorts first (None < Some).
     plan.sort_by_key(|(ino, _, _)| last_open.get(ino).copied());
     plan
+}
+
+/// Whom to ask for a file's chunks: its authority (unless that is `me`),
+/// then `nearest`.
+pub fn authority_first(
+    mut nearest: Vec<DeviceId>,
+    authority: Option<DeviceId>,
+    me: DeviceId,
+) -> Vec<DeviceId> {
+    if let Some(a) = authority.filter(|a| *a != me) {
+        nearest.retain(|d| *d != a);
+        nearest.insert(0, a);
+    }
+    nearest
 }
 
 /// Every member's device id; `None` once the mesh has stopped.
