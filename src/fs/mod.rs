@@ -912,7 +912,16 @@ impl Fs {
             }
             None => version,
         };
-        lock(&self.last_open).insert(ino, std::time::Instant::now());
+        {
+            let mut last = lock(&self.last_open);
+            last.insert(ino, std::time::Instant::now());
+            // Files deleted since leave entries behind; drop them now and
+            // then so that the map stays the size of the namespace.
+            if last.len() > 4096 && last.len().is_power_of_two() {
+                let meta = self.read_meta();
+                last.retain(|i, _| meta.get(*i).is_some());
+            }
+        }
         let file = self.open_file(ino);
         {
             let mut f = lock(&file);
