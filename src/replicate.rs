@@ -72,7 +72,7 @@ pub async fn run(
         // The size check is cheap and runs every 5 s (reads grow the cache
         // without any notification); the replication scan runs after
         // changes from elsewhere and every 30 s.
-        let scan = tokio::select! {
+        let full_scan = tokio::select! {
             _ = changed.notified() => true,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {
                 ticks = ticks.wrapping_add(1);
@@ -82,20 +82,14 @@ pub async fn run(
         if store.stats().is_ok_and(|s| s.bytes > cache_limit) {
             evict(&fs, &store, &replica, &mesh, replicas, cache_limit).await;
         }
-        if !scan {
+        if !full_scan {
             continue;
         }
         // Let a burst of changes settle into one round.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let Some(members) = member_ids(&mesh).await else {
+        let Some(wanted) = scan(&fs, &store, &replica, &mesh, replicas, missing_here).await else {
             return;
         };
-        let (fs2, store2, replica2) = (fs.clone(), store.clone(), replica.clone());
-        let wanted = tokio::task::spawn_blocking(move || {
-            missing_here(&fs2, &*store2, &replica2, &members, me, replicas)
-        })
-        .await
-        .unwrap_or_default();
         if wanted.is_empty() {
             continue;
         }
@@ -143,16 +137,9 @@ async fn evict(
     replicas: usize,
     limit: u64,
 ) {
-    let me = mesh.device();
-    let Some(members) = member_ids(mesh).await else {
+    let Some(plan) = scan(fs, store, replica, mesh, replicas, eviction_plan).await else {
         return;
     };
-    let (fs2, store2, replica2) = (fs.clone(), store.clone(), replica.clone());
-    let plan = tokio::task::spawn_blocking(move || {
-        eviction_plan(&fs2, &*store2, &replica2, &members, me, replicas)
-    })
-    .await
-    .unwrap_or_default();
     let target = limit / 10 * 9;
     let mut used = store.stats().map_or(0, |s| s.bytes);
     for (ino, holders, hashes) in plan {
@@ -236,10 +223,28 @@ pub fn authority_first(
     nearest
 }
 
-/// Every member's device id; `None` once the mesh has stopped.
-async fn member_ids(mesh: &MeshClient) -> Option<Vec<DeviceId>> {
+/// What a scan of every file decides: which chunks to fetch, which to evict.
+type ScanFn<T> = fn(&Fs, &dyn ChunkStore, &Replica, &[DeviceId], DeviceId, usize) -> T;
+
+/// Runs `f` over the namespace on the blocking pool, with the current
+/// member list; `None` once the mesh has stopped.
+async fn scan<T: Default + Send + 'static>(
+    fs: &Arc<Fs>,
+    store: &Arc<dyn ChunkStore>,
+    replica: &Replica,
+    mesh: &MeshClient,
+    replicas: usize,
+    f: ScanFn<T>,
+) -> Option<T> {
+    let me = mesh.device();
     let members = mesh.member_devices().await.ok()?;
-    Some(members.into_iter().map(|(_, d)| d).collect())
+    let members: Vec<DeviceId> = members.into_iter().map(|(_, d)| d).collect();
+    let (fs, store, replica) = (fs.clone(), store.clone(), replica.clone());
+    Some(
+        tokio::task::spawn_blocking(move || f(&fs, &*store, &replica, &members, me, replicas))
+            .await
+            .unwrap_or_default(),
+    )
 }
 
 /// Every file with content, with the hashes of its chunks.

@@ -851,112 +851,41 @@ impl Actor {
     }
 
     fn on_raft(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>) {
-        use request_response::{Event, Message};
-        match ev {
-            Event::Message {
-                peer,
-                message:
-                    Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => {
-                // The allow list admits members only, but a device removed a
-                // moment ago may still have a connection open.
-                let Some(from) = self.state.members.get(&peer.to_string()).map(|m| m.device) else {
-                    tracing::debug!(%peer, "raft request from a non-member dropped");
-                    return;
-                };
-                let Some(inbox) = &self.raft_inbox else {
-                    return;
-                };
-                let (reply, rx) = oneshot::channel();
-                let msg = RaftInbound {
-                    from,
-                    bytes: request,
-                    reply,
-                };
-                if inbox.try_send(msg).is_err() {
-                    // Dropping the channel fails the caller's request at once;
-                    // Raft retries.
-                    tracing::debug!(%peer, "raft inbox full; request dropped");
-                    return;
-                }
-                let tx = self.cmd_tx.clone();
-                tokio::spawn(async move {
-                    if let Ok(bytes) = rx.await {
-                        let _ = tx.send(Command::RaftRespond { channel, bytes }).await;
-                    }
-                });
-            }
-            Event::Message {
-                message:
-                    Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending_raft.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.pending_raft.remove(&request_id) {
-                    let _ = reply.send(Err(MeshError::Peer(format!("{peer}: {error}"))));
-                }
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, error = %error, "inbound raft request failed");
-            }
-            Event::ResponseSent { .. } => {}
+        let Some((peer, request, channel)) = settle(ev, &mut self.pending_raft, "raft") else {
+            return;
+        };
+        // The allow list admits members only, but a device removed a
+        // moment ago may still have a connection open.
+        let Some(from) = self.state.members.get(&peer.to_string()).map(|m| m.device) else {
+            tracing::debug!(%peer, "raft request from a non-member dropped");
+            return;
+        };
+        let Some(inbox) = &self.raft_inbox else {
+            return;
+        };
+        let (reply, rx) = oneshot::channel();
+        let msg = RaftInbound {
+            from,
+            bytes: request,
+            reply,
+        };
+        if inbox.try_send(msg).is_err() {
+            // Dropping the channel fails the caller's request at once;
+            // Raft retries.
+            tracing::debug!(%peer, "raft inbox full; request dropped");
+            return;
         }
+        let tx = self.cmd_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(bytes) = rx.await {
+                let _ = tx.send(Command::RaftRespond { channel, bytes }).await;
+            }
+        });
     }
 
     fn on_chunk(&mut self, ev: request_response::Event<ChunkRequest, ChunkResponse>) {
-        use request_response::{Event, Message};
-        match ev {
-            Event::Message {
-                peer,
-                message:
-                    Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => self.serve_chunk(peer, request, channel),
-            Event::Message {
-                message:
-                    Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending_chunks.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.pending_chunks.remove(&request_id) {
-                    let _ = reply.send(Err(MeshError::Peer(format!("{peer}: {error}"))));
-                }
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                // Includes malformed requests: the stream is dropped, the
-                // connection and everyone else's requests carry on.
-                tracing::debug!(%peer, error = %error, "inbound chunk request failed");
-            }
-            Event::ResponseSent { .. } => {}
+        if let Some((peer, request, channel)) = settle(ev, &mut self.pending_chunks, "chunk") {
+            self.serve_chunk(peer, request, channel);
         }
     }
 
@@ -1003,6 +932,55 @@ impl Actor {
             let _ = tx.send(Command::Respond { channel, resp }).await;
         });
     }
+}
+
+/// Settles the outbound side of a request-response event: a response or
+/// failure goes to whoever waits on it in `pending`; an inbound failure
+/// (a malformed request among them: the stream is dropped, the connection
+/// and everyone else's requests carry on) is logged. An inbound request is
+/// handed back for the caller to serve.
+fn settle<Req, Resp>(
+    ev: request_response::Event<Req, Resp>,
+    pending: &mut HashMap<OutboundRequestId, oneshot::Sender<Result<Resp, MeshError>>>,
+    what: &str,
+) -> Option<(PeerId, Req, ResponseChannel<Resp>)> {
+    use request_response::{Event, Message};
+    match ev {
+        Event::Message {
+            peer,
+            message: Message::Request {
+                request, channel, ..
+            },
+            ..
+        } => return Some((peer, request, channel)),
+        Event::Message {
+            message:
+                Message::Response {
+                    request_id,
+                    response,
+                },
+            ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Ok(response));
+            }
+        }
+        Event::OutboundFailure {
+            peer,
+            request_id,
+            error,
+            ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Err(MeshError::Peer(format!("{peer}: {error}"))));
+            }
+        }
+        Event::InboundFailure { peer, error, .. } => {
+            tracing::debug!(%peer, error = %error, "inbound {what} request failed");
+        }
+        Event::ResponseSent { .. } => {}
+    }
+    None
 }
 
 /// Reads the pieces of one request from the store (blocking), within the
