@@ -9,6 +9,8 @@
 //! - `fuse`: the thin kernel adapter (the only user of fuser) and mounting.
 //! - `mesh`: libp2p (its only user): the swarm actor, invite/join, chunk
 //!   transfer, availability; `MeshClient` is its handle.
+//! - `prefetch`: access log, predictors (the GRU in `prefetch/rnn.rs` is
+//!   the only user of tch), temperature, the evaluation harness.
 //! - `control`: the daemon's control socket and its client.
 //! - `node`: composition root: init, start-up, serve, shutdown.
 //! - `error`: the daemon- and CLI-level error.
@@ -22,6 +24,7 @@ pub mod ids;
 pub mod mesh;
 pub mod meta;
 pub mod node;
+pub mod prefetch;
 pub mod raft;
 pub mod replicate;
 pub mod storage;

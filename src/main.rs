@@ -96,6 +96,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Access traces: export this mesh's log, or generate a synthetic one.
+    Trace {
+        #[command(subcommand)]
+        cmd: TraceCmd,
+    },
+    /// Replay a trace through every predictor and the prefetch policy.
+    PrefetchEval {
+        /// A trace in the contract format (JSON lines); - for stdin.
+        #[arg(long)]
+        trace: PathBuf,
+        /// Cache size of every simulated device, MiB.
+        #[arg(long, default_value_t = 256)]
+        cache_mb: u64,
+        /// Most predicted items one open may prefetch.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+        top: u64,
+        /// Skip the learned predictors (gru, gru+markov).
+        #[arg(long)]
+        no_learned: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TraceCmd {
+    /// Write a synthetic cross-device workload as JSON lines to stdout.
+    Gen {
+        /// dev, photos, music, routine or mixed.
+        workload: String,
+        #[arg(long, default_value_t = 5000)]
+        events: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -280,6 +315,69 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Cmd::Trace { cmd } => trace_cmd(cmd),
+        Cmd::PrefetchEval {
+            trace,
+            cache_mb,
+            top,
+            no_learned,
+            json,
+        } => prefetch_eval(&trace, cache_mb, top as usize, !no_learned, json),
+    }
+}
+
+fn prefetch_eval(
+    trace: &Path,
+    cache_mb: u64,
+    top: usize,
+    learned: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use meshfs::prefetch::{eval, trace as tr};
+    let events = if trace == Path::new("-") {
+        tr::read(std::io::stdin().lock())?
+    } else {
+        let f = std::fs::File::open(trace)
+            .with_context(|| format!("cannot open trace {}", trace.display()))?;
+        tr::read(std::io::BufReader::new(f))
+            .with_context(|| format!("trace {}", trace.display()))?
+    };
+    if events.is_empty() {
+        anyhow::bail!("trace {} has no events", trace.display());
+    }
+    let opts = eval::EvalOptions {
+        cache_mb,
+        top,
+        learned,
+        ..Default::default()
+    };
+    let (rows, summary) = eval::evaluate(&events, &opts)?;
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        print!("{}", eval::table(&rows, &summary));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn trace_cmd(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
+    use meshfs::prefetch::{trace as tr, workload};
+    match cmd {
+        TraceCmd::Gen {
+            workload: w,
+            events,
+            seed,
+        } => {
+            let Some(events) = workload::generate(&w, events, seed) else {
+                anyhow::bail!(
+                    "unknown workload '{w}' (one of: {})",
+                    workload::WORKLOADS.join(", ")
+                );
+            };
+            let out = std::io::stdout().lock();
+            tr::write(std::io::BufWriter::new(out), &events)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
