@@ -81,6 +81,33 @@ pub struct Config {
     /// `replicas` copies) and open files are never evicted. Unset: half of
     /// the data dir's disk.
     pub cache_limit_mb: Option<u64>,
+    /// Record opens through the mount in the access log and learn from the
+    /// mesh's log (predictors and the GRU). Off: nothing is recorded or
+    /// learned here, and nothing is prefetched.
+    pub access_learn: bool,
+    /// Share this device's access events with the other members (they are
+    /// anonymized: resource ids, a keyed hash of the mesh user name, times
+    /// coarsened to 10 s; never paths). Off: the log stays on this device.
+    pub access_share: bool,
+    /// Local user name -> mesh user name, so that one person is one user on
+    /// every device even where local names or uids differ. A local user not
+    /// listed is known by its local name (a uid with no name as "uid:N").
+    pub users: std::collections::BTreeMap<String, String>,
+    /// Access events kept in the log (oldest dropped first).
+    pub access_log_max_events: usize,
+    /// Access events older than this many days are dropped.
+    pub access_log_days: u64,
+    /// Fetch predicted files before they are opened.
+    pub prefetch: bool,
+    /// Most bytes per second prefetching may fetch, in KiB (it also yields
+    /// to reads that are waiting on the network).
+    pub prefetch_rate_kib: u64,
+    /// Share of `cache_limit_mb` that prefetched, not yet opened content may
+    /// take. Prefetching never evicts anything: it only fills free cache.
+    pub prefetch_cache_share: f64,
+    /// Resource slots of the GRU's vocabulary (the out-of-vocabulary bucket
+    /// included); the least recently seen resource gives its slot up.
+    pub gru_vocabulary: usize,
 }
 
 impl Default for Config {
@@ -110,6 +137,15 @@ impl Default for Config {
             max_voters: 5,
             replicas: 2,
             cache_limit_mb: None,
+            access_learn: true,
+            access_share: true,
+            users: Default::default(),
+            access_log_max_events: 1_000_000,
+            access_log_days: 30,
+            prefetch: true,
+            prefetch_rate_kib: 32 * 1024,
+            prefetch_cache_share: 0.25,
+            gru_vocabulary: 2048,
         }
     }
 }
@@ -182,6 +218,21 @@ impl Config {
             return Err("sync_interval_ms must be 1..=60000".into());
         }
         crate::mesh::check_listen(&self.listen)?;
+        if !(0.0..=1.0).contains(&self.prefetch_cache_share) {
+            return Err("prefetch_cache_share must be between 0 and 1".into());
+        }
+        if self.prefetch_rate_kib == 0 {
+            return Err(
+                "prefetch_rate_kib must be at least 1 (turn prefetching off with prefetch = false)"
+                    .into(),
+            );
+        }
+        if !(16..=1 << 20).contains(&self.gru_vocabulary) {
+            return Err("gru_vocabulary must be 16..=1048576".into());
+        }
+        if self.access_log_max_events == 0 || self.access_log_days == 0 {
+            return Err("access_log_max_events and access_log_days must be at least 1".into());
+        }
         if !(100..=600_000).contains(&self.fetch_timeout_ms) {
             return Err("fetch_timeout_ms must be 100..=600000".into());
         }

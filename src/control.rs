@@ -22,6 +22,9 @@ const MAX_REQUEST: usize = 16 << 20;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Write the access log as a trace file in the data dir; the reply
+    /// names it.
+    TraceExport,
     Check,
     /// Open a join listener and return a one-time code.
     Invite {
@@ -105,6 +108,14 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
         Ok(Request::Chunks { path }) => chunks(&node, &path),
         Ok(Request::Holders { resource }) => holders(&node, resource).await,
         Ok(Request::Fetch { from, hashes, out }) => fetch(&node, from, hashes, out).await,
+        Ok(Request::TraceExport) => {
+            let n = node.clone();
+            match tokio::task::spawn_blocking(move || crate::node::export_trace_file(&n)).await {
+                Ok(Ok((path, events))) => serde_json::json!({ "file": path, "events": events }),
+                Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            }
+        }
         Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
     };
     let mut out = reply.to_string();
@@ -247,8 +258,25 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
         "commits": fs.commits,
         "rechunked_bytes": fs.rechunked_bytes,
         "open_files": fs.open_files,
-        "prefetch": {"hits": 0, "misses": 0, "wasted_bytes": 0},
+        "prefetch": prefetch_status(node),
     })
+}
+
+/// The prefetch ledger (hits, misses, wasted bytes) and the model's state.
+fn prefetch_status(node: &Node) -> serde_json::Value {
+    let Some(p) = &node.prefetch else {
+        return serde_json::json!({"hits": 0, "misses": 0, "wasted_bytes": 0, "enabled": false});
+    };
+    let mut v = p.ledger.json();
+    let s = &p.engine.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    v["enabled"] = serde_json::json!(node.cfg.prefetch);
+    v["local_events"] = s.local_events.load(Relaxed).into();
+    v["remote_events"] = s.remote_events.load(Relaxed).into();
+    v["dropped_events"] = s.dropped_events.load(Relaxed).into();
+    v["rejected_batches"] = s.rejected_batches.load(Relaxed).into();
+    v["model"] = serde_json::to_value(&*crate::lock(&s.report)).unwrap_or_default();
+    v
 }
 
 /// Sends one request to the daemon of `data_dir`.

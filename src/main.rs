@@ -122,6 +122,12 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum TraceCmd {
+    /// Write the mesh's access log as JSON lines to stdout (paths as this
+    /// device's namespace names them; users as their anonymized hash).
+    Export {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Write a synthetic cross-device workload as JSON lines to stdout.
     Gen {
         /// dev, photos, music, routine or mixed.
@@ -364,6 +370,26 @@ fn prefetch_eval(
 fn trace_cmd(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
     use meshfs::prefetch::{trace as tr, workload};
     match cmd {
+        TraceCmd::Export { data_dir } => {
+            init_cli_log();
+            Config::load(&data_dir)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match control::request(&data_dir, &Request::TraceExport) {
+                Ok(v) => {
+                    let path = PathBuf::from(v["file"].as_str().unwrap_or_default());
+                    let copied = std::fs::File::open(&path)
+                        .and_then(|mut f| std::io::copy(&mut f, &mut out))
+                        .and_then(|_| out.flush());
+                    let _ = std::fs::remove_file(&path);
+                    copied.with_context(|| format!("copying {}", path.display()))?;
+                }
+                Err(Error::NotRunning(_)) => {
+                    node::offline_trace(&data_dir, &mut out)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         TraceCmd::Gen {
             workload: w,
             events,

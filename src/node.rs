@@ -306,6 +306,113 @@ pub struct Node {
     pub replica: Replica,
     pub mountpoint: PathBuf,
     pub started: Instant,
+    /// The access log, predictors and prefetch ledger (None with
+    /// `access_learn = false`).
+    pub prefetch: Option<Prefetch>,
+}
+
+pub struct Prefetch {
+    pub engine: crate::prefetch::engine::EngineHandle,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub ledger: Arc<crate::prefetch::fetch::Ledger>,
+}
+
+/// Reports opens and first reads from the filesystem to the prefetch side.
+struct AccessSink {
+    engine: crate::prefetch::engine::EngineHandle,
+    ledger: Arc<crate::prefetch::fetch::Ledger>,
+}
+
+impl crate::fs::AccessSink for AccessSink {
+    fn opened(&self, ino: ResourceId, uid: u32, size: u64) {
+        self.engine.opened(ino, uid, size);
+    }
+
+    fn first_read(&self, ino: ResourceId, local: bool) {
+        self.ledger.first_read(ino, local);
+    }
+}
+
+/// Starts the prediction thread, the access-event inbox and (with
+/// `prefetch` on) the executor. Inside the runtime.
+fn start_prefetch(
+    cfg: &Config,
+    data_dir: &Path,
+    store: &Arc<RocksStore>,
+    fs: &Arc<Fs>,
+    mesh: &MeshClient,
+    replica: &Replica,
+    ledger: Arc<crate::prefetch::fetch::Ledger>,
+) -> Result<Prefetch, Error> {
+    use crate::prefetch::{engine, fetch, log, rnn, temperature};
+    let (plans_tx, plans_rx) = tokio::sync::mpsc::channel(16);
+    let publisher = mesh.clone();
+    let (engine, thread) = engine::start(
+        engine::EngineConfig {
+            me: cfg.device_id(),
+            learn: cfg.access_learn,
+            share: cfg.access_share,
+            prefetch: cfg.prefetch,
+            user_key: mesh.derive_key(log::USER_KEY_CONTEXT),
+            users: cfg.users.clone(),
+            // Rounds of 4 steps of 24 windows: about 0.1 s of one core
+            // each here, so an open waits little behind one.
+            gru: rnn::GruConfig {
+                capacity: cfg.gru_vocabulary,
+                train_every: 0,
+                steps: 4,
+                batch: 24,
+                ..Default::default()
+            },
+            model_dir: data_dir.join("model"),
+            max_events: cfg.access_log_max_events,
+            max_age_ms: cfg.access_log_days.saturating_mul(86_400_000),
+            plan: temperature::PlanConfig::default(),
+            half_life_ms: 6 * 3600 * 1000,
+        },
+        store.clone(),
+        engine::Outputs {
+            publish: Box::new(move |b| publisher.publish_access(b)),
+            plans: plans_tx,
+        },
+    )
+    .map_err(|e| Error::io("starting the prediction thread", e))?;
+    let (inbox_tx, mut inbox) = tokio::sync::mpsc::channel(256);
+    let inbox_engine = engine.clone();
+    let m = mesh.clone();
+    tokio::spawn(async move {
+        if m.set_access_inbox(inbox_tx).await.is_err() {
+            return;
+        }
+        while let Some((from, bytes)) = inbox.recv().await {
+            inbox_engine.remote(from, bytes);
+        }
+    });
+    fs.set_access_sink(Arc::new(AccessSink {
+        engine: engine.clone(),
+        ledger: ledger.clone(),
+    }));
+    if cfg.prefetch {
+        let limit = cache_limit(cfg, data_dir);
+        tokio::spawn(fetch::run(
+            fs.clone(),
+            store.clone(),
+            replica.clone(),
+            mesh.clone(),
+            ledger.clone(),
+            fetch::Budget {
+                rate_bytes_s: cfg.prefetch_rate_kib.saturating_mul(1024),
+                max_unused: (limit as f64 * cfg.prefetch_cache_share) as u64,
+                cache_limit: limit,
+            },
+            plans_rx,
+        ));
+    }
+    Ok(Prefetch {
+        engine,
+        thread: std::sync::Mutex::new(Some(thread)),
+        ledger,
+    })
 }
 
 /// Runs the daemon until unmount or a signal. `ready` is called once with
@@ -391,7 +498,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         control::bind(&data_dir.join(SOCKET_FILE))?
     };
     let bootstrap = mesh_state.members.len() == 1;
-    let (mesh, replica) = {
+    let (mesh, replica, prefetch) = {
         let _in_runtime = rt.enter();
         let holdings_fs = fs.clone();
         let holdings_store = store.clone();
@@ -455,12 +562,21 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         // A restarted device may lack content committed while it was away.
         replicate_now.notify_one();
         fs.set_replica(Arc::new(replica.clone()));
+        let ledger = Arc::new(crate::prefetch::fetch::Ledger::default());
         fs.set_remote(Arc::new(MeshChunks {
             mesh: mesh.clone(),
             replica: replica.clone(),
             rt: rt.handle().clone(),
+            ledger: ledger.clone(),
         }));
-        (mesh, replica)
+        let prefetch = if cfg.access_learn {
+            Some(start_prefetch(
+                &cfg, data_dir, &store, &fs, &mesh, &replica, ledger,
+            )?)
+        } else {
+            None
+        };
+        (mesh, replica, prefetch)
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -503,6 +619,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         replica,
         mountpoint,
         started: Instant::now(),
+        prefetch,
     });
     Ok((node, mounted, lock, rt, listener))
 }
@@ -522,6 +639,8 @@ struct MeshChunks {
     mesh: MeshClient,
     replica: Replica,
     rt: tokio::runtime::Handle,
+    /// Told of every read that waits on the network (prefetch yields).
+    ledger: Arc<crate::prefetch::fetch::Ledger>,
 }
 
 impl crate::fs::RemoteChunks for MeshChunks {
@@ -532,6 +651,7 @@ impl crate::fs::RemoteChunks for MeshChunks {
         }
         let (mesh, hash) = (self.mesh.clone(), *hash);
         let authority = self.replica.authority(ino);
+        let _waiting = self.ledger.foreground();
         self.rt.block_on(async move {
             let nearest = mesh.nearest_devices().await.map_err(|e| e.to_string())?;
             let holders = crate::replicate::authority_first(nearest, authority, mesh.device());
@@ -647,6 +767,12 @@ fn shutdown(node: &Node, unmount: bool) {
     if let Err(e) = node.fs.commit_all() {
         tracing::error!(error = %e, "some writes could not be committed at shutdown");
     }
+    if let Some(p) = &node.prefetch {
+        // Stores the last events and checkpoints the model.
+        if let Some(t) = crate::lock(&p.thread).take() {
+            p.engine.stop(t);
+        }
+    }
     node.store.wait_background();
     if let Err(e) = node.store.flush() {
         tracing::error!(error = %e, "flushing the database failed");
@@ -700,6 +826,90 @@ pub fn offline_remove_device(data_dir: &Path, name: &str) -> Result<(), Error> {
 /// of several devices, chunks not stored here are normal (they live on
 /// other devices) and cannot be checked without the daemon: they are
 /// counted, not reported as missing.
+/// Writes the access log to `out` as contract trace lines (oldest first):
+/// resources by their current path inside the mesh ("/(deleted)/N" when
+/// gone), devices by name, users by their anonymized hash. Returns how many
+/// events it wrote.
+pub fn write_trace(
+    store: &RocksStore,
+    meta: &MetaState,
+    data_dir: &Path,
+    out: &mut dyn std::io::Write,
+) -> Result<u64, Error> {
+    let paths = meta.paths();
+    let names: std::collections::HashMap<DeviceId, String> = match MeshState::exists(data_dir) {
+        true => MeshState::load(data_dir)?
+            .members
+            .iter()
+            .map(|m| (m.device, m.name.clone()))
+            .collect(),
+        false => Default::default(),
+    };
+    let mut n = 0u64;
+    let mut failed: Option<std::io::Error> = None;
+    store.access_scan(|bytes| {
+        if failed.is_some() {
+            return;
+        }
+        let Ok(e) = crate::prefetch::log::decode(bytes) else {
+            return;
+        };
+        let t = crate::prefetch::trace::TraceEvent {
+            ts_ms: e.ts_ms,
+            device: names
+                .get(&e.device)
+                .cloned()
+                .unwrap_or_else(|| e.device.to_hex()),
+            user: e.user.to_hex(),
+            path: paths
+                .get(&e.resource)
+                .cloned()
+                .unwrap_or_else(|| format!("/(deleted)/{}", e.resource.0)),
+            size: e.size,
+        };
+        let r = serde_json::to_writer(&mut *out, &t)
+            .map_err(std::io::Error::other)
+            .and_then(|_| out.write_all(b"\n"));
+        match r {
+            Ok(()) => n += 1,
+            Err(e) => failed = Some(e),
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(Error::io("writing the trace", e));
+    }
+    out.flush().map_err(|e| Error::io("writing the trace", e))?;
+    Ok(n)
+}
+
+/// `meshfs trace export` without a daemon: straight from the data dir.
+pub fn offline_trace(data_dir: &Path, out: &mut dyn std::io::Write) -> Result<u64, Error> {
+    Config::load(data_dir)?;
+    let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;
+    let (store, meta) = open_state(data_dir)?;
+    write_trace(&store, &meta, data_dir, out)
+}
+
+/// `meshfs trace export` with the daemon running: it writes the trace to a
+/// file in the data dir (0600) and the CLI streams it, so that a large log
+/// never has to fit in one control-socket reply.
+pub fn export_trace_file(node: &Node) -> Result<(PathBuf, u64), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = node.data_dir.join("trace-export.jsonl");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    let mut w = std::io::BufWriter::new(f);
+    let n = node
+        .fs
+        .with_meta(|m| write_trace(&node.store, m, &node.data_dir, &mut w))?;
+    Ok((path, n))
+}
+
 pub fn offline_check(data_dir: &Path) -> Result<crate::storage::CheckReport, Error> {
     Config::load(data_dir)?;
     let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;

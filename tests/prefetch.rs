@@ -125,3 +125,128 @@ fn bad_traces_and_arguments_get_one_line_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap refuses --top 0");
 }
+
+#[macro_use]
+mod common;
+
+use common::Device;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn prefetch(d: &Device) -> serde_json::Value {
+    d.status_json()["prefetch"].clone()
+}
+
+fn count(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+/// Reads every file in order, as a workflow would, with a pause between
+/// files (the time a person or a build spends on each).
+fn walk(d: &Device, files: &[String], pause: Duration) {
+    for f in files {
+        let data = std::fs::read(d.path(f)).unwrap();
+        assert_eq!(data.len(), 200_000, "{f}");
+        std::thread::sleep(pause);
+    }
+}
+
+/// A workflow done on alpha is repeated on bravo (prefetch on) and on
+/// charlie (prefetch off). With one copy of each file (replicas = 1, on
+/// alpha), every open elsewhere needs the network unless something fetched
+/// the file first: bravo's opens are served locally because it learned the
+/// sequence from alpha's shared access events; charlie's are not.
+#[test]
+fn a_workflow_repeated_on_another_device_is_served_from_its_cache() {
+    require_root!();
+    let mut a = Device::init("alpha");
+    a.set_config("replicas", "1");
+    a.mount();
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    b.set_config("replicas", "1");
+    b.mount();
+    let mut c = Device::join("charlie", &a.invite("10m"));
+    c.set_config("replicas", "1");
+    c.set_config("prefetch", "false");
+    c.mount();
+    for d in [&a, &b, &c] {
+        d.wait_connected(&["alpha", "bravo", "charlie"], LIMIT);
+    }
+    std::fs::create_dir(a.path("work")).unwrap();
+    let files: Vec<String> = (0..24).map(|i| format!("work/step{i:02}.dat")).collect();
+    for (i, f) in files.iter().enumerate() {
+        std::fs::write(a.path(f), common::bytes(200_000, 900 + i as u64)).unwrap();
+    }
+    for _ in 0..3 {
+        walk(&a, &files, Duration::ZERO);
+    }
+    // Alpha's events reach both other devices (creates + 3 walks).
+    let deadline = Instant::now() + LIMIT;
+    for d in [&b, &c] {
+        while count(&prefetch(d), "remote_events") < 3 * 24 {
+            assert!(
+                Instant::now() < deadline,
+                "{} never got alpha's events: {}",
+                d.name,
+                prefetch(d)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    walk(&b, &files, Duration::from_millis(150));
+    walk(&c, &files, Duration::from_millis(150));
+    let (pb, pc) = (prefetch(&b), prefetch(&c));
+    eprintln!("bravo (prefetch on): {pb}\ncharlie (prefetch off): {pc}");
+    // Charlie fetched every file on demand; bravo most from its cache.
+    assert_eq!(count(&pc, "hits"), 0, "{pc}");
+    assert!(count(&pc, "misses") >= 23, "{pc}");
+    assert!(
+        count(&pb, "hits") >= 16,
+        "bravo served too few opens locally: {pb}"
+    );
+    assert!(count(&pb, "misses") <= 8, "{pb}");
+    assert!(count(&pb, "prefetched_bytes") >= 16 * 200_000, "{pb}");
+    assert_eq!(count(&pb, "rejected_batches"), 0, "{pb}");
+
+    // The exported trace names alpha's walk in order, with paths.
+    let out = meshfs()
+        .args(["trace", "export", "--data-dir"])
+        .arg(b.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = meshfs::prefetch::trace::read(&out.stdout[..]).unwrap();
+    let alpha_walk: Vec<&str> = events
+        .iter()
+        .filter(|e| e.device == "alpha" && e.size == 200_000)
+        .map(|e| e.path.as_str())
+        .collect();
+    assert_eq!(
+        alpha_walk.len(),
+        3 * 24,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(alpha_walk[1], "/work/step01.dat");
+    assert!(
+        events.iter().any(|e| e.device == "bravo"),
+        "bravo's own opens are logged"
+    );
+    let users: std::collections::HashSet<&str> = events.iter().map(|e| e.user.as_str()).collect();
+    assert_eq!(
+        users.len(),
+        1,
+        "root on every device is one mesh user: {users:?}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("root"),
+        "user names never appear"
+    );
+    drop((a, b, c));
+}

@@ -351,7 +351,7 @@ fn a_small_cache_evicts_cached_copies_but_never_below_replicas() {
     a.mount();
     let mut b = Device::join("bravo", &a.invite("10m"));
     // Bravo keeps at most 1 MiB beyond what it must hold.
-    set_config(&b, "cache_limit_mb", "1");
+    b.set_config("cache_limit_mb", "1");
     b.mount();
     let mut c = Device::join("charlie", &a.invite("10m"));
     c.mount();
@@ -403,8 +403,8 @@ fn two_devices_with_one_down_still_read_but_refuse_writes() {
     a.mount();
     let mut b = Device::join("bravo", &a.invite("10m"));
     // Short waits so that the test does not sit through the defaults.
-    set_config(&b, "write_timeout_ms", "1500");
-    set_config(&b, "read_wait_ms", "300");
+    b.set_config("write_timeout_ms", "1500");
+    b.set_config("read_wait_ms", "300");
     b.mount();
     b.wait_connected(&["alpha", "bravo"], LIMIT);
     wait_voters(&a, 2);
@@ -474,23 +474,6 @@ fn a_removed_device_leaves_the_voters() {
 }
 
 /// Sets one key of `d`'s config.toml (before it mounts).
-fn set_config(d: &Device, key: &str, value: &str) {
-    let path = d.data_dir().join("config.toml");
-    let text = fs::read_to_string(&path).unwrap();
-    let mut lines: Vec<String> = text
-        .lines()
-        .filter(|l| !l.starts_with(&format!("{key} =")))
-        .map(String::from)
-        .collect();
-    // Top-level keys go before any table.
-    let at = lines
-        .iter()
-        .position(|l| l.starts_with('['))
-        .unwrap_or(lines.len());
-    lines.insert(at, format!("{key} = {value}"));
-    fs::write(&path, lines.join("\n") + "\n").unwrap();
-}
-
 #[test]
 fn losing_a_device_for_good_restores_the_copy_count() {
     require_root!();

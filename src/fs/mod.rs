@@ -179,6 +179,9 @@ struct Handle {
     file: Arc<Mutex<OpenFile>>,
     append: bool,
     writable: bool,
+    /// Set until the handle's first read, which reports whether the file was
+    /// already here (the prefetcher's hit or miss).
+    unread: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct Fs {
@@ -205,6 +208,18 @@ pub struct Fs {
     invalidate: std::sync::OnceLock<Arc<dyn Fn(Invalidate) + Send + Sync>>,
     /// When each file was last opened here (cache eviction is LRU by file).
     last_open: Mutex<HashMap<ResourceId, std::time::Instant>>,
+    /// Where opens and first reads are reported (the access log).
+    access: std::sync::OnceLock<Arc<dyn AccessSink>>,
+}
+
+/// Receives every open through the mount and each handle's first read.
+/// Called on kernel request threads: it must not block (the prefetch side
+/// queues and drops rather than wait).
+pub trait AccessSink: Send + Sync {
+    fn opened(&self, ino: ResourceId, uid: u32, size: u64);
+    /// The first read of a handle on a file with content; `local` when every
+    /// chunk of it was already on this device.
+    fn first_read(&self, ino: ResourceId, local: bool);
 }
 
 /// Something the kernel may have cached that another device changed.
@@ -263,6 +278,7 @@ impl Fs {
             replica: std::sync::OnceLock::new(),
             invalidate: std::sync::OnceLock::new(),
             last_open: Mutex::new(HashMap::new()),
+            access: std::sync::OnceLock::new(),
         };
         // With a replicated namespace, orphans are not ours to drop at
         // start-up: another device may hold them open.
@@ -344,6 +360,38 @@ impl Fs {
     /// The namespace, for the Raft state machine to apply changes to.
     pub fn namespace(&self) -> Arc<RwLock<MetaState>> {
         self.meta.clone()
+    }
+
+    /// Sets where opens and first reads are reported (once).
+    pub fn set_access_sink(&self, sink: Arc<dyn AccessSink>) {
+        let _ = self.access.set(sink);
+    }
+
+    /// `open` by user `uid` through the mount: also reported to the access
+    /// log.
+    pub fn open_as(&self, uid: u32, ino: ResourceId, flags: i32) -> Result<Opened> {
+        let opened = self.open(ino, flags)?;
+        self.report_open(uid, ino);
+        Ok(opened)
+    }
+
+    fn report_open(&self, uid: u32, ino: ResourceId) {
+        if let Some(sink) = self.access.get() {
+            let size = self
+                .read_meta()
+                .get(ino)
+                .and_then(|i| i.content.as_ref().map(|c| c.size))
+                .unwrap_or(0);
+            sink.opened(ino, uid, size);
+        }
+    }
+
+    /// Whether every chunk of the file's committed content is here.
+    fn all_local(&self, content: &crate::meta::Content) -> bool {
+        content
+            .chunks
+            .iter()
+            .all(|c| c.hash.is_zero_run() || self.store.contains(&c.hash).unwrap_or(false))
     }
 
     /// Sets how the kernel is told of changes made elsewhere (once).
@@ -949,6 +997,7 @@ impl Fs {
                 file,
                 append: flags & libc::O_APPEND != 0,
                 writable,
+                unread: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             },
         );
         let keep_cache = {
@@ -971,6 +1020,7 @@ impl Fs {
         let attr = self.create_node(ctx, parent, name, NewNode::File, (mode & 0o7777) as u16)?;
         // O_TRUNC on a brand-new file is a no-op; opening must not fail on it.
         let opened = self.open_with(attr.ino, flags & !libc::O_TRUNC, false)?;
+        self.report_open(ctx.uid, attr.ino);
         Ok((attr, opened))
     }
 
@@ -1004,6 +1054,11 @@ impl Fs {
             let i = meta.get(h.ino).ok_or(MetaError::NotFound)?;
             i.content.clone().unwrap_or_default()
         };
+        if let Some(sink) = self.access.get() {
+            if !content.chunks.is_empty() && h.unread.swap(false, Ordering::Relaxed) {
+                sink.first_read(h.ino, self.all_local(&content));
+            }
+        }
         let n = content.size.saturating_sub(offset).min(size as u64) as usize;
         let mut out = vec![0u8; n];
         read_content(&*self.store, &cache, &content, offset, &mut out)?;

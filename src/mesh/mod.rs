@@ -311,6 +311,37 @@ impl MeshClient {
             .map_err(|_| MeshError::Stopped)
     }
 
+    /// Publishes a batch of access events to every member (best effort: a
+    /// full command queue drops it rather than wait).
+    pub fn publish_access(&self, bytes: Vec<u8>) {
+        if self
+            .tx
+            .try_send(swarm::Command::PublishAccess(bytes))
+            .is_err()
+        {
+            tracing::debug!("access events not published: the mesh is busy");
+        }
+    }
+
+    /// Routes access-event batches from members, with their sender, to
+    /// `inbox` from now on.
+    pub async fn set_access_inbox(
+        &self,
+        inbox: mpsc::Sender<(DeviceId, Vec<u8>)>,
+    ) -> Result<(), MeshError> {
+        self.tx
+            .send(swarm::Command::SetAccessInbox(inbox))
+            .await
+            .map_err(|_| MeshError::Stopped)
+    }
+
+    /// A key derived from the mesh key for `context`: the same on every
+    /// member, useless outside the mesh (the access log hashes user names
+    /// with it).
+    pub fn derive_key(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, &self.mesh_key)
+    }
+
     /// Every current member as (name, device id).
     pub async fn member_devices(&self) -> Result<Vec<(String, DeviceId)>, MeshError> {
         let (members, _) = self.members().await?;

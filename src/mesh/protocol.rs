@@ -33,6 +33,9 @@ pub const MAX_RAFT_FRAME: u32 = 16 << 20;
 /// Gossipsub topics.
 pub const TOPIC_AVAILABILITY: &str = "meshfs/availability/1";
 pub const TOPIC_MEMBERS: &str = "meshfs/members/1";
+/// Batches of anonymized access events (opaque to the mesh: the prefetch
+/// module encodes and validates them).
+pub const TOPIC_ACCESS: &str = "meshfs/access/1";
 /// The join handshake: both sides ephemeral, authenticated by the invite's
 /// secret as pre-shared key.
 pub const JOIN_NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";

@@ -73,6 +73,9 @@ pub(crate) enum Command {
         bytes: Vec<u8>,
     },
     SetRaftInbox(mpsc::Sender<RaftInbound>),
+    /// Publishes a batch of access events on the access topic.
+    PublishAccess(Vec<u8>),
+    SetAccessInbox(mpsc::Sender<(DeviceId, Vec<u8>)>),
 }
 
 #[derive(NetworkBehaviour)]
@@ -113,6 +116,8 @@ pub(crate) struct Actor {
     pending_raft: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, MeshError>>>,
     /// Where Raft requests from members go (set once Raft starts).
     raft_inbox: Option<mpsc::Sender<RaftInbound>>,
+    access_inbox: Option<mpsc::Sender<(DeviceId, Vec<u8>)>>,
+    topic_access: gossipsub::IdentTopic,
     pending_providers: HashMap<kad::QueryId, (oneshot::Sender<Vec<DeviceId>>, HashSet<PeerId>)>,
     outbox: Outbox,
     view: View,
@@ -198,10 +203,12 @@ impl Actor {
             .map_err(|e| MeshError::Listen(format!("{listen}: {e}")))?;
         let topic_avail = gossipsub::IdentTopic::new(protocol::TOPIC_AVAILABILITY);
         let topic_members = gossipsub::IdentTopic::new(protocol::TOPIC_MEMBERS);
+        let topic_access = gossipsub::IdentTopic::new(protocol::TOPIC_ACCESS);
         let b = swarm.behaviour_mut();
         b.gossip
             .subscribe(&topic_avail)
             .and_then(|_| b.gossip.subscribe(&topic_members))
+            .and_then(|_| b.gossip.subscribe(&topic_access))
             .map_err(|e| MeshError::Transport(format!("gossipsub: {e}")))?;
         b.kad.set_mode(Some(kad::Mode::Server));
         let me = state
@@ -222,6 +229,8 @@ impl Actor {
             pending_avail: HashMap::new(),
             pending_raft: HashMap::new(),
             raft_inbox: None,
+            access_inbox: None,
+            topic_access,
             pending_providers: HashMap::new(),
             outbox: Outbox::default(),
             view: View::default(),
@@ -322,6 +331,15 @@ impl Actor {
                 }
             }
             Command::SetRaftInbox(tx) => self.raft_inbox = Some(tx),
+            Command::SetAccessInbox(tx) => self.access_inbox = Some(tx),
+            Command::PublishAccess(bytes) => {
+                let topic = self.topic_access.clone();
+                // No peers subscribed yet (a lone device) is not a failure:
+                // the events are in this device's own log either way.
+                if let Err(e) = self.swarm.behaviour_mut().gossip.publish(topic, bytes) {
+                    tracing::trace!(error = %e, "access events not published");
+                }
+            }
             Command::Respond { channel, resp } => {
                 if self
                     .swarm
@@ -750,9 +768,24 @@ impl Actor {
                     self.on_members(&message.data);
                 } else if message.topic == self.topic_avail.hash() {
                     self.on_announcement(source, &message.data);
+                } else if message.topic == self.topic_access.hash() {
+                    self.on_access(source, message.data);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Hands a batch of access events to the prefetch side, with the device
+    /// that signed it (the batch may only speak for that device). A full
+    /// inbox drops the batch: learning is best effort and must never hold
+    /// up the swarm.
+    fn on_access(&mut self, source: PeerId, data: Vec<u8>) {
+        let (Some(inbox), Some(device)) = (&self.access_inbox, self.device_of(&source)) else {
+            return;
+        };
+        if inbox.try_send((device, data)).is_err() {
+            tracing::debug!(%source, "access events dropped: the prefetch inbox is full");
         }
     }
 

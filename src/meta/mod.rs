@@ -384,6 +384,30 @@ impl MetaState {
         out
     }
 
+    /// One path (from the root, '/'-separated, lossy UTF-8) of every
+    /// reachable inode: the access log's exporter names resources with it.
+    pub fn paths(&self) -> std::collections::HashMap<ResourceId, String> {
+        let mut out = std::collections::HashMap::new();
+        out.insert(ResourceId::ROOT, "/".to_string());
+        let mut queue = std::collections::VecDeque::from([(ResourceId::ROOT, String::new())]);
+        while let Some((dir, prefix)) = queue.pop_front() {
+            let Some(d) = self.dirs.get(&dir) else {
+                continue;
+            };
+            for (name, e) in &d.by_name {
+                if out.contains_key(&e.ino) {
+                    continue;
+                }
+                let path = format!("{prefix}/{}", String::from_utf8_lossy(name));
+                if e.kind == Kind::Dir {
+                    queue.push_back((e.ino, path.clone()));
+                }
+                out.insert(e.ino, path);
+            }
+        }
+        out
+    }
+
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
     }

@@ -337,8 +337,8 @@ impl Lineup {
             .selector
             .entry(stream)
             .or_insert_with(|| vec![Accuracy::default(); candidates.len()]);
+        // Ties go to the later (richer) candidate: max_by keeps the last.
         let best = (0..candidates.len())
-            .rev()
             .max_by(|&a, &b| accs[a].ema.total_cmp(&accs[b].ema))
             .map(|i| candidates[i])
             .unwrap_or(0);

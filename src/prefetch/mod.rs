@@ -16,7 +16,10 @@
 //! Predictors see resources as dense symbols (`Sym`): the harness interns
 //! trace paths, the daemon interns resource ids, so the same code serves both.
 
+pub mod engine;
 pub mod eval;
+pub mod fetch;
+pub mod log;
 
 pub mod predict;
 pub mod rnn;

@@ -20,8 +20,12 @@ use super::{verify, ChunkStore, Pins, StorageError, StoreStats};
 use crate::ids::{ChunkHash, ResourceId};
 use crate::meta::{Changes, Entry, Inode, MetaState, Snapshot};
 
+#[path = "access_log.rs"]
+mod access_log;
+pub use access_log::AccessRecord;
 #[path = "raft_log.rs"]
 mod raft_log;
+use access_log::CF_ACCESS;
 pub use raft_log::Extra;
 use raft_log::CF_RAFT_LOG;
 
@@ -182,7 +186,8 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_REFS, small.clone()),
             ColumnFamilyDescriptor::new(CF_META, small.clone()),
-            ColumnFamilyDescriptor::new(CF_RAFT_LOG, small),
+            ColumnFamilyDescriptor::new(CF_RAFT_LOG, small.clone()),
+            ColumnFamilyDescriptor::new(CF_ACCESS, small),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(db_err)?;
         let store = RocksStore {
@@ -425,7 +430,7 @@ impl RocksStore {
     /// Writes memtables to table files, so a clean shutdown leaves nothing
     /// to replay from the WAL.
     pub fn flush(&self) -> Result<(), StorageError> {
-        for cf in [CF_CHUNKS, CF_REFS, CF_META, CF_RAFT_LOG] {
+        for cf in [CF_CHUNKS, CF_REFS, CF_META, CF_RAFT_LOG, CF_ACCESS] {
             self.db.flush_cf(self.cf(cf)).map_err(db_err)?;
         }
         Ok(())

@@ -56,6 +56,25 @@ impl Device {
         }
     }
 
+    /// Sets one top-level key of the device's config.toml (before any
+    /// table, where TOML wants it); the daemon reads it at its next mount.
+    #[allow(dead_code)]
+    pub fn set_config(&self, key: &str, value: &str) {
+        let path = self.data_dir().join("config.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} =")))
+            .map(String::from)
+            .collect();
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with('['))
+            .unwrap_or(lines.len());
+        lines.insert(at, format!("{key} = {value}"));
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    }
+
     /// A fresh, initialised, not yet mounted device.
     pub fn init(name: &str) -> Self {
         let d = Self::blank(name);

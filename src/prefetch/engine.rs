@@ -1,0 +1,547 @@
+//! The daemon's prediction thread: it records opens in the access log,
+//! shares them with the mesh, learns from every device's events, trains the
+//! GRU in the background and, after each open here, tells the prefetch
+//! executor what to fetch next.
+//!
+//! One std thread owns every predictor (tch tensors and the count tables are
+//! not shared): opens and remote batches arrive over a bounded channel, and a
+//! full channel drops the event rather than hold up a kernel request.
+//! Training runs between messages, a bounded round at a time on this one
+//! thread (libtorch is limited to one thread), so it never takes more than
+//! one core.
+
+use super::log::{self, AccessEvent, UserHash};
+use super::predict::{hit_at, mix, sort_top, Accuracy, LastSuccessor, Markov, Predictor, Ranked};
+use super::rnn::{Gru, GruConfig};
+use super::temperature::{plan, Depth, PlanConfig, Temperature};
+use super::{Interner, Sym};
+use crate::ids::{DeviceId, ResourceId};
+use crate::storage::{AccessRecord, RocksStore};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// History kept per stream.
+const HISTORY: usize = 32;
+/// Events replayed from the stored log at start-up.
+const WARM_START: usize = 100_000;
+/// Observations between GRU training rounds.
+const TRAIN_EVERY: usize = 128;
+/// Training rounds between checkpoints.
+const CHECKPOINT_EVERY: u64 = 10;
+/// Rounds a fresh GRU trains before the selector may choose it.
+const GRU_READY_ROUNDS: u64 = 8;
+/// Contexts the daemon's Markov model keeps (bounds its memory, about
+/// 150 bytes each).
+const MARKOV_CONTEXTS: usize = 300_000;
+const MARKOV_ORDER: usize = 4;
+/// Candidate predictors of the selector, in report order.
+const NAMES: [&str; 4] = ["last-successor", "markov", "gru", "gru+markov"];
+
+pub struct EngineConfig {
+    pub me: DeviceId,
+    pub learn: bool,
+    pub share: bool,
+    pub prefetch: bool,
+    pub user_key: [u8; 32],
+    pub users: BTreeMap<String, String>,
+    pub gru: GruConfig,
+    pub model_dir: PathBuf,
+    pub max_events: usize,
+    pub max_age_ms: u64,
+    pub plan: PlanConfig,
+    pub half_life_ms: u64,
+}
+
+/// What the executor should fetch for this device's latest open; a new plan
+/// supersedes the previous one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub items: Vec<(ResourceId, Depth)>,
+}
+
+enum Msg {
+    Open {
+        ino: ResourceId,
+        uid: u32,
+        size: u64,
+    },
+    Remote {
+        from: DeviceId,
+        bytes: Vec<u8>,
+    },
+    Stop,
+}
+
+/// Figures for `meshfs status`.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub local_events: AtomicU64,
+    pub remote_events: AtomicU64,
+    pub dropped_events: AtomicU64,
+    pub rejected_batches: AtomicU64,
+    pub report: Mutex<ModelReport>,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ModelReport {
+    /// The predictor the selector used for this device's last open.
+    pub selected: String,
+    /// Recent top-1 accuracy of each predictor over all streams.
+    pub accuracy: BTreeMap<String, f32>,
+    pub gru_state: String,
+    pub gru_rounds: u64,
+    pub gru_loss: Option<f32>,
+    pub gru_round_ms: f32,
+    pub vocabulary: usize,
+    pub resources: usize,
+    pub markov_contexts: usize,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Msg>,
+    pub stats: Arc<EngineStats>,
+}
+
+impl EngineHandle {
+    fn send(&self, m: Msg) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(m) {
+            self.stats.dropped_events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An open through the mount (never blocks).
+    pub fn opened(&self, ino: ResourceId, uid: u32, size: u64) {
+        self.send(Msg::Open { ino, uid, size });
+    }
+
+    /// A batch of access events gossiped by `from`.
+    pub fn remote(&self, from: DeviceId, bytes: Vec<u8>) {
+        self.send(Msg::Remote { from, bytes });
+    }
+
+    /// Checkpoints the model and ends the thread (waits for it).
+    pub fn stop(&self, thread: std::thread::JoinHandle<()>) {
+        let _ = self.tx.send(Msg::Stop);
+        let _ = thread.join();
+    }
+}
+
+/// Where the engine's output goes.
+pub struct Outputs {
+    /// Publishes an encoded batch of this device's events to the mesh.
+    pub publish: Box<dyn Fn(Vec<u8>) + Send>,
+    pub plans: tokio::sync::mpsc::Sender<Plan>,
+}
+
+pub fn start(
+    cfg: EngineConfig,
+    store: Arc<RocksStore>,
+    out: Outputs,
+) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = sync_channel(4096);
+    let stats = Arc::new(EngineStats::default());
+    let st = stats.clone();
+    let thread = std::thread::Builder::new()
+        .name("meshfs-prefetch".into())
+        .spawn(move || Engine::new(cfg, store, out, st).run(rx))?;
+    Ok((EngineHandle { tx, stats }, thread))
+}
+
+type StreamKey = (DeviceId, UserHash);
+
+struct Engine {
+    cfg: EngineConfig,
+    store: Arc<RocksStore>,
+    out: Outputs,
+    stats: Arc<EngineStats>,
+    syms: Interner<ResourceId>,
+    streams: HashMap<StreamKey, Vec<Sym>>,
+    last: LastSuccessor,
+    markov: Markov,
+    gru: Option<Gru>,
+    /// Rounds the current GRU has trained (0 after a fresh start or a lost
+    /// checkpoint: the selector waits for `GRU_READY_ROUNDS`).
+    gru_rounds: u64,
+    per_stream: HashMap<StreamKey, [Accuracy; 4]>,
+    overall: [Accuracy; 4],
+    temperature: Temperature,
+    sizes: HashMap<Sym, u64>,
+    seq: u64,
+    to_store: Vec<AccessRecord>,
+    to_publish: Vec<AccessEvent>,
+    last_publish: Instant,
+    last_trim: Instant,
+    since_train: usize,
+    rounds_since_checkpoint: u64,
+    user_names: HashMap<u32, UserHash>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Engine {
+    fn new(
+        cfg: EngineConfig,
+        store: Arc<RocksStore>,
+        out: Outputs,
+        stats: Arc<EngineStats>,
+    ) -> Self {
+        let mut syms = Interner::new();
+        let mut state = "learning".to_string();
+        let mut gru_rounds = 0;
+        let gru = if cfg.learn {
+            match Gru::load::<u64>(cfg.gru, &cfg.model_dir, |k| syms.intern(&ResourceId(k))) {
+                Ok(g) => {
+                    tracing::info!(dir = %cfg.model_dir.display(), "loaded the prediction model checkpoint");
+                    gru_rounds = GRU_READY_ROUNDS;
+                    Some(g)
+                }
+                Err(e) => {
+                    if cfg.model_dir.join("gru.ot").exists()
+                        || cfg.model_dir.join("gru.vocab").exists()
+                    {
+                        tracing::warn!(error = %e, "prediction model checkpoint unusable; predicting with the Markov model until a new one has trained");
+                        state = "fallback to markov: checkpoint unusable, retraining".into();
+                    } else {
+                        tracing::info!(
+                            "no prediction model checkpoint yet; a new model starts learning"
+                        );
+                    }
+                    match Gru::new(cfg.gru) {
+                        Ok(g) => Some(g),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the GRU could not start; predicting with the Markov model");
+                            state = format!("off: {e}");
+                            None
+                        }
+                    }
+                }
+            }
+        } else {
+            state = "off (access_learn = false)".into();
+            None
+        };
+        if let Ok(mut r) = stats.report.lock() {
+            r.gru_state = state;
+        }
+        Engine {
+            temperature: Temperature::new(cfg.half_life_ms),
+            store,
+            out,
+            stats,
+            syms,
+            streams: HashMap::new(),
+            last: LastSuccessor::default(),
+            markov: Markov::new(MARKOV_ORDER, MARKOV_CONTEXTS),
+            gru,
+            gru_rounds,
+            per_stream: HashMap::new(),
+            overall: Default::default(),
+            sizes: HashMap::new(),
+            // Unique across restarts without storing a counter.
+            seq: now_ms().saturating_mul(1000),
+            to_store: Vec::new(),
+            to_publish: Vec::new(),
+            last_publish: Instant::now(),
+            last_trim: Instant::now() - Duration::from_secs(3600),
+            since_train: 0,
+            rounds_since_checkpoint: 0,
+            user_names: HashMap::new(),
+            cfg,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        if self.cfg.learn {
+            self.warm_start();
+        }
+        loop {
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(Msg::Open { ino, uid, size }) => self.on_open(ino, uid, size),
+                Ok(Msg::Remote { from, bytes }) => self.on_remote(from, &bytes),
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => self.refresh_report(),
+            }
+            self.flush(false);
+            self.maybe_train();
+            self.maybe_trim();
+        }
+        self.flush(true);
+        self.checkpoint();
+    }
+
+    /// Learns from the stored log (every device's events) without
+    /// predicting: the daemon starts where it left off.
+    fn warm_start(&mut self) {
+        let t = Instant::now();
+        let records = match self.store.access_recent(WARM_START) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the access log; learning starts empty");
+                return;
+            }
+        };
+        let mut n = 0;
+        for bytes in records {
+            match log::decode(&bytes) {
+                Ok(e) => {
+                    self.ingest(&e, false, false);
+                    n += 1;
+                }
+                Err(e) => tracing::debug!(error = %e, "skipping a stored access event"),
+            }
+        }
+        self.since_train = 0;
+        // A fresh GRU learns the stored log now, a little at a time.
+        tracing::info!(
+            events = n,
+            ms = t.elapsed().as_millis() as u64,
+            "access log replayed into the predictors"
+        );
+    }
+
+    fn user(&mut self, uid: u32) -> UserHash {
+        if let Some(u) = self.user_names.get(&uid) {
+            return *u;
+        }
+        let local = log::local_user_name(uid);
+        let mesh_user = self.cfg.users.get(&local).cloned().unwrap_or(local);
+        let h = UserHash::of(&self.cfg.user_key, &mesh_user);
+        self.user_names.insert(uid, h);
+        h
+    }
+
+    fn on_open(&mut self, ino: ResourceId, uid: u32, size: u64) {
+        if !self.cfg.learn {
+            return;
+        }
+        self.seq += 1;
+        let e = AccessEvent {
+            resource: ino,
+            device: self.cfg.me,
+            seq: self.seq,
+            user: self.user(uid),
+            ts_ms: log::coarse(now_ms()),
+            size,
+        };
+        self.stats.local_events.fetch_add(1, Ordering::Relaxed);
+        self.to_store.push(AccessRecord {
+            ts_ms: e.ts_ms,
+            origin: e.origin(),
+            seq: e.seq,
+            value: log::encode(&e),
+        });
+        if self.cfg.share {
+            self.to_publish.push(e.clone());
+        }
+        self.ingest(&e, true, self.cfg.prefetch);
+    }
+
+    fn on_remote(&mut self, from: DeviceId, bytes: &[u8]) {
+        if !self.cfg.learn {
+            return;
+        }
+        let events = match log::decode_batch(bytes, from) {
+            Ok(e) => e,
+            Err(e) => {
+                self.stats.rejected_batches.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(device = %from, error = %e, "access events refused");
+                return;
+            }
+        };
+        for e in events {
+            self.stats.remote_events.fetch_add(1, Ordering::Relaxed);
+            self.to_store.push(AccessRecord {
+                ts_ms: e.ts_ms,
+                origin: e.origin(),
+                seq: e.seq,
+                value: log::encode(&e),
+            });
+            self.ingest(&e, true, false);
+        }
+    }
+
+    fn gru_ready(&self) -> bool {
+        self.gru.is_some() && self.gru_rounds >= GRU_READY_ROUNDS
+    }
+
+    /// Every candidate's prediction after `history`, in `NAMES` order.
+    fn predictions(&mut self, history: &[Sym], top: usize) -> [Ranked; 4] {
+        let ls = self.last.predict(history, top);
+        let mk = self.markov.predict(history, top);
+        let (g, m) = match self.gru.as_mut() {
+            Some(gru) => {
+                let g = gru.predict(history, top);
+                let m = mix(&g, self.overall[2].ema, &mk, self.overall[1].ema, top);
+                (g, m)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        [ls, mk, g, m]
+    }
+
+    /// Scores the predictors on `e` (when `score`), learns it, and plans
+    /// prefetches for its stream (when `act`).
+    fn ingest(&mut self, e: &AccessEvent, score: bool, act: bool) {
+        let sym = self.syms.intern(&e.resource);
+        self.sizes.insert(sym, e.size);
+        let key = (e.device, e.user);
+        let history = self.streams.remove(&key).unwrap_or_default();
+        if score && !history.is_empty() {
+            let preds = self.predictions(&history, 5);
+            let accs = self.per_stream.entry(key).or_default();
+            for i in 0..4 {
+                let hit = hit_at(&preds[i], sym, 1);
+                accs[i].record(hit);
+                self.overall[i].record(hit);
+            }
+        }
+        self.last.observe(&history, sym);
+        self.markov.observe(&history, sym);
+        if let Some(g) = self.gru.as_mut() {
+            g.observe(&history, sym);
+        }
+        self.temperature.touch(sym, e.ts_ms);
+        self.since_train += 1;
+        let mut history = history;
+        history.push(sym);
+        if history.len() > HISTORY {
+            history.remove(0);
+        }
+        if act {
+            self.act(key, &history, e.ts_ms);
+        }
+        self.streams.insert(key, history);
+    }
+
+    /// Chooses the predictor with the best recent accuracy for this stream
+    /// and sends the plan for its prediction.
+    fn act(&mut self, key: StreamKey, history: &[Sym], now: u64) {
+        let preds = self.predictions(history, 8);
+        let usable: Vec<usize> = if self.gru_ready() {
+            vec![0, 1, 2, 3]
+        } else {
+            vec![0, 1]
+        };
+        let accs = self.per_stream.get(&key).copied().unwrap_or_default();
+        // Ties go to the later (richer) candidate: max_by keeps the last.
+        let best = usable
+            .iter()
+            .copied()
+            .max_by(|&a, &b| accs[a].ema.total_cmp(&accs[b].ema))
+            .unwrap_or(1);
+        let mut ranked = preds[best].clone();
+        sort_top(&mut ranked, 8);
+        let Some(&current) = history.last() else {
+            return;
+        };
+        let context_heat = self.temperature.heat(current, now);
+        let chosen = plan(
+            &ranked,
+            context_heat,
+            |s| self.temperature.heat(s, now),
+            &self.cfg.plan,
+        );
+        let items: Vec<(ResourceId, Depth)> = chosen
+            .into_iter()
+            .filter(|(s, _)| *s != current && self.sizes.get(s).is_some_and(|n| *n > 0))
+            .filter_map(|(s, d)| self.syms.key(s).map(|r| (*r, d)))
+            .collect();
+        if let Ok(mut r) = self.stats.report.lock() {
+            r.selected = NAMES[best].to_string();
+        }
+        // A full queue means the executor is busy with the previous plan,
+        // which this one supersedes anyway; dropping it is fine.
+        let _ = self.out.plans.try_send(Plan { items });
+    }
+
+    fn flush(&mut self, force: bool) {
+        if !self.to_store.is_empty() {
+            if let Err(e) = self.store.access_put(&self.to_store) {
+                tracing::warn!(error = %e, "could not store access events");
+            }
+            self.to_store.clear();
+        }
+        let due = self.last_publish.elapsed() >= Duration::from_secs(1)
+            || self.to_publish.len() >= log::MAX_BATCH;
+        if !self.to_publish.is_empty() && (due || force) {
+            for batch in self.to_publish.chunks(log::MAX_BATCH) {
+                (self.out.publish)(log::encode_batch(batch));
+            }
+            self.to_publish.clear();
+            self.last_publish = Instant::now();
+        }
+    }
+
+    fn maybe_train(&mut self) {
+        if self.since_train < TRAIN_EVERY {
+            return;
+        }
+        let Some(gru) = self.gru.as_mut() else { return };
+        self.since_train = 0;
+        let t = Instant::now();
+        let loss = gru.train_round();
+        let ms = t.elapsed().as_secs_f32() * 1000.0;
+        self.gru_rounds += 1;
+        self.rounds_since_checkpoint += 1;
+        let vocabulary = gru.vocabulary();
+        let ready = self.gru_ready();
+        if let Ok(mut r) = self.stats.report.lock() {
+            r.gru_rounds = self.gru_rounds;
+            r.gru_loss = loss;
+            r.gru_round_ms = ms;
+            r.vocabulary = vocabulary;
+            if ready && !r.gru_state.starts_with("off") {
+                r.gru_state = "learning".into();
+            }
+        }
+        self.refresh_report();
+        if self.rounds_since_checkpoint >= CHECKPOINT_EVERY {
+            self.checkpoint();
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        let Some(gru) = self.gru.as_ref() else { return };
+        if self.rounds_since_checkpoint == 0 {
+            return;
+        }
+        let syms = &self.syms;
+        match gru.save(&self.cfg.model_dir, |s| syms.key(s).map(|r| r.0)) {
+            Ok(()) => self.rounds_since_checkpoint = 0,
+            Err(e) => tracing::warn!(error = %e, "could not checkpoint the prediction model"),
+        }
+    }
+
+    fn maybe_trim(&mut self) {
+        if self.last_trim.elapsed() < Duration::from_secs(600) {
+            return;
+        }
+        self.last_trim = Instant::now();
+        let min_ts = now_ms().saturating_sub(self.cfg.max_age_ms);
+        if let Err(e) = self.store.access_trim(min_ts, self.cfg.max_events) {
+            tracing::warn!(error = %e, "could not trim the access log");
+        }
+        self.refresh_report();
+    }
+
+    fn refresh_report(&self) {
+        if let Ok(mut r) = self.stats.report.lock() {
+            r.accuracy = NAMES
+                .iter()
+                .zip(self.overall.iter())
+                .map(|(n, a)| (n.to_string(), a.ema))
+                .collect();
+            r.resources = self.syms.len();
+            r.markov_contexts = self.markov.contexts();
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The prefetch executor: fetches what the engine's latest plan names, at
+//! the lowest priority, within a budget, and keeps the ledger behind
+//! `meshfs status`'s prefetch hits, misses and wasted bytes.
+//!
+//! Budget and priority: at most `rate` bytes per second; never more than
+//! `max_unused` bytes of prefetched content not yet opened; never past the
+//! cache limit (prefetching only fills free cache, so it never evicts
+//! anything, let alone what the user opened recently); and it pauses while
+//! a read is waiting on the network. A new plan supersedes the old one:
+//! queued items are dropped and the file being fetched stops at its next
+//! chunk unless the new plan names it too.
+
+use super::engine::Plan;
+use super::temperature::Depth;
+use crate::fs::Fs;
+use crate::ids::{ChunkHash, ResourceId};
+use crate::mesh::MeshClient;
+use crate::raft::Replica;
+use crate::storage::ChunkStore;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Prefetched content not opened within this long counts as wasted.
+const UNUSED_EXPIRY: Duration = Duration::from_secs(3600);
+
+/// Prefetch outcomes, shared by the executor, the filesystem's first-read
+/// reports and `meshfs status`.
+#[derive(Debug)]
+pub struct Ledger {
+    unused: Mutex<HashMap<ResourceId, (u64, Instant)>>,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub wasted_bytes: AtomicU64,
+    pub prefetched_bytes: AtomicU64,
+    pub unused_bytes: AtomicU64,
+    /// Reads waiting on the network right now: prefetching yields to them.
+    foreground: AtomicU64,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            unused: Mutex::default(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            wasted_bytes: AtomicU64::new(0),
+            prefetched_bytes: AtomicU64::new(0),
+            unused_bytes: AtomicU64::new(0),
+            foreground: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Ledger {
+    /// A read starts waiting on the network; it stops when the guard drops.
+    pub fn foreground(&self) -> Foreground<'_> {
+        self.foreground.fetch_add(1, Ordering::Relaxed);
+        Foreground(self)
+    }
+
+    fn foreground_waiting(&self) -> bool {
+        self.foreground.load(Ordering::Relaxed) > 0
+    }
+
+    /// The first read of a handle: a hit when prefetched content served it,
+    /// a miss when it had to go to the network.
+    pub fn first_read(&self, ino: ResourceId, local: bool) {
+        let prefetched = crate::lock(&self.unused).remove(&ino);
+        if let Some((bytes, _)) = prefetched {
+            self.unused_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            if local {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            // Prefetched, then evicted or changed before it was used.
+            self.wasted_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if !local {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn prefetched(&self, ino: ResourceId, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        self.prefetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.unused_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let mut u = crate::lock(&self.unused);
+        let e = u.entry(ino).or_insert((0, Instant::now()));
+        e.0 += bytes;
+        e.1 = Instant::now();
+    }
+
+    /// Prefetched content unopened for too long is counted as wasted (and
+    /// left to the cache's own eviction).
+    fn expire(&self) {
+        let mut u = crate::lock(&self.unused);
+        let mut wasted = 0;
+        u.retain(|_, (bytes, at)| {
+            let keep = at.elapsed() < UNUSED_EXPIRY;
+            if !keep {
+                wasted += *bytes;
+            }
+            keep
+        });
+        self.unused_bytes.fetch_sub(wasted, Ordering::Relaxed);
+        self.wasted_bytes.fetch_add(wasted, Ordering::Relaxed);
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "hits": self.hits.load(Ordering::Relaxed),
+            "misses": self.misses.load(Ordering::Relaxed),
+            "wasted_bytes": self.wasted_bytes.load(Ordering::Relaxed),
+            "prefetched_bytes": self.prefetched_bytes.load(Ordering::Relaxed),
+            "unused_bytes": self.unused_bytes.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A read waiting on the network (see `Ledger::foreground`).
+pub struct Foreground<'a>(&'a Ledger);
+
+impl Drop for Foreground<'_> {
+    fn drop(&mut self) {
+        self.0.foreground.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Budget {
+    pub rate_bytes_s: u64,
+    pub max_unused: u64,
+    pub cache_limit: u64,
+}
+
+/// The work of one planned file: its chunks still to fetch.
+struct Job {
+    ino: ResourceId,
+    chunks: VecDeque<(ChunkHash, u64)>,
+    bytes: u64,
+}
+
+/// The chunks of `ino`'s current content that `depth` asks for and this
+/// device lacks.
+fn missing_chunks(
+    fs: &Fs,
+    store: &dyn ChunkStore,
+    ino: ResourceId,
+    depth: Depth,
+) -> VecDeque<(ChunkHash, u64)> {
+    let chunks: Vec<(ChunkHash, u64)> = fs.with_meta(|m| {
+        m.get(ino)
+            .and_then(|i| i.content.as_ref())
+            .map(|c| c.chunks.iter().map(|r| (r.hash, r.len as u64)).collect())
+            .unwrap_or_default()
+    });
+    let take = match depth {
+        Depth::Head => 1,
+        Depth::Whole => chunks.len(),
+    };
+    chunks
+        .into_iter()
+        .take(take)
+        .filter(|(h, _)| !h.is_zero_run() && !store.contains(h).unwrap_or(true))
+        .collect()
+}
+
+pub async fn run(
+    fs: Arc<Fs>,
+    store: Arc<dyn ChunkStore>,
+    replica: Replica,
+    mesh: MeshClient,
+    ledger: Arc<Ledger>,
+    budget: Budget,
+    mut plans: tokio::sync::mpsc::Receiver<Plan>,
+) {
+    let me = mesh.device();
+    let mut queue: VecDeque<(ResourceId, Depth)> = VecDeque::new();
+    let mut job: Option<Job> = None;
+    let mut last_expire = Instant::now();
+    loop {
+        // Take the newest plan; it supersedes everything queued.
+        let mut newest = None;
+        if job.is_none() && queue.is_empty() {
+            match tokio::time::timeout(Duration::from_secs(30), plans.recv()).await {
+                Ok(Some(p)) => newest = Some(p),
+                Ok(None) => return,
+                Err(_) => {}
+            }
+        }
+        while let Ok(p) = plans.try_recv() {
+            newest = Some(p);
+        }
+        if let Some(p) = newest {
+            if job
+                .as_ref()
+                .is_some_and(|j| !p.items.iter().any(|(i, _)| *i == j.ino))
+            {
+                if let Some(j) = job.take() {
+                    ledger.prefetched(j.ino, j.bytes);
+                }
+            }
+            queue = p
+                .items
+                .into_iter()
+                .filter(|(i, _)| job.as_ref().is_none_or(|j| j.ino != *i))
+                .collect();
+        }
+        if last_expire.elapsed() > Duration::from_secs(30) {
+            ledger.expire();
+            last_expire = Instant::now();
+        }
+        if job.is_none() {
+            let Some((ino, depth)) = queue.pop_front() else {
+                continue;
+            };
+            let chunks = {
+                let (fs, store) = (fs.clone(), store.clone());
+                match tokio::task::spawn_blocking(move || missing_chunks(&fs, &*store, ino, depth))
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(_) => return,
+                }
+            };
+            if chunks.is_empty() {
+                continue;
+            }
+            job = Some(Job {
+                ino,
+                chunks,
+                bytes: 0,
+            });
+        }
+        let Some(j) = job.as_mut() else { continue };
+        let Some(&(hash, len)) = j.chunks.front() else {
+            if let Some(j) = job.take() {
+                ledger.prefetched(j.ino, j.bytes);
+            }
+            continue;
+        };
+        // Lowest priority: a read waiting on the network goes first.
+        if ledger.foreground_waiting() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let used = store.stats().map_or(u64::MAX, |s| s.bytes);
+        if used.saturating_add(len) > budget.cache_limit / 10 * 9
+            || ledger.unused_bytes.load(Ordering::Relaxed) + j.bytes + len > budget.max_unused
+        {
+            tracing::debug!(
+                resource = j.ino.0,
+                "prefetch skipped: no free cache within its share"
+            );
+            if let Some(j) = job.take() {
+                ledger.prefetched(j.ino, j.bytes);
+            }
+            queue.clear();
+            continue;
+        }
+        let holders = crate::replicate::authority_first(
+            mesh.nearest_devices().await.unwrap_or_default(),
+            replica.authority(j.ino),
+            me,
+        );
+        let started = Instant::now();
+        match mesh.fetch_chunk(hash, &holders).await {
+            Ok(data) => {
+                j.chunks.pop_front();
+                j.bytes += data.len() as u64;
+                // Pace to the byte rate.
+                let due =
+                    Duration::from_secs_f64(data.len() as f64 / budget.rate_bytes_s.max(1) as f64);
+                if let Some(rest) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(rest).await;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(resource = j.ino.0, error = %e, "prefetch fetch failed; dropping this item");
+                if let Some(j) = job.take() {
+                    ledger.prefetched(j.ino, j.bytes);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_counts_hits_misses_and_waste() {
+        let l = Ledger::default();
+        l.prefetched(ResourceId(5), 100);
+        l.prefetched(ResourceId(6), 50);
+        l.first_read(ResourceId(5), true);
+        l.first_read(ResourceId(7), false);
+        l.first_read(ResourceId(8), true);
+        l.first_read(ResourceId(6), false);
+        let j = l.json();
+        assert_eq!(j["hits"], 1);
+        assert_eq!(j["misses"], 2);
+        assert_eq!(j["wasted_bytes"], 50);
+        assert_eq!(j["prefetched_bytes"], 150);
+        assert_eq!(j["unused_bytes"], 0);
+    }
+}
