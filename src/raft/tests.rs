@@ -357,7 +357,8 @@ mod cluster {
         let applied = new_leader.raft.metrics().borrow().last_applied.unwrap();
         new_leader
             .raft
-            .wait(Some(Duration::from_secs(5)))
+            // Generous: a loaded 2-core CI machine is slow, not wrong.
+            .wait(Some(Duration::from_secs(30)))
             .snapshot(applied, "snapshot")
             .await
             .unwrap();
