@@ -100,7 +100,7 @@ fn main() {
         seq: i as u64,
         user,
         ts_ms: log::coarse(1_795_000_000_000 + i as u64 * 1000),
-        size: trace[i].size,
+        size: trace[i % trace.len()].size,
     };
     let t = Instant::now();
     for (c, chunk) in syms.chunks(10_000).enumerate() {

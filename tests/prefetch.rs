@@ -250,3 +250,44 @@ fn a_workflow_repeated_on_another_device_is_served_from_its_cache() {
     );
     drop((a, b, c));
 }
+
+/// A damaged model checkpoint does not stop the daemon: it says so in its
+/// log and status, predicts with the Markov model, and learns a new GRU.
+#[test]
+fn a_damaged_model_checkpoint_falls_back_to_markov() {
+    require_root!();
+    let mut a = Device::init("alpha");
+    let model = a.data_dir().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("gru.ot"), b"not a checkpoint").unwrap();
+    std::fs::write(model.join("gru.vocab"), b"\xff\xff\xff").unwrap();
+    a.mount();
+    for i in 0..5 {
+        std::fs::write(a.path(&format!("f{i}")), b"x").unwrap();
+    }
+    for _ in 0..3 {
+        for i in 0..5 {
+            std::fs::read(a.path(&format!("f{i}"))).unwrap();
+        }
+    }
+    let deadline = Instant::now() + LIMIT;
+    let p = loop {
+        // The model report refreshes when the engine is idle.
+        let p = prefetch(&a);
+        if count(&p, "local_events") >= 20
+            && p["model"]["accuracy"]["markov"].as_f64().unwrap_or(0.0) > 0.5
+        {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "{p}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let state = p["model"]["gru_state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(state.contains("fallback"), "{p}");
+    assert!(a.log().contains("checkpoint unusable"), "{}", a.log());
+    assert_eq!(p["model"]["selected"], "markov", "{p}");
+    a.unmount();
+}

@@ -48,7 +48,8 @@ impl Default for EvalOptions {
         Self {
             cache_mb: 256,
             top: 4,
-            prefetch_share: 0.5,
+            // The daemon's default `prefetch_cache_share`.
+            prefetch_share: 0.25,
             half_life_ms: 6 * 3600 * 1000,
             gru: GruConfig::default(),
             plan: PlanConfig::default(),

@@ -217,10 +217,13 @@ impl Accuracy {
     }
 }
 
-/// Mixes two predictions with weights proportional to their recent accuracy
-/// (plus a floor, so a predictor that has never hit still breaks ties).
+/// Mixes two predictions with weights proportional to the square of their
+/// recent accuracy (plus a floor, so a predictor that has never hit still
+/// breaks ties). Squared, so that a predictor that is clearly worse lately
+/// barely dilutes the better one's probabilities (the prefetch plan reads
+/// them as confidence).
 pub fn mix(a: &Ranked, wa: f32, b: &Ranked, wb: f32, top: usize) -> Ranked {
-    let (wa, wb) = (wa + 0.02, wb + 0.02);
+    let (wa, wb) = (wa * wa + 0.001, wb * wb + 0.001);
     let total = wa + wb;
     let mut out: Ranked = Vec::with_capacity(a.len() + b.len());
     for &(s, p) in a {

@@ -87,7 +87,7 @@ impl Default for PlanConfig {
             min_prob: 0.2,
             hot: 0.75,
             cold: 0.05,
-            confident: 0.5,
+            confident: 0.4,
         }
     }
 }
