@@ -141,6 +141,7 @@ fn main() {
         max_age_ms: u64::MAX / 2,
         plan: PlanConfig::default(),
         half_life_ms: 6 * 3600 * 1000,
+        follow_after: None,
     };
     let t = Instant::now();
     let (handle, thread) = engine::start(

@@ -105,6 +105,10 @@ pub struct Config {
     /// Share of `cache_limit_mb` that prefetched, not yet opened content may
     /// take. Prefetching never evicts anything: it only fills free cache.
     pub prefetch_cache_share: f64,
+    /// Seconds after a person's session on another device goes quiet before
+    /// the device they usually move to next from there (learned from the
+    /// access log) fetches what that session would open next. 0: never.
+    pub prefetch_follow_after_s: u64,
     /// Resource slots of the GRU's vocabulary (the out-of-vocabulary bucket
     /// included); the least recently seen resource gives its slot up.
     pub gru_vocabulary: usize,
@@ -145,6 +149,7 @@ impl Default for Config {
             prefetch: true,
             prefetch_rate_kib: 32 * 1024,
             prefetch_cache_share: 0.25,
+            prefetch_follow_after_s: 300,
             gru_vocabulary: 2048,
         }
     }

@@ -369,6 +369,8 @@ fn start_prefetch(
             max_age_ms: cfg.access_log_days.saturating_mul(86_400_000),
             plan: temperature::PlanConfig::default(),
             half_life_ms: 6 * 3600 * 1000,
+            follow_after: (cfg.prefetch_follow_after_s > 0)
+                .then(|| Duration::from_secs(cfg.prefetch_follow_after_s)),
         },
         store.clone(),
         engine::Outputs {

@@ -291,3 +291,69 @@ fn a_damaged_model_checkpoint_falls_back_to_markov() {
     assert_eq!(p["model"]["selected"], "markov", "{p}");
     a.unmount();
 }
+
+/// A person moves from alpha to bravo: once alpha's session goes quiet,
+/// bravo (where they went after alpha before) fetches what that session
+/// would open next, so even bravo's first open of the workflow is local.
+#[test]
+fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
+    require_root!();
+    let mut a = Device::init("alpha");
+    a.set_config("replicas", "1");
+    a.mount();
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    b.set_config("replicas", "1");
+    b.set_config("prefetch_follow_after_s", "1");
+    b.mount();
+    for d in [&a, &b] {
+        d.wait_connected(&["alpha", "bravo"], LIMIT);
+    }
+    std::fs::create_dir(a.path("w")).unwrap();
+    let files: Vec<String> = (0..8).map(|i| format!("w/f{i}.dat")).collect();
+    for (i, f) in files.iter().enumerate() {
+        std::fs::write(a.path(f), common::bytes(200_000, 700 + i as u64)).unwrap();
+    }
+    // A cycle walked on alpha, ending on the last file, then a note written
+    // on bravo: bravo learns that this person moves from alpha to bravo.
+    for _ in 0..3 {
+        walk(&a, &files, Duration::ZERO);
+    }
+    let wait_events = |n: u64| {
+        let deadline = Instant::now() + LIMIT;
+        while count(&prefetch(&b), "remote_events") < n {
+            assert!(Instant::now() < deadline, "{}", prefetch(&b));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_events(3 * 8);
+    std::fs::write(b.path("note"), b"bravo's own").unwrap();
+    // Nothing predicts what follows a new note: bravo fetched nothing.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count(&prefetch(&b), "prefetched_bytes"),
+        0,
+        "{}",
+        prefetch(&b)
+    );
+    // The next session on alpha, then quiet.
+    walk(&a, &files, Duration::ZERO);
+    wait_events(4 * 8);
+    let deadline = Instant::now() + LIMIT;
+    while count(&prefetch(&b), "prefetched_bytes") < 200_000 {
+        assert!(
+            Instant::now() < deadline,
+            "bravo never fetched ahead: {}",
+            prefetch(&b)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = prefetch(&b);
+    std::fs::read(b.path(&files[0])).unwrap();
+    let after = prefetch(&b);
+    assert_eq!(
+        count(&after, "hits"),
+        count(&before, "hits") + 1,
+        "{before}\n{after}"
+    );
+    assert_eq!(count(&after, "misses"), count(&before, "misses"), "{after}");
+}

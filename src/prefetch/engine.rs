@@ -54,6 +54,10 @@ pub struct EngineConfig {
     pub max_age_ms: u64,
     pub plan: PlanConfig,
     pub half_life_ms: u64,
+    /// After a person's session on another device has been quiet this long,
+    /// the device they most often moved to next from there fetches what
+    /// that session would open next (None: never).
+    pub follow_after: Option<Duration>,
 }
 
 /// What the executor should fetch for this device's latest open; a new plan
@@ -179,6 +183,12 @@ struct Engine {
     since_train: usize,
     rounds_since_checkpoint: u64,
     user_names: HashMap<u32, UserHash>,
+    /// Each person's latest event anywhere: its device, when it arrived here,
+    /// and whether its session was already followed.
+    latest: HashMap<UserHash, (DeviceId, Instant, bool)>,
+    /// Per person and device, how often their next event came from each
+    /// other device (a move from desktop to laptop).
+    moves: HashMap<(UserHash, DeviceId), HashMap<DeviceId, u32>>,
 }
 
 fn now_ms() -> u64 {
@@ -255,6 +265,8 @@ impl Engine {
             since_train: 0,
             rounds_since_checkpoint: 0,
             user_names: HashMap::new(),
+            latest: HashMap::new(),
+            moves: HashMap::new(),
             cfg,
         }
     }
@@ -271,6 +283,7 @@ impl Engine {
                 Err(RecvTimeoutError::Timeout) => self.refresh_report(),
             }
             self.flush(false);
+            self.maybe_follow();
             self.maybe_train();
             self.maybe_trim();
         }
@@ -411,6 +424,19 @@ impl Engine {
         }
         self.temperature.touch(sym, e.ts_ms);
         self.since_train += 1;
+        if let Some(&(prev, _, _)) = self.latest.get(&e.user) {
+            if prev != e.device {
+                *self
+                    .moves
+                    .entry((e.user, prev))
+                    .or_default()
+                    .entry(e.device)
+                    .or_default() += 1;
+            }
+        }
+        // Replayed history (score false) is never followed.
+        self.latest
+            .insert(e.user, (e.device, Instant::now(), !score));
         let mut history = history;
         history.push(sym);
         if history.len() > HISTORY {
@@ -420,6 +446,44 @@ impl Engine {
             self.act(key, &history, e.ts_ms);
         }
         self.streams.insert(key, history);
+    }
+
+    /// A person's session elsewhere went quiet: if this is the device they
+    /// most often moved to next from there, fetch what that session would
+    /// open next, so it is here when they sit down (the laptop after the
+    /// desktop). Pull, not push: every device decides for itself.
+    fn maybe_follow(&mut self) {
+        let Some(after) = self.cfg.follow_after else {
+            return;
+        };
+        if !self.cfg.prefetch {
+            return;
+        }
+        let me = self.cfg.me;
+        let due: Vec<(UserHash, DeviceId)> = self
+            .latest
+            .iter()
+            .filter(|(_, (d, at, followed))| *d != me && !*followed && at.elapsed() >= after)
+            .map(|(u, (d, _, _))| (*u, *d))
+            .collect();
+        for (user, from) in due {
+            if let Some(l) = self.latest.get_mut(&user) {
+                l.2 = true;
+            }
+            let next = self
+                .moves
+                .get(&(user, from))
+                .and_then(|m| m.iter().max_by_key(|(d, n)| (**n, **d)).map(|(d, _)| *d));
+            if next != Some(me) {
+                continue;
+            }
+            let Some(history) = self.streams.get(&(from, user)).cloned() else {
+                continue;
+            };
+            tracing::debug!(device = %from, "a session elsewhere went quiet; fetching its continuation here");
+            let now = log::coarse(now_ms());
+            self.act((from, user), &history, now);
+        }
     }
 
     /// Chooses the predictor with the best recent accuracy for this stream
