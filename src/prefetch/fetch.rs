@@ -13,7 +13,7 @@
 use super::engine::Plan;
 use super::temperature::Depth;
 use crate::fs::Fs;
-use crate::ids::{ChunkHash, ResourceId};
+use crate::ids::{ChunkHash, DeviceId, ResourceId};
 use crate::mesh::MeshClient;
 use crate::raft::Replica;
 use crate::storage::ChunkStore;
@@ -128,6 +128,43 @@ impl Drop for Foreground<'_> {
     fn drop(&mut self) {
         self.0.foreground.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// What the executor knows of a device when it picks where to fetch from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    pub id: DeviceId,
+    pub up: bool,
+    /// Round trip, milliseconds (None: not measured yet).
+    pub rtt_ms: Option<f64>,
+    /// Chunk requests it is serving or queueing (its last announcement).
+    pub busy: u32,
+    /// Chunks it sent that failed verification (its record here).
+    pub bad_chunks: u64,
+}
+
+/// Where to fetch a predicted file from, best first: its authority, then
+/// the devices that are up, by proximity (round trip) weighed by how busy
+/// they are and how often they sent damaged chunks. No device's own reads
+/// wait for a guess, so a busy device is asked last. Pure.
+pub fn rank_sources(
+    sources: &[Source],
+    authority: Option<DeviceId>,
+    me: DeviceId,
+) -> Vec<DeviceId> {
+    let cost = |s: &Source| {
+        let rtt = s.rtt_ms.unwrap_or(1000.0).max(0.1);
+        rtt * (1.0 + f64::from(s.busy)) * (1.0 + s.bad_chunks as f64)
+    };
+    let mut up: Vec<&Source> = sources.iter().filter(|s| s.up && s.id != me).collect();
+    up.sort_by(|a, b| cost(a).total_cmp(&cost(b)).then(a.id.cmp(&b.id)));
+    let mut out: Vec<DeviceId> = authority.filter(|a| *a != me).into_iter().collect();
+    out.extend(
+        up.into_iter()
+            .map(|s| s.id)
+            .filter(|d| Some(*d) != authority),
+    );
+    out
 }
 
 pub struct Budget {
@@ -291,6 +328,38 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_rank_authority_then_near_idle_and_reliable() {
+        let d = |n: u8| DeviceId([n; 16]);
+        let s = |n: u8, rtt: f64, busy: u32, bad: u64| Source {
+            id: d(n),
+            up: true,
+            rtt_ms: Some(rtt),
+            busy,
+            bad_chunks: bad,
+        };
+        let sources = vec![
+            s(1, 1.0, 0, 0),  // me
+            s(2, 10.0, 0, 0), // far, idle
+            s(3, 1.0, 0, 0),  // near, idle
+            s(4, 1.0, 30, 0), // near, very busy
+            s(5, 1.0, 0, 40), // near, sent damaged chunks
+            Source {
+                up: false,
+                ..s(6, 0.5, 0, 0)
+            },
+        ];
+        assert_eq!(
+            rank_sources(&sources, Some(d(4)), d(1)),
+            vec![d(4), d(3), d(2), d(5)]
+        );
+        assert_eq!(
+            rank_sources(&sources, Some(d(1)), d(1)),
+            vec![d(3), d(2), d(4), d(5)]
+        );
+        assert_eq!(rank_sources(&sources, None, d(1))[0], d(3));
+    }
 
     #[test]
     fn ledger_counts_hits_misses_and_waste() {
