@@ -275,6 +275,8 @@ fn prefetch_status(node: &Node) -> serde_json::Value {
     v["remote_events"] = s.remote_events.load(Relaxed).into();
     v["dropped_events"] = s.dropped_events.load(Relaxed).into();
     v["rejected_batches"] = s.rejected_batches.load(Relaxed).into();
+    v["duplicate_events"] = s.duplicate_events.load(Relaxed).into();
+    v["resent_events"] = s.resent_events.load(Relaxed).into();
     v["model"] = serde_json::to_value(&*crate::lock(&s.report)).unwrap_or_default();
     v
 }

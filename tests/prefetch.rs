@@ -358,3 +358,60 @@ fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
     );
     assert_eq!(count(&after, "misses"), count(&before, "misses"), "{after}");
 }
+
+/// Gossip reaches only devices that are up; a device that was away gets the
+/// events it missed when it is back, from each origin's answer to its log
+/// digest.
+#[test]
+fn a_device_that_was_away_catches_up_on_the_access_log() {
+    require_root!();
+    let mut a = Device::init("alpha");
+    a.mount();
+    let mut b = Device::join("bravo", &a.invite("10m"));
+    b.mount();
+    // Charlie keeps the quorum while bravo is away.
+    let mut c = Device::join("charlie", &a.invite("10m"));
+    c.mount();
+    for d in [&a, &b, &c] {
+        d.wait_connected(&["alpha", "bravo", "charlie"], LIMIT);
+    }
+    b.unmount();
+    for i in 0..5 {
+        std::fs::write(a.path(&format!("f{i}")), b"x").unwrap();
+    }
+    for _ in 0..2 {
+        for i in 0..5 {
+            std::fs::read(a.path(&format!("f{i}"))).unwrap();
+        }
+    }
+    b.mount();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&prefetch(&b), "remote_events") < 15 {
+        assert!(
+            Instant::now() < deadline,
+            "bravo never caught up: {}\nalpha: {}",
+            prefetch(&b),
+            prefetch(&a)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        count(&prefetch(&a), "resent_events") >= 15,
+        "{}",
+        prefetch(&a)
+    );
+    // Exported from bravo: alpha's reads while bravo was away, in order.
+    let out = meshfs()
+        .args(["trace", "export", "--data-dir"])
+        .arg(b.data_dir())
+        .output()
+        .unwrap();
+    let events = meshfs::prefetch::trace::read(&out.stdout[..]).unwrap();
+    let reads: Vec<&str> = events
+        .iter()
+        .filter(|e| e.device == "alpha")
+        .map(|e| e.path.as_str())
+        .collect();
+    assert_eq!(reads.len(), 15, "{reads:?}");
+    assert_eq!(&reads[5..10], ["/f0", "/f1", "/f2", "/f3", "/f4"]);
+}

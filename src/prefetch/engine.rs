@@ -38,6 +38,12 @@ const GRU_READY_ROUNDS: u64 = 8;
 /// 150 bytes each).
 const MARKOV_CONTEXTS: usize = 300_000;
 const MARKOV_ORDER: usize = 4;
+/// How often this device publishes its log digest (anti-entropy).
+const DIGEST_EVERY: Duration = Duration::from_secs(10);
+/// Most of its own events a device sends again for one digest.
+const RESEND_MAX: usize = 10_000;
+/// Most stored events scanned to find them.
+const RESEND_SCAN: usize = 500_000;
 /// Candidate predictors of the selector, in report order.
 const NAMES: [&str; 4] = ["last-successor", "markov", "gru", "gru+markov"];
 
@@ -87,6 +93,10 @@ pub struct EngineStats {
     pub remote_events: AtomicU64,
     pub dropped_events: AtomicU64,
     pub rejected_batches: AtomicU64,
+    /// Events received again that this device already had.
+    pub duplicate_events: AtomicU64,
+    /// Own events sent again because a digest showed a device missed them.
+    pub resent_events: AtomicU64,
     pub report: Mutex<ModelReport>,
 }
 
@@ -189,6 +199,11 @@ struct Engine {
     /// Per person and device, how often their next event came from each
     /// other device (a move from desktop to laptop).
     moves: HashMap<(UserHash, DeviceId), HashMap<DeviceId, u32>>,
+    /// Which events of each device (this one too) are in the log.
+    received: HashMap<DeviceId, log::Received>,
+    last_digest: Instant,
+    /// When each device was last sent events again (at most every 10 s).
+    resent_to: HashMap<DeviceId, Instant>,
 }
 
 fn now_ms() -> u64 {
@@ -267,6 +282,9 @@ impl Engine {
             user_names: HashMap::new(),
             latest: HashMap::new(),
             moves: HashMap::new(),
+            received: HashMap::new(),
+            last_digest: Instant::now(),
+            resent_to: HashMap::new(),
             cfg,
         }
     }
@@ -283,6 +301,7 @@ impl Engine {
                 Err(RecvTimeoutError::Timeout) => self.refresh_report(),
             }
             self.flush(false);
+            self.maybe_digest();
             self.maybe_follow();
             self.maybe_train();
             self.maybe_trim();
@@ -306,6 +325,7 @@ impl Engine {
         for bytes in records {
             match log::decode(&bytes) {
                 Ok(e) => {
+                    self.received.entry(e.device).or_default().accept(e.seq);
                     self.ingest(&e, false, false);
                     n += 1;
                 }
@@ -313,6 +333,12 @@ impl Engine {
             }
         }
         self.since_train = 0;
+        // Own numbering continues where the log ends, so that other devices
+        // see no gap (a device whose own events are all gone starts afresh
+        // from the clock, and the next resend closes that gap).
+        if let Some(r) = self.received.get(&self.cfg.me) {
+            self.seq = r.latest();
+        }
         // A fresh GRU learns the stored log now, a little at a time.
         tracing::info!(
             events = n,
@@ -346,6 +372,7 @@ impl Engine {
             size,
         };
         self.stats.local_events.fetch_add(1, Ordering::Relaxed);
+        self.received.entry(e.device).or_default().accept(e.seq);
         self.to_store.push(AccessRecord {
             ts_ms: e.ts_ms,
             origin: e.origin(),
@@ -362,8 +389,13 @@ impl Engine {
         if !self.cfg.learn {
             return;
         }
-        let events = match log::decode_batch(bytes, from) {
-            Ok(e) => e,
+        let (events, settle) = match log::decode_msg(bytes, from) {
+            Ok(log::AccessMsg::Events(e)) => (e, None),
+            Ok(log::AccessMsg::Resend { events, .. }) => {
+                let last = events.last().map(|e| e.seq);
+                (events, last)
+            }
+            Ok(log::AccessMsg::Digest(d)) => return self.on_digest(from, &d),
             Err(e) => {
                 self.stats.rejected_batches.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(device = %from, error = %e, "access events refused");
@@ -371,6 +403,10 @@ impl Engine {
             }
         };
         for e in events {
+            if !self.received.entry(e.device).or_default().accept(e.seq) {
+                self.stats.duplicate_events.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             self.stats.remote_events.fetch_add(1, Ordering::Relaxed);
             self.to_store.push(AccessRecord {
                 ts_ms: e.ts_ms,
@@ -379,6 +415,75 @@ impl Engine {
                 value: log::encode(&e),
             });
             self.ingest(&e, true, false);
+        }
+        // A resend lists every event of its range: what is not in it never
+        // existed (or is given up on), so the frontier moves past it.
+        if let Some(last) = settle {
+            self.received.entry(from).or_default().settle(last);
+        }
+    }
+
+    /// Publishes how far this device's log goes for each origin, so that
+    /// origins can send again what it missed while it was away.
+    fn maybe_digest(&mut self) {
+        if !self.cfg.share || self.last_digest.elapsed() < DIGEST_EVERY {
+            return;
+        }
+        self.last_digest = Instant::now();
+        let mut digest: Vec<(DeviceId, u64)> = self
+            .received
+            .iter()
+            .map(|(d, r)| (*d, r.frontier))
+            .collect();
+        digest.sort();
+        digest.truncate(log::MAX_DIGEST);
+        (self.out.publish)(log::encode_digest(&digest));
+    }
+
+    /// Another device's digest: if it is behind on this device's own
+    /// events, send them again (the newest `RESEND_MAX`, oldest first).
+    fn on_digest(&mut self, from: DeviceId, digest: &[(DeviceId, u64)]) {
+        let me = self.cfg.me;
+        let Some(mine) = self.received.get(&me).map(|r| r.latest()) else {
+            return;
+        };
+        let theirs = digest.iter().find(|(d, _)| *d == me).map_or(0, |(_, s)| *s);
+        if !self.cfg.share || theirs >= mine {
+            return;
+        }
+        if self
+            .resent_to
+            .get(&from)
+            .is_some_and(|t| t.elapsed() < DIGEST_EVERY)
+        {
+            return;
+        }
+        self.resent_to.insert(from, Instant::now());
+        let mut missing: Vec<AccessEvent> = Vec::new();
+        let mut scanned = 0usize;
+        let scan = self.store.access_scan_newest(|bytes| {
+            scanned += 1;
+            if let Ok(e) = log::decode(bytes) {
+                if e.device == me {
+                    if e.seq <= theirs {
+                        return false;
+                    }
+                    missing.push(e);
+                }
+            }
+            missing.len() < RESEND_MAX && scanned < RESEND_SCAN
+        });
+        if let Err(e) = scan {
+            tracing::warn!(error = %e, "could not read the access log to send it again");
+            return;
+        }
+        missing.reverse();
+        tracing::debug!(device = %from, events = missing.len(), "sending access events again");
+        self.stats
+            .resent_events
+            .fetch_add(missing.len() as u64, Ordering::Relaxed);
+        for batch in missing.chunks(log::MAX_BATCH) {
+            (self.out.publish)(log::encode_batch(batch));
         }
     }
 

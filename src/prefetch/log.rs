@@ -66,16 +66,77 @@ pub fn decode(bytes: &[u8]) -> Result<AccessEvent, String> {
     postcard::from_bytes(bytes).map_err(|e| format!("malformed access event: {e}"))
 }
 
-pub fn encode_batch(events: &[AccessEvent]) -> Vec<u8> {
-    postcard::to_allocvec(events).unwrap_or_default()
+/// What travels on the access topic: a device's own events, or a digest of
+/// how far this device's log goes for each origin (anti-entropy: an origin
+/// that sees a digest behind on its events sends them again, so a device
+/// that was offline catches up).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessMsg {
+    Events(Vec<AccessEvent>),
+    /// Per origin, the sequence number up to which this device has every
+    /// event (its frontier).
+    Digest(Vec<(DeviceId, u64)>),
+    /// The sender's own events after `after`, sent again: every event of it
+    /// with a sequence number in (after, last listed] is listed, so the
+    /// receiver's frontier can move past numbers that never existed (a
+    /// restart starts numbering afresh).
+    Resend {
+        after: u64,
+        events: Vec<AccessEvent>,
+    },
 }
 
-/// Decodes a batch gossiped by `sender`. A batch that is malformed, too
+/// Most origins in one digest.
+pub const MAX_DIGEST: usize = 4096;
+
+pub fn encode_batch(events: &[AccessEvent]) -> Vec<u8> {
+    postcard::to_allocvec(&AccessMsg::Events(events.to_vec())).unwrap_or_default()
+}
+
+pub fn encode_resend(after: u64, events: &[AccessEvent]) -> Vec<u8> {
+    postcard::to_allocvec(&AccessMsg::Resend {
+        after,
+        events: events.to_vec(),
+    })
+    .unwrap_or_default()
+}
+
+pub fn encode_digest(digest: &[(DeviceId, u64)]) -> Vec<u8> {
+    postcard::to_allocvec(&AccessMsg::Digest(digest.to_vec())).unwrap_or_default()
+}
+
+/// Decodes a message gossiped by `sender`. A batch that is malformed, too
 /// large, or speaks for another device is refused whole: a device reports
 /// only its own opens.
+pub fn decode_msg(bytes: &[u8], sender: DeviceId) -> Result<AccessMsg, String> {
+    match postcard::from_bytes(bytes).map_err(|e| format!("malformed access message: {e}"))? {
+        AccessMsg::Events(events) => Ok(AccessMsg::Events(check_batch(events, sender)?)),
+        AccessMsg::Resend { after, events } => {
+            let events = check_batch(events, sender)?;
+            if events.windows(2).any(|w| w[0].seq >= w[1].seq)
+                || events.first().is_some_and(|e| e.seq <= after)
+            {
+                return Err("access events sent again out of order".into());
+            }
+            Ok(AccessMsg::Resend { after, events })
+        }
+        AccessMsg::Digest(d) if d.len() > MAX_DIGEST => Err(format!(
+            "access digest of {} origins (at most {MAX_DIGEST})",
+            d.len()
+        )),
+        AccessMsg::Digest(d) => Ok(AccessMsg::Digest(d)),
+    }
+}
+
+/// `decode_msg` for a message that must be a batch of events.
 pub fn decode_batch(bytes: &[u8], sender: DeviceId) -> Result<Vec<AccessEvent>, String> {
-    let events: Vec<AccessEvent> =
-        postcard::from_bytes(bytes).map_err(|e| format!("malformed access batch: {e}"))?;
+    match decode_msg(bytes, sender)? {
+        AccessMsg::Events(e) => Ok(e),
+        _ => Err("expected a batch of access events".into()),
+    }
+}
+
+fn check_batch(events: Vec<AccessEvent>, sender: DeviceId) -> Result<Vec<AccessEvent>, String> {
     if events.len() > MAX_BATCH {
         return Err(format!(
             "access batch of {} events (at most {MAX_BATCH})",
@@ -149,6 +210,21 @@ mod tests {
             .unwrap_err()
             .contains("at most"));
         assert_eq!(decode(&encode(&ev(a, 0))).unwrap(), ev(a, 0));
+        let digest = encode_digest(&[(a, 5), (b, 7)]);
+        assert_eq!(
+            decode_msg(&digest, b).unwrap(),
+            AccessMsg::Digest(vec![(a, 5), (b, 7)])
+        );
+        assert!(decode_batch(&digest, b).is_err());
+        let huge: Vec<_> = (0..MAX_DIGEST + 1).map(|i| (a, i as u64)).collect();
+        assert!(decode_msg(&encode_digest(&huge), b).is_err());
+        let mut e1 = ev(a, 0);
+        e1.seq = 5;
+        let mut e2 = e1.clone();
+        e2.seq = 9;
+        assert!(decode_msg(&encode_resend(4, &[e1.clone(), e2.clone()]), a).is_ok());
+        assert!(decode_msg(&encode_resend(5, &[e1.clone(), e2.clone()]), a).is_err());
+        assert!(decode_msg(&encode_resend(4, &[e2, e1]), a).is_err());
     }
 
     #[test]
@@ -161,5 +237,83 @@ mod tests {
         assert_eq!(local_user_name(0), "root");
         assert_eq!(local_user_name(4_000_000_000), "uid:4000000000");
         assert_eq!(coarse(123_456), 120_000);
+    }
+}
+
+/// Which of one origin's events this device has: every sequence number up
+/// to `frontier`, plus those listed in `ahead` (arrived after a gap). It
+/// starts at 0: whatever an origin logged before the first event seen from
+/// it counts as missing, so a device new to an origin asks for its history
+/// (and the origin's resend settles the numbers that never existed).
+#[derive(Debug, Default, Clone)]
+pub struct Received {
+    pub frontier: u64,
+    ahead: std::collections::BTreeSet<u64>,
+}
+
+/// Out-of-order sequence numbers kept per origin; past it the frontier
+/// jumps to the oldest of them (what is missing is then given up on).
+const MAX_AHEAD: usize = 65_536;
+
+impl Received {
+    /// Records `seq`; false when it was already here (a copy).
+    pub fn accept(&mut self, seq: u64) -> bool {
+        if seq <= self.frontier || !self.ahead.insert(seq) {
+            return false;
+        }
+        self.advance();
+        if self.ahead.len() > MAX_AHEAD {
+            if let Some(&first) = self.ahead.iter().next() {
+                self.frontier = first.saturating_sub(1);
+                self.advance();
+            }
+        }
+        true
+    }
+
+    /// The highest sequence number here.
+    pub fn latest(&self) -> u64 {
+        self.ahead.last().copied().unwrap_or(0).max(self.frontier)
+    }
+
+    /// Every number up to `seq` is accounted for (a resend said so).
+    pub fn settle(&mut self, seq: u64) {
+        if seq > self.frontier {
+            self.frontier = seq;
+            self.ahead = self.ahead.split_off(&(seq + 1));
+            self.advance();
+        }
+    }
+
+    fn advance(&mut self) {
+        while self.ahead.remove(&(self.frontier + 1)) {
+            self.frontier += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod received_tests {
+    use super::Received;
+
+    #[test]
+    fn frontier_moves_over_gaps_once_filled_or_settled() {
+        let mut r = Received::default();
+        assert!(r.accept(1));
+        assert!(r.accept(2));
+        assert!(!r.accept(2));
+        assert!(r.accept(4));
+        assert_eq!((r.frontier, r.latest()), (2, 4));
+        assert!(r.accept(3));
+        assert_eq!(r.frontier, 4);
+        assert!(r.accept(1000));
+        assert_eq!(r.frontier, 4);
+        r.settle(999);
+        assert_eq!(r.frontier, 1000);
+        assert!(!r.accept(500));
+        // An origin first seen mid-way: its earlier history counts as missing.
+        let mut late = Received::default();
+        assert!(late.accept(50));
+        assert_eq!((late.frontier, late.latest()), (0, 50));
     }
 }

@@ -54,6 +54,20 @@ impl RocksStore {
         Ok(out)
     }
 
+    /// Event bodies newest first, handed to `each` until it returns false.
+    pub fn access_scan_newest(
+        &self,
+        mut each: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        for item in self.db.iterator_cf(self.cf(CF_ACCESS), IteratorMode::End) {
+            let (_, v) = item.map_err(db_err)?;
+            if !each(&v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Every event body, oldest first, handed to `each` (export).
     pub fn access_scan(&self, mut each: impl FnMut(&[u8])) -> Result<(), StorageError> {
         for item in self.db.iterator_cf(self.cf(CF_ACCESS), IteratorMode::Start) {
