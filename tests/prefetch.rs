@@ -152,6 +152,28 @@ fn walk(d: &Device, files: &[String], pause: Duration) {
     }
 }
 
+/// Alpha (the founder) and the others joined to it, each with its own
+/// config settings, all mounted and connected to each other.
+fn mesh(devices: &[(&str, &[(&str, &str)])]) -> Vec<Device> {
+    let mut out: Vec<Device> = Vec::new();
+    for (name, settings) in devices {
+        let mut d = match out.first() {
+            None => Device::init(name),
+            Some(founder) => Device::join(name, &founder.invite("10m")),
+        };
+        for (k, v) in settings.iter() {
+            d.set_config(k, v);
+        }
+        d.mount();
+        out.push(d);
+    }
+    let names: Vec<&str> = devices.iter().map(|(n, _)| *n).collect();
+    for d in &out {
+        d.wait_connected(&names, LIMIT);
+    }
+    out
+}
+
 /// A workflow done on alpha is repeated on bravo (prefetch on) and on
 /// charlie (prefetch off). With one copy of each file (replicas = 1, on
 /// alpha), every open elsewhere needs the network unless something fetched
@@ -160,19 +182,17 @@ fn walk(d: &Device, files: &[String], pause: Duration) {
 #[test]
 fn a_workflow_repeated_on_another_device_is_served_from_its_cache() {
     require_root!();
-    let mut a = Device::init("alpha");
-    a.set_config("replicas", "1");
-    a.mount();
-    let mut b = Device::join("bravo", &a.invite("10m"));
-    b.set_config("replicas", "1");
-    b.mount();
-    let mut c = Device::join("charlie", &a.invite("10m"));
-    c.set_config("replicas", "1");
-    c.set_config("prefetch", "false");
-    c.mount();
-    for d in [&a, &b, &c] {
-        d.wait_connected(&["alpha", "bravo", "charlie"], LIMIT);
-    }
+    let one = ("replicas", "1");
+    let mut devices = mesh(&[
+        ("alpha", &[one]),
+        ("bravo", &[one]),
+        ("charlie", &[one, ("prefetch", "false")]),
+    ]);
+    let (c, b, a) = (
+        devices.pop().unwrap(),
+        devices.pop().unwrap(),
+        devices.pop().unwrap(),
+    );
     std::fs::create_dir(a.path("work")).unwrap();
     let files: Vec<String> = (0..24).map(|i| format!("work/step{i:02}.dat")).collect();
     for (i, f) in files.iter().enumerate() {
@@ -298,16 +318,12 @@ fn a_damaged_model_checkpoint_falls_back_to_markov() {
 #[test]
 fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
     require_root!();
-    let mut a = Device::init("alpha");
-    a.set_config("replicas", "1");
-    a.mount();
-    let mut b = Device::join("bravo", &a.invite("10m"));
-    b.set_config("replicas", "1");
-    b.set_config("prefetch_follow_after_s", "2");
-    b.mount();
-    for d in [&a, &b] {
-        d.wait_connected(&["alpha", "bravo"], LIMIT);
-    }
+    let one = ("replicas", "1");
+    let mut devices = mesh(&[
+        ("alpha", &[one]),
+        ("bravo", &[one, ("prefetch_follow_after_s", "2")]),
+    ]);
+    let (b, a) = (devices.pop().unwrap(), devices.pop().unwrap());
     std::fs::create_dir(a.path("w")).unwrap();
     let files: Vec<String> = (0..8).map(|i| format!("w/f{i}.dat")).collect();
     for (i, f) in files.iter().enumerate() {
@@ -365,16 +381,13 @@ fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
 #[test]
 fn a_device_that_was_away_catches_up_on_the_access_log() {
     require_root!();
-    let mut a = Device::init("alpha");
-    a.mount();
-    let mut b = Device::join("bravo", &a.invite("10m"));
-    b.mount();
     // Charlie keeps the quorum while bravo is away.
-    let mut c = Device::join("charlie", &a.invite("10m"));
-    c.mount();
-    for d in [&a, &b, &c] {
-        d.wait_connected(&["alpha", "bravo", "charlie"], LIMIT);
-    }
+    let mut devices = mesh(&[("alpha", &[]), ("bravo", &[]), ("charlie", &[])]);
+    let (_c, mut b, a) = (
+        devices.pop().unwrap(),
+        devices.pop().unwrap(),
+        devices.pop().unwrap(),
+    );
     b.unmount();
     for i in 0..5 {
         std::fs::write(a.path(&format!("f{i}")), b"x").unwrap();

@@ -162,7 +162,17 @@ pub fn start(
     let st = stats.clone();
     let thread = std::thread::Builder::new()
         .name("meshfs-prefetch".into())
-        .spawn(move || Engine::new(cfg, store, out, st).run(rx))?;
+        .spawn(move || {
+            // Learning is background work: below the daemon's request
+            // threads, so training never slows a read or a create. Linux
+            // applies a thread id's nice value to that thread alone.
+            // SAFETY: gettid and setpriority have no memory effects.
+            unsafe {
+                let tid = libc::gettid();
+                libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+            }
+            Engine::new(cfg, store, out, st).run(rx)
+        })?;
     Ok((EngineHandle { tx, stats }, thread))
 }
 
