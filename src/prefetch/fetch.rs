@@ -64,20 +64,19 @@ impl Ledger {
         self.foreground.load(Ordering::Relaxed) > 0
     }
 
-    /// The first read of a handle: a hit when prefetched content served it,
-    /// a miss when it had to go to the network.
+    /// The first read of a handle: a hit when prefetched content made the
+    /// whole file local, a miss when it had to go to the network.
     pub fn first_read(&self, ino: ResourceId, local: bool) {
         let prefetched = crate::lock(&self.unused).remove(&ino);
         if let Some((bytes, _)) = prefetched {
             self.unused_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            if local {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            // Prefetched, then evicted or changed before it was used.
-            self.wasted_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
-        if !local {
+        // Only a whole file here is a hit. A file with only its first chunk
+        // prefetched is a miss, but its prefetched bytes served this first
+        // read, so they are not wasted.
+        if local && prefetched.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        } else if !local {
             self.misses.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -373,7 +372,8 @@ mod tests {
         let j = l.json();
         assert_eq!(j["hits"], 1);
         assert_eq!(j["misses"], 2);
-        assert_eq!(j["wasted_bytes"], 50);
+        // 6 had only its head here: a miss, but nothing wasted.
+        assert_eq!(j["wasted_bytes"], 0);
         assert_eq!(j["prefetched_bytes"], 150);
         assert_eq!(j["unused_bytes"], 0);
     }
