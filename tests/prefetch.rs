@@ -428,3 +428,58 @@ fn a_device_that_was_away_catches_up_on_the_access_log() {
     assert_eq!(reads.len(), 15, "{reads:?}");
     assert_eq!(&reads[5..10], ["/f0", "/f1", "/f2", "/f3", "/f4"]);
 }
+
+/// `access_share = false` keeps a device's log to itself; `access_learn =
+/// false` records and learns nothing.
+#[test]
+fn sharing_and_learning_can_be_switched_off() {
+    require_root!();
+    let mut devices = mesh(&[
+        ("alpha", &[("access_share", "false")]),
+        ("bravo", &[("access_learn", "false")]),
+        ("charlie", &[]),
+    ]);
+    let (c, b, a) = (
+        devices.pop().unwrap(),
+        devices.pop().unwrap(),
+        devices.pop().unwrap(),
+    );
+    for i in 0..4 {
+        std::fs::write(a.path(&format!("a{i}")), b"x").unwrap();
+        std::fs::read(a.path(&format!("a{i}"))).unwrap();
+    }
+    std::fs::write(b.path("b0"), b"x").unwrap();
+    std::fs::write(c.path("c0"), b"x").unwrap();
+    // Charlie's one event reaches alpha; alpha's eight never leave it.
+    let deadline = Instant::now() + LIMIT;
+    while count(&prefetch(&a), "remote_events") < 1 {
+        assert!(Instant::now() < deadline, "{}", prefetch(&a));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(count(&prefetch(&a), "local_events"), 8, "{}", prefetch(&a));
+    assert_eq!(count(&prefetch(&c), "remote_events"), 0, "{}", prefetch(&c));
+    let pb = prefetch(&b);
+    assert_eq!(pb["enabled"], false, "{pb}");
+    assert_eq!(count(&pb, "local_events"), 0, "{pb}");
+    let export = |d: &Device| {
+        let out = meshfs()
+            .args(["trace", "export", "--data-dir"])
+            .arg(d.data_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        meshfs::prefetch::trace::read(&out.stdout[..]).unwrap()
+    };
+    assert!(export(&b).is_empty(), "bravo records nothing");
+    let on_charlie = export(&c);
+    assert!(
+        on_charlie.iter().all(|e| e.device == "charlie"),
+        "{on_charlie:?}"
+    );
+    assert_eq!(export(&a).iter().filter(|e| e.device == "alpha").count(), 8);
+}
