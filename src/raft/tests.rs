@@ -357,9 +357,14 @@ mod cluster {
         let applied = new_leader.raft.metrics().borrow().last_applied.unwrap();
         new_leader
             .raft
-            // Generous: a loaded 2-core CI machine is slow, not wrong.
+            // Generous: a loaded 2-core CI machine is slow, not wrong. The
+            // snapshot may cover more than `applied` (an entry applied
+            // between the trigger and the read above), so wait for at least.
             .wait(Some(Duration::from_secs(30)))
-            .snapshot(applied, "snapshot")
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
+                "snapshot",
+            )
             .await
             .unwrap();
         new_leader
