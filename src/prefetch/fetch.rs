@@ -297,11 +297,22 @@ pub async fn run(
             queue.clear();
             continue;
         }
-        let holders = crate::replicate::authority_first(
-            mesh.nearest_devices().await.unwrap_or_default(),
-            replica.authority(j.ino),
-            me,
-        );
+        let sources: Vec<Source> = match mesh.status().await {
+            Ok(st) => st
+                .devices
+                .iter()
+                .map(|d| Source {
+                    id: d.id,
+                    up: d.up,
+                    rtt_ms: d.rtt_ms,
+                    busy: d.load.active_transfers + d.load.queue_depth,
+                    bad_chunks: d.bad_chunks,
+                })
+                .collect(),
+            // The mesh is gone: the daemon is stopping.
+            Err(_) => return,
+        };
+        let holders = rank_sources(&sources, replica.authority(j.ino), me);
         let started = Instant::now();
         match mesh.fetch_chunk(hash, &holders).await {
             Ok(data) => {

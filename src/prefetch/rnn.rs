@@ -390,10 +390,11 @@ impl Predictor for Gru {
         let slots = self.context_slots(history);
         let (probs, idx) = tch::no_grad(|| {
             let input = Tensor::of_slice(&slots).view([1, slots.len() as i64]);
-            let logits = self
-                .logits(&input)
-                .select(1, slots.len() as i64 - 1)
-                .squeeze_dim(0);
+            // Only the last step's output is needed: the output layer
+            // (hidden x capacity) runs once, not once per step.
+            let (seq, _) = self.rnn.seq(&self.emb.forward(&input));
+            let last = seq.select(1, slots.len() as i64 - 1);
+            let logits = self.out.forward(&last).squeeze_dim(0);
             let probs = (logits + &self.mask).softmax(-1, Kind::Float);
             let k = (top as i64).min(self.slot_of.len() as i64);
             probs.topk(k, -1, true, true)
