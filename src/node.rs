@@ -355,7 +355,7 @@ fn start_prefetch(
             prefetch: cfg.prefetch,
             user_key: mesh.derive_key(log::USER_KEY_CONTEXT),
             users: cfg.users.clone(),
-            // Rounds of 4 steps of 24 windows: about 0.1 s of one core
+            // Rounds of 4 steps of 24 windows: 40-70 ms of one core
             // each here, so an open waits little behind one.
             gru: rnn::GruConfig {
                 capacity: cfg.gru_vocabulary,
