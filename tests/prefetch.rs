@@ -152,6 +152,21 @@ fn walk(d: &Device, files: &[String], pause: Duration) {
     }
 }
 
+/// The device's access log as `meshfs trace export` writes it.
+fn export(d: &Device) -> Vec<meshfs::prefetch::trace::TraceEvent> {
+    let out = meshfs()
+        .args(["trace", "export", "--data-dir"])
+        .arg(d.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    meshfs::prefetch::trace::read(&out.stdout[..]).unwrap()
+}
+
 /// Alpha (the founder) and the others joined to it, each with its own
 /// config settings, all mounted and connected to each other.
 fn mesh(devices: &[(&str, &[(&str, &str)])]) -> Vec<Device> {
@@ -231,28 +246,13 @@ fn a_workflow_repeated_on_another_device_is_served_from_its_cache() {
     assert_eq!(count(&pb, "rejected_batches"), 0, "{pb}");
 
     // The exported trace names alpha's walk in order, with paths.
-    let out = meshfs()
-        .args(["trace", "export", "--data-dir"])
-        .arg(b.data_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let events = meshfs::prefetch::trace::read(&out.stdout[..]).unwrap();
+    let events = export(&b);
     let alpha_walk: Vec<&str> = events
         .iter()
         .filter(|e| e.device == "alpha" && e.size == 200_000)
         .map(|e| e.path.as_str())
         .collect();
-    assert_eq!(
-        alpha_walk.len(),
-        3 * 24,
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_eq!(alpha_walk.len(), 3 * 24, "{events:?}");
     assert_eq!(alpha_walk[1], "/work/step01.dat");
     assert!(
         events.iter().any(|e| e.device == "bravo"),
@@ -265,7 +265,7 @@ fn a_workflow_repeated_on_another_device_is_served_from_its_cache() {
         "root on every device is one mesh user: {users:?}"
     );
     assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("root"),
+        events.iter().all(|e| !format!("{e:?}").contains("root")),
         "user names never appear"
     );
     drop((a, b, c));
@@ -414,12 +414,7 @@ fn a_device_that_was_away_catches_up_on_the_access_log() {
         prefetch(&a)
     );
     // Exported from bravo: alpha's reads while bravo was away, in order.
-    let out = meshfs()
-        .args(["trace", "export", "--data-dir"])
-        .arg(b.data_dir())
-        .output()
-        .unwrap();
-    let events = meshfs::prefetch::trace::read(&out.stdout[..]).unwrap();
+    let events = export(&b);
     let reads: Vec<&str> = events
         .iter()
         .filter(|e| e.device == "alpha")
@@ -462,19 +457,6 @@ fn sharing_and_learning_can_be_switched_off() {
     let pb = prefetch(&b);
     assert_eq!(pb["enabled"], false, "{pb}");
     assert_eq!(count(&pb, "local_events"), 0, "{pb}");
-    let export = |d: &Device| {
-        let out = meshfs()
-            .args(["trace", "export", "--data-dir"])
-            .arg(d.data_dir())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        meshfs::prefetch::trace::read(&out.stdout[..]).unwrap()
-    };
     assert!(export(&b).is_empty(), "bravo records nothing");
     let on_charlie = export(&c);
     assert!(
