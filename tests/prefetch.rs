@@ -152,6 +152,30 @@ fn walk(d: &Device, files: &[String], pause: Duration) {
     }
 }
 
+/// Waits until `d` has received `n` events from other devices.
+fn wait_remote_events(d: &Device, n: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while count(&prefetch(d), "remote_events") < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} got fewer than {n} events from others: {}",
+            d.name,
+            prefetch(d)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `n` files of 200,000 bytes in `dir` on `d`, in workflow order.
+fn workflow_files(d: &Device, dir: &str, n: usize, seed: u64) -> Vec<String> {
+    std::fs::create_dir(d.path(dir)).unwrap();
+    let files: Vec<String> = (0..n).map(|i| format!("{dir}/step{i:02}.dat")).collect();
+    for (i, f) in files.iter().enumerate() {
+        std::fs::write(d.path(f), common::bytes(200_000, seed + i as u64)).unwrap();
+    }
+    files
+}
+
 /// The device's access log as `meshfs trace export` writes it.
 fn export(d: &Device) -> Vec<meshfs::prefetch::trace::TraceEvent> {
     let out = meshfs()
@@ -208,26 +232,13 @@ fn a_workflow_repeated_on_another_device_is_served_from_its_cache() {
         devices.pop().unwrap(),
         devices.pop().unwrap(),
     );
-    std::fs::create_dir(a.path("work")).unwrap();
-    let files: Vec<String> = (0..24).map(|i| format!("work/step{i:02}.dat")).collect();
-    for (i, f) in files.iter().enumerate() {
-        std::fs::write(a.path(f), common::bytes(200_000, 900 + i as u64)).unwrap();
-    }
+    let files = workflow_files(&a, "work", 24, 900);
     for _ in 0..3 {
         walk(&a, &files, Duration::ZERO);
     }
     // Alpha's events reach both other devices (creates + 3 walks).
-    let deadline = Instant::now() + LIMIT;
     for d in [&b, &c] {
-        while count(&prefetch(d), "remote_events") < 3 * 24 {
-            assert!(
-                Instant::now() < deadline,
-                "{} never got alpha's events: {}",
-                d.name,
-                prefetch(d)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_remote_events(d, 3 * 24, LIMIT);
     }
 
     walk(&b, &files, Duration::from_millis(150));
@@ -324,25 +335,14 @@ fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
         ("bravo", &[one, ("prefetch_follow_after_s", "2")]),
     ]);
     let (b, a) = (devices.pop().unwrap(), devices.pop().unwrap());
-    std::fs::create_dir(a.path("w")).unwrap();
-    let files: Vec<String> = (0..8).map(|i| format!("w/f{i}.dat")).collect();
-    for (i, f) in files.iter().enumerate() {
-        std::fs::write(a.path(f), common::bytes(200_000, 700 + i as u64)).unwrap();
-    }
+    let files = workflow_files(&a, "w", 8, 700);
     // A cycle walked on alpha, ending on the last file, then a note written
     // on bravo: bravo learns that this person moves from alpha to bravo.
     for _ in 0..3 {
         walk(&a, &files, Duration::ZERO);
     }
-    let wait_events = |n: u64| {
-        let deadline = Instant::now() + LIMIT;
-        while count(&prefetch(&b), "remote_events") < n {
-            assert!(Instant::now() < deadline, "{}", prefetch(&b));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     // Alpha's 8 creates count as opens too.
-    wait_events(8 + 3 * 8);
+    wait_remote_events(&b, 8 + 3 * 8, LIMIT);
     std::fs::write(b.path("note"), b"bravo's own").unwrap();
     // Nothing predicts what follows a new note: bravo fetched nothing.
     std::thread::sleep(Duration::from_secs(1));
@@ -354,7 +354,7 @@ fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
     );
     // The next session on alpha, then quiet.
     walk(&a, &files, Duration::ZERO);
-    wait_events(8 + 4 * 8);
+    wait_remote_events(&b, 8 + 4 * 8, LIMIT);
     // Events travel in batches a second apart, so a session can look quiet
     // between two of its batches; the follow that counts is the one after
     // the last batch: 2 s of quiet (the setting) and a margin.
@@ -446,11 +446,7 @@ fn sharing_and_learning_can_be_switched_off() {
     std::fs::write(b.path("b0"), b"x").unwrap();
     std::fs::write(c.path("c0"), b"x").unwrap();
     // Charlie's one event reaches alpha; alpha's eight never leave it.
-    let deadline = Instant::now() + LIMIT;
-    while count(&prefetch(&a), "remote_events") < 1 {
-        assert!(Instant::now() < deadline, "{}", prefetch(&a));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_remote_events(&a, 1, LIMIT);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(count(&prefetch(&a), "local_events"), 8, "{}", prefetch(&a));
     assert_eq!(count(&prefetch(&c), "remote_events"), 0, "{}", prefetch(&c));
