@@ -176,6 +176,19 @@ fn workflow_files(d: &Device, dir: &str, n: usize, seed: u64) -> Vec<String> {
     files
 }
 
+/// Five one-byte files f0..f4 created on `d`, then read in order `rounds`
+/// times: 5 + 5 x rounds opens.
+fn small_cycle(d: &Device, rounds: usize) {
+    for i in 0..5 {
+        std::fs::write(d.path(&format!("f{i}")), b"x").unwrap();
+    }
+    for _ in 0..rounds {
+        for i in 0..5 {
+            std::fs::read(d.path(&format!("f{i}"))).unwrap();
+        }
+    }
+}
+
 /// The device's access log as `meshfs trace export` writes it.
 fn export(d: &Device) -> Vec<meshfs::prefetch::trace::TraceEvent> {
     let out = meshfs()
@@ -293,14 +306,7 @@ fn a_damaged_model_checkpoint_falls_back_to_markov() {
     std::fs::write(model.join("gru.ot"), b"not a checkpoint").unwrap();
     std::fs::write(model.join("gru.vocab"), b"\xff\xff\xff").unwrap();
     a.mount();
-    for i in 0..5 {
-        std::fs::write(a.path(&format!("f{i}")), b"x").unwrap();
-    }
-    for _ in 0..3 {
-        for i in 0..5 {
-            std::fs::read(a.path(&format!("f{i}"))).unwrap();
-        }
-    }
+    small_cycle(&a, 3);
     let deadline = Instant::now() + LIMIT;
     let p = loop {
         // The model report refreshes when the engine is idle.
@@ -389,14 +395,7 @@ fn a_device_that_was_away_catches_up_on_the_access_log() {
         devices.pop().unwrap(),
     );
     b.unmount();
-    for i in 0..5 {
-        std::fs::write(a.path(&format!("f{i}")), b"x").unwrap();
-    }
-    for _ in 0..2 {
-        for i in 0..5 {
-            std::fs::read(a.path(&format!("f{i}"))).unwrap();
-        }
-    }
+    small_cycle(&a, 2);
     b.mount();
     let deadline = Instant::now() + Duration::from_secs(60);
     while count(&prefetch(&b), "remote_events") < 15 {
