@@ -204,28 +204,6 @@ fn export(d: &Device) -> Vec<meshfs::prefetch::trace::TraceEvent> {
     meshfs::prefetch::trace::read(&out.stdout[..]).unwrap()
 }
 
-/// Alpha (the founder) and the others joined to it, each with its own
-/// config settings, all mounted and connected to each other.
-fn mesh(devices: &[(&str, &[(&str, &str)])]) -> Vec<Device> {
-    let mut out: Vec<Device> = Vec::new();
-    for (name, settings) in devices {
-        let mut d = match out.first() {
-            None => Device::init(name),
-            Some(founder) => Device::join(name, &founder.invite("10m")),
-        };
-        for (k, v) in settings.iter() {
-            d.set_config(k, v);
-        }
-        d.mount();
-        out.push(d);
-    }
-    let names: Vec<&str> = devices.iter().map(|(n, _)| *n).collect();
-    for d in &out {
-        d.wait_connected(&names, LIMIT);
-    }
-    out
-}
-
 /// A workflow done on alpha is repeated on bravo (prefetch on) and on
 /// charlie (prefetch off). With one copy of each file (replicas = 1, on
 /// alpha), every open elsewhere needs the network unless something fetched
@@ -235,11 +213,14 @@ fn mesh(devices: &[(&str, &[(&str, &str)])]) -> Vec<Device> {
 fn a_workflow_repeated_on_another_device_is_served_from_its_cache() {
     require_root!();
     let one = ("replicas", "1");
-    let mut devices = mesh(&[
-        ("alpha", &[one]),
-        ("bravo", &[one]),
-        ("charlie", &[one, ("prefetch", "false")]),
-    ]);
+    let mut devices = common::mesh(
+        LIMIT,
+        &[
+            ("alpha", &[one]),
+            ("bravo", &[one]),
+            ("charlie", &[one, ("prefetch", "false")]),
+        ],
+    );
     let (c, b, a) = (
         devices.pop().unwrap(),
         devices.pop().unwrap(),
@@ -336,10 +317,13 @@ fn a_damaged_model_checkpoint_falls_back_to_markov() {
 fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
     require_root!();
     let one = ("replicas", "1");
-    let mut devices = mesh(&[
-        ("alpha", &[one]),
-        ("bravo", &[one, ("prefetch_follow_after_s", "2")]),
-    ]);
+    let mut devices = common::mesh(
+        LIMIT,
+        &[
+            ("alpha", &[one]),
+            ("bravo", &[one, ("prefetch_follow_after_s", "2")]),
+        ],
+    );
     let (b, a) = (devices.pop().unwrap(), devices.pop().unwrap());
     let files = workflow_files(&a, "w", 8, 700);
     // A cycle walked on alpha, ending on the last file, then a note written
@@ -388,7 +372,7 @@ fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
 fn a_device_that_was_away_catches_up_on_the_access_log() {
     require_root!();
     // Charlie keeps the quorum while bravo is away.
-    let mut devices = mesh(&[("alpha", &[]), ("bravo", &[]), ("charlie", &[])]);
+    let mut devices = common::mesh(LIMIT, &[("alpha", &[]), ("bravo", &[]), ("charlie", &[])]);
     let (_c, mut b, a) = (
         devices.pop().unwrap(),
         devices.pop().unwrap(),
@@ -397,16 +381,7 @@ fn a_device_that_was_away_catches_up_on_the_access_log() {
     b.unmount();
     small_cycle(&a, 2);
     b.mount();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count(&prefetch(&b), "remote_events") < 15 {
-        assert!(
-            Instant::now() < deadline,
-            "bravo never caught up: {}\nalpha: {}",
-            prefetch(&b),
-            prefetch(&a)
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_remote_events(&b, 15, Duration::from_secs(60));
     assert!(
         count(&prefetch(&a), "resent_events") >= 15,
         "{}",
@@ -428,11 +403,14 @@ fn a_device_that_was_away_catches_up_on_the_access_log() {
 #[test]
 fn sharing_and_learning_can_be_switched_off() {
     require_root!();
-    let mut devices = mesh(&[
-        ("alpha", &[("access_share", "false")]),
-        ("bravo", &[("access_learn", "false")]),
-        ("charlie", &[]),
-    ]);
+    let mut devices = common::mesh(
+        LIMIT,
+        &[
+            ("alpha", &[("access_share", "false")]),
+            ("bravo", &[("access_learn", "false")]),
+            ("charlie", &[]),
+        ],
+    );
     let (c, b, a) = (
         devices.pop().unwrap(),
         devices.pop().unwrap(),

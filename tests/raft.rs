@@ -17,15 +17,8 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// Alpha (founder, first leader), then bravo and charlie joined; all
 /// mounted, connected, and voters.
 fn three() -> (Device, Device, Device) {
-    let mut a = Device::init("alpha");
-    a.mount();
-    let mut b = Device::join("bravo", &a.invite("10m"));
-    b.mount();
-    let mut c = Device::join("charlie", &a.invite("10m"));
-    c.mount();
-    for d in [&a, &b, &c] {
-        d.wait_connected(&["alpha", "bravo", "charlie"], LIMIT);
-    }
+    let mut d = common::mesh(LIMIT, &[("alpha", &[]), ("bravo", &[]), ("charlie", &[])]);
+    let (c, b, a) = (d.pop().unwrap(), d.pop().unwrap(), d.pop().unwrap());
     wait_voters(&a, 3);
     (a, b, c)
 }
@@ -347,17 +340,16 @@ fn cache_bytes(d: &Device) -> u64 {
 #[test]
 fn a_small_cache_evicts_cached_copies_but_never_below_replicas() {
     require_root!();
-    let mut a = Device::init("alpha");
-    a.mount();
-    let mut b = Device::join("bravo", &a.invite("10m"));
     // Bravo keeps at most 1 MiB beyond what it must hold.
-    b.set_config("cache_limit_mb", "1");
-    b.mount();
-    let mut c = Device::join("charlie", &a.invite("10m"));
-    c.mount();
-    for d in [&a, &b, &c] {
-        d.wait_connected(&["alpha", "bravo", "charlie"], LIMIT);
-    }
+    let mut d = common::mesh(
+        LIMIT,
+        &[
+            ("alpha", &[]),
+            ("bravo", &[("cache_limit_mb", "1")]),
+            ("charlie", &[]),
+        ],
+    );
+    let (c, b, mut a) = (d.pop().unwrap(), d.pop().unwrap(), d.pop().unwrap());
     wait_voters(&a, 3);
     let files: Vec<(String, Vec<u8>)> = (0..8)
         .map(|i| (format!("big{i}"), bytes(512 << 10, 90 + i as u64)))
@@ -399,14 +391,10 @@ fn a_small_cache_evicts_cached_copies_but_never_below_replicas() {
 #[test]
 fn two_devices_with_one_down_still_read_but_refuse_writes() {
     require_root!();
-    let mut a = Device::init("alpha");
-    a.mount();
-    let mut b = Device::join("bravo", &a.invite("10m"));
     // Short waits so that the test does not sit through the defaults.
-    b.set_config("write_timeout_ms", "1500");
-    b.set_config("read_wait_ms", "300");
-    b.mount();
-    b.wait_connected(&["alpha", "bravo"], LIMIT);
+    let short = [("write_timeout_ms", "1500"), ("read_wait_ms", "300")];
+    let mut d = common::mesh(LIMIT, &[("alpha", &[]), ("bravo", &short)]);
+    let (b, mut a) = (d.pop().unwrap(), d.pop().unwrap());
     wait_voters(&a, 2);
     let data = bytes(100_000, 5);
     write(&a, "cached", &data);

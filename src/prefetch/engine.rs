@@ -11,7 +11,7 @@
 //! one core.
 
 use super::log::{self, AccessEvent, UserHash};
-use super::predict::{hit_at, mix, sort_top, Accuracy, LastSuccessor, Markov, Predictor, Ranked};
+use super::predict::{hit_at, mix, Accuracy, LastSuccessor, Markov, Predictor, Ranked};
 use super::rnn::{Gru, GruConfig};
 use super::temperature::{plan, Depth, PlanConfig, Temperature};
 use super::{Interner, Sym};
@@ -617,14 +617,14 @@ impl Engine {
             .copied()
             .max_by(|&a, &b| accs[a].ema.total_cmp(&accs[b].ema))
             .unwrap_or(1);
-        let mut ranked = preds[best].clone();
-        sort_top(&mut ranked, 8);
+        // Every prediction is already ranked and cut to 8.
+        let ranked = &preds[best];
         let Some(&current) = history.last() else {
             return;
         };
         let context_heat = self.temperature.heat(current, now);
         let chosen = plan(
-            &ranked,
+            ranked,
             context_heat,
             |s| self.temperature.heat(s, now),
             &self.cfg.plan,

@@ -270,6 +270,8 @@ struct Lineup {
     gru: Option<Gru>,
     acc_gru: Accuracy,
     acc_markov: Accuracy,
+    /// Rows the selector chooses among (`selector_candidates`).
+    candidates: Vec<usize>,
     /// Per stream, per candidate of the selector.
     selector: HashMap<usize, Vec<Accuracy>>,
 }
@@ -301,6 +303,7 @@ impl Lineup {
         };
         names.push("selector".into());
         Ok(Self {
+            candidates: selector_candidates(&names),
             names,
             last: LastSuccessor::default(),
             markov: Markov::new(8, 4 << 20),
@@ -333,7 +336,7 @@ impl Lineup {
             out.push(g);
             out.push((mixed, mix_ns));
         }
-        let candidates = selector_candidates(&self.names);
+        let candidates = &self.candidates;
         let accs = self
             .selector
             .entry(stream)
@@ -349,7 +352,7 @@ impl Lineup {
     }
 
     fn record(&mut self, stream: usize, preds: &[(Ranked, u128)], actual: Sym) {
-        let candidates = selector_candidates(&self.names);
+        let candidates = &self.candidates;
         if let Some(accs) = self.selector.get_mut(&stream) {
             for (i, &row) in candidates.iter().enumerate() {
                 accs[i].record(hit_at(&preds[row].0, actual, 1));

@@ -177,6 +177,8 @@ struct Job {
     ino: ResourceId,
     chunks: VecDeque<(ChunkHash, u64)>,
     bytes: u64,
+    /// Where to fetch from, ranked once when the file's turn comes.
+    holders: Vec<DeviceId>,
 }
 
 /// The chunks of `ino`'s current content that `depth` asks for and this
@@ -265,10 +267,26 @@ pub async fn run(
             if chunks.is_empty() {
                 continue;
             }
+            let sources: Vec<Source> = match mesh.status().await {
+                Ok(st) => st
+                    .devices
+                    .iter()
+                    .map(|d| Source {
+                        id: d.id,
+                        up: d.up,
+                        rtt_ms: d.rtt_ms,
+                        busy: d.load.active_transfers + d.load.queue_depth,
+                        bad_chunks: d.bad_chunks,
+                    })
+                    .collect(),
+                // The mesh is gone: the daemon is stopping.
+                Err(_) => return,
+            };
             job = Some(Job {
                 ino,
                 chunks,
                 bytes: 0,
+                holders: rank_sources(&sources, replica.authority(ino), me),
             });
         }
         let Some(j) = job.as_mut() else { continue };
@@ -297,24 +315,8 @@ pub async fn run(
             queue.clear();
             continue;
         }
-        let sources: Vec<Source> = match mesh.status().await {
-            Ok(st) => st
-                .devices
-                .iter()
-                .map(|d| Source {
-                    id: d.id,
-                    up: d.up,
-                    rtt_ms: d.rtt_ms,
-                    busy: d.load.active_transfers + d.load.queue_depth,
-                    bad_chunks: d.bad_chunks,
-                })
-                .collect(),
-            // The mesh is gone: the daemon is stopping.
-            Err(_) => return,
-        };
-        let holders = rank_sources(&sources, replica.authority(j.ino), me);
         let started = Instant::now();
-        match mesh.fetch_chunk(hash, &holders).await {
+        match mesh.fetch_chunk(hash, &j.holders).await {
             Ok(data) => {
                 j.chunks.pop_front();
                 j.bytes += data.len() as u64;

@@ -288,6 +288,29 @@ impl Device {
     }
 }
 
+/// Alpha (the founder) and the others joined to it, each with its own
+/// config settings, all mounted and connected to each other.
+#[allow(dead_code)]
+pub fn mesh(limit: Duration, devices: &[(&str, &[(&str, &str)])]) -> Vec<Device> {
+    let mut out: Vec<Device> = Vec::new();
+    for (name, settings) in devices {
+        let mut d = match out.first() {
+            None => Device::init(name),
+            Some(founder) => Device::join(name, &founder.invite("10m")),
+        };
+        for (k, v) in settings.iter() {
+            d.set_config(k, v);
+        }
+        d.mount();
+        out.push(d);
+    }
+    let names: Vec<&str> = devices.iter().map(|(n, _)| *n).collect();
+    for d in &out {
+        d.wait_connected(&names, limit);
+    }
+    out
+}
+
 pub fn alive(pid: i32) -> bool {
     // A zombie is dead for our purposes.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
