@@ -340,16 +340,8 @@ fn cache_bytes(d: &Device) -> u64 {
 #[test]
 fn a_small_cache_evicts_cached_copies_but_never_below_replicas() {
     require_root!();
-    // Bravo keeps at most 1 MiB beyond what it must hold.
-    let mut d = common::mesh(
-        LIMIT,
-        &[
-            ("alpha", &[]),
-            ("bravo", &[("cache_limit_mb", "1")]),
-            ("charlie", &[]),
-        ],
-    );
-    let (c, b, mut a) = (d.pop().unwrap(), d.pop().unwrap(), d.pop().unwrap());
+    let mut d = common::mesh(LIMIT, &[("alpha", &[]), ("bravo", &[]), ("charlie", &[])]);
+    let (c, mut b, mut a) = (d.pop().unwrap(), d.pop().unwrap(), d.pop().unwrap());
     wait_voters(&a, 3);
     let files: Vec<(String, Vec<u8>)> = (0..8)
         .map(|i| (format!("big{i}"), bytes(512 << 10, 90 + i as u64)))
@@ -363,6 +355,13 @@ fn a_small_cache_evicts_cached_copies_but_never_below_replicas() {
     }
     let full = cache_bytes(&b);
     assert!(full >= 4 << 20, "bravo holds only {full} bytes");
+    // Only now does bravo get a small cache: at most 1 MiB beyond what it
+    // must hold. (With the limit set from the start, an eviction round
+    // could run in the middle of the reads above on a slow machine.)
+    b.unmount();
+    b.set_config("cache_limit_mb", "1");
+    b.mount();
+    b.wait_connected(&["alpha", "bravo", "charlie"], LIMIT);
     let deadline = Instant::now() + LIMIT;
     while cache_bytes(&b) > full - (512 << 10) {
         assert!(
