@@ -17,7 +17,7 @@ use super::temperature::{plan, Depth, PlanConfig, Temperature};
 use super::{Interner, Sym};
 use crate::ids::{DeviceId, ResourceId};
 use crate::storage::{AccessRecord, RocksStore};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -44,6 +44,12 @@ const DIGEST_EVERY: Duration = Duration::from_secs(10);
 const RESEND_MAX: usize = 10_000;
 /// Most stored events scanned to find them.
 const RESEND_SCAN: usize = 500_000;
+/// Messages taken off the channel ahead of the one being handled, so the
+/// engine knows when it is behind (see `Backlog`).
+const LOOKAHEAD: usize = 256;
+/// Training waits while the engine is behind, but never for more than this
+/// many events: a steady stream of opens must not starve the model.
+const TRAIN_DEFER_MAX: usize = 4 * TRAIN_EVERY;
 /// Candidate predictors of the selector, in report order.
 const NAMES: [&str; 4] = ["last-successor", "markov", "gru", "gru+markov"];
 
@@ -84,6 +90,14 @@ enum Msg {
         bytes: Vec<u8>,
     },
     Stop,
+}
+
+/// How far the engine is behind: messages already waiting after the one
+/// being handled, and how many of those are this device's opens.
+#[derive(Debug, Default, Clone, Copy)]
+struct Backlog {
+    queued: usize,
+    opens: usize,
 }
 
 /// Figures for `meshfs status`.
@@ -214,6 +228,7 @@ struct Engine {
     last_digest: Instant,
     /// When each device was last sent events again (at most every 10 s).
     resent_to: HashMap<DeviceId, Instant>,
+    backlog: Backlog,
 }
 
 fn now_ms() -> u64 {
@@ -295,6 +310,7 @@ impl Engine {
             received: HashMap::new(),
             last_digest: Instant::now(),
             resent_to: HashMap::new(),
+            backlog: Backlog::default(),
             cfg,
         }
     }
@@ -303,12 +319,34 @@ impl Engine {
         if self.cfg.learn {
             self.warm_start();
         }
+        let mut ahead: VecDeque<Msg> = VecDeque::new();
         loop {
-            match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(Msg::Open { ino, uid, size }) => self.on_open(ino, uid, size),
-                Ok(Msg::Remote { from, bytes }) => self.on_remote(from, &bytes),
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => self.refresh_report(),
+            if ahead.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(m) => ahead.push_back(m),
+                    Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => self.refresh_report(),
+                }
+            }
+            while ahead.len() < LOOKAHEAD {
+                match rx.try_recv() {
+                    Ok(m) => ahead.push_back(m),
+                    Err(_) => break,
+                }
+            }
+            let msg = ahead.pop_front();
+            self.backlog = Backlog {
+                queued: ahead.len(),
+                opens: ahead
+                    .iter()
+                    .filter(|m| matches!(m, Msg::Open { .. }))
+                    .count(),
+            };
+            match msg {
+                Some(Msg::Open { ino, uid, size }) => self.on_open(ino, uid, size),
+                Some(Msg::Remote { from, bytes }) => self.on_remote(from, &bytes),
+                Some(Msg::Stop) => break,
+                None => {}
             }
             self.flush(false);
             self.maybe_digest();
@@ -501,11 +539,12 @@ impl Engine {
         self.gru.is_some() && self.gru_rounds >= GRU_READY_ROUNDS
     }
 
-    /// Every candidate's prediction after `history`, in `NAMES` order.
-    fn predictions(&mut self, history: &[Sym], top: usize) -> [Ranked; 4] {
+    /// Every candidate's prediction after `history`, in `NAMES` order; the
+    /// GRU's (and so the mixture's) only when `learned`.
+    fn predictions(&mut self, history: &[Sym], top: usize, learned: bool) -> [Ranked; 4] {
         let ls = self.last.predict(history, top);
         let mk = self.markov.predict(history, top);
-        let (g, m) = match self.gru.as_mut() {
+        let (g, m) = match self.gru.as_mut().filter(|_| learned) {
             Some(gru) => {
                 let g = gru.predict(history, top);
                 let m = mix(&g, self.overall[2].ema, &mk, self.overall[1].ema, top);
@@ -524,9 +563,17 @@ impl Engine {
         let key = (e.device, e.user);
         let history = self.streams.remove(&key).unwrap_or_default();
         if score && !history.is_empty() {
-            let preds = self.predictions(&history, 5);
+            // Behind (a burst of opens): the GRU's prediction is the costly
+            // one (hundreds of µs), so it is scored only on events that find
+            // the engine caught up. Its accuracy is then a sample, not every
+            // event; the count tables still see and score everything.
+            let learned = self.backlog.queued == 0;
+            let preds = self.predictions(&history, 5, learned);
             let accs = self.per_stream.entry(key).or_default();
             for i in 0..4 {
+                if !learned && i >= 2 {
+                    continue;
+                }
                 let hit = hit_at(&preds[i], sym, 1);
                 accs[i].record(hit);
                 self.overall[i].record(hit);
@@ -557,7 +604,9 @@ impl Engine {
         if history.len() > HISTORY {
             history.remove(0);
         }
-        if act {
+        // A plan is superseded by the next open's, so while later opens of
+        // this device wait in the queue, planning for this one is waste.
+        if act && self.backlog.opens == 0 {
             self.act(key, &history, e.ts_ms);
         }
         self.streams.insert(key, history);
@@ -604,7 +653,7 @@ impl Engine {
     /// Chooses the predictor with the best recent accuracy for this stream
     /// and sends the plan for its prediction.
     fn act(&mut self, key: StreamKey, history: &[Sym], now: u64) {
-        let preds = self.predictions(history, 8);
+        let preds = self.predictions(history, 8, true);
         let usable: Vec<usize> = if self.gru_ready() {
             vec![0, 1, 2, 3]
         } else {
@@ -661,7 +710,9 @@ impl Engine {
     }
 
     fn maybe_train(&mut self) {
-        if self.since_train < TRAIN_EVERY {
+        if self.since_train < TRAIN_EVERY
+            || (self.backlog.queued > 0 && self.since_train < TRAIN_DEFER_MAX)
+        {
             return;
         }
         let Some(gru) = self.gru.as_mut() else { return };
@@ -722,5 +773,92 @@ impl Engine {
             r.resources = self.syms.len();
             r.markov_contexts = self.markov.contexts();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prefetch::rnn::GruConfig;
+
+    fn engine(
+        dir: &std::path::Path,
+    ) -> (
+        EngineHandle,
+        std::thread::JoinHandle<()>,
+        tokio::sync::mpsc::Receiver<Plan>,
+    ) {
+        let store = Arc::new(RocksStore::open(&dir.join("db")).expect("store"));
+        let (plans, rx) = tokio::sync::mpsc::channel(1024);
+        let cfg = EngineConfig {
+            me: DeviceId([1; 16]),
+            learn: true,
+            share: false,
+            prefetch: true,
+            user_key: [0; 32],
+            users: Default::default(),
+            gru: GruConfig {
+                capacity: 32,
+                train_every: 0,
+                ..Default::default()
+            },
+            model_dir: dir.join("model"),
+            max_events: 10_000,
+            max_age_ms: u64::MAX / 2,
+            plan: PlanConfig::default(),
+            half_life_ms: 3_600_000,
+            follow_after: None,
+        };
+        let publish: Box<dyn Fn(Vec<u8>) + Send> = Box::new(|_| {});
+        let (h, t) = start(cfg, store, Outputs { publish, plans }).expect("engine thread");
+        (h, t, rx)
+    }
+
+    fn wait_for_events(h: &EngineHandle, n: u64) {
+        let t = Instant::now();
+        while h.stats.local_events.load(Ordering::Relaxed) < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the engine did not take the opens"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Opens that find the engine behind are all learned, but only the last
+    /// of the burst is planned for (each plan supersedes the one before);
+    /// opens that find it caught up are each planned for.
+    #[test]
+    fn a_burst_of_opens_is_learned_in_full_and_planned_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (h, thread, mut plans) = engine(dir.path());
+        let files: Vec<ResourceId> = (1..=4).map(ResourceId).collect();
+        // Sent before the engine has built its model: they queue up.
+        let burst = 400u64;
+        for i in 0..burst {
+            h.opened(files[i as usize % 4], 0, 1000);
+        }
+        wait_for_events(&h, burst);
+        let mut planned = 0;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(300) {
+            while plans.try_recv().is_ok() {
+                planned += 1;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(planned >= 1, "the last open of the burst gets a plan");
+        assert!(
+            planned < burst / 4,
+            "{planned} plans for a burst of {burst} opens"
+        );
+        // Caught up: one plan per open, and it names what comes next.
+        for i in 0..8u64 {
+            h.opened(files[(burst + i) as usize % 4], 0, 1000);
+            let plan = plans.blocking_recv().expect("a plan");
+            let next = files[(burst + i + 1) as usize % 4];
+            assert_eq!(plan.items.first().map(|(r, _)| *r), Some(next));
+        }
+        h.stop(thread);
     }
 }

@@ -105,11 +105,33 @@ impl std::fmt::Debug for Gru {
 
 const MASKED: f64 = -1e9;
 
+/// Debian's libtorch does its matrix products in OpenBLAS, which keeps its
+/// own pool of one worker per core (tch::set_num_threads does not reach
+/// it). Between calls those workers spin in sched_yield: measured in the
+/// daemon, a third of its CPU while files were being created, taken from
+/// the kernel request threads on a 2-core machine, and each small product
+/// paid the hand-off. One thread keeps training on one core, as promised.
+/// Looked up at run time because the symbol exists only when the BLAS
+/// behind libtorch is OpenBLAS (another BLAS is left as it is).
+fn single_threaded_blas() {
+    // SAFETY: dlsym is given a NUL-terminated name. When the symbol exists
+    // it is OpenBLAS's `void openblas_set_num_threads(int)`, so the
+    // transmuted signature matches, and it may be called at any time.
+    unsafe {
+        let f = libc::dlsym(libc::RTLD_DEFAULT, c"openblas_set_num_threads".as_ptr());
+        if !f.is_null() {
+            let set: extern "C" fn(libc::c_int) = std::mem::transmute(f);
+            set(1);
+        }
+    }
+}
+
 impl Gru {
     pub fn new(cfg: GruConfig) -> Result<Self, ModelError> {
         // One thread: single predictions were 30× slower with libtorch's
         // default pool on two busy cores, and training must stay on one core.
         tch::set_num_threads(1);
+        single_threaded_blas();
         tch::manual_seed(cfg.seed as i64);
         let capacity = cfg.capacity.max(2);
         let vs = nn::VarStore::new(Device::Cpu);
