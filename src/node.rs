@@ -515,7 +515,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
             },
             mesh_state,
             store.clone(),
-            Arc::new(move || holdings_fs.with_meta(|m| holdings(m, &*holdings_store))),
+            Arc::new(move || holdings(&holdings_fs, &*holdings_store)),
         )?;
         let replica = rt.block_on(raft::start(
             RaftSettings {
@@ -665,32 +665,33 @@ impl crate::fs::RemoteChunks for MeshChunks {
 }
 
 /// What this device holds, for availability broadcasts: every file with
-/// content whose chunks are all here.
+/// content whose chunks are all here. The namespace lock is held only to
+/// copy what is needed: asking the store about every chunk under it would
+/// hold up every create and commit for the whole listing.
 fn holdings(
-    meta: &MetaState,
+    fs: &Fs,
     store: &dyn crate::storage::ChunkStore,
 ) -> std::collections::BTreeMap<ResourceId, Holding> {
-    meta.files()
-        .into_iter()
-        .filter(|(i, _)| i.size() > 0)
-        .filter(|(i, _)| match &i.content {
-            Some(c) => c
-                .chunks
-                .iter()
-                .all(|r| store.contains(&r.hash).unwrap_or(false)),
-            None => false,
-        })
-        .map(|(i, name)| {
-            (
-                i.id,
-                Holding {
+    let files: Vec<(Holding, Vec<crate::ids::ChunkHash>)> = fs.with_meta(|meta| {
+        meta.files()
+            .into_iter()
+            .filter(|(i, _)| i.size() > 0)
+            .filter_map(|(i, name)| {
+                let c = i.content.as_ref()?;
+                let holding = Holding {
                     resource: i.id,
                     version: i.version(),
                     size: i.size(),
                     kind: mesh::protocol::guess_kind(name).to_string(),
-                },
-            )
-        })
+                };
+                Some((holding, c.chunks.iter().map(|r| r.hash).collect()))
+            })
+            .collect()
+    });
+    files
+        .into_iter()
+        .filter(|(_, hashes)| hashes.iter().all(|h| store.contains(h).unwrap_or(false)))
+        .map(|(h, _)| (h.resource, h))
         .collect()
 }
 

@@ -56,7 +56,8 @@ pub(crate) enum Command {
         channel: ResponseChannel<ChunkResponse>,
         resp: ChunkResponse,
     },
-    Holdings(BTreeMap<ResourceId, Holding>),
+    /// A holdings listing and how long it took.
+    Holdings(BTreeMap<ResourceId, Holding>, Duration),
     Status(oneshot::Sender<MeshStatus>),
     Members(oneshot::Sender<(super::members::Members, Vec<Multiaddr>)>),
     AddMember(Member, oneshot::Sender<Result<(), MeshError>>),
@@ -123,6 +124,8 @@ pub(crate) struct Actor {
     view: View,
     holdings: HoldingsFn,
     holdings_running: bool,
+    /// How long the last holdings listing took (it walks every file).
+    holdings_took: Duration,
     provided: BTreeSet<ResourceId>,
     changed: Arc<Notify>,
     store: Arc<dyn ChunkStore>,
@@ -236,6 +239,7 @@ impl Actor {
             view: View::default(),
             holdings,
             holdings_running: false,
+            holdings_took: Duration::ZERO,
             provided: BTreeSet::new(),
             changed,
             store,
@@ -271,7 +275,7 @@ impl Actor {
                 },
                 _ = announce.tick() => self.refresh_holdings(Duration::ZERO),
                 // A burst of changes (a tar extract) becomes one refresh.
-                _ = changed.notified() => self.refresh_holdings(Duration::from_millis(200)),
+                _ = changed.notified() => self.refresh_holdings(change_delay(self.holdings_took)),
                 _ = redial.tick() => self.redial(),
                 _ = members.tick() => self.publish_members(),
             }
@@ -351,8 +355,9 @@ impl Actor {
                     tracing::debug!("a chunk response found its requester gone");
                 }
             }
-            Command::Holdings(current) => {
+            Command::Holdings(current, took) => {
                 self.holdings_running = false;
+                self.holdings_took = took;
                 self.announce(current);
             }
             Command::Status(reply) => {
@@ -494,9 +499,14 @@ impl Actor {
         let tx = self.cmd_tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            match tokio::task::spawn_blocking(move || f()).await {
-                Ok(h) => {
-                    let _ = tx.send(Command::Holdings(h)).await;
+            match tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                (f(), t.elapsed())
+            })
+            .await
+            {
+                Ok((h, took)) => {
+                    let _ = tx.send(Command::Holdings(h, took)).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "listing holdings failed"),
             }
@@ -1206,9 +1216,27 @@ fn build_behaviour(
     })
 }
 
+/// How long after a local change the holdings are listed again. A listing
+/// walks every file, so on a large namespace changing fast (10,000 creates)
+/// a fixed short delay would keep a core busy listing; this keeps listing
+/// to about a twentieth of the time, and never waits less than 200 ms, so
+/// that a burst of changes is announced once.
+fn change_delay(last_listing: Duration) -> Duration {
+    (last_listing * 20).clamp(Duration::from_millis(200), Duration::from_secs(10))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holdings_are_listed_again_after_a_delay_that_grows_with_the_listing() {
+        let ms = Duration::from_millis;
+        assert_eq!(change_delay(Duration::ZERO), ms(200));
+        assert_eq!(change_delay(ms(5)), ms(200));
+        assert_eq!(change_delay(ms(50)), ms(1000));
+        assert_eq!(change_delay(ms(2000)), Duration::from_secs(10));
+    }
 
     #[test]
     fn a_batch_stays_within_its_byte_budget() {
