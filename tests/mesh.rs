@@ -103,6 +103,13 @@ fn three_devices_join_and_exchange_chunks() {
         assert_eq!(r["chunks"].as_u64(), Some(hashes.len() as u64));
         assert_eq!(std::fs::read(out.path()).unwrap(), data, "{}", d.name);
     }
+    // Bravo measured alpha's answers (source choice weighs them).
+    let tput = device_field(&b, "alpha", "throughput_mib_s");
+    assert!(tput.as_f64().is_some_and(|t| t > 0.0), "throughput {tput}");
+    assert_eq!(
+        device_field(&b, "alpha", "failed_requests").as_u64(),
+        Some(0)
+    );
 
     // Kademlia: charlie finds alpha as a holder through provider records.
     let resource = a

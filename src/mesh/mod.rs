@@ -169,6 +169,10 @@ pub struct DeviceStatus {
     pub up: bool,
     pub rtt_ms: Option<f64>,
     pub bad_chunks: u64,
+    /// How fast its chunk answers arrived here (None: not measured yet).
+    pub throughput_mib_s: Option<f64>,
+    /// Chunk requests to it that failed (timeouts, refusals, cut-offs).
+    pub failed_requests: u64,
     pub holdings: usize,
     pub held_bytes: u64,
     pub load: Load,
@@ -466,15 +470,36 @@ impl MeshClient {
 
     /// Sends one chunk request and waits for its answer, within the fetch
     /// timeout.
+    /// The answer's size and time go into the device's record (throughput,
+    /// failures), which source choice weighs.
     async fn request(&self, device: DeviceId, req: ChunkRequest) -> Result<Vec<Piece>, MeshError> {
         let timeout = self.settings.fetch_timeout;
+        let started = Instant::now();
         let resp = tokio::time::timeout(
             timeout,
             self.ask(|reply| swarm::Command::Fetch { device, req, reply }),
         )
         .await
-        .map_err(|_| MeshError::Timeout(timeout))???;
-        Ok(resp.pieces)
+        .map_err(|_| MeshError::Timeout(timeout))
+        .and_then(|r| r)
+        .and_then(|r| r);
+        let bytes = resp.as_ref().map_or(0, |r| {
+            r.pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Data { bytes, .. } => bytes.len() as u64,
+                    _ => 0,
+                })
+                .sum()
+        });
+        // Best effort: a full command queue loses one observation.
+        let _ = self.tx.try_send(swarm::Command::Transfer {
+            device,
+            bytes,
+            took: started.elapsed(),
+            ok: resp.is_ok(),
+        });
+        Ok(resp?.pieces)
     }
 
     /// Which of `hashes` `device` holds, by asking for one byte of each (16

@@ -63,6 +63,13 @@ pub(crate) enum Command {
     AddMember(Member, oneshot::Sender<Result<(), MeshError>>),
     RemoveMember(String, oneshot::Sender<Result<Member, MeshError>>),
     BadBytes(DeviceId),
+    /// One chunk request to a device finished (see `Peer::observe`).
+    Transfer {
+        device: DeviceId,
+        bytes: u64,
+        took: Duration,
+        ok: bool,
+    },
     FindHolders(ResourceId, oneshot::Sender<Vec<DeviceId>>),
     RaftCall {
         device: DeviceId,
@@ -98,6 +105,32 @@ struct Peer {
     rtt: Option<Duration>,
     /// Chunks this peer sent that failed verification.
     bad_chunks: u64,
+    /// Bytes per second its answers arrived at (moving average over
+    /// answers big enough to measure; None: none yet).
+    throughput: Option<f64>,
+    /// Chunk requests to it that failed: timed out, refused, cut off.
+    failed_requests: u64,
+}
+
+/// Answers smaller than this say more about the round trip than about the
+/// bandwidth, so they do not move the throughput estimate.
+const THROUGHPUT_MIN_BYTES: u64 = 64 << 10;
+
+impl Peer {
+    fn observe(&mut self, bytes: u64, took: Duration, ok: bool) {
+        if !ok {
+            self.failed_requests += 1;
+            return;
+        }
+        if bytes < THROUGHPUT_MIN_BYTES {
+            return;
+        }
+        let rate = bytes as f64 / took.as_secs_f64().max(1e-6);
+        self.throughput = Some(match self.throughput {
+            Some(old) => old * 0.7 + rate * 0.3,
+            None => rate,
+        });
+    }
 }
 
 /// Function giving this device's current holdings (runs on the blocking pool).
@@ -407,6 +440,16 @@ impl Actor {
                 }
                 let _ = reply.send(r);
             }
+            Command::Transfer {
+                device,
+                bytes,
+                took,
+                ok,
+            } => {
+                if let Some(peer) = self.peer_of(device) {
+                    self.peers.entry(peer).or_default().observe(bytes, took, ok);
+                }
+            }
             Command::BadBytes(device) => {
                 if let Some(peer) = self.peer_of(device) {
                     self.peers.entry(peer).or_default().bad_chunks += 1;
@@ -589,6 +632,10 @@ impl Actor {
                         info.and_then(|i| i.rtt).map(|d| d.as_secs_f64() * 1000.0)
                     },
                     bad_chunks: info.map_or(0, |i| i.bad_chunks),
+                    throughput_mib_s: info
+                        .and_then(|i| i.throughput)
+                        .map(|b| b / f64::from(1u32 << 20)),
+                    failed_requests: info.map_or(0, |i| i.failed_requests),
                     holdings: if me {
                         self.outbox.held()
                     } else {
@@ -1228,6 +1275,25 @@ fn change_delay(last_listing: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_record_keeps_throughput_of_large_answers_and_counts_failures() {
+        let mut p = Peer::default();
+        p.observe(1000, Duration::from_millis(1), true);
+        assert_eq!(p.throughput, None, "a small answer measures the round trip");
+        p.observe(1 << 20, Duration::from_millis(100), true);
+        let first = p.throughput.unwrap_or_default();
+        assert!(
+            (first - 10.0 * f64::from(1u32 << 20)).abs() < 1.0,
+            "{first}"
+        );
+        p.observe(1 << 20, Duration::from_millis(10), true);
+        let second = p.throughput.unwrap_or_default();
+        assert!(second > first && second < 100.0 * f64::from(1u32 << 20));
+        p.observe(0, Duration::from_secs(10), false);
+        assert_eq!(p.failed_requests, 1);
+        assert_eq!(p.throughput, Some(second));
+    }
 
     #[test]
     fn holdings_are_listed_again_after_a_delay_that_grows_with_the_listing() {

@@ -140,20 +140,32 @@ pub struct Source {
     pub busy: u32,
     /// Chunks it sent that failed verification (its record here).
     pub bad_chunks: u64,
+    /// Bytes per second its answers arrived at here (None: not measured).
+    pub throughput: Option<f64>,
+    /// Chunk requests to it that failed here.
+    pub failed_requests: u64,
 }
 
+/// The chunk size the cost of a source is reckoned for (FastCDC's average).
+const TYPICAL_CHUNK: f64 = 64.0 * 1024.0;
+
 /// Where to fetch a predicted file from, best first: its authority, then
-/// the devices that are up, by proximity (round trip) weighed by how busy
-/// they are and how often they sent damaged chunks. No device's own reads
-/// wait for a guess, so a busy device is asked last. Pure.
+/// the devices that are up, by the expected time to fetch a chunk (round
+/// trip plus the chunk at the throughput measured from it) weighed by how
+/// busy it is and by its record here (damaged chunks, failed requests).
+/// A device not measured yet is reckoned by its round trip alone, so it
+/// gets tried and measured. No device's own reads wait for a guess, so a
+/// busy device is asked last. Pure.
 pub fn rank_sources(
     sources: &[Source],
     authority: Option<DeviceId>,
     me: DeviceId,
 ) -> Vec<DeviceId> {
     let cost = |s: &Source| {
-        let rtt = s.rtt_ms.unwrap_or(1000.0).max(0.1);
-        rtt * (1.0 + f64::from(s.busy)) * (1.0 + s.bad_chunks as f64)
+        let rtt = s.rtt_ms.unwrap_or(1000.0).max(0.1) / 1000.0;
+        let transfer = s.throughput.map_or(0.0, |b| TYPICAL_CHUNK / b.max(1.0));
+        let record = 1.0 + s.bad_chunks as f64 + s.failed_requests as f64 / 4.0;
+        (rtt + transfer) * (1.0 + f64::from(s.busy)) * record
     };
     let mut up: Vec<&Source> = sources.iter().filter(|s| s.up && s.id != me).collect();
     up.sort_by(|a, b| cost(a).total_cmp(&cost(b)).then(a.id.cmp(&b.id)));
@@ -277,6 +289,8 @@ pub async fn run(
                         rtt_ms: d.rtt_ms,
                         busy: d.load.active_transfers + d.load.queue_depth,
                         bad_chunks: d.bad_chunks,
+                        throughput: d.throughput_mib_s.map(|m| m * f64::from(1u32 << 20)),
+                        failed_requests: d.failed_requests,
                     })
                     .collect(),
                 // The mesh is gone: the daemon is stopping.
@@ -350,6 +364,8 @@ mod tests {
             rtt_ms: Some(rtt),
             busy,
             bad_chunks: bad,
+            throughput: None,
+            failed_requests: 0,
         };
         let sources = vec![
             s(1, 1.0, 0, 0),  // me
@@ -371,6 +387,40 @@ mod tests {
             vec![d(3), d(2), d(4), d(5)]
         );
         assert_eq!(rank_sources(&sources, None, d(1))[0], d(3));
+    }
+
+    #[test]
+    fn sources_rank_by_measured_throughput_and_failed_requests() {
+        let d = |n: u8| DeviceId([n; 16]);
+        let s = |n: u8, rtt: f64, mib_s: Option<f64>, failed: u64| Source {
+            id: d(n),
+            up: true,
+            rtt_ms: Some(rtt),
+            busy: 0,
+            bad_chunks: 0,
+            throughput: mib_s.map(|m| m * 1048576.0),
+            failed_requests: failed,
+        };
+        // Near but on a slow link (1 MiB/s: 62 ms a chunk) against farther
+        // on a fast one (100 MiB/s: 10 ms round trip + 0.6 ms).
+        let slow_near = s(2, 1.0, Some(1.0), 0);
+        let fast_far = s(3, 10.0, Some(100.0), 0);
+        assert_eq!(
+            rank_sources(&[slow_near.clone(), fast_far.clone()], None, d(1)),
+            vec![d(3), d(2)]
+        );
+        // Not measured yet: its round trip decides, so it gets tried.
+        let unmeasured = s(4, 5.0, None, 0);
+        assert_eq!(
+            rank_sources(&[fast_far.clone(), unmeasured], None, d(1))[0],
+            d(4)
+        );
+        // Failed requests push an otherwise equal device back.
+        let flaky = s(5, 10.0, Some(100.0), 8);
+        assert_eq!(
+            rank_sources(&[flaky, fast_far], None, d(1)),
+            vec![d(3), d(5)]
+        );
     }
 
     #[test]
