@@ -89,6 +89,17 @@ fn main() {
             t.elapsed().as_secs_f64() * 1e6 / (n - 15) as f64
         );
     }
+    // Every prediction computed, none remembered: the model's own cost.
+    let t = Instant::now();
+    let n = 2000;
+    for w in syms[20_000..20_000 + n].windows(16) {
+        gru.forget_predictions();
+        std::hint::black_box(gru.predict(w, 8));
+    }
+    println!(
+        "gru prediction, never remembered: {:.1} us per event",
+        t.elapsed().as_secs_f64() * 1e6 / (n - 15) as f64
+    );
     drop((markov, gru));
 
     // Memory at 1M events.

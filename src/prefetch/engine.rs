@@ -50,8 +50,17 @@ const LOOKAHEAD: usize = 256;
 /// Training waits while the engine is behind, but never for more than this
 /// many events: a steady stream of opens must not starve the model.
 const TRAIN_DEFER_MAX: usize = 4 * TRAIN_EVERY;
+/// The most of one core training may take: after a round of d ms the next
+/// waits 3d. Rounds are due every 128 events, so without this a burst of
+/// opens (thousands a second) would train back to back and take a core
+/// from the filesystem; the windows it brings stay buffered and are
+/// sampled by later rounds.
+const TRAIN_DUTY: f64 = 0.25;
 /// Candidate predictors of the selector, in report order.
 const NAMES: [&str; 4] = ["last-successor", "markov", "gru", "gru+markov"];
+/// Preference between candidates of equal accuracy (lower first): the
+/// count tables cost under a microsecond, the GRU hundreds.
+const TIE_RANK: [u8; 4] = [1, 0, 3, 2];
 
 pub struct EngineConfig {
     pub me: DeviceId,
@@ -215,6 +224,8 @@ struct Engine {
     last_publish: Instant,
     last_trim: Instant,
     since_train: usize,
+    /// No training round starts before this (see `TRAIN_DUTY`).
+    train_not_before: Instant,
     rounds_since_checkpoint: u64,
     user_names: HashMap<u32, UserHash>,
     /// Each person's latest event anywhere: its device, when it arrived here,
@@ -303,6 +314,7 @@ impl Engine {
             last_publish: Instant::now(),
             last_trim: Instant::now() - Duration::from_secs(3600),
             since_train: 0,
+            train_not_before: Instant::now(),
             rounds_since_checkpoint: 0,
             user_names: HashMap::new(),
             latest: HashMap::new(),
@@ -558,6 +570,7 @@ impl Engine {
     /// Scores the predictors on `e` (when `score`), learns it, and plans
     /// prefetches for its stream (when `act`).
     fn ingest(&mut self, e: &AccessEvent, score: bool, act: bool) {
+        let new = self.syms.get(&e.resource).is_none();
         let sym = self.syms.intern(&e.resource);
         self.sizes.insert(sym, e.size);
         let key = (e.device, e.user);
@@ -568,10 +581,17 @@ impl Engine {
             // the engine caught up. Its accuracy is then a sample, not every
             // event; the count tables still see and score everything.
             let learned = self.backlog.queued == 0;
-            let preds = self.predictions(&history, 5, learned);
+            // A resource never seen before cannot be anyone's prediction: a
+            // miss for every predictor without asking them (a burst of new
+            // files would otherwise pay a GRU prediction each for nothing).
+            let preds = if new {
+                Default::default()
+            } else {
+                self.predictions(&history, 5, learned)
+            };
             let accs = self.per_stream.entry(key).or_default();
             for i in 0..4 {
-                if !learned && i >= 2 {
+                if !new && !learned && i >= 2 {
                     continue;
                 }
                 let hit = hit_at(&preds[i], sym, 1);
@@ -653,19 +673,27 @@ impl Engine {
     /// Chooses the predictor with the best recent accuracy for this stream
     /// and sends the plan for its prediction.
     fn act(&mut self, key: StreamKey, history: &[Sym], now: u64) {
-        let preds = self.predictions(history, 8, true);
         let usable: Vec<usize> = if self.gru_ready() {
             vec![0, 1, 2, 3]
         } else {
             vec![0, 1]
         };
         let accs = self.per_stream.get(&key).copied().unwrap_or_default();
-        // Ties go to the later (richer) candidate: max_by keeps the last.
+        // Ties go to the cheaper candidate: the GRU is picked only once it
+        // has done better than the count tables on this stream.
         let best = usable
             .iter()
             .copied()
-            .max_by(|&a, &b| accs[a].ema.total_cmp(&accs[b].ema))
+            .max_by(|&a, &b| {
+                accs[a]
+                    .ema
+                    .total_cmp(&accs[b].ema)
+                    .then(TIE_RANK[b].cmp(&TIE_RANK[a]))
+            })
             .unwrap_or(1);
+        // The GRU is asked only when its prediction (or the mixture) is the
+        // one acted on: it is the costly one.
+        let preds = self.predictions(history, 8, best >= 2);
         // Every prediction is already ranked and cut to 8.
         let ranked = &preds[best];
         let Some(&current) = history.last() else {
@@ -712,6 +740,7 @@ impl Engine {
     fn maybe_train(&mut self) {
         if self.since_train < TRAIN_EVERY
             || (self.backlog.queued > 0 && self.since_train < TRAIN_DEFER_MAX)
+            || Instant::now() < self.train_not_before
         {
             return;
         }
@@ -719,7 +748,9 @@ impl Engine {
         self.since_train = 0;
         let t = Instant::now();
         let loss = gru.train_round();
-        let ms = t.elapsed().as_secs_f32() * 1000.0;
+        let took = t.elapsed();
+        self.train_not_before = Instant::now() + took.mul_f64(1.0 / TRAIN_DUTY - 1.0);
+        let ms = took.as_secs_f32() * 1000.0;
         self.gru_rounds += 1;
         self.rounds_since_checkpoint += 1;
         let vocabulary = gru.vocabulary();
