@@ -83,6 +83,13 @@ pub struct Summary {
     pub gru_rounds: usize,
     pub gru_first_loss: Option<f32>,
     pub gru_last_loss: Option<f32>,
+    /// The best any predictor could do: a resource's first open in the
+    /// whole trace was never seen, so no predictor can name it and no
+    /// device can hold it. Top-1 at most this (scored events on resources
+    /// seen before) ...
+    pub top1_ceiling: f64,
+    /// ... and local hit rate at most this (opens of resources seen before).
+    pub local_ceiling: f64,
 }
 
 const COLD_EVENTS: u64 = 2000;
@@ -396,7 +403,9 @@ pub fn evaluate(
         ..opts.plan
     };
 
+    let (mut scored, mut scored_new) = (0u64, 0u64);
     for e in events {
+        let new = paths.get(&e.path).is_none();
         let sym = paths.intern(&e.path);
         let stream = streams.intern(&(e.device.clone(), e.user.clone())) as usize;
         let device = devices.intern(&e.device) as usize;
@@ -413,6 +422,8 @@ pub fn evaluate(
         // Predict, then score (only with history in this stream).
         let history = std::mem::take(&mut histories[stream]);
         if !history.is_empty() {
+            scored += 1;
+            scored_new += new as u64;
             let preds = lineup.predict(stream, &history, top);
             for (t, (ranked, ns)) in tallies.iter_mut().zip(&preds) {
                 t.scored += 1;
@@ -491,7 +502,16 @@ pub fn evaluate(
         .as_ref()
         .map(|g| g.losses.clone())
         .unwrap_or_default();
+    let ceiling = |misses: u64, of: u64| {
+        if of == 0 {
+            0.0
+        } else {
+            1.0 - misses as f64 / of as f64
+        }
+    };
     let summary = Summary {
+        top1_ceiling: ceiling(scored_new, scored),
+        local_ceiling: ceiling(paths.len() as u64, events.len() as u64),
         events: events.len(),
         streams: streams.len(),
         resources: paths.len(),
@@ -542,6 +562,10 @@ pub fn table(rows: &[Row], summary: &Summary) -> String {
         summary
             .gru_last_loss
             .map_or("-".into(), |l| format!("{l:.3}")),
+    ));
+    s.push_str(&format!(
+        "ceiling (a resource's first open is unpredictable): top1 {:.3}, local {:.3}\n",
+        summary.top1_ceiling, summary.local_ceiling
     ));
     s
 }
@@ -594,6 +618,13 @@ mod tests {
         // b's opens 2..5 were prefetched after the open before them.
         assert!(ls.local_hit_rate > 0.5, "{ls:?}");
         assert!(ls.wasted_fraction < 0.5, "{ls:?}");
+        // f1..f5's first opens: 5 of 15 opens, 4 of 13 scored events.
+        assert!((summary.local_ceiling - 10.0 / 15.0).abs() < 1e-9);
+        assert!((summary.top1_ceiling - 9.0 / 13.0).abs() < 1e-9);
+        for r in &rows {
+            assert!(r.top1 <= summary.top1_ceiling + 1e-9, "{r:?}");
+            assert!(r.local_hit_rate <= summary.local_ceiling + 1e-9, "{r:?}");
+        }
     }
 
     #[test]
