@@ -13,6 +13,7 @@ use meshfs::config::{Config, MountOptions};
 use meshfs::control::{self, Request};
 use meshfs::error::Error;
 use meshfs::node;
+use meshfs::prefetch::eval;
 
 #[derive(Parser)]
 #[command(
@@ -115,6 +116,11 @@ enum Cmd {
         /// Skip the learned predictors (gru, gru+markov).
         #[arg(long)]
         no_learned: bool,
+        /// Follow a person across devices as the daemon does: seconds of
+        /// trace time after which a quiet session is continued on the
+        /// device they most often move to next (0: off).
+        #[arg(long, default_value_t = 300)]
+        follow_after_s: u64,
         #[arg(long)]
         json: bool,
     },
@@ -328,19 +334,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cache_mb,
             top,
             no_learned,
+            follow_after_s,
             json,
-        } => prefetch_eval(&trace, cache_mb, top as usize, !no_learned, json),
+        } => prefetch_eval(
+            &trace,
+            eval::EvalOptions {
+                cache_mb,
+                top: top as usize,
+                learned: !no_learned,
+                follow_after_ms: (follow_after_s > 0).then(|| follow_after_s.saturating_mul(1000)),
+                ..Default::default()
+            },
+            json,
+        ),
     }
 }
 
-fn prefetch_eval(
-    trace: &Path,
-    cache_mb: u64,
-    top: usize,
-    learned: bool,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    use meshfs::prefetch::{eval, trace as tr};
+fn prefetch_eval(trace: &Path, opts: eval::EvalOptions, json: bool) -> anyhow::Result<ExitCode> {
+    use meshfs::prefetch::trace as tr;
     let events = if trace == Path::new("-") {
         tr::read(std::io::stdin().lock())?
     } else {
@@ -352,12 +363,6 @@ fn prefetch_eval(
     if events.is_empty() {
         anyhow::bail!("trace {} has no events", trace.display());
     }
-    let opts = eval::EvalOptions {
-        cache_mb,
-        top,
-        learned,
-        ..Default::default()
-    };
     let (rows, summary) = eval::evaluate(&events, &opts)?;
     if json {
         println!("{}", serde_json::to_string(&rows)?);

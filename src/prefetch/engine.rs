@@ -11,7 +11,9 @@
 //! one core.
 
 use super::log::{self, AccessEvent, UserHash};
-use super::predict::{hit_at, mix, Accuracy, LastSuccessor, Markov, Predictor, Ranked};
+use super::predict::{
+    hit_at, mix, Accuracy, FollowRecord, LastSuccessor, Markov, Predictor, Ranked,
+};
 use super::rnn::{Gru, GruConfig};
 use super::temperature::{plan, Depth, PlanConfig, Temperature};
 use super::{Interner, Sym};
@@ -99,6 +101,18 @@ enum Msg {
         bytes: Vec<u8>,
     },
     Stop,
+}
+
+/// A person's latest event anywhere.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    device: DeviceId,
+    /// When it arrived here (following waits on this clock).
+    at: Instant,
+    /// Its time (coarse), to tell a move after a quiet gap.
+    ts_ms: u64,
+    /// Its session was already followed (or it was replayed history).
+    followed: bool,
 }
 
 /// How far the engine is behind: messages already waiting after the one
@@ -228,12 +242,14 @@ struct Engine {
     train_not_before: Instant,
     rounds_since_checkpoint: u64,
     user_names: HashMap<u32, UserHash>,
-    /// Each person's latest event anywhere: its device, when it arrived here,
-    /// and whether its session was already followed.
-    latest: HashMap<UserHash, (DeviceId, Instant, bool)>,
+    /// Each person's latest event anywhere.
+    latest: HashMap<UserHash, Seen>,
     /// Per person and device, how often their next event came from each
     /// other device (a move from desktop to laptop).
     moves: HashMap<(UserHash, DeviceId), HashMap<DeviceId, u32>>,
+    /// Per person and device, whether following their quiet sessions there
+    /// would have paid off; following is skipped where it would not.
+    continued: HashMap<(UserHash, DeviceId), FollowRecord>,
     /// Which events of each device (this one too) are in the log.
     received: HashMap<DeviceId, log::Received>,
     last_digest: Instant,
@@ -319,6 +335,7 @@ impl Engine {
             user_names: HashMap::new(),
             latest: HashMap::new(),
             moves: HashMap::new(),
+            continued: HashMap::new(),
             received: HashMap::new(),
             last_digest: Instant::now(),
             resent_to: HashMap::new(),
@@ -606,19 +623,27 @@ impl Engine {
         }
         self.temperature.touch(sym, e.ts_ms);
         self.since_train += 1;
-        if let Some(&(prev, _, _)) = self.latest.get(&e.user) {
-            if prev != e.device {
+        if let Some(prev) = self.latest.get(&e.user).copied() {
+            self.record_continuation(e, prev, sym);
+            if prev.device != e.device {
                 *self
                     .moves
-                    .entry((e.user, prev))
+                    .entry((e.user, prev.device))
                     .or_default()
                     .entry(e.device)
                     .or_default() += 1;
             }
         }
         // Replayed history (score false) is never followed.
-        self.latest
-            .insert(e.user, (e.device, Instant::now(), !score));
+        self.latest.insert(
+            e.user,
+            Seen {
+                device: e.device,
+                at: Instant::now(),
+                ts_ms: e.ts_ms,
+                followed: !score,
+            },
+        );
         let mut history = history;
         history.push(sym);
         if history.len() > HISTORY {
@@ -647,18 +672,19 @@ impl Engine {
         let due: Vec<(UserHash, DeviceId)> = self
             .latest
             .iter()
-            .filter(|(_, (d, at, followed))| *d != me && !*followed && at.elapsed() >= after)
-            .map(|(u, (d, _, _))| (*u, *d))
+            .filter(|(_, s)| s.device != me && !s.followed && s.at.elapsed() >= after)
+            .map(|(u, s)| (*u, s.device))
             .collect();
         for (user, from) in due {
             if let Some(l) = self.latest.get_mut(&user) {
-                l.2 = true;
+                l.followed = true;
             }
-            let next = self
-                .moves
-                .get(&(user, from))
-                .and_then(|m| m.iter().max_by_key(|(d, n)| (**n, **d)).map(|(d, _)| *d));
-            if next != Some(me) {
+            if self.follow_target(user, from) != Some(me) {
+                continue;
+            }
+            let record = self.continued.get(&(user, from)).copied();
+            if !record.unwrap_or_default().worth_following() {
+                tracing::debug!(device = %from, "a session elsewhere went quiet; not followed (this person's sessions did not continue here)");
                 continue;
             }
             let Some(history) = self.streams.get(&(from, user)).cloned() else {
@@ -668,6 +694,40 @@ impl Engine {
             let now = log::coarse(now_ms());
             self.act((from, user), &history, now);
         }
+    }
+
+    /// The device a person most often moved to next from `from`.
+    fn follow_target(&self, user: UserHash, from: DeviceId) -> Option<DeviceId> {
+        self.moves
+            .get(&(user, from))
+            .and_then(|m| m.iter().max_by_key(|(d, n)| (**n, **d)).map(|(d, _)| *d))
+    }
+
+    /// `e` is a person's first event after a gap long enough to follow:
+    /// would following have paid off, that is, is `e` on the device that
+    /// would have followed, and among the continuation of the quiet session
+    /// (the count tables' prediction, as many items as a plan fetches)?
+    /// Recorded on every device whether or not anything was followed, so
+    /// following starts and stops on evidence.
+    fn record_continuation(&mut self, e: &AccessEvent, prev: Seen, sym: Sym) {
+        let Some(after) = self.cfg.follow_after else {
+            return;
+        };
+        if e.ts_ms.saturating_sub(prev.ts_ms) < after.as_millis() as u64 {
+            return;
+        }
+        let Some(target) = self.follow_target(e.user, prev.device) else {
+            return;
+        };
+        let hit = target == e.device
+            && self.streams.get(&(prev.device, e.user)).is_some_and(|h| {
+                let items = self.cfg.plan.max_items;
+                hit_at(&self.markov.predict(h, items), sym, items)
+            });
+        self.continued
+            .entry((e.user, prev.device))
+            .or_default()
+            .record(hit);
     }
 
     /// Chooses the predictor with the best recent accuracy for this stream

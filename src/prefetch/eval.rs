@@ -11,7 +11,9 @@
 //! A prefetched byte is wasted when it is evicted, or still unused at the
 //! end, without having been opened.
 
-use super::predict::{hit_at, mix, Accuracy, LastSuccessor, Markov, Predictor, Ranked};
+use super::predict::{
+    hit_at, mix, Accuracy, FollowRecord, LastSuccessor, Markov, Predictor, Ranked,
+};
 use super::rnn::{Gru, GruConfig};
 use super::temperature::{plan, Depth, PlanConfig, Temperature};
 use super::trace::TraceEvent;
@@ -41,6 +43,11 @@ pub struct EvalOptions {
     pub plan: PlanConfig,
     /// Run the learned predictors (they cost most of the time).
     pub learned: bool,
+    /// Follow a person as the daemon does (`prefetch_follow_after_s`): once
+    /// their session on one device has been quiet this long (trace time),
+    /// the device they most often moved to next from there fetches that
+    /// session's predicted continuation. None: never.
+    pub follow_after_ms: Option<u64>,
 }
 
 impl Default for EvalOptions {
@@ -54,8 +61,17 @@ impl Default for EvalOptions {
             gru: GruConfig::default(),
             plan: PlanConfig::default(),
             learned: true,
+            follow_after_ms: Some(300_000),
         }
     }
+}
+
+/// Where a person was last seen, for following them across devices.
+struct LastSeen {
+    device: usize,
+    stream: usize,
+    ts_ms: u64,
+    followed: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -404,6 +420,12 @@ pub fn evaluate(
     };
 
     let (mut scored, mut scored_new) = (0u64, 0u64);
+    let mut last_seen: HashMap<&str, LastSeen> = HashMap::new();
+    // (user, from device) -> how often they went on to each device.
+    let mut moves: HashMap<(&str, usize), HashMap<usize, u32>> = HashMap::new();
+    // Per row: (user, quiet device) -> whether following paid off.
+    type Continued<'a> = HashMap<(&'a str, usize), FollowRecord>;
+    let mut continued: Vec<Continued> = (0..rows).map(|_| HashMap::new()).collect();
     for e in events {
         let new = paths.get(&e.path).is_none();
         let sym = paths.intern(&e.path);
@@ -418,6 +440,71 @@ pub fn evaluate(
             }
         }
         sizes.insert(sym, e.size);
+
+        // The person's session elsewhere went quiet before this event: the
+        // device they most often moved to next from there fetched its
+        // continuation then, where following has paid off for them (the
+        // daemon's maybe_follow). This event tells whether it paid off now:
+        // it is on that device and among the continuation.
+        if let (Some(after), Some(seen)) =
+            (opts.follow_after_ms, last_seen.get_mut(e.user.as_str()))
+        {
+            if !seen.followed && e.ts_ms >= seen.ts_ms.saturating_add(after) {
+                seen.followed = true;
+                let target = moves
+                    .get(&(e.user.as_str(), seen.device))
+                    .and_then(|m| m.iter().max_by_key(|(d, n)| (**n, **d)).map(|(d, _)| *d));
+                let history = &histories[seen.stream];
+                if let (Some(target), Some(&current)) = (target, history.last()) {
+                    let preds = lineup.predict(seen.stream, history, top);
+                    let context_heat = temperature.heat(current, e.ts_ms);
+                    for (row, (ranked, _)) in preds.iter().enumerate() {
+                        let record = continued[row]
+                            .entry((e.user.as_str(), seen.device))
+                            .or_default();
+                        let worth = record.worth_following();
+                        record.record(device == target && hit_at(ranked, sym, plan_cfg.max_items));
+                        if !worth {
+                            continue;
+                        }
+                        let chosen = plan(
+                            ranked,
+                            context_heat,
+                            |s| temperature.heat(s, e.ts_ms),
+                            &plan_cfg,
+                        );
+                        for (s, depth) in chosen {
+                            let size = sizes.get(&s).copied().unwrap_or(0);
+                            caches[row][target].prefetch(
+                                s,
+                                size,
+                                depth,
+                                opts.prefetch_share,
+                                &mut tallies[row],
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(prev) = last_seen.get(e.user.as_str()) {
+            if prev.device != device {
+                *moves
+                    .entry((e.user.as_str(), prev.device))
+                    .or_default()
+                    .entry(device)
+                    .or_default() += 1;
+            }
+        }
+        last_seen.insert(
+            e.user.as_str(),
+            LastSeen {
+                device,
+                stream,
+                ts_ms: e.ts_ms,
+                followed: false,
+            },
+        );
 
         // Predict, then score (only with history in this stream).
         let history = std::mem::take(&mut histories[stream]);
@@ -625,6 +712,67 @@ mod tests {
             assert!(r.top1 <= summary.top1_ceiling + 1e-9, "{r:?}");
             assert!(r.local_hit_rate <= summary.local_ceiling + 1e-9, "{r:?}");
         }
+    }
+
+    #[test]
+    fn a_quiet_session_is_continued_on_the_device_the_person_moves_to() {
+        let min = 60_000;
+        let mut events = vec![ev(0, "a", "/y1", 1000), ev(10 * min, "b", "/z1", 1000)];
+        let mut ts = 11 * min;
+        for p in ["/x1", "/x2", "/x3", "/x4", "/x1", "/x2"] {
+            ts += 1000;
+            events.push(ev(ts, "a", p, 1000));
+        }
+        // Back on b ten minutes after a went quiet: a's continuation.
+        events.push(ev(ts + 10 * min, "b", "/x3", 1000));
+        let run = |follow: Option<u64>| {
+            let opts = EvalOptions {
+                learned: false,
+                cache_mb: 1,
+                follow_after_ms: follow,
+                ..Default::default()
+            };
+            let (rows, _) = evaluate(&events, &opts).unwrap();
+            let r = rows.into_iter().find(|r| r.predictor == "last-successor");
+            r.unwrap().local_hit_rate
+        };
+        // a's second x1, x2 are local either way; b's x3 only when followed.
+        let (on, off) = (run(Some(5 * min)), run(None));
+        assert!((off - 2.0 / 9.0).abs() < 1e-9, "{off}");
+        assert!((on - 3.0 / 9.0).abs() < 1e-9, "{on}");
+    }
+
+    #[test]
+    fn following_stops_once_it_did_not_pay_off() {
+        let min = 60_000;
+        let mut events = Vec::new();
+        let mut ts = 0;
+        // Each round: a learns a new cycle and stops inside it; ten minutes
+        // later the person opens something unrelated on b.
+        for k in 1..=4 {
+            for i in [1, 2, 3, 1, 2] {
+                ts += 1000;
+                events.push(ev(ts, "a", &format!("/c{k}-{i}"), 1000));
+            }
+            ts += 10 * min;
+            events.push(ev(ts, "b", &format!("/q{k}"), 1000));
+        }
+        let run = |follow: Option<u64>| {
+            let opts = EvalOptions {
+                learned: false,
+                cache_mb: 1,
+                follow_after_ms: follow,
+                ..Default::default()
+            };
+            let (rows, _) = evaluate(&events, &opts).unwrap();
+            let r = rows.into_iter().find(|r| r.predictor == "last-successor");
+            r.unwrap()
+        };
+        let (on, off) = (run(Some(5 * min)), run(None));
+        // Round 1 teaches the move a -> b; round 2 follows (c2-3 to b, never
+        // opened there) and misses; rounds 3 and 4 are not followed.
+        assert_eq!(on.prefetched_bytes, off.prefetched_bytes + 1000);
+        assert_eq!(on.wasted_bytes, off.wasted_bytes + 1000);
     }
 
     #[test]

@@ -239,6 +239,35 @@ pub fn mix(a: &Ranked, wa: f32, b: &Ranked, wb: f32, top: usize) -> Ranked {
     out
 }
 
+/// Whether a person's session on one device tends to go on where they move
+/// next: at each move made after a quiet gap long enough to follow, was
+/// the first open on the new device among the continuation predicted from
+/// the old device's stream? Following is worth it while (hits + 1) /
+/// (tries + 2) >= 1/2: with no evidence it is tried, one miss stops it
+/// until a hit. Counts halve past 32 tries, so a changed habit shows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FollowRecord {
+    hits: f32,
+    tries: f32,
+}
+
+impl FollowRecord {
+    pub fn record(&mut self, hit: bool) {
+        if self.tries >= 32.0 {
+            self.hits /= 2.0;
+            self.tries /= 2.0;
+        }
+        self.tries += 1.0;
+        if hit {
+            self.hits += 1.0;
+        }
+    }
+
+    pub fn worth_following(&self) -> bool {
+        (self.hits + 1.0) / (self.tries + 2.0) >= 0.5
+    }
+}
+
 /// Whether `actual` is among the first `k` of `ranked`.
 pub fn hit_at(ranked: &Ranked, actual: Sym, k: usize) -> bool {
     ranked.iter().take(k).any(|(s, _)| *s == actual)
@@ -247,6 +276,25 @@ pub fn hit_at(ranked: &Ranked, actual: Sym, k: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn following_is_tried_stopped_by_a_miss_and_resumed_by_hits() {
+        let mut r = FollowRecord::default();
+        assert!(r.worth_following(), "no evidence: try");
+        r.record(false);
+        assert!(!r.worth_following());
+        r.record(true);
+        assert!(r.worth_following(), "1 of 2");
+        for _ in 0..40 {
+            r.record(false);
+        }
+        assert!(!r.worth_following());
+        // Halved counts: a changed habit is learned in tens of moves.
+        for _ in 0..20 {
+            r.record(true);
+        }
+        assert!(r.worth_following());
+    }
 
     /// Feeds `seq` `rounds` times as one stream, then returns top-1 accuracy
     /// over the last round.
