@@ -58,6 +58,8 @@ const TRAIN_DEFER_MAX: usize = 4 * TRAIN_EVERY;
 /// from the filesystem; the windows it brings stay buffered and are
 /// sampled by later rounds.
 const TRAIN_DUTY: f64 = 0.25;
+/// Most rounds owed after a burst (about 10 s of training at the cap).
+const TRAIN_OWED_MAX: usize = 16;
 /// Candidate predictors of the selector, in report order.
 const NAMES: [&str; 4] = ["last-successor", "markov", "gru", "gru+markov"];
 /// Preference between candidates of equal accuracy (lower first): the
@@ -240,6 +242,8 @@ struct Engine {
     since_train: usize,
     /// No training round starts before this (see `TRAIN_DUTY`).
     train_not_before: Instant,
+    /// When `meshfs status`'s model report was last brought up to date.
+    last_report: Instant,
     rounds_since_checkpoint: u64,
     user_names: HashMap<u32, UserHash>,
     /// Each person's latest event anywhere.
@@ -331,6 +335,7 @@ impl Engine {
             last_trim: Instant::now() - Duration::from_secs(3600),
             since_train: 0,
             train_not_before: Instant::now(),
+            last_report: Instant::now(),
             rounds_since_checkpoint: 0,
             user_names: HashMap::new(),
             latest: HashMap::new(),
@@ -351,7 +356,15 @@ impl Engine {
         let mut ahead: VecDeque<Msg> = VecDeque::new();
         loop {
             if ahead.is_empty() {
-                match rx.recv_timeout(Duration::from_millis(500)) {
+                // Idle with rounds owed: wake when the next one may start.
+                let wait = if self.since_train >= TRAIN_EVERY {
+                    self.train_not_before
+                        .saturating_duration_since(Instant::now())
+                        .clamp(Duration::from_millis(10), Duration::from_millis(500))
+                } else {
+                    Duration::from_millis(500)
+                };
+                match rx.recv_timeout(wait) {
                     Ok(m) => ahead.push_back(m),
                     Err(RecvTimeoutError::Disconnected) => break,
                     Err(RecvTimeoutError::Timeout) => self.refresh_report(),
@@ -382,6 +395,11 @@ impl Engine {
             self.maybe_follow();
             self.maybe_train();
             self.maybe_trim();
+            // Training rounds refresh it too, but they can be minutes apart
+            // under a steady stream of events.
+            if self.last_report.elapsed() >= Duration::from_secs(1) {
+                self.refresh_report();
+            }
         }
         self.flush(true);
         self.checkpoint();
@@ -622,7 +640,9 @@ impl Engine {
             g.observe(&history, sym);
         }
         self.temperature.touch(sym, e.ts_ms);
-        self.since_train += 1;
+        // Rounds missed while training was held back are owed, up to
+        // `TRAIN_OWED_MAX`, and paid when the duty cap allows.
+        self.since_train = (self.since_train + 1).min(TRAIN_EVERY * TRAIN_OWED_MAX);
         if let Some(prev) = self.latest.get(&e.user).copied() {
             self.record_continuation(e, prev, sym);
             if prev.device != e.device {
@@ -805,7 +825,7 @@ impl Engine {
             return;
         }
         let Some(gru) = self.gru.as_mut() else { return };
-        self.since_train = 0;
+        self.since_train -= TRAIN_EVERY;
         let t = Instant::now();
         let loss = gru.train_round();
         let took = t.elapsed();
@@ -854,7 +874,8 @@ impl Engine {
         self.refresh_report();
     }
 
-    fn refresh_report(&self) {
+    fn refresh_report(&mut self) {
+        self.last_report = Instant::now();
         if let Ok(mut r) = self.stats.report.lock() {
             r.accuracy = NAMES
                 .iter()
