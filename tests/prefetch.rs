@@ -312,7 +312,8 @@ fn a_damaged_model_checkpoint_falls_back_to_markov() {
 
 /// A person moves from alpha to bravo: once alpha's session goes quiet,
 /// bravo (where they went after alpha before) fetches what that session
-/// would open next, so even bravo's first open of the workflow is local.
+/// would open next, so even bravo's first open of the workflow is local;
+/// but only once following would have paid off for this person before.
 #[test]
 fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
     require_root!();
@@ -325,14 +326,17 @@ fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
         ],
     );
     let (b, a) = (devices.pop().unwrap(), devices.pop().unwrap());
-    let files = workflow_files(&a, "w", 8, 700);
+    let first = workflow_files(&a, "w", 8, 700);
+    let second = workflow_files(&a, "v", 8, 900);
+    // Alpha's 16 creates count as opens too.
+    let mut events = 16;
     // A cycle walked on alpha, ending on the last file, then a note written
     // on bravo: bravo learns that this person moves from alpha to bravo.
     for _ in 0..3 {
-        walk(&a, &files, Duration::ZERO);
+        walk(&a, &first, Duration::ZERO);
     }
-    // Alpha's 8 creates count as opens too.
-    wait_remote_events(&b, 8 + 3 * 8, LIMIT);
+    events += 3 * 8;
+    wait_remote_events(&b, events, LIMIT);
     std::fs::write(b.path("note"), b"bravo's own").unwrap();
     // Nothing predicts what follows a new note: bravo fetched nothing.
     std::thread::sleep(Duration::from_secs(1));
@@ -342,20 +346,39 @@ fn the_next_device_fetches_the_continuation_of_a_quiet_session() {
         "{}",
         prefetch(&b)
     );
-    // The next session on alpha, then quiet.
-    walk(&a, &files, Duration::ZERO);
-    wait_remote_events(&b, 8 + 4 * 8, LIMIT);
-    // Events travel in batches a second apart, so a session can look quiet
-    // between two of its batches; the follow that counts is the one after
-    // the last batch: 2 s of quiet (the setting) and a margin.
+    // The next session on alpha, then quiet (2 s, the setting, and a
+    // margin: events travel in batches a second apart). Following has never
+    // paid off for this person yet, so bravo does not follow...
+    walk(&a, &first, Duration::ZERO);
+    events += 8;
+    wait_remote_events(&b, events, LIMIT);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        count(&prefetch(&b), "prefetched_bytes"),
+        0,
+        "followed without evidence: {}",
+        prefetch(&b)
+    );
+    // ... but the person goes on on bravo where alpha's session stopped:
+    // following would have paid off.
+    std::fs::read(b.path(&first[0])).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let settled = count(&prefetch(&b), "prefetched_bytes");
+    // Another workflow on alpha, then quiet: now bravo fetches what that
+    // session would open next.
+    for _ in 0..3 {
+        walk(&a, &second, Duration::ZERO);
+    }
+    events += 3 * 8;
+    wait_remote_events(&b, events, LIMIT);
     std::thread::sleep(Duration::from_secs(4));
     assert!(
-        count(&prefetch(&b), "prefetched_bytes") >= 200_000,
+        count(&prefetch(&b), "prefetched_bytes") >= settled + 200_000,
         "bravo never fetched ahead: {}",
         prefetch(&b)
     );
     let before = prefetch(&b);
-    std::fs::read(b.path(&files[0])).unwrap();
+    std::fs::read(b.path(&second[0])).unwrap();
     let after = prefetch(&b);
     assert_eq!(
         count(&after, "hits"),

@@ -111,8 +111,6 @@ struct Seen {
     device: DeviceId,
     /// When it arrived here (following waits on this clock).
     at: Instant,
-    /// Its time (coarse), to tell a move after a quiet gap.
-    ts_ms: u64,
     /// Its session was already followed (or it was replayed history).
     followed: bool,
 }
@@ -660,7 +658,6 @@ impl Engine {
             Seen {
                 device: e.device,
                 at: Instant::now(),
-                ts_ms: e.ts_ms,
                 followed: !score,
             },
         );
@@ -723,17 +720,18 @@ impl Engine {
             .and_then(|m| m.iter().max_by_key(|(d, n)| (**n, **d)).map(|(d, _)| *d))
     }
 
-    /// `e` is a person's first event after a gap long enough to follow:
-    /// would following have paid off, that is, is `e` on the device that
-    /// would have followed, and among the continuation of the quiet session
-    /// (the count tables' prediction, as many items as a plan fetches)?
-    /// Recorded on every device whether or not anything was followed, so
-    /// following starts and stops on evidence.
+    /// `e` is a person's first event after a gap long enough to follow (as
+    /// seen here, the clock `maybe_follow` uses): would following have paid
+    /// off, that is, is `e` on the device that would have followed, and
+    /// among the continuation of the quiet session (the count tables'
+    /// prediction, as many items as a plan fetches)? Recorded on every
+    /// device whether or not anything was followed, so following starts
+    /// and stops on evidence. Replayed history carries no gaps.
     fn record_continuation(&mut self, e: &AccessEvent, prev: Seen, sym: Sym) {
         let Some(after) = self.cfg.follow_after else {
             return;
         };
-        if e.ts_ms.saturating_sub(prev.ts_ms) < after.as_millis() as u64 {
+        if prev.at.elapsed() < after {
             return;
         }
         let Some(target) = self.follow_target(e.user, prev.device) else {
