@@ -469,9 +469,8 @@ impl MeshClient {
     }
 
     /// Sends one chunk request and waits for its answer, within the fetch
-    /// timeout.
-    /// The answer's size and time go into the device's record (throughput,
-    /// failures), which source choice weighs.
+    /// timeout. The answer's size and time go into the device's record
+    /// (throughput, failures), which source choice weighs.
     async fn request(&self, device: DeviceId, req: ChunkRequest) -> Result<Vec<Piece>, MeshError> {
         let timeout = self.settings.fetch_timeout;
         let started = Instant::now();

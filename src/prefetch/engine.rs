@@ -355,7 +355,7 @@ impl Engine {
         loop {
             if ahead.is_empty() {
                 // Idle with rounds owed: wake when the next one may start.
-                let wait = if self.since_train >= TRAIN_EVERY {
+                let wait = if self.gru.is_some() && self.since_train >= TRAIN_EVERY {
                     self.train_not_before
                         .saturating_duration_since(Instant::now())
                         .clamp(Duration::from_millis(10), Duration::from_millis(500))

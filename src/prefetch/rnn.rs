@@ -103,7 +103,7 @@ pub struct Gru {
 
 /// Candidates remembered per context: as many as any caller asks for.
 const MEMO_TOP: usize = 8;
-/// Contexts remembered at most (a few hundred KiB); past it the memo starts
+/// Contexts remembered at most (about 1 MiB); past it the memo starts
 /// over.
 const MEMO_MAX: usize = 4096;
 
