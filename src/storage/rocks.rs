@@ -60,8 +60,9 @@ pub struct RocksStore {
     wal_written: AtomicU64,
     wal_synced: AtomicU64,
     /// Chunk count and bytes; changed only with the pin table locked, and
-    /// persisted in the same batches as the chunks they count.
-    stats: Mutex<StoreStats>,
+    /// persisted in the same batches as the chunks they count. Shared with
+    /// the reclaim thread, which checks after each pass whether it is done.
+    stats: std::sync::Arc<Mutex<StoreStats>>,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -173,7 +174,13 @@ impl RocksStore {
         chunks.set_min_blob_size(1024);
         // Content is often already compressed media; BLAKE3 checks integrity.
         chunks.set_blob_compression_type(DBCompressionType::None);
-        chunks.set_enable_blob_gc(true);
+        // No blob garbage collection in ordinary compactions: with it, the
+        // L0 compactions during a large write relocated the oldest quarter
+        // of blob files, often that same write's first chunks, so much of
+        // the data was written twice. Deleted content is reclaimed by
+        // `compact_chunks` instead, which relocates live blobs only when
+        // dropping dead blob files whole was not enough.
+        chunks.set_enable_blob_gc(false);
         chunks.set_compression_type(DBCompressionType::None);
 
         let mut small = Options::default();
@@ -199,7 +206,7 @@ impl RocksStore {
             bulk_flushed: AtomicU64::new(0),
             wal_written: AtomicU64::new(0),
             wal_synced: AtomicU64::new(0),
-            stats: Mutex::new(StoreStats::default()),
+            stats: Default::default(),
         };
         let stats = match store
             .db
@@ -436,33 +443,20 @@ impl RocksStore {
         Ok(())
     }
 
-    /// Bytes in blob files that no live chunk uses any more.
     fn garbage_bytes(&self) -> u64 {
-        let total = self
-            .db
-            .property_int_value_cf(self.cf(CF_CHUNKS), "rocksdb.total-blob-file-size")
-            .ok()
-            .flatten()
-            .unwrap_or(0);
-        total.saturating_sub(lock(&self.stats).bytes)
+        garbage_bytes(&self.db, &self.stats)
     }
 
-    /// Whether deleted content holds enough disk space to be worth a
-    /// compaction: 64 MiB, or a quarter of what is stored; or any megabyte
-    /// when the disk is short of space (within 64 MiB of the reserve), where
-    /// every byte back decides whether the next write fits.
     fn needs_reclaim(&self) -> bool {
-        let garbage = self.garbage_bytes();
-        garbage > (64 << 20).max(lock(&self.stats).bytes / 4)
-            || (garbage > 1 << 20 && !super::has_space(self.db.path(), 64 << 20))
+        needs_reclaim(&self.db, &self.stats)
     }
 
     /// Gives the disk space of deleted chunks back to the filesystem. RocksDB
     /// frees a blob file only once compaction has dropped every reference to
-    /// it and relocated its live blobs; normal compactions relocate only the
-    /// oldest quarter of blob files, so this one asks for all of them.
-    pub fn reclaim_space(&self) -> Result<(), StorageError> {
-        compact_chunks(&self.db)
+    /// it (and, for a file that still holds live chunks, relocated them):
+    /// see `compact_chunks`. Says whether live chunks had to be relocated.
+    pub fn reclaim_space(&self) -> Result<bool, StorageError> {
+        compact_chunks(&self.db, || !self.needs_reclaim())
     }
 
     /// Starts `reclaim_space` on a background thread when worthwhile and not
@@ -473,11 +467,12 @@ impl RocksStore {
             return;
         }
         let db = self.db.clone();
+        let stats = self.stats.clone();
         let flag = self.reclaiming.clone();
         let spawned = std::thread::Builder::new()
             .name("reclaim".into())
             .spawn(move || {
-                if let Err(e) = compact_chunks(&db) {
+                if let Err(e) = compact_chunks(&db, || !needs_reclaim(&db, &stats)) {
                     tracing::warn!(error = %e, "reclaiming space of deleted chunks failed");
                 }
                 flag.store(false, O::Release);
@@ -553,19 +548,59 @@ impl RocksStore {
     }
 }
 
-fn compact_chunks(db: &DB) -> Result<(), StorageError> {
+/// Bytes in blob files that no live chunk uses any more.
+fn garbage_bytes(db: &DB, stats: &Mutex<StoreStats>) -> u64 {
+    let total = db
+        .cf_handle(CF_CHUNKS)
+        .and_then(|cf| {
+            db.property_int_value_cf(cf, "rocksdb.total-blob-file-size")
+                .ok()
+                .flatten()
+        })
+        .unwrap_or(0);
+    total.saturating_sub(lock(stats).bytes)
+}
+
+/// Whether deleted content holds enough disk space to be worth a
+/// compaction: 64 MiB, or a quarter of what is stored; or any megabyte when
+/// the disk is short of space (within 64 MiB of the reserve), where every
+/// byte back decides whether the next write fits.
+fn needs_reclaim(db: &DB, stats: &Mutex<StoreStats>) -> bool {
+    let garbage = garbage_bytes(db, stats);
+    garbage > (64 << 20).max(lock(stats).bytes / 4)
+        || (garbage > 1 << 20 && !super::has_space(db.path(), 64 << 20))
+}
+
+fn compact_chunks(db: &DB, enough: impl Fn() -> bool) -> Result<bool, StorageError> {
     let Some(cf) = db.cf_handle(CF_CHUNKS) else {
-        return Ok(());
+        return Ok(false);
     };
-    db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", "1.0")])
-        .map_err(db_err)?;
     // Force the bottommost level too: by default RocksDB skips files already
-    // there, and their blob references would keep dead blob files alive.
+    // there, and their references would keep dead blob files alive.
     let mut co = rocksdb::CompactOptions::default();
     co.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+    // First pass, no relocation: compaction drops deleted chunks' keys, and
+    // a blob file none of whose blobs is live any more is deleted whole.
+    // That is the usual case (a deleted file's chunks were written
+    // together) and costs reading keys only, not the content still stored.
     db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &co);
-    db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", "0.25")])
-        .map_err(db_err)
+    if enough() {
+        return Ok(false);
+    }
+    // Second pass: blob files mixing live and dead chunks. Garbage
+    // collection with cutoff 1.0 rewrites the live blobs of every file.
+    db.set_options_cf(
+        cf,
+        &[
+            ("enable_blob_garbage_collection", "true"),
+            ("blob_garbage_collection_age_cutoff", "1.0"),
+        ],
+    )
+    .map_err(db_err)?;
+    db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &co);
+    db.set_options_cf(cf, &[("enable_blob_garbage_collection", "false")])
+        .map_err(db_err)?;
+    Ok(true)
 }
 
 fn unpin_one(pins: &mut std::collections::HashMap<ChunkHash, usize>, hash: &ChunkHash) {
@@ -762,6 +797,88 @@ mod tests {
             dirs.lock().unwrap().push(d);
             s
         });
+    }
+
+    /// Stores distinct 1 MiB chunks, one per seed, and then references each
+    /// once (as one commit would: the references flush the chunks).
+    fn put_referenced(s: &RocksStore, seeds: impl Iterator<Item = u64>) -> Vec<ChunkHash> {
+        let hashes: Vec<ChunkHash> = seeds
+            .map(|seed| {
+                let mut data = vec![0u8; 1 << 20];
+                let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                for b in data.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    b.copy_from_slice(&x.to_le_bytes());
+                }
+                s.put_bulk(&data).unwrap()
+            })
+            .collect();
+        s.apply_refs(&hashes.iter().map(|h| (*h, 1)).collect())
+            .unwrap();
+        s.unpin(&hashes);
+        hashes
+    }
+
+    fn release(s: &RocksStore, hashes: &[ChunkHash]) {
+        s.apply_refs(&hashes.iter().map(|h| (*h, -1)).collect())
+            .unwrap();
+    }
+
+    fn wait_reclaimed(s: &RocksStore) {
+        s.wait_background();
+        assert!(!s.reclaiming.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_deleted_file_is_reclaimed_without_rewriting_live_content() {
+        let d = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(d.path()).unwrap();
+        let before = put_referenced(&s, 0..8);
+        let dead = put_referenced(&s, 100..180);
+        let after = put_referenced(&s, 200..208);
+        // Blob file headers and record headers only.
+        assert!(s.garbage_bytes() < 1 << 20, "{}", s.garbage_bytes());
+        let blob_files = || -> std::collections::BTreeSet<std::ffi::OsString> {
+            std::fs::read_dir(d.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n.to_string_lossy().ends_with(".blob"))
+                .collect()
+        };
+        let written = blob_files();
+        release(&s, &dead);
+        // 80 MiB of garbage is over the threshold: the release started a
+        // background reclaim.
+        wait_reclaimed(&s);
+        assert!(s.garbage_bytes() < 1 << 20, "{}", s.garbage_bytes());
+        // The dead file's blob files are gone and no new one was written:
+        // live chunks stayed where they were.
+        let left = blob_files();
+        assert!(left.len() < written.len(), "{left:?}");
+        assert!(left.is_subset(&written), "{left:?} {written:?}");
+        for h in before.iter().chain(&after) {
+            assert!(s.get(h).unwrap().is_some());
+        }
+        assert!(!s.contains(&dead[0]).unwrap());
+    }
+
+    #[test]
+    fn garbage_mixed_with_live_content_is_relocated_away() {
+        let d = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(d.path()).unwrap();
+        // One commit, so live and dead chunks share blob files.
+        let all = put_referenced(&s, 0..160);
+        let (live, dead): (Vec<_>, Vec<_>) = all.chunks(2).map(|p| (p[0], p[1])).unzip();
+        release(&s, &dead);
+        wait_reclaimed(&s);
+        // Dropping whole blob files could not free these: every file also
+        // holds live chunks, so the second pass had to move them.
+        assert!(s.garbage_bytes() < 8 << 20, "{}", s.garbage_bytes());
+        for h in &live {
+            assert!(s.get(h).unwrap().is_some());
+        }
     }
 
     #[test]
