@@ -296,38 +296,88 @@ fn store_chunk(
     Ok(())
 }
 
-/// Stores the complete chunks at the front of a stream's tail. Runs once
-/// the tail holds a few max-size chunks, so the work per write stays small;
-/// the last chunk of the tail is never final (more bytes may extend it).
-pub fn stream_cut(
+/// Stores the complete chunks at the front of a stream's `tail` (whose
+/// first byte is at offset `*end`), appending them to `chunks` and `pinned`.
+/// Runs once the tail holds a few max-size chunks, so the work per call stays
+/// small; the last chunk of the tail is never final (more bytes may extend
+/// it). Chunks stored before a failure stay stored; the tail keeps the rest.
+pub fn cut_complete(
     store: &dyn ChunkStore,
-    spill: &mut Spill,
+    end: &mut u64,
+    tail: &mut Vec<u8>,
+    chunks: &mut Vec<ChunkRef>,
+    pinned: &mut Vec<ChunkHash>,
     sizes: ChunkSizes,
 ) -> Result<(), FsError> {
-    let Spill { stream, pinned, .. } = spill;
-    let Some(st) = stream.as_mut() else {
-        return Ok(());
-    };
-    if st.tail.len() < 4 * sizes.max as usize {
+    if tail.len() < 4 * sizes.max as usize {
         return Ok(());
     }
-    let cuts: Vec<(usize, usize)> = FastCDC::new(&st.tail, sizes.min, sizes.avg, sizes.max)
+    let cuts: Vec<(usize, usize)> = FastCDC::new(tail, sizes.min, sizes.avg, sizes.max)
         .map(|c| (c.offset, c.length))
         .collect();
     let mut consumed = 0;
     let mut result = Ok(());
     for &(offset, length) in &cuts[..cuts.len().saturating_sub(1)] {
-        let bulk = st.end >= BULK_STREAM_BYTES;
-        let data = &st.tail[offset..offset + length];
-        if let Err(e) = store_chunk(store, data, bulk, &mut st.end, &mut st.chunks, pinned) {
+        let bulk = *end >= BULK_STREAM_BYTES;
+        let data = &tail[offset..offset + length];
+        if let Err(e) = store_chunk(store, data, bulk, end, chunks, pinned) {
             result = Err(e);
             break;
         }
         consumed = offset + length;
     }
-    // Chunks stored before a failure stay stored; the tail keeps the rest.
-    st.tail.drain(..consumed);
+    tail.drain(..consumed);
     result
+}
+
+/// After a streaming write: stores the stream's complete chunks, on a
+/// background worker (`cutter`) once the file is large enough to be worth
+/// one, else here. An error the worker meets is reported by the next write
+/// (`Fs::write` checks before it takes any bytes), or by the commit.
+pub fn stream_cut(
+    store: &std::sync::Arc<dyn crate::storage::Store>,
+    spill: &mut Spill,
+    sizes: ChunkSizes,
+    workers: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Result<(), FsError> {
+    let Some(st) = spill.stream.as_mut() else {
+        return Ok(());
+    };
+    if let Some(c) = &st.cutter {
+        if st.tail.len() >= super::cutter::HANDOFF_BYTES {
+            // Room for the next hand-over plus one 1 MiB write past it.
+            let room = 2 * super::cutter::HANDOFF_BYTES;
+            let bytes = std::mem::replace(&mut st.tail, Vec::with_capacity(room));
+            if let Err(bytes) = c.send(bytes) {
+                // The worker is gone; settle puts these after its bytes.
+                st.tail = bytes;
+                return spill.settle();
+            }
+        }
+        return Ok(());
+    }
+    if st.tail.len() < 4 * sizes.max as usize {
+        return Ok(());
+    }
+    let tail = std::mem::take(&mut st.tail);
+    match super::cutter::Cutter::start(store.clone(), sizes, st.end, tail, workers) {
+        Ok(c) => {
+            st.cutter = Some(c);
+            Ok(())
+        }
+        Err(tail) => {
+            st.tail = tail;
+            let pinned = &mut spill.pinned;
+            cut_complete(
+                &**store,
+                &mut st.end,
+                &mut st.tail,
+                &mut st.chunks,
+                pinned,
+                sizes,
+            )
+        }
+    }
 }
 
 /// The final chunk list of a streamed file: its stored chunks plus its tail,
@@ -340,6 +390,12 @@ fn finish_stream(
     let mut chunks = Vec::new();
     let mut pinned = Vec::new();
     let (mut end, tail) = match &spill.stream {
+        // `rechunk` callers settle first: a worker's bytes are not here.
+        Some(st) if st.cutter.is_some() => {
+            return Err(FsError::Io(std::io::Error::other(
+                "commit of a stream still being chunked",
+            )))
+        }
         Some(st) => {
             chunks.extend_from_slice(&st.chunks);
             (st.end, st.tail.as_slice())

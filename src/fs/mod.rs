@@ -6,6 +6,7 @@
 //! lock, never the other way round.
 
 mod content;
+mod cutter;
 mod spill;
 
 #[cfg(test)]
@@ -186,6 +187,8 @@ struct Handle {
 
 pub struct Fs {
     store: Arc<dyn Store>,
+    /// Chunking workers of streamed files running now (`cutter`).
+    chunkers: Arc<std::sync::atomic::AtomicUsize>,
     /// Shared with the Raft state machine, which applies replicated changes.
     meta: Arc<RwLock<MetaState>>,
     opts: FsOptions,
@@ -263,6 +266,7 @@ impl Fs {
         }
         let fs = Fs {
             store,
+            chunkers: Default::default(),
             meta: Arc::new(RwLock::new(meta)),
             opts,
             handles: Mutex::new(HashMap::new()),
@@ -1083,8 +1087,17 @@ impl Fs {
         {
             return Err(FsError::TooBig);
         }
+        // An error the chunking worker met is reported before these bytes
+        // are taken, so a failed write(2) adds nothing to the file.
+        if s.stream
+            .as_ref()
+            .and_then(|st| st.cutter.as_ref())
+            .is_some_and(|c| c.failed())
+        {
+            s.settle()?;
+        }
         s.write(at, data, Timestamp::now())?;
-        content::stream_cut(&*self.store, s, self.opts.chunk_sizes)?;
+        content::stream_cut(&self.store, s, self.opts.chunk_sizes, &self.chunkers)?;
         Ok(data.len() as u32)
     }
 
@@ -1139,9 +1152,13 @@ impl Fs {
     /// Turns a file's uncommitted writes into a new version. On failure the
     /// writes stay in the spill, so a later flush or fsync can retry.
     fn commit_locked(&self, ino: ResourceId, f: &mut OpenFile, sync: bool) -> Result<()> {
-        let Some(spill) = f.spill.as_ref() else {
+        let Some(spill) = f.spill.as_mut() else {
             return Ok(());
         };
+        // Everything a chunking worker holds comes back first; an error it
+        // met is this commit's (the bytes are kept for a retry).
+        spill.settle()?;
+        let spill = &*spill;
         if spill.dirty_span().is_none() {
             self.discard_spill(f);
             return Ok(());
@@ -1182,7 +1199,11 @@ impl Fs {
 
     /// Drops a file's spill and the pins its streamed chunks held.
     fn discard_spill(&self, f: &mut OpenFile) {
-        if let Some(s) = f.spill.take() {
+        if let Some(mut s) = f.spill.take() {
+            // A worker's chunks are pinned too; they come back with it.
+            if let Err(e) = s.settle() {
+                tracing::debug!(error = %e, "chunking worker failed on a discarded file");
+            }
             self.store.unpin(&s.pinned);
         }
     }

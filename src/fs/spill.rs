@@ -14,6 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::cutter::Cutter;
 use crate::ids::ChunkHash;
 use crate::meta::{ChunkRef, Content, Timestamp};
 
@@ -96,9 +97,14 @@ pub enum Source {
 #[derive(Debug, Default)]
 pub struct Stream {
     pub chunks: Vec<ChunkRef>,
-    /// Where `tail` starts: the end of the last stored chunk.
+    /// Where `tail` starts: the end of the last stored chunk. Stale while a
+    /// `cutter` runs: the bytes handed to it lie between, and it counts
+    /// them itself until `settle`.
     pub end: u64,
     pub tail: Vec<u8>,
+    /// While set, a worker cuts and stores the bytes between `end` and
+    /// `tail`: nothing but appending to `tail` may happen before `settle`.
+    pub cutter: Option<Cutter>,
 }
 
 /// One file's uncommitted state.
@@ -155,9 +161,34 @@ impl Spill {
         }
     }
 
+    /// Takes back what a stream's chunking worker holds: its chunks and
+    /// pins join the stream's, its unstored bytes go before the tail. Returns
+    /// the error the worker stopped at, if any; no bytes are lost either way.
+    pub fn settle(&mut self) -> Result<(), super::FsError> {
+        let Some(st) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        let Some(cutter) = st.cutter.take() else {
+            return Ok(());
+        };
+        let cut = cutter.finish();
+        st.chunks.extend(cut.chunks);
+        self.pinned.extend(cut.pinned);
+        st.end = cut.end;
+        let mut tail = cut.tail;
+        tail.append(&mut st.tail);
+        st.tail = tail;
+        cut.error.map_or(Ok(()), Err)
+    }
+
     /// Turns a stream into the general form: its chunks become the base and
     /// its tail goes to the spill file.
     pub fn materialize(&mut self) -> std::io::Result<()> {
+        if let Err(e) = self.settle() {
+            // The bytes are back in the tail; the commit stores them again
+            // and reports what still fails.
+            tracing::debug!(error = %e, "chunking worker stopped early");
+        }
         let Some(st) = self.stream.take() else {
             return Ok(());
         };
@@ -198,7 +229,12 @@ impl Spill {
 
     pub fn set_size(&mut self, size: u64, now: Timestamp) -> std::io::Result<()> {
         if size == 0 {
-            // Empty again: whatever follows may stream from scratch.
+            // Empty again: whatever follows may stream from scratch. The
+            // worker's chunks are dropped with the rest, their pins kept in
+            // `pinned` until the commit or discard releases them.
+            if let Err(e) = self.settle() {
+                tracing::debug!(error = %e, "chunking worker stopped early");
+            }
             if let Some(f) = &self.file {
                 f.set_len(0)?;
             }

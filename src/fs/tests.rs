@@ -274,3 +274,220 @@ fn holes_become_zero_runs_not_chunks() {
     // Only the two small data regions are stored; zero runs are not chunks.
     assert!(store.stats().unwrap().chunks <= 4);
 }
+
+/// The in-memory store, with chunk writes that fail on demand (a full disk).
+#[derive(Default)]
+struct FailingStore {
+    inner: MemChunkStore,
+    full: std::sync::atomic::AtomicBool,
+}
+
+impl FailingStore {
+    fn check(&self) -> std::result::Result<(), StorageError> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(StorageError::NoSpace);
+        }
+        Ok(())
+    }
+}
+
+impl ChunkStore for FailingStore {
+    fn put(&self, data: &[u8]) -> std::result::Result<ChunkHash, StorageError> {
+        self.check()?;
+        self.inner.put(data)
+    }
+    fn put_cached(&self, data: &[u8]) -> std::result::Result<ChunkHash, StorageError> {
+        self.check()?;
+        self.inner.put_cached(data)
+    }
+    fn get(&self, hash: &ChunkHash) -> std::result::Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(hash)
+    }
+    fn contains(&self, hash: &ChunkHash) -> std::result::Result<bool, StorageError> {
+        self.inner.contains(hash)
+    }
+    fn apply_refs(
+        &self,
+        deltas: &std::collections::BTreeMap<ChunkHash, i64>,
+    ) -> std::result::Result<(), StorageError> {
+        self.inner.apply_refs(deltas)
+    }
+    fn refcount(&self, hash: &ChunkHash) -> std::result::Result<u64, StorageError> {
+        self.inner.refcount(hash)
+    }
+    fn unpin(&self, hashes: &[ChunkHash]) {
+        self.inner.unpin(hashes)
+    }
+    fn collect_garbage(&self) -> std::result::Result<u64, StorageError> {
+        self.inner.collect_garbage()
+    }
+    fn evict(&self, hashes: &[ChunkHash]) -> std::result::Result<u64, StorageError> {
+        self.inner.evict(hashes)
+    }
+    fn stats(&self) -> std::result::Result<crate::storage::StoreStats, StorageError> {
+        self.inner.stats()
+    }
+}
+
+impl crate::storage::MetaStore for FailingStore {
+    fn persist(
+        &self,
+        changes: &crate::meta::Changes,
+        sync: bool,
+    ) -> std::result::Result<(), StorageError> {
+        self.inner.persist(changes, sync)
+    }
+    fn sync(&self) -> std::result::Result<(), StorageError> {
+        self.inner.sync()
+    }
+}
+
+fn setup_with<S: crate::storage::Store + 'static>(store: Arc<S>) -> (Fs, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::new(
+        store,
+        MetaState::new(0, 0, Timestamp::now()),
+        FsOptions {
+            device: DeviceId([9; 16]),
+            spill_dir: dir.path().join("spill"),
+            chunk_sizes: SIZES,
+            sync_on_close: false,
+            read_only: false,
+            replicated: false,
+        },
+    )
+    .unwrap();
+    (fs, dir)
+}
+
+const SIZES: ChunkSizes = ChunkSizes {
+    min: 1024,
+    avg: 4096,
+    max: 16384,
+};
+
+fn chunks_of(fs: &Fs, ino: ResourceId) -> Vec<crate::meta::ChunkRef> {
+    fs.with_meta(|m| m.get(ino).unwrap().content.clone().unwrap().chunks.to_vec())
+}
+
+/// Writes `data` from `from` on in 64 KiB appends.
+fn append(fs: &Fs, fh: u64, from: u64, data: &[u8]) {
+    for (i, piece) in data.chunks(64 << 10).enumerate() {
+        fs.write(fh, from + (i as u64) * (64 << 10), piece).unwrap();
+    }
+}
+
+fn has_worker(fs: &Fs, fh: u64) -> bool {
+    let h = fs.handle(fh).unwrap();
+    let f = lock(&h.file);
+    f.spill
+        .as_ref()
+        .and_then(|s| s.stream.as_ref())
+        .is_some_and(|st| st.cutter.is_some())
+}
+
+#[test]
+fn a_large_streamed_write_is_chunked_in_the_background_as_in_one_pass() {
+    let store = Arc::new(MemChunkStore::new());
+    let (fs, _dir) = setup_with(store.clone());
+    let data = pseudo_random(5 << 20, 21);
+    let (attr, o) = fs.create(CTX, ROOT, b"big", 0o644, libc::O_RDWR).unwrap();
+    append(&fs, o.fh, 0, &data[..3 << 20]);
+    assert!(has_worker(&fs, o.fh), "3 MiB of appends go to a worker");
+    append(&fs, o.fh, 3 << 20, &data[3 << 20..]);
+    fs.flush(o.fh).unwrap();
+    fs.release(o.fh).unwrap();
+    assert_eq!(read_all(&fs, attr.ino), data);
+    // The same cut points as one pass over the whole file: hand-overs and
+    // the worker's leftovers never move a boundary.
+    let got: Vec<(u64, u32)> = chunks_of(&fs, attr.ino)
+        .iter()
+        .map(|c| (c.offset, c.len))
+        .collect();
+    let want: Vec<(u64, u32)> =
+        fastcdc::v2020::FastCDC::new(&data, SIZES.min, SIZES.avg, SIZES.max)
+            .map(|c| (c.offset as u64, c.length as u32))
+            .collect();
+    assert_eq!(got, want);
+    // Every chunk is referenced once and nothing was left pinned.
+    for c in chunks_of(&fs, attr.ino) {
+        assert_eq!(store.refcount(&c.hash).unwrap(), 1);
+    }
+    assert_eq!(store.collect_garbage().unwrap(), 0);
+    assert_eq!(store.stats().unwrap().bytes, data.len() as u64);
+}
+
+#[test]
+fn reads_and_truncation_during_a_streamed_write_see_every_byte() {
+    let store = Arc::new(MemChunkStore::new());
+    let (fs, _dir) = setup_with(store.clone());
+    let data = pseudo_random(4 << 20, 22);
+    let (attr, o) = fs.create(CTX, ROOT, b"f", 0o644, libc::O_RDWR).unwrap();
+    append(&fs, o.fh, 0, &data[..3 << 20]);
+    assert!(has_worker(&fs, o.fh));
+    // A read takes everything back from the worker first.
+    let at = (2 << 20) + 12345;
+    assert_eq!(
+        fs.read(o.fh, at, 70_000).unwrap(),
+        &data[at as usize..at as usize + 70_000]
+    );
+    append(&fs, o.fh, 3 << 20, &data[3 << 20..]);
+    fs.flush(o.fh).unwrap();
+    assert_eq!(read_all(&fs, attr.ino), data);
+    // Truncating to zero mid-stream drops the worker's chunks with the rest.
+    let o2 = fs.open(attr.ino, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    append(&fs, o2.fh, 0, &data[..2 << 20]);
+    assert!(has_worker(&fs, o2.fh));
+    let zero = SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    fs.setattr(attr.ino, Some(o2.fh), zero).unwrap();
+    fs.write(o2.fh, 0, b"short").unwrap();
+    fs.release(o2.fh).unwrap();
+    fs.release(o.fh).unwrap();
+    assert_eq!(read_all(&fs, attr.ino), b"short");
+    assert_eq!(store.collect_garbage().unwrap(), 0, "no chunk left pinned");
+    assert_eq!(store.stats().unwrap().bytes, 5);
+}
+
+#[test]
+fn a_chunking_error_comes_back_at_the_next_write_and_loses_nothing() {
+    let store = Arc::new(FailingStore::default());
+    let (fs, _dir) = setup_with(store.clone());
+    let data = pseudo_random(6 << 20, 23);
+    let (attr, o) = fs.create(CTX, ROOT, b"f", 0o644, libc::O_RDWR).unwrap();
+    append(&fs, o.fh, 0, &data[..1 << 20]);
+    assert!(has_worker(&fs, o.fh));
+    store.full.store(true, Ordering::SeqCst);
+    // The next hand-over makes the worker fail; the write after that
+    // reports it, before taking its own bytes.
+    append(&fs, o.fh, 1 << 20, &data[1 << 20..2 << 20]);
+    let failed = || {
+        let h = fs.handle(o.fh).unwrap();
+        let f = lock(&h.file);
+        let st = f.spill.as_ref().unwrap().stream.as_ref().unwrap();
+        st.cutter.as_ref().unwrap().failed()
+    };
+    let waited = std::time::Instant::now();
+    while !failed() {
+        assert!(waited.elapsed().as_secs() < 20, "the worker never failed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let written = 2 << 20;
+    let err = fs
+        .write(o.fh, written as u64, &data[written..written + 4096])
+        .unwrap_err();
+    assert!(
+        matches!(err, FsError::Storage(StorageError::NoSpace)),
+        "{err:?}"
+    );
+    assert_eq!(fs.getattr(attr.ino).unwrap().size, written as u64);
+    assert!(fs.flush(o.fh).is_err(), "still full");
+    // Space again: the commit stores every byte that was accepted.
+    store.full.store(false, Ordering::SeqCst);
+    fs.flush(o.fh).unwrap();
+    fs.release(o.fh).unwrap();
+    assert_eq!(read_all(&fs, attr.ino), &data[..written]);
+    assert_eq!(store.collect_garbage().unwrap(), 0);
+}
