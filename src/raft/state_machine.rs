@@ -23,7 +23,7 @@ use crate::storage::{Extra, RocksStore};
 
 const KEY_APPLIED: &str = "applied";
 const KEY_MEMBERSHIP: &str = "membership";
-const KEY_RECENT: &str = "recent";
+pub(super) const KEY_RECENT: &str = "recent";
 
 /// Results remembered per proposing device, to answer retries: more than
 /// the proposals one device can have in flight (one per kernel thread and a
@@ -271,6 +271,24 @@ fn merge(into: &mut Changes, from: Changes) {
     into.next_ino = from.next_ino;
 }
 
+/// A reply's inode without its chunk list and xattrs: callers want its
+/// attributes and version only, and every reply is kept (32 per device, for
+/// retries) in a table rewritten with each applied batch and sent back to
+/// forwarding devices. With the chunk list, one commit of a 4 GiB file put
+/// megabytes into each of the next 32 batches.
+fn slim(out: Outcome) -> Outcome {
+    match out {
+        Outcome::Inode(mut i) => {
+            i.xattrs.clear();
+            if let Some(c) = i.content.as_mut() {
+                c.chunks = Default::default();
+            }
+            Outcome::Inode(i)
+        }
+        other => other,
+    }
+}
+
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
     postcard::to_stdvec(v).map_err(|e| StorageIOError::write_state_machine(&e).into())
 }
@@ -310,6 +328,7 @@ impl StateMachine {
                 };
                 match meta.apply(cmd) {
                     Ok(out) => {
+                        let out = slim(out);
                         let changes = meta.take_changes();
                         if let Some((ino, device)) = author {
                             let epoch = authority.get(&ino).map_or(0, |a| a.epoch) + 1;

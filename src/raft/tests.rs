@@ -42,6 +42,92 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     }
 }
 
+/// Applies one request at `index` straight to the state machine.
+async fn apply_one(
+    sm: &mut StateMachine,
+    index: u64,
+    op: super::types::Op,
+) -> super::types::Response {
+    use openraft::storage::RaftStateMachine;
+    let entry = openraft::Entry::<TypeConfig> {
+        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: openraft::EntryPayload::Normal(super::types::Request {
+            origin: DeviceId([1; 16]),
+            id: index,
+            op,
+        }),
+    };
+    let mut out = sm.apply([entry]).await.unwrap();
+    out.pop().unwrap()
+}
+
+#[tokio::test]
+async fn replies_kept_for_retries_carry_no_chunk_lists() {
+    use super::types::Op;
+    use crate::ids::{ChunkHash, ResourceId};
+    use crate::meta::{ChunkRef, FsCommand, NewNode, Outcome};
+    let (dir, _log, mut sm) = Builder.build().await.unwrap();
+    let now = Timestamp { secs: 2, nanos: 0 };
+    let created = apply_one(
+        &mut sm,
+        1,
+        Op::Fs(FsCommand::Create {
+            parent: ResourceId::ROOT,
+            name: b"big".to_vec(),
+            node: NewNode::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            now,
+        }),
+    )
+    .await;
+    let ino = match created {
+        Ok(Outcome::Inode(i)) => i.id,
+        other => panic!("{other:?}"),
+    };
+    // A 1.25 GiB file's worth of chunk references.
+    let chunks: Vec<ChunkRef> = (0..20_000u64)
+        .map(|i| ChunkRef {
+            hash: ChunkHash::of(&i.to_le_bytes()),
+            offset: i << 16,
+            len: 1 << 16,
+        })
+        .collect();
+    let committed = apply_one(
+        &mut sm,
+        2,
+        Op::Fs(FsCommand::CommitVersion {
+            ino,
+            size: 20_000 << 16,
+            chunks,
+            mtime: now,
+            author: DeviceId([1; 16]),
+            now,
+        }),
+    )
+    .await;
+    let reply = match committed {
+        Ok(Outcome::Inode(i)) => i,
+        other => panic!("{other:?}"),
+    };
+    // What callers use is there; the chunk list is not.
+    assert_eq!(reply.size(), 20_000 << 16);
+    let stored = sm.shared.meta.read().unwrap().get(ino).unwrap().clone();
+    assert_eq!(reply.version(), stored.version());
+    assert_eq!(stored.content.as_ref().unwrap().chunks.len(), 20_000);
+    assert!(reply.content.as_ref().unwrap().chunks.is_empty());
+    // The persisted table of replies stays small.
+    let recent = sm
+        .shared
+        .store
+        .raft_get(super::state_machine::KEY_RECENT)
+        .unwrap()
+        .unwrap();
+    assert!(recent.len() < 4096, "{} bytes", recent.len());
+    drop(dir);
+}
+
 #[test]
 fn storage_passes_openraft_suite() {
     Suite::test_all(Builder).unwrap();
