@@ -258,8 +258,20 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
         "commits": fs.commits,
         "rechunked_bytes": fs.rechunked_bytes,
         "open_files": fs.open_files,
+        "memory": {
+            "rss_bytes": rss_bytes(),
+            "rocksdb": node.store.memory_usage(),
+        },
         "prefetch": prefetch_status(node),
     })
+}
+
+/// This process's resident memory, from /proc (None where unreadable).
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The prefetch ledger (hits, misses, wasted bytes) and the model's state.

@@ -40,6 +40,14 @@ fn mount_shows_type_fuse_meshfs_and_status_reports() {
     assert_eq!(s["raft"]["degraded"], false);
     assert!(s["cache_bytes"].is_u64());
     assert_eq!(s["prefetch"]["hits"], 0);
+    // Memory: the process's RSS, and RocksDB's share of it, bounded.
+    let rss = s["memory"]["rss_bytes"].as_u64().unwrap();
+    assert!(rss > 1 << 20, "{rss}");
+    let rocksdb = &s["memory"]["rocksdb"];
+    for k in ["memtables", "block_cache", "table_readers"] {
+        let v = rocksdb[k].as_u64().unwrap();
+        assert!(v < rss, "{k}: {v} of {rss}");
+    }
     // The control socket is private to the daemon's user.
     let mode = fs::metadata(d.data_dir().join("control.sock"))
         .unwrap()

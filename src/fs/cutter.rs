@@ -30,7 +30,7 @@ pub const HANDOFF_BYTES: usize = 1 << 20;
 
 /// Hand-overs queued for the worker at most; the writer waits beyond that,
 /// which bounds the memory a fast writer can pile up (8 MiB per file).
-const QUEUE: usize = 8;
+const QUEUE: usize = 4;
 
 /// Workers one filesystem runs at once: one per core, at most 4. A file
 /// that finds them all busy is cut on the writing thread instead.

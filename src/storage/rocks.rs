@@ -36,13 +36,21 @@ const CF_META: &str = "meta";
 /// Largest amount of data the memtables of all families can hold; the space
 /// reserve keeps this much free so that a flush never fails for space.
 pub const MEMTABLE_BUDGET: u64 = 2 * (CHUNKS_MEMTABLE + 2 * SMALL_MEMTABLE) as u64;
-const CHUNKS_MEMTABLE: usize = 16 << 20;
+const CHUNKS_MEMTABLE: usize = 8 << 20;
 const SMALL_MEMTABLE: usize = 4 << 20;
 
 const KEY_NEXT_INO: &[u8] = b"c/next_ino";
 const KEY_STATS: &[u8] = b"c/stats";
 const PREFIX_INODE: u8 = b'i';
 const PREFIX_ENTRY: u8 = b'e';
+
+/// Bytes RocksDB holds in memory (see `RocksStore::memory_usage`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct MemoryUsage {
+    pub memtables: u64,
+    pub block_cache: u64,
+    pub table_readers: u64,
+}
 
 pub struct RocksStore {
     /// Shared with the background space-reclaim thread.
@@ -147,9 +155,11 @@ impl CheckReport {
 impl RocksStore {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let cache = Cache::new_lru_cache(32 << 20);
+        let cache = Cache::new_lru_cache(16 << 20);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
 
         // Recovery must not need free space: a device that stopped on a full
         // disk has to start again so that its user can delete files. The
@@ -432,6 +442,31 @@ impl RocksStore {
 
     fn chunk_len(&self, h: &ChunkHash) -> Result<Option<u64>, StorageError> {
         Ok(self.raw_chunk(h)?.map(|v| v.len() as u64))
+    }
+
+    /// What RocksDB holds in memory, for `meshfs status`: memtables of
+    /// every column family, the shared block cache (index blocks included)
+    /// and table readers outside it.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        let prop = |cf: &str, name: &str| {
+            self.db
+                .cf_handle(cf)
+                .and_then(|h| self.db.property_int_value_cf(h, name).ok().flatten())
+                .unwrap_or(0)
+        };
+        let families = [CF_CHUNKS, CF_REFS, CF_META, CF_RAFT_LOG, CF_ACCESS];
+        MemoryUsage {
+            memtables: families
+                .iter()
+                .map(|cf| prop(cf, "rocksdb.cur-size-all-mem-tables"))
+                .sum(),
+            table_readers: families
+                .iter()
+                .map(|cf| prop(cf, "rocksdb.estimate-table-readers-mem"))
+                .sum(),
+            // One cache shared by every family.
+            block_cache: prop(CF_META, "rocksdb.block-cache-usage"),
+        }
     }
 
     /// Writes memtables to table files, so a clean shutdown leaves nothing
