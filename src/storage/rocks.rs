@@ -1,6 +1,7 @@
 //! The RocksDB store: one database per device, with column families
 //! `chunks` (hash -> bytes, large values in blob files so compaction does not
-//! rewrite content), `refs` (hash -> reference count) and `meta` (the
+//! rewrite content), `present` (hash -> length of each chunk stored here),
+//! `refs` (hash -> reference count) and `meta` (the
 //! namespace: inodes, entries, counters). A namespace change and the chunk
 //! reference changes it implies are one atomic write batch.
 
@@ -32,6 +33,12 @@ use raft_log::CF_RAFT_LOG;
 const CF_CHUNKS: &str = "chunks";
 const CF_REFS: &str = "refs";
 const CF_META: &str = "meta";
+/// hash -> length (u64 LE) of every chunk stored here: answers "is it here?"
+/// without reading the chunk. RocksDB reads a blob value in full on every
+/// get, so `contains` over a big file read all of it: the holdings listing
+/// after each change read the whole store, and a file's first read read it
+/// twice.
+const CF_PRESENT: &str = "present";
 
 /// Largest amount of data the memtables of all families can hold; the space
 /// reserve keeps this much free so that a flush never fails for space.
@@ -41,6 +48,9 @@ const SMALL_MEMTABLE: usize = 4 << 20;
 
 const KEY_NEXT_INO: &[u8] = b"c/next_ino";
 const KEY_STATS: &[u8] = b"c/stats";
+/// Set once `present` has been built from the chunks (data dirs from before
+/// it existed build it at their first open).
+const KEY_PRESENT_BUILT: &[u8] = b"c/present_built";
 const PREFIX_INODE: u8 = b'i';
 const PREFIX_ENTRY: u8 = b'e';
 
@@ -128,6 +138,10 @@ pub struct CheckReport {
     pub missing_chunks: Vec<String>,
     pub corrupt_chunks: Vec<String>,
     pub wrong_refcounts: Vec<String>,
+    /// Chunks whose entry in the presence index is missing, stale or of
+    /// another length.
+    #[serde(default)]
+    pub presence_mismatch: Vec<String>,
     pub unreferenced_chunks: u64,
     /// Chunks not stored here that a live member holds (in a mesh, content
     /// lives on `replicas` devices, not necessarily this one).
@@ -148,6 +162,7 @@ impl CheckReport {
         self.missing_chunks.is_empty()
             && self.corrupt_chunks.is_empty()
             && self.wrong_refcounts.is_empty()
+            && self.presence_mismatch.is_empty()
             && self.state_mismatch.is_empty()
     }
 }
@@ -202,6 +217,7 @@ impl RocksStore {
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_REFS, small.clone()),
+            ColumnFamilyDescriptor::new(CF_PRESENT, small.clone()),
             ColumnFamilyDescriptor::new(CF_META, small.clone()),
             ColumnFamilyDescriptor::new(CF_RAFT_LOG, small.clone()),
             ColumnFamilyDescriptor::new(CF_ACCESS, small),
@@ -227,7 +243,39 @@ impl RocksStore {
             None => StoreStats::default(),
         };
         *lock(&store.stats) = stats;
+        store.build_presence_if_needed()?;
         Ok(store)
+    }
+
+    /// Fills `present` from the chunks themselves, once per data dir: a dir
+    /// made before the index existed reads every chunk here, one time. An
+    /// interrupted build starts again at the next open.
+    fn build_presence_if_needed(&self) -> Result<(), StorageError> {
+        if self
+            .db
+            .get_cf(self.cf(CF_META), KEY_PRESENT_BUILT)
+            .map_err(db_err)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let present = self.cf(CF_PRESENT);
+        let mut batch = WriteBatch::default();
+        let mut n = 0u64;
+        for item in self.scan_chunks() {
+            let (k, len) = item?;
+            batch.put_cf(present, &k, (len as u64).to_le_bytes());
+            n += 1;
+            if batch.len() >= 1024 {
+                self.db.write(std::mem::take(&mut batch)).map_err(db_err)?;
+            }
+        }
+        batch.put_cf(self.cf(CF_META), KEY_PRESENT_BUILT, [1u8]);
+        self.db.write(batch).map_err(db_err)?;
+        if n > 0 {
+            tracing::info!(chunks = n, "indexed the chunks stored here");
+        }
+        Ok(())
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -316,6 +364,7 @@ impl RocksStore {
     ) -> Result<(), StorageError> {
         let refs = self.cf(CF_REFS);
         let chunks = self.cf(CF_CHUNKS);
+        let present = self.cf(CF_PRESENT);
         self.pins.with(|pins| {
             let mut stats = *lock(&self.stats);
             for (h, d) in deltas {
@@ -329,6 +378,7 @@ impl RocksStore {
                     if !pins.contains_key(h) {
                         if let Some(len) = self.chunk_len(h)? {
                             batch.delete_cf(chunks, h.as_bytes());
+                            batch.delete_cf(present, h.as_bytes());
                             stats.chunks = stats.chunks.saturating_sub(1);
                             stats.bytes = stats.bytes.saturating_sub(len);
                         }
@@ -372,7 +422,11 @@ impl RocksStore {
         if written == self.bulk_flushed.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.db.flush_cf(self.cf(CF_CHUNKS)).map_err(db_err)?;
+        // The presence entries went without the WAL too.
+        let fo = rocksdb::FlushOptions::default();
+        self.db
+            .flush_cfs_opt(&[self.cf(CF_CHUNKS), self.cf(CF_PRESENT)], &fo)
+            .map_err(db_err)?;
         self.bulk_flushed.fetch_max(written, Ordering::AcqRel);
         Ok(())
     }
@@ -394,6 +448,24 @@ impl RocksStore {
             // key) is damaged and is rewritten: writing the same content
             // again heals it. Comparing costs less than hashing again.
             let stored = self.raw_chunk(&hash)?.map(|v| v.as_ref() == data);
+            if stored == Some(true) && self.chunk_len(&hash)?.is_none() {
+                // Stored, but its presence entry was lost (a crash between
+                // flushes of the two families): put it back.
+                let mut wo = WriteOptions::default();
+                wo.disable_wal(bulk);
+                let len = (data.len() as u64).to_le_bytes();
+                if let Err(e) = self
+                    .db
+                    .put_cf_opt(self.cf(CF_PRESENT), hash.as_bytes(), len, &wo)
+                    .map_err(db_err)
+                {
+                    unpin_one(pins, &hash);
+                    return Err(e);
+                }
+                if bulk {
+                    self.bulk_written.fetch_add(1, Ordering::AcqRel);
+                }
+            }
             if stored != Some(true) {
                 if !super::has_space(self.db.path(), data.len() as u64) {
                     unpin_one(pins, &hash);
@@ -408,6 +480,11 @@ impl RocksStore {
                 }
                 let mut batch = WriteBatch::default();
                 batch.put_cf(chunks, hash.as_bytes(), data);
+                batch.put_cf(
+                    self.cf(CF_PRESENT),
+                    hash.as_bytes(),
+                    (data.len() as u64).to_le_bytes(),
+                );
                 batch.put_cf(self.cf(CF_META), KEY_STATS, encode(&stats)?);
                 let mut wo = WriteOptions::default();
                 wo.disable_wal(bulk);
@@ -440,8 +517,17 @@ impl RocksStore {
             .map_err(db_err)
     }
 
+    /// A chunk's length if it is stored here, from the presence index
+    /// (without reading the chunk).
     fn chunk_len(&self, h: &ChunkHash) -> Result<Option<u64>, StorageError> {
-        Ok(self.raw_chunk(h)?.map(|v| v.len() as u64))
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_PRESENT), h.as_bytes())
+            .map_err(db_err)?
+        {
+            Some(v) => Ok(Some(u64_of(&v)?)),
+            None => Ok(None),
+        }
     }
 
     /// What RocksDB holds in memory, for `meshfs status`: memtables of
@@ -454,7 +540,14 @@ impl RocksStore {
                 .and_then(|h| self.db.property_int_value_cf(h, name).ok().flatten())
                 .unwrap_or(0)
         };
-        let families = [CF_CHUNKS, CF_REFS, CF_META, CF_RAFT_LOG, CF_ACCESS];
+        let families = [
+            CF_CHUNKS,
+            CF_REFS,
+            CF_PRESENT,
+            CF_META,
+            CF_RAFT_LOG,
+            CF_ACCESS,
+        ];
         MemoryUsage {
             memtables: families
                 .iter()
@@ -472,7 +565,14 @@ impl RocksStore {
     /// Writes memtables to table files, so a clean shutdown leaves nothing
     /// to replay from the WAL.
     pub fn flush(&self) -> Result<(), StorageError> {
-        for cf in [CF_CHUNKS, CF_REFS, CF_META, CF_RAFT_LOG, CF_ACCESS] {
+        for cf in [
+            CF_CHUNKS,
+            CF_REFS,
+            CF_PRESENT,
+            CF_META,
+            CF_RAFT_LOG,
+            CF_ACCESS,
+        ] {
             self.db.flush_cf(self.cf(cf)).map_err(db_err)?;
         }
         Ok(())
@@ -566,13 +666,35 @@ impl RocksStore {
                     .push(format!("{h}: stored {have}, namespace has {want}"));
             }
         }
+        let mut stored = 0u64;
         for item in self.scan_chunks() {
-            let (k, _) = item?;
-            if let Some(h) = ChunkHash::from_slice(&k) {
-                if !expected.contains_key(&h) {
-                    report.unreferenced_chunks += 1;
-                }
+            let (k, len) = item?;
+            let Some(h) = ChunkHash::from_slice(&k) else {
+                continue;
+            };
+            stored += 1;
+            if !expected.contains_key(&h) {
+                report.unreferenced_chunks += 1;
             }
+            match self.chunk_len(&h)? {
+                Some(l) if l == len as u64 => {}
+                Some(l) => report
+                    .presence_mismatch
+                    .push(format!("{h}: stored {len} bytes, index says {l}")),
+                None => report
+                    .presence_mismatch
+                    .push(format!("{h}: stored, not in the index")),
+            }
+        }
+        let indexed = self
+            .db
+            .iterator_cf(self.cf(CF_PRESENT), IteratorMode::Start)
+            .count() as u64;
+        if indexed > stored {
+            report.presence_mismatch.push(format!(
+                "{} chunks in the index are not stored",
+                indexed - stored
+            ));
         }
         Ok(report)
     }
@@ -659,6 +781,7 @@ impl RocksStore {
         let mut batch = WriteBatch::default();
         for (h, len) in &doomed {
             batch.delete_cf(self.cf(CF_CHUNKS), h.as_bytes());
+            batch.delete_cf(self.cf(CF_PRESENT), h.as_bytes());
             stats.chunks = stats.chunks.saturating_sub(1);
             stats.bytes = stats.bytes.saturating_sub(*len);
         }
@@ -731,7 +854,7 @@ impl ChunkStore for RocksStore {
     }
 
     fn contains(&self, hash: &ChunkHash) -> Result<bool, StorageError> {
-        Ok(self.raw_chunk(hash)?.is_some())
+        Ok(self.chunk_len(hash)?.is_some())
     }
 
     fn apply_refs(&self, deltas: &BTreeMap<ChunkHash, i64>) -> Result<(), StorageError> {
@@ -771,13 +894,16 @@ impl ChunkStore for RocksStore {
     fn collect_garbage(&self) -> Result<u64, StorageError> {
         self.pins.with(|pins| {
             let mut doomed = Vec::new();
-            for item in self.scan_chunks() {
-                let (k, len) = item?;
+            for item in self
+                .db
+                .iterator_cf(self.cf(CF_PRESENT), IteratorMode::Start)
+            {
+                let (k, v) = item.map_err(db_err)?;
                 let Some(h) = ChunkHash::from_slice(&k) else {
                     continue;
                 };
                 if !pins.contains_key(&h) && self.refcount(&h)? == 0 {
-                    doomed.push((h, len as u64));
+                    doomed.push((h, u64_of(&v)?));
                 }
             }
             self.delete_chunks(doomed)
@@ -914,6 +1040,48 @@ mod tests {
         for h in &live {
             assert!(s.get(h).unwrap().is_some());
         }
+    }
+
+    #[test]
+    fn presence_index_is_built_for_old_data_dirs_and_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let hashes: Vec<ChunkHash>;
+        {
+            let s = RocksStore::open(d.path()).unwrap();
+            hashes = (0..5u8).map(|i| s.put(&[i; 3000]).unwrap()).collect();
+            s.apply_refs(&hashes.iter().map(|h| (*h, 1)).collect())
+                .unwrap();
+            s.unpin(&hashes);
+            // A data dir from before the index: no entries, no marker.
+            for h in &hashes {
+                s.db.delete_cf(s.cf(CF_PRESENT), h.as_bytes()).unwrap();
+            }
+            s.db.delete_cf(s.cf(CF_META), KEY_PRESENT_BUILT).unwrap();
+            assert!(!s.contains(&hashes[0]).unwrap());
+        }
+        let s = RocksStore::open(d.path()).unwrap();
+        for h in &hashes {
+            assert!(s.contains(h).unwrap());
+            assert_eq!(s.chunk_len(h).unwrap(), Some(3000));
+        }
+        // Released and evicted chunks leave the index with the chunk.
+        s.apply_refs(&[(hashes[0], -1)].into_iter().collect())
+            .unwrap();
+        assert!(!s.contains(&hashes[0]).unwrap());
+        assert_eq!(s.evict(&[hashes[1]]).unwrap(), 3000);
+        assert!(!s.contains(&hashes[1]).unwrap());
+        let meta = MetaState::new(0, 0, Timestamp { secs: 1, nanos: 0 });
+        let report = s.check(&meta).unwrap();
+        assert!(report.presence_mismatch.is_empty(), "{report:?}");
+        // A lost entry is reported, and storing the content again heals it.
+        s.db.delete_cf(s.cf(CF_PRESENT), hashes[2].as_bytes())
+            .unwrap();
+        let report = s.check(&meta).unwrap();
+        assert_eq!(report.presence_mismatch.len(), 1, "{report:?}");
+        assert_eq!(s.put(&[2u8; 3000]).unwrap(), hashes[2]);
+        s.unpin(&[hashes[2]]);
+        assert!(s.contains(&hashes[2]).unwrap());
+        assert!(s.check(&meta).unwrap().presence_mismatch.is_empty());
     }
 
     #[test]
