@@ -185,6 +185,11 @@ impl RocksStore {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.increase_parallelism(2);
+        // Let the kernel read ahead in blob files: a file's chunks sit
+        // one after another in them, and reads mostly go front to back.
+        // RocksDB's default (POSIX_FADV_RANDOM on every file) turned a cold
+        // sequential read into 64 KiB reads, one at a time.
+        db_opts.set_advise_random_on_open(false);
         // Bounds memory: the daemon's RSS target is far below RocksDB defaults
         // with several column families.
         db_opts.set_db_write_buffer_size(MEMTABLE_BUDGET as usize);
