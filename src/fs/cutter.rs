@@ -29,7 +29,7 @@ use crate::storage::Store;
 pub const HANDOFF_BYTES: usize = 1 << 20;
 
 /// Hand-overs queued for the worker at most; the writer waits beyond that,
-/// which bounds the memory a fast writer can pile up (8 MiB per file).
+/// which bounds the memory a fast writer can pile up (4 MiB per file).
 const QUEUE: usize = 4;
 
 /// Workers one filesystem runs at once: one per core, at most 4. A file

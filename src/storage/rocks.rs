@@ -48,9 +48,12 @@ const SMALL_MEMTABLE: usize = 4 << 20;
 
 const KEY_NEXT_INO: &[u8] = b"c/next_ino";
 const KEY_STATS: &[u8] = b"c/stats";
-/// Set once `present` has been built from the chunks (data dirs from before
-/// it existed build it at their first open).
-const KEY_PRESENT_BUILT: &[u8] = b"c/present_built";
+/// Present while `present` is known to match the chunks: written at a clean
+/// close (after every family is flushed), removed at open. Chunks written
+/// without the WAL may be flushed without their presence entries, so after
+/// a crash (or in a data dir from before the index) it is rebuilt from the
+/// chunks themselves.
+const KEY_PRESENT_EXACT: &[u8] = b"c/present_exact";
 const PREFIX_INODE: u8 = b'i';
 const PREFIX_ENTRY: u8 = b'e';
 
@@ -81,6 +84,17 @@ pub struct RocksStore {
     /// persisted in the same batches as the chunks they count. Shared with
     /// the reclaim thread, which checks after each pass whether it is done.
     stats: std::sync::Arc<Mutex<StoreStats>>,
+}
+
+impl Drop for RocksStore {
+    /// A store closed without `flush` (an offline `meshfs check`, a test)
+    /// is still a clean close: flushing here spares the next open a rebuild
+    /// of the presence index. A crash never gets here.
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "flushing the store at close failed");
+        }
+    }
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -252,19 +266,29 @@ impl RocksStore {
         Ok(store)
     }
 
-    /// Fills `present` from the chunks themselves, once per data dir: a dir
-    /// made before the index existed reads every chunk here, one time. An
-    /// interrupted build starts again at the next open.
+    /// Rebuilds `present` from the chunks themselves unless the last close
+    /// was clean (this reads every chunk, as the start-up garbage collection
+    /// did before the index existed), then marks it unverified until the
+    /// next clean close.
     fn build_presence_if_needed(&self) -> Result<(), StorageError> {
-        if self
-            .db
-            .get_cf(self.cf(CF_META), KEY_PRESENT_BUILT)
-            .map_err(db_err)?
-            .is_some()
-        {
-            return Ok(());
+        let meta = self.cf(CF_META);
+        let exact = self.db.get_cf(meta, KEY_PRESENT_EXACT).map_err(db_err)?;
+        if exact.is_none() {
+            self.build_presence()?;
         }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .delete_cf_opt(meta, KEY_PRESENT_EXACT, &wo)
+            .map_err(db_err)
+    }
+
+    fn build_presence(&self) -> Result<(), StorageError> {
         let present = self.cf(CF_PRESENT);
+        // Chunk keys are 32 bytes: this range holds every entry.
+        self.db
+            .delete_range_cf(present, &[][..], &[0xffu8; 33][..])
+            .map_err(db_err)?;
         let mut batch = WriteBatch::default();
         let mut n = 0u64;
         for item in self.scan_chunks() {
@@ -275,7 +299,6 @@ impl RocksStore {
                 self.db.write(std::mem::take(&mut batch)).map_err(db_err)?;
             }
         }
-        batch.put_cf(self.cf(CF_META), KEY_PRESENT_BUILT, [1u8]);
         self.db.write(batch).map_err(db_err)?;
         if n > 0 {
             tracing::info!(chunks = n, "indexed the chunks stored here");
@@ -568,7 +591,8 @@ impl RocksStore {
     }
 
     /// Writes memtables to table files, so a clean shutdown leaves nothing
-    /// to replay from the WAL.
+    /// to replay from the WAL, and marks the presence index exact for the
+    /// next open.
     pub fn flush(&self) -> Result<(), StorageError> {
         for cf in [
             CF_CHUNKS,
@@ -580,7 +604,11 @@ impl RocksStore {
         ] {
             self.db.flush_cf(self.cf(cf)).map_err(db_err)?;
         }
-        Ok(())
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_META), KEY_PRESENT_EXACT, [1u8], &wo)
+            .map_err(db_err)
     }
 
     fn garbage_bytes(&self) -> u64 {
@@ -1048,7 +1076,7 @@ mod tests {
     }
 
     #[test]
-    fn presence_index_is_built_for_old_data_dirs_and_checked() {
+    fn presence_index_is_rebuilt_after_a_crash_and_checked() {
         let d = tempfile::tempdir().unwrap();
         let hashes: Vec<ChunkHash>;
         {
@@ -1057,12 +1085,23 @@ mod tests {
             s.apply_refs(&hashes.iter().map(|h| (*h, 1)).collect())
                 .unwrap();
             s.unpin(&hashes);
-            // A data dir from before the index: no entries, no marker.
+        }
+        {
+            // As after a crash that lost the index entries (written without
+            // the WAL): no mark of a clean close, and entries gone.
+            let cfs = DB::list_cf(&Options::default(), d.path()).unwrap();
+            let db = DB::open_cf(&Options::default(), d.path(), cfs).unwrap();
+            let (meta, present) = (
+                db.cf_handle(CF_META).unwrap(),
+                db.cf_handle(CF_PRESENT).unwrap(),
+            );
+            assert!(db.get_cf(meta, KEY_PRESENT_EXACT).unwrap().is_some());
+            db.delete_cf(meta, KEY_PRESENT_EXACT).unwrap();
             for h in &hashes {
-                s.db.delete_cf(s.cf(CF_PRESENT), h.as_bytes()).unwrap();
+                db.delete_cf(present, h.as_bytes()).unwrap();
             }
-            s.db.delete_cf(s.cf(CF_META), KEY_PRESENT_BUILT).unwrap();
-            assert!(!s.contains(&hashes[0]).unwrap());
+            // And one entry for a chunk that is not there.
+            db.put_cf(present, [7u8; 32], 10u64.to_le_bytes()).unwrap();
         }
         let s = RocksStore::open(d.path()).unwrap();
         for h in &hashes {
@@ -1078,6 +1117,9 @@ mod tests {
         let meta = MetaState::new(0, 0, Timestamp { secs: 1, nanos: 0 });
         let report = s.check(&meta).unwrap();
         assert!(report.presence_mismatch.is_empty(), "{report:?}");
+        assert!(!s
+            .contains(&ChunkHash::from_slice(&[7u8; 32]).unwrap())
+            .unwrap());
         // A lost entry is reported, and storing the content again heals it.
         s.db.delete_cf(s.cf(CF_PRESENT), hashes[2].as_bytes())
             .unwrap();
