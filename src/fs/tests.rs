@@ -460,24 +460,30 @@ fn a_chunking_error_comes_back_at_the_next_write_and_loses_nothing() {
     append(&fs, o.fh, 0, &data[..1 << 20]);
     assert!(has_worker(&fs, o.fh));
     store.full.store(true, Ordering::SeqCst);
-    // The next hand-over makes the worker fail; the write after that
-    // reports it, before taking its own bytes.
-    append(&fs, o.fh, 1 << 20, &data[1 << 20..2 << 20]);
+    // The next hand-over makes the worker fail, and the first write after
+    // that reports it, before taking its own bytes. Once a hand-over has
+    // surely happened, wait for the failure so that the next write sees it.
     let failed = || {
         let h = fs.handle(o.fh).unwrap();
         let f = lock(&h.file);
         let st = f.spill.as_ref().unwrap().stream.as_ref().unwrap();
         st.cutter.as_ref().unwrap().failed()
     };
-    let waited = std::time::Instant::now();
-    while !failed() {
-        assert!(waited.elapsed().as_secs() < 20, "the worker never failed");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    let written = 2 << 20;
-    let err = fs
-        .write(o.fh, written as u64, &data[written..written + 4096])
-        .unwrap_err();
+    let mut written = 1 << 20;
+    let err = loop {
+        assert!(written < 4 << 20, "no write reported the full store");
+        if written >= 3 << 20 {
+            let waited = std::time::Instant::now();
+            while !failed() {
+                assert!(waited.elapsed().as_secs() < 20, "the worker never failed");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        match fs.write(o.fh, written as u64, &data[written..written + (64 << 10)]) {
+            Ok(n) => written += n as usize,
+            Err(e) => break e,
+        }
+    };
     assert!(
         matches!(err, FsError::Storage(StorageError::NoSpace)),
         "{err:?}"
