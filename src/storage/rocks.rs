@@ -39,6 +39,15 @@ const CF_META: &str = "meta";
 /// after each change read the whole store, and a file's first read read it
 /// twice.
 const CF_PRESENT: &str = "present";
+/// Every column family, for whole-database operations.
+const FAMILIES: [&str; 6] = [
+    CF_CHUNKS,
+    CF_REFS,
+    CF_PRESENT,
+    CF_META,
+    CF_RAFT_LOG,
+    CF_ACCESS,
+];
 
 /// Largest amount of data the memtables of all families can hold; the space
 /// reserve keeps this much free so that a flush never fails for space.
@@ -568,20 +577,12 @@ impl RocksStore {
                 .and_then(|h| self.db.property_int_value_cf(h, name).ok().flatten())
                 .unwrap_or(0)
         };
-        let families = [
-            CF_CHUNKS,
-            CF_REFS,
-            CF_PRESENT,
-            CF_META,
-            CF_RAFT_LOG,
-            CF_ACCESS,
-        ];
         MemoryUsage {
-            memtables: families
+            memtables: FAMILIES
                 .iter()
                 .map(|cf| prop(cf, "rocksdb.cur-size-all-mem-tables"))
                 .sum(),
-            table_readers: families
+            table_readers: FAMILIES
                 .iter()
                 .map(|cf| prop(cf, "rocksdb.estimate-table-readers-mem"))
                 .sum(),
@@ -594,14 +595,7 @@ impl RocksStore {
     /// to replay from the WAL, and marks the presence index exact for the
     /// next open.
     pub fn flush(&self) -> Result<(), StorageError> {
-        for cf in [
-            CF_CHUNKS,
-            CF_REFS,
-            CF_PRESENT,
-            CF_META,
-            CF_RAFT_LOG,
-            CF_ACCESS,
-        ] {
+        for cf in FAMILIES {
             self.db.flush_cf(self.cf(cf)).map_err(db_err)?;
         }
         let mut wo = WriteOptions::default();
