@@ -11,6 +11,7 @@
 //! A prefetched byte is wasted when it is evicted, or still unused at the
 //! end, without having been opened.
 
+use super::fetch::UNUSED_EXPIRY;
 use super::predict::{
     hit_at, mix, Accuracy, FollowRecord, LastSuccessor, Markov, Predictor, Ranked,
 };
@@ -88,7 +89,7 @@ impl Planner<'_> {
         );
         for (s, depth) in chosen {
             let size = self.sizes.get(&s).copied().unwrap_or(0);
-            cache.prefetch(s, size, depth, self.share, tally);
+            cache.prefetch(s, size, depth, self.share, self.now, tally);
         }
     }
 }
@@ -107,9 +108,16 @@ pub struct Row {
     pub top1: f64,
     pub top5: f64,
     pub local_hit_rate: f64,
+    /// Prefetched bytes not opened within `fetch::UNUSED_EXPIRY` of their
+    /// prefetch (trace time), or evicted unopened: the daemon's definition.
     pub wasted_bytes: u64,
     pub prefetched_bytes: u64,
-    /// wasted_bytes / prefetched_bytes (0 when nothing was prefetched).
+    /// Prefetched bytes still unopened when the trace ends but younger than
+    /// the expiry: their fate is unknown, so they are neither wasted nor
+    /// used.
+    pub pending_bytes: u64,
+    /// wasted_bytes / (prefetched_bytes - pending_bytes): the share of the
+    /// prefetches whose fate is known that went unused (0 when none).
     pub wasted_fraction: f64,
     /// Top-1 over the first 2,000 scored events (the cold start).
     pub top1_cold: f64,
@@ -144,8 +152,10 @@ struct Entry {
     last_use: u64,
     /// The device's open count when this was last opened (0: never).
     opened: u64,
-    /// Bytes a prefetch brought that no open has used yet.
+    /// Bytes a prefetch brought that no open has used yet ...
     unused: u64,
+    /// ... and when (trace ms) the last of them came.
+    unused_at: u64,
 }
 
 /// One device's cache in the simulation.
@@ -158,6 +168,9 @@ struct Cache {
     opens: u64,
     entries: HashMap<Sym, Entry>,
     lru: BTreeMap<u64, Sym>,
+    /// Entries with unused prefetched bytes, by `unused_at`: the expiry
+    /// sweep's order.
+    waiting: BTreeMap<(u64, Sym), ()>,
 }
 
 #[derive(Debug, Default)]
@@ -171,6 +184,7 @@ struct Tally {
     local: u64,
     prefetched: u64,
     wasted: u64,
+    pending: u64,
     predict_ns: u128,
     predictions: u64,
 }
@@ -195,9 +209,28 @@ impl Cache {
     fn remove(&mut self, sym: Sym, tally: &mut Tally) {
         if let Some(e) = self.entries.remove(&sym) {
             self.lru.remove(&e.last_use);
+            self.waiting.remove(&(e.unused_at, sym));
             self.used -= e.bytes;
             self.unused_prefetch -= e.unused;
             tally.wasted += e.unused;
+        }
+    }
+
+    /// Trace time reached `now`: prefetched bytes unopened for
+    /// `UNUSED_EXPIRY` are wasted, as the daemon's ledger counts them (the
+    /// content stays cached, and no longer holds the prefetch budget).
+    fn expire(&mut self, now: u64, tally: &mut Tally) {
+        let expiry = UNUSED_EXPIRY.as_millis() as u64;
+        while let Some((&(at, sym), _)) = self.waiting.first_key_value() {
+            if at.saturating_add(expiry) > now {
+                break;
+            }
+            self.waiting.remove(&(at, sym));
+            if let Some(e) = self.entries.get_mut(&sym) {
+                self.unused_prefetch -= e.unused;
+                tally.wasted += e.unused;
+                e.unused = 0;
+            }
         }
     }
 
@@ -242,6 +275,7 @@ impl Cache {
         let (hit, had) = match self.entries.get_mut(&sym) {
             Some(e) => {
                 e.opened = opens;
+                self.waiting.remove(&(e.unused_at, sym));
                 self.unused_prefetch -= e.unused;
                 e.unused = 0;
                 (e.whole && e.bytes >= size, e.bytes)
@@ -273,7 +307,15 @@ impl Cache {
         false
     }
 
-    fn prefetch(&mut self, sym: Sym, size: u64, depth: Depth, share: f64, tally: &mut Tally) {
+    fn prefetch(
+        &mut self,
+        sym: Sym,
+        size: u64,
+        depth: Depth,
+        share: f64,
+        now: u64,
+        tally: &mut Tally,
+    ) {
         let want = match depth {
             Depth::Whole => size,
             Depth::Head => size.min(HEAD_BYTES),
@@ -299,14 +341,21 @@ impl Cache {
         self.used += need;
         e.bytes = want;
         e.whole = want >= size;
+        self.waiting.remove(&(e.unused_at, sym));
         e.unused += need;
+        e.unused_at = now;
+        self.waiting.insert((now, sym), ());
         self.unused_prefetch += need;
         tally.prefetched += need;
     }
 
-    fn finish(&mut self, tally: &mut Tally) {
-        tally.wasted += self.unused_prefetch;
+    /// The trace ended at `now`: what expired by then is wasted, the rest
+    /// is pending.
+    fn finish(&mut self, now: u64, tally: &mut Tally) {
+        self.expire(now, tally);
+        tally.pending += self.unused_prefetch;
         self.unused_prefetch = 0;
+        self.waiting.clear();
     }
 }
 
@@ -447,6 +496,8 @@ pub fn evaluate(
     };
 
     let (mut scored, mut scored_new) = (0u64, 0u64);
+    // The latest trace time seen (the trace's clock).
+    let mut end = 0u64;
     let mut last_seen: HashMap<&str, LastSeen> = HashMap::new();
     // (user, from device) -> how often they went on to each device.
     let mut moves: HashMap<(&str, usize), HashMap<usize, u32>> = HashMap::new();
@@ -467,6 +518,12 @@ pub fn evaluate(
             }
         }
         sizes.insert(sym, e.size);
+        end = end.max(e.ts_ms);
+        for (per_row, t) in caches.iter_mut().zip(tallies.iter_mut()) {
+            for c in per_row.iter_mut() {
+                c.expire(end, t);
+            }
+        }
 
         // The person's session elsewhere went quiet before this event: the
         // device they most often moved to next from there fetched its
@@ -577,7 +634,7 @@ pub fn evaluate(
     let mut out = Vec::with_capacity(rows);
     for (row, t) in tallies.iter_mut().enumerate() {
         for c in caches[row].iter_mut() {
-            c.finish(t);
+            c.finish(end, t);
         }
         let frac = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         out.push(Row {
@@ -587,7 +644,8 @@ pub fn evaluate(
             local_hit_rate: frac(t.local, t.opens),
             wasted_bytes: t.wasted,
             prefetched_bytes: t.prefetched,
-            wasted_fraction: frac(t.wasted, t.prefetched),
+            pending_bytes: t.pending,
+            wasted_fraction: frac(t.wasted, t.prefetched - t.pending),
             top1_cold: frac(t.top1_cold, t.cold_scored),
             scored: t.scored,
             predict_us: if t.predictions == 0 {
@@ -625,7 +683,7 @@ pub fn evaluate(
 /// The human-readable table.
 pub fn table(rows: &[Row], summary: &Summary) -> String {
     let mut s = format!(
-        "{:<16} {:>6} {:>6} {:>9} {:>6} {:>12} {:>12} {:>7} {:>8}\n",
+        "{:<16} {:>6} {:>6} {:>9} {:>6} {:>12} {:>12} {:>7} {:>11} {:>8}\n",
         "predictor",
         "top1",
         "top5",
@@ -634,11 +692,12 @@ pub fn table(rows: &[Row], summary: &Summary) -> String {
         "prefetched",
         "wasted",
         "wasted%",
+        "pending",
         "pred-us"
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<16} {:>6.3} {:>6.3} {:>9.3} {:>6.3} {:>12} {:>12} {:>6.1}% {:>8.1}\n",
+            "{:<16} {:>6.3} {:>6.3} {:>9.3} {:>6.3} {:>12} {:>12} {:>6.1}% {:>11} {:>8.1}\n",
             r.predictor,
             r.top1,
             r.top5,
@@ -647,6 +706,7 @@ pub fn table(rows: &[Row], summary: &Summary) -> String {
             r.prefetched_bytes,
             r.wasted_bytes,
             r.wasted_fraction * 100.0,
+            r.pending_bytes,
             r.predict_us
         ));
     }
@@ -667,6 +727,10 @@ pub fn table(rows: &[Row], summary: &Summary) -> String {
         "ceiling (a resource's first open is unpredictable): top1 {:.3}, local {:.3}\n",
         summary.top1_ceiling, summary.local_ceiling
     ));
+    s.push_str(
+        "wasted: prefetched, then evicted or unopened for an hour (trace time); \
+         pending: unopened at the trace's end but younger; wasted% of the rest\n",
+    );
     s
 }
 
@@ -749,18 +813,18 @@ mod tests {
             };
             events.push(ev(ts, "b", &path, 1000));
         }
-        let run = |follow: Option<u64>| {
+        let run = |events: &[TraceEvent], follow: Option<u64>| {
             let opts = EvalOptions {
                 learned: false,
                 cache_mb: 1,
                 follow_after_ms: follow,
                 ..Default::default()
             };
-            let (rows, _) = evaluate(&events, &opts).unwrap();
+            let (rows, _) = evaluate(events, &opts).unwrap();
             let r = rows.into_iter().find(|r| r.predictor == "last-successor");
             r.unwrap()
         };
-        let (on, off) = (run(Some(5 * min)), run(None));
+        let (on, off) = (run(&events, Some(5 * min)), run(&events, None));
         // Round 0 teaches the move a -> b. Round 1 would have paid off
         // (1 of 1): round 2 is followed and pays off (2 of 2); rounds 3 and
         // 4 are followed and waste their guess (2 of 3, 2 of 4: still at
@@ -768,7 +832,18 @@ mod tests {
         let opens = events.len() as f64;
         assert!((on.local_hit_rate - off.local_hit_rate - 1.0 / opens).abs() < 1e-9);
         assert_eq!(on.prefetched_bytes, off.prefetched_bytes + 3000);
+        // The trace ends within the hour after the two wasted guesses:
+        // their fate is not known yet.
+        assert_eq!(on.pending_bytes, off.pending_bytes + 2000);
+        assert_eq!(on.wasted_bytes, off.wasted_bytes);
+        // An hour later (someone else's open moves the clock) they are.
+        let mut later = events.clone();
+        let mut tick = ev(ts + 60 * min, "z", "/elsewhere", 1000);
+        tick.user = "someone else".into();
+        later.push(tick);
+        let (on, off) = (run(&later, Some(5 * min)), run(&later, None));
         assert_eq!(on.wasted_bytes, off.wasted_bytes + 2000);
+        assert_eq!(on.pending_bytes, off.pending_bytes);
     }
 
     #[test]
@@ -779,22 +854,46 @@ mod tests {
         assert!(!c.open(2, 1000, &mut t));
         assert!(c.open(1, 1000, &mut t));
         // A 2000-byte guess would need to evict a recent open: refused.
-        c.prefetch(3, 2000, Depth::Whole, 1.0, &mut t);
+        c.prefetch(3, 2000, Depth::Whole, 1.0, 0, &mut t);
         assert_eq!(t.prefetched, 0);
-        c.prefetch(4, 1000, Depth::Whole, 1.0, &mut t);
+        c.prefetch(4, 1000, Depth::Whole, 1.0, 0, &mut t);
         assert_eq!(t.prefetched, 1000);
         // A demand miss may evict; the unused guess (4) is not the LRU one,
         // 2 is, so nothing is wasted yet.
         assert!(!c.open(5, 1000, &mut t));
         assert_eq!(t.wasted, 0);
         assert!(c.open(4, 1000, &mut t));
-        c.prefetch(6, 100_000, Depth::Head, 1.0, &mut t);
+        c.prefetch(6, 100_000, Depth::Head, 1.0, 0, &mut t);
         assert_eq!(
             t.prefetched, 1000,
             "a head larger than the cache is not fetched"
         );
-        c.finish(&mut t);
+        c.finish(0, &mut t);
         assert_eq!(t.wasted, 0);
         assert_eq!(t.local, 2);
+    }
+
+    #[test]
+    fn unopened_guesses_are_wasted_after_the_expiry_and_pending_before() {
+        let hour = UNUSED_EXPIRY.as_millis() as u64;
+        let mut t = Tally::default();
+        let mut c = Cache::new(10_000);
+        c.prefetch(1, 1000, Depth::Whole, 1.0, 0, &mut t);
+        c.prefetch(2, 1000, Depth::Whole, 1.0, 10, &mut t);
+        c.prefetch(3, 1000, Depth::Whole, 1.0, hour / 2, &mut t);
+        // Guess 1 is opened just in time; 2 expires first, and its budget
+        // comes back (the cache still holds it, so a late open is local).
+        assert!(c.open(1, 1000, &mut t));
+        c.expire(hour + 10, &mut t);
+        assert_eq!((t.wasted, c.unused_prefetch), (1000, 1000));
+        assert!(c.open(2, 1000, &mut t));
+        assert_eq!(t.wasted, 1000, "an expired guess is not wasted twice");
+        // Refetching a guess restarts its clock.
+        c.prefetch(4, 500, Depth::Whole, 1.0, hour / 2, &mut t);
+        c.prefetch(4, 1000, Depth::Whole, 1.0, hour, &mut t);
+        c.finish(hour + hour / 2 + 1, &mut t);
+        assert_eq!(t.wasted, 2000, "3 expired");
+        assert_eq!(t.pending, 1000, "4 is young at the end");
+        assert_eq!(t.prefetched, 4000);
     }
 }

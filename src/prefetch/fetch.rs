@@ -22,8 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Prefetched content not opened within this long counts as wasted.
-const UNUSED_EXPIRY: Duration = Duration::from_secs(3600);
+/// Prefetched content not opened within this long counts as wasted (here
+/// and in the evaluation harness's simulation).
+pub(super) const UNUSED_EXPIRY: Duration = Duration::from_secs(3600);
 
 /// Prefetch outcomes, shared by the executor, the filesystem's first-read
 /// reports and `meshfs status`.
