@@ -347,7 +347,8 @@ pub fn stream_cut(
         if st.tail.len() >= super::cutter::HANDOFF_BYTES {
             // Room for the next hand-over plus one 1 MiB write past it.
             let room = 2 * super::cutter::HANDOFF_BYTES;
-            let bytes = std::mem::replace(&mut st.tail, Vec::with_capacity(room));
+            let next = c.spare().unwrap_or_else(|| Vec::with_capacity(room));
+            let bytes = std::mem::replace(&mut st.tail, next);
             if let Err(bytes) = c.send(bytes) {
                 // The worker is gone; settle puts these after its bytes.
                 st.tail = bytes;
