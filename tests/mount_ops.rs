@@ -133,6 +133,56 @@ fn sparse_files_read_holes_as_zeros() {
 }
 
 #[test]
+fn seek_hole_and_data_st_blocks_and_fallocate_through_the_kernel() {
+    require_root!();
+    let d = Device::start("alice");
+    let mib: i64 = 1 << 20;
+    let p = d.path("holes");
+    let f = File::create(&p).unwrap();
+    f.write_all_at(&[7u8; 4096], 0).unwrap();
+    f.write_all_at(&[9u8; 4096], (8 * mib) as u64).unwrap();
+    drop(f);
+    let f = File::open(&p).unwrap();
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&f);
+    let seek = |off: i64, whence: i32| {
+        // SAFETY: lseek on a descriptor this test owns.
+        let r = unsafe { libc::lseek(fd, off, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        } else {
+            Ok(r)
+        }
+    };
+    assert_eq!(seek(0, libc::SEEK_HOLE), Ok(4096));
+    assert_eq!(seek(4096, libc::SEEK_DATA), Ok(8 * mib));
+    assert_eq!(seek(8 * mib, libc::SEEK_HOLE), Ok(8 * mib + 4096));
+    assert_eq!(seek(8 * mib + 4096, libc::SEEK_DATA), Err(libc::ENXIO));
+    // Only the two written blocks take space (du, cp --sparse).
+    assert_eq!(fs::metadata(&p).unwrap().blocks(), 2 * 4096 / 512);
+    drop(f);
+
+    let p = d.path("prealloc");
+    let f = File::create(&p).unwrap();
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&f);
+    // SAFETY: fallocate on a descriptor this test owns.
+    assert_eq!(unsafe { libc::fallocate(fd, 0, 0, 3 * mib) }, 0);
+    assert_eq!(f.metadata().unwrap().len(), 3 * mib as u64);
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::fallocate(fd, punch, 0, 4096) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+    f.write_all_at(b"data", mib as u64).unwrap();
+    drop(f);
+    let got = fs::read(&p).unwrap();
+    assert_eq!(got.len() as i64, 3 * mib);
+    assert_eq!(&got[mib as usize..mib as usize + 4], b"data");
+    assert!(got[..mib as usize].iter().all(|b| *b == 0));
+}
+
+#[test]
 fn two_handles_see_each_others_writes_before_close() {
     require_root!();
     let d = Device::start("alice");

@@ -67,6 +67,70 @@ fn base_data_end(base: &Content, pos: u64) -> u64 {
     base.chunks.get(i).map_or(base.size, |c| c.offset)
 }
 
+/// The first hole at or after `pos` of committed content (zero-run
+/// references, with the zero runs right after them): `(start, end)`, or
+/// `(size, size)` when none follows.
+fn content_hole(content: &Content, pos: u64) -> (u64, u64) {
+    let Some(mut i) = content.chunk_at(pos) else {
+        return (content.size, content.size);
+    };
+    while i < content.chunks.len() && !content.chunks[i].hash.is_zero_run() {
+        i += 1;
+    }
+    let Some(c) = content.chunks.get(i) else {
+        return (content.size, content.size);
+    };
+    let start = c.offset.max(pos);
+    (start, base_zero_run_end(content, start).unwrap_or(start))
+}
+
+/// The first hole at or after `pos` of a file with uncommitted writes:
+/// what the commit will store as zero runs (runs of at least a megabyte).
+/// A stream has none.
+fn spill_hole(spill: &Spill, pos: u64) -> (u64, u64) {
+    if spill.stream.is_some() {
+        return (spill.size, spill.size);
+    }
+    next_zero_run(spill, pos)
+}
+
+/// lseek(2)'s SEEK_DATA (`hole` false) or SEEK_HOLE (`hole` true) from
+/// `offset` in a file of `size` bytes whose holes `next_hole` finds. None is
+/// ENXIO (at or past the end, or no data after `offset`). Holes shorter
+/// than a megabyte are stored as zeros, so they read as data here, which
+/// lseek(2) allows; the end of the file counts as a hole.
+fn seek(size: u64, offset: u64, hole: bool, next_hole: impl Fn(u64) -> (u64, u64)) -> Option<u64> {
+    if offset >= size {
+        return None;
+    }
+    let (start, end) = next_hole(offset);
+    match (hole, start > offset) {
+        (true, _) => Some(start.min(size)),
+        (false, true) => Some(offset),
+        (false, false) => (end < size).then_some(end),
+    }
+}
+
+/// SEEK_DATA / SEEK_HOLE over committed content.
+pub fn seek_content(content: &Content, offset: u64, hole: bool) -> Option<u64> {
+    seek(content.size, offset, hole, |p| content_hole(content, p))
+}
+
+/// SEEK_DATA / SEEK_HOLE over a file with uncommitted writes.
+pub fn seek_spill(spill: &Spill, offset: u64, hole: bool) -> Option<u64> {
+    seek(spill.size, offset, hole, |p| spill_hole(spill, p))
+}
+
+/// Bytes of `content` that are stored data, not holes (for st_blocks).
+pub fn data_bytes(content: &Content) -> u64 {
+    content
+        .chunks
+        .iter()
+        .filter(|c| !c.hash.is_zero_run())
+        .map(|c| u64::from(c.len))
+        .sum()
+}
+
 /// Commits re-chunking at least this much use `ChunkStore::put_bulk`.
 const BULK_COMMIT_BYTES: u64 = 8 << 20;
 

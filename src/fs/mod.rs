@@ -86,11 +86,18 @@ pub struct Attr {
 impl Attr {
     fn of(i: &Inode) -> Self {
         let size = i.size();
+        // Holes (zero runs) take no space, so `du` and `cp --sparse` see a
+        // sparse file as one.
+        let stored = match (&i.kind, &i.content) {
+            (Kind::File, Some(c)) => content::data_bytes(c),
+            (Kind::File, None) => 0,
+            _ => size,
+        };
         Attr {
             ino: i.id,
             kind: i.kind,
             size,
-            blocks: size.div_ceil(512),
+            blocks: stored.div_ceil(512),
             atime: i.atime,
             mtime: i.mtime,
             ctime: i.ctime,
@@ -1106,6 +1113,63 @@ impl Fs {
         let h = self.handle(fh)?;
         let mut f = lock(&h.file);
         self.commit_locked(h.ino, &mut f, self.opts.sync_on_close)
+    }
+
+    /// lseek(2) with SEEK_DATA (`hole` false) or SEEK_HOLE (`hole` true);
+    /// the kernel answers the other whences itself. `None` is ENXIO.
+    pub fn seek_data_or_hole(&self, fh: u64, offset: u64, hole: bool) -> Result<Option<u64>> {
+        let h = self.handle(fh)?;
+        let f = lock(&h.file);
+        if let Some(s) = f.spill.as_ref() {
+            return Ok(content::seek_spill(s, offset, hole));
+        }
+        let meta = self.read_meta();
+        let i = meta.get(h.ino).ok_or(MetaError::NotFound)?;
+        let content = i.content.clone().unwrap_or_default();
+        drop(meta);
+        Ok(content::seek_content(&content, offset, hole))
+    }
+
+    /// fallocate(2). Content is stored by hash and shared between files and
+    /// versions, so there is nothing to reserve in place: mode 0 checks that
+    /// the data dir has room for the bytes it adds and extends the size (a
+    /// hole, as OpenZFS does), and KEEP_SIZE only checks the room. A later
+    /// write can still meet a full disk. Punching or zeroing a range,
+    /// collapsing and inserting are not supported (EOPNOTSUPP).
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        if self.opts.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Err(FsError::NotSupported);
+        }
+        let h = self.handle(fh)?;
+        if !h.writable {
+            return Err(FsError::BadHandle);
+        }
+        let end = offset
+            .checked_add(length)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or(FsError::TooBig)?;
+        let mut f = lock(&h.file);
+        let size = match f.spill.as_ref() {
+            Some(s) => s.size,
+            None => self
+                .read_meta()
+                .get(h.ino)
+                .ok_or(MetaError::NotFound)?
+                .size(),
+        };
+        if !crate::storage::has_space(&self.opts.spill_dir, end.saturating_sub(size)) {
+            return Err(StorageError::NoSpace.into());
+        }
+        if mode & libc::FALLOC_FL_KEEP_SIZE != 0 || end <= size {
+            return Ok(());
+        }
+        self.ensure_spill(h.ino, &mut f)?;
+        let s = f.spill.as_mut().ok_or(FsError::BadHandle)?;
+        s.set_size(end, Timestamp::now())?;
+        Ok(())
     }
 
     pub fn fsync(&self, fh: u64) -> Result<()> {

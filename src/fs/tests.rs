@@ -497,3 +497,75 @@ fn a_chunking_error_comes_back_at_the_next_write_and_loses_nothing() {
     assert_eq!(read_all(&fs, attr.ino), &data[..written]);
     assert_eq!(store.collect_garbage().unwrap(), 0);
 }
+
+#[test]
+fn seek_data_and_hole_find_zero_runs_before_and_after_the_commit() {
+    let (_store, fs, _d) = setup();
+    let mib = 1u64 << 20;
+    let (attr, o) = fs
+        .create(CTX, ROOT, b"sparse", 0o644, libc::O_RDWR)
+        .unwrap();
+    fs.write(o.fh, 0, &[1u8; 4096]).unwrap();
+    fs.write(o.fh, 3 * mib, &[2u8; 4096]).unwrap();
+    let size = 3 * mib + 4096;
+    let check = |fh: u64, when: &str| {
+        let seek = |off: u64, hole: bool| fs.seek_data_or_hole(fh, off, hole).unwrap();
+        assert_eq!(seek(0, false), Some(0), "{when}");
+        assert_eq!(seek(0, true), Some(4096), "{when}: the hole after the head");
+        assert_eq!(seek(4096, false), Some(3 * mib), "{when}");
+        assert_eq!(seek(5000, false), Some(3 * mib), "{when}");
+        assert_eq!(seek(3 * mib + 10, false), Some(3 * mib + 10), "{when}");
+        assert_eq!(seek(3 * mib, true), Some(size), "{when}: end of file");
+        assert_eq!(seek(size, false), None, "{when}: ENXIO at the end");
+        assert_eq!(seek(size, true), None, "{when}");
+    };
+    check(o.fh, "uncommitted");
+    fs.release(o.fh).unwrap();
+    let o = fs.open(attr.ino, libc::O_RDONLY).unwrap();
+    check(o.fh, "committed");
+    fs.release(o.fh).unwrap();
+    // The hole takes no blocks.
+    assert_eq!(fs.getattr(attr.ino).unwrap().blocks, 2 * 4096 / 512);
+}
+
+#[test]
+fn fallocate_extends_with_a_hole_keep_size_only_checks_and_punching_is_refused() {
+    let (_store, fs, _d) = setup();
+    let mib = 1u64 << 20;
+    let (attr, o) = fs.create(CTX, ROOT, b"pre", 0o644, libc::O_RDWR).unwrap();
+    fs.write(o.fh, 0, b"head").unwrap();
+    fs.fallocate(o.fh, 0, 4 * mib, 0).unwrap();
+    assert_eq!(fs.getattr(attr.ino).unwrap().size, 4 * mib);
+    // Never shrinks; KEEP_SIZE leaves the size alone.
+    fs.fallocate(o.fh, 0, mib, 0).unwrap();
+    fs.fallocate(o.fh, 0, 8 * mib, libc::FALLOC_FL_KEEP_SIZE)
+        .unwrap();
+    assert_eq!(fs.getattr(attr.ino).unwrap().size, 4 * mib);
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    assert!(matches!(
+        fs.fallocate(o.fh, 0, 10, punch),
+        Err(FsError::NotSupported)
+    ));
+    assert!(matches!(
+        fs.fallocate(o.fh, 0, 10, libc::FALLOC_FL_ZERO_RANGE),
+        Err(FsError::NotSupported)
+    ));
+    assert!(matches!(
+        fs.fallocate(o.fh, u64::MAX - 1, 10, 0),
+        Err(FsError::TooBig)
+    ));
+    fs.release(o.fh).unwrap();
+    let ro = fs.open(attr.ino, libc::O_RDONLY).unwrap();
+    assert!(matches!(
+        fs.fallocate(ro.fh, 0, 8 * mib, 0),
+        Err(FsError::BadHandle)
+    ));
+    // Committed: the head, then a hole to 4 MiB that reads as zeros.
+    let data = read_all(&fs, attr.ino);
+    assert_eq!(data.len() as u64, 4 * mib);
+    assert_eq!(&data[..4], b"head");
+    assert!(data[4..].iter().all(|b| *b == 0));
+    assert_eq!(fs.seek_data_or_hole(ro.fh, 0, true).unwrap(), Some(4));
+    assert!(fs.getattr(attr.ino).unwrap().blocks <= 1);
+    fs.release(ro.fh).unwrap();
+}
