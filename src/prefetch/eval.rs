@@ -8,8 +8,9 @@
 //! For local hits every device starts with an empty LRU cache of `cache_mb`;
 //! content arrives on a miss (the whole file) or by prefetch (the plan of
 //! `temperature::plan` after each open, from that stream's new history).
-//! A prefetched byte is wasted when it is evicted, or still unused at the
-//! end, without having been opened.
+//! A prefetched byte is wasted, as the daemon counts it, when it is evicted
+//! or stays unopened for `fetch::UNUSED_EXPIRY` (trace time); one still
+//! unopened but younger at the end is pending.
 
 use super::fetch::UNUSED_EXPIRY;
 use super::predict::{
@@ -19,7 +20,7 @@ use super::rnn::{Gru, GruConfig};
 use super::temperature::{plan, Depth, PlanConfig, Temperature};
 use super::trace::TraceEvent;
 use super::{Interner, Sym};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 /// What a prefetch of a lukewarm resource brings: about one chunk (the
@@ -170,7 +171,7 @@ struct Cache {
     lru: BTreeMap<u64, Sym>,
     /// Entries with unused prefetched bytes, by `unused_at`: the expiry
     /// sweep's order.
-    waiting: BTreeMap<(u64, Sym), ()>,
+    waiting: BTreeSet<(u64, Sym)>,
 }
 
 #[derive(Debug, Default)]
@@ -221,7 +222,7 @@ impl Cache {
     /// content stays cached, and no longer holds the prefetch budget).
     fn expire(&mut self, now: u64, tally: &mut Tally) {
         let expiry = UNUSED_EXPIRY.as_millis() as u64;
-        while let Some((&(at, sym), _)) = self.waiting.first_key_value() {
+        while let Some(&(at, sym)) = self.waiting.first() {
             if at.saturating_add(expiry) > now {
                 break;
             }
@@ -344,7 +345,7 @@ impl Cache {
         self.waiting.remove(&(e.unused_at, sym));
         e.unused += need;
         e.unused_at = now;
-        self.waiting.insert((now, sym), ());
+        self.waiting.insert((now, sym));
         self.unused_prefetch += need;
         tally.prefetched += need;
     }
