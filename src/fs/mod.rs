@@ -1168,7 +1168,7 @@ impl Fs {
         }
         self.ensure_spill(h.ino, &mut f)?;
         let s = f.spill.as_mut().ok_or(FsError::BadHandle)?;
-        s.set_size(end, Timestamp::now())?;
+        s.grow(end, Timestamp::now())?;
         Ok(())
     }
 
@@ -1222,6 +1222,9 @@ impl Fs {
         // Everything a chunking worker holds comes back first; an error it
         // met is this commit's (the bytes are kept for a retry).
         spill.settle()?;
+        if spill.stream_with_hole() {
+            spill.materialize()?;
+        }
         let spill = &*spill;
         if spill.dirty_span().is_none() {
             self.discard_spill(f);

@@ -2,7 +2,8 @@
 //! (never RAM in proportion to the file) plus the set of byte ranges written
 //! since the base version. Reads merge spill, base chunks and zeros.
 //!
-//! A file written sequentially from empty (a new file, O_TRUNC, a copy) is
+//! A file written sequentially from its start while it holds no data (a new
+//! file, O_TRUNC, a copy; or only holes: preallocated, `truncate -s`) is
 //! *streamed* instead: complete chunks are cut and stored as the writes
 //! arrive, and only the unfinished tail (less than a few max-size chunks)
 //! stays in memory. Nothing goes through the spill file and the commit at
@@ -105,12 +106,15 @@ pub struct Stream {
     /// While set, a worker cuts and stores the bytes between `end` and
     /// `tail`: nothing but appending to `tail` may happen before `settle`.
     pub cutter: Option<Cutter>,
+    /// Bytes appended so far: where the next write must start to keep
+    /// streaming. The file may be longer (`grow`, a preallocated hole).
+    pub appended: u64,
 }
 
 /// One file's uncommitted state.
 #[derive(Debug)]
 pub struct Spill {
-    /// Set while the file has only been appended to since it was empty.
+    /// Set while the file has only been appended to since it held no data.
     pub stream: Option<Stream>,
     /// Chunks stored (and pinned) for this spill before its commit.
     pub pinned: Vec<ChunkHash>,
@@ -131,7 +135,12 @@ pub struct Spill {
 impl Spill {
     pub fn create(dir: &Path, name: &str, base: Content, now: Timestamp) -> std::io::Result<Self> {
         let path = dir.join(name);
-        let stream = (base.size == 0).then(Stream::default);
+        // A file that holds no data yet (empty, or only holes: preallocated
+        // or `truncate -s`) is written as a stream from its start; what the
+        // writes leave of the hole is stored as a zero run at the commit.
+        let holes_only =
+            !base.chunks.is_empty() && base.chunks.iter().all(|c| c.hash.is_zero_run());
+        let stream = (base.size == 0 || holes_only).then(Stream::default);
         Ok(Spill {
             stream,
             pinned: Vec::new(),
@@ -212,9 +221,10 @@ impl Spill {
             .checked_add(data.len() as u64)
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EFBIG))?;
         if let Some(st) = self.stream.as_mut() {
-            if offset == self.size {
+            if offset == st.appended {
                 st.tail.extend_from_slice(data);
-                self.size = end;
+                st.appended = end;
+                self.size = self.size.max(end);
                 self.mtime = now;
                 return Ok(());
             }
@@ -225,6 +235,30 @@ impl Spill {
         self.size = self.size.max(end);
         self.mtime = now;
         Ok(())
+    }
+
+    /// Extends the file to `size` with a hole, if it is shorter
+    /// (fallocate). A stream stays one: writes that go on from where it
+    /// ended, over the hole, still stream.
+    pub fn grow(&mut self, size: u64, now: Timestamp) -> std::io::Result<()> {
+        if size <= self.size {
+            return Ok(());
+        }
+        if self.stream.is_some() {
+            self.size = size;
+            self.mtime = now;
+            return Ok(());
+        }
+        self.set_size(size, now)
+    }
+
+    /// Whether the file is a stream with a hole after what was appended:
+    /// such a stream is materialized before its commit, which stores the
+    /// hole as the general path does.
+    pub fn stream_with_hole(&self) -> bool {
+        self.stream
+            .as_ref()
+            .is_some_and(|st| st.appended < self.size)
     }
 
     pub fn set_size(&mut self, size: u64, now: Timestamp) -> std::io::Result<()> {

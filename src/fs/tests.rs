@@ -569,3 +569,64 @@ fn fallocate_extends_with_a_hole_keep_size_only_checks_and_punching_is_refused()
     assert!(fs.getattr(attr.ino).unwrap().blocks <= 1);
     fs.release(ro.fh).unwrap();
 }
+
+#[test]
+fn a_preallocated_file_written_in_order_still_streams() {
+    let (_store, fs, _d) = setup();
+    let mib = 1usize << 20;
+    let data = pseudo_random(5 * mib, 33);
+    for (name, falloc) in [(&b"exact"[..], 5 * mib), (&b"longer"[..], 6 * mib)] {
+        let (attr, o) = fs.create(CTX, ROOT, name, 0o644, libc::O_RDWR).unwrap();
+        fs.fallocate(o.fh, 0, falloc as u64, 0).unwrap();
+        append(&fs, o.fh, 0, &data[..3 * mib]);
+        assert!(
+            has_worker(&fs, o.fh),
+            "writes over the preallocated hole go on streaming"
+        );
+        append(&fs, o.fh, 3 * mib as u64, &data[3 * mib..]);
+        assert_eq!(fs.getattr(attr.ino).unwrap().size, falloc as u64);
+        fs.release(o.fh).unwrap();
+        let got = read_all(&fs, attr.ino);
+        assert_eq!(got.len(), falloc);
+        assert_eq!(&got[..data.len()], &data[..]);
+        assert!(got[data.len()..].iter().all(|b| *b == 0));
+        // Only the written bytes take space; the rest stays a hole.
+        assert_eq!(
+            fs.getattr(attr.ino).unwrap().blocks,
+            (data.len() / 512) as u64
+        );
+    }
+}
+
+#[test]
+fn a_file_of_holes_reopened_and_written_in_order_streams() {
+    let (_store, fs, _d) = setup();
+    let mib = 1usize << 20;
+    let data = pseudo_random(4 * mib, 34);
+    // Preallocated by one program (fallocate(1)), committed as a hole ...
+    let (attr, o) = fs.create(CTX, ROOT, b"pre", 0o644, libc::O_RDWR).unwrap();
+    fs.fallocate(o.fh, 0, 6 * mib as u64, 0).unwrap();
+    fs.release(o.fh).unwrap();
+    assert_eq!(fs.getattr(attr.ino).unwrap().blocks, 0);
+    // ... then written from its start by another (dd conv=notrunc).
+    let o = fs.open(attr.ino, libc::O_RDWR).unwrap();
+    append(&fs, o.fh, 0, &data[..3 * mib]);
+    assert!(
+        has_worker(&fs, o.fh),
+        "the hole is written over as a stream"
+    );
+    append(&fs, o.fh, 3 * mib as u64, &data[3 * mib..]);
+    fs.release(o.fh).unwrap();
+    let got = read_all(&fs, attr.ino);
+    assert_eq!(got.len(), 6 * mib);
+    assert_eq!(&got[..data.len()], &data[..]);
+    assert!(got[data.len()..].iter().all(|b| *b == 0));
+    assert_eq!(fs.getattr(attr.ino).unwrap().blocks, (4 * mib / 512) as u64);
+    // A write elsewhere in such a file is not a stream, and keeps the rest.
+    let o = fs.open(attr.ino, libc::O_RDWR).unwrap();
+    fs.write(o.fh, 5 * mib as u64, b"end").unwrap();
+    fs.release(o.fh).unwrap();
+    let got = read_all(&fs, attr.ino);
+    assert_eq!(&got[..data.len()], &data[..]);
+    assert_eq!(&got[5 * mib..5 * mib + 3], b"end");
+}
