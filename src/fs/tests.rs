@@ -630,3 +630,91 @@ fn a_file_of_holes_reopened_and_written_in_order_streams() {
     assert_eq!(&got[..data.len()], &data[..]);
     assert_eq!(&got[5 * mib..5 * mib + 3], b"end");
 }
+
+/// Random writes, truncations, reads and commits on files that start as
+/// holes only (the streamed-over-holes path), against a plain byte vector.
+#[test]
+fn files_of_holes_match_a_byte_vector_under_random_operations() {
+    use rand::{Rng, SeedableRng};
+    let mut total_streamed = 0;
+    for seed in 0..24u64 {
+        let (_store, fs, _d) = setup();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let name = format!("f{seed}");
+        let (attr, o) = fs
+            .create(CTX, ROOT, name.as_bytes(), 0o644, libc::O_RDWR)
+            .unwrap();
+        let start = rng.gen_range(1..4usize) << 20;
+        fs.fallocate(o.fh, 0, start as u64, 0).unwrap();
+        fs.release(o.fh).unwrap();
+        let mut model = vec![0u8; start];
+        let mut fh = fs.open(attr.ino, libc::O_RDWR).unwrap().fh;
+        let mut last_end = 0usize;
+        let mut streamed = 0;
+        for step in 0..40 {
+            let what = rng.gen_range(0..10);
+            let ctx = format!("seed {seed} step {step} op {what}");
+            match what {
+                // Mostly appends where the last write ended (streaming).
+                0..=4 => {
+                    let at = if rng.gen_bool(0.7) {
+                        last_end
+                    } else {
+                        rng.gen_range(0..model.len() + (1 << 20))
+                    };
+                    let len = rng.gen_range(1..300_000);
+                    let data = pseudo_random(len, seed * 1000 + step);
+                    fs.write(fh, at as u64, &data).unwrap();
+                    streamed += has_worker(&fs, fh) as usize;
+                    last_end = at + len;
+                    if model.len() < at + len {
+                        model.resize(at + len, 0);
+                    }
+                    model[at..at + len].copy_from_slice(&data);
+                }
+                5 => {
+                    let size = rng.gen_range(0..model.len() + (2 << 20));
+                    fs.setattr(
+                        attr.ino,
+                        Some(fh),
+                        SetAttr {
+                            size: Some(size as u64),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                    model.resize(size, 0);
+                }
+                6 => {
+                    let len = rng.gen_range(1..(2 << 20));
+                    let end = model.len() + len;
+                    fs.fallocate(fh, 0, end as u64, 0).unwrap();
+                    model.resize(end, 0);
+                }
+                7 if !model.is_empty() => {
+                    let at = rng.gen_range(0..model.len());
+                    let n = rng.gen_range(1..200_000).min(model.len() - at);
+                    let got = fs.read(fh, at as u64, n as u32).unwrap();
+                    assert_eq!(got, &model[at..at + n], "{ctx}");
+                }
+                _ => {
+                    fs.release(fh).unwrap();
+                    fh = fs.open(attr.ino, libc::O_RDWR).unwrap().fh;
+                    last_end = 0;
+                }
+            }
+            assert_eq!(
+                fs.getattr(attr.ino).unwrap().size,
+                model.len() as u64,
+                "{ctx}"
+            );
+        }
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, attr.ino), model, "seed {seed}: committed");
+        total_streamed += streamed;
+    }
+    assert!(
+        total_streamed > 10,
+        "the streaming path ran {total_streamed} times"
+    );
+}
