@@ -47,7 +47,15 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageIOError<NodeId>>
 }
 
 fn decode_entry(bytes: &[u8]) -> Result<Entry<TypeConfig>, StorageIOError<NodeId>> {
-    postcard::from_bytes(bytes).map_err(|e| StorageIOError::read_logs(&e))
+    postcard::from_bytes(bytes).map_err(|e| {
+        // Corruption, or a log written by a build whose entry format
+        // differs (the format is not frozen before a release): say which.
+        let why = std::io::Error::other(format!(
+            "a Raft log entry could not be decoded ({e}): damaged, or written \
+             by an incompatible meshfs version"
+        ));
+        StorageIOError::read_logs(&why)
+    })
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
