@@ -63,12 +63,20 @@ pub struct Config {
     /// well under a second.
     pub raft_election_min_ms: u64,
     pub raft_election_max_ms: u64,
-    /// Longest an open waits for the leader's read index before it serves
-    /// the local replica (which may then be stale), in milliseconds.
+    /// Longest an open (or a lookup that finds nothing) waits to catch up
+    /// with the device that governs the file (or directory) before it
+    /// serves the local replica, which may then be stale, in milliseconds.
     pub read_wait_ms: u64,
-    /// Longest a namespace change waits for a leader to commit it before
+    /// Longest a namespace change waits for the device that governs it (or,
+    /// for fsync and changes spanning devices, for a Raft commit) before
     /// the program gets EIO, in milliseconds.
     pub write_timeout_ms: u64,
+    /// How long changes applied here gather before they are proposed to
+    /// the Raft log as one batch (group commit), in milliseconds. fsync
+    /// does not wait for it.
+    pub batch_delay_ms: u64,
+    /// Most changes in one batch (one Raft log entry).
+    pub batch_max: usize,
     /// Devices that vote in Raft; later ones stay learners (they get every
     /// change but do not count for the quorum).
     pub max_voters: usize,
@@ -138,6 +146,8 @@ impl Default for Config {
             raft_election_max_ms: 200,
             read_wait_ms: 1000,
             write_timeout_ms: 10_000,
+            batch_delay_ms: 2,
+            batch_max: 1024,
             max_voters: 5,
             replicas: 2,
             cache_limit_mb: None,
@@ -262,6 +272,12 @@ impl Config {
         }
         if !(100..=600_000).contains(&self.write_timeout_ms) {
             return Err("write_timeout_ms must be 100..=600000".into());
+        }
+        if self.batch_delay_ms > 1_000 {
+            return Err("batch_delay_ms must be 0..=1000".into());
+        }
+        if !(1..=65_536).contains(&self.batch_max) {
+            return Err("batch_max must be 1..=65536".into());
         }
         if !(1..=16).contains(&self.replicas) {
             return Err("replicas must be 1..=16".into());

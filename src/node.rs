@@ -40,7 +40,7 @@ pub fn init(
 ) -> Result<Config, Error> {
     let cfg = new_config(data_dir, name, listen)?;
     let state = MeshState::generate(&cfg.name, cfg.device_id());
-    let _lock = prepare_data_dir(data_dir)?;
+    let _lock = prepare_data_dir(data_dir, cfg.device_id())?;
     finish_data_dir(data_dir, &cfg, &state)?;
     Ok(cfg)
 }
@@ -65,7 +65,7 @@ pub fn join(
     // Everything local that can fail is done before the inviter adds us,
     // and undone if the join fails: a refused code leaves nothing behind.
     let existed = data_dir.exists();
-    let lock = prepare_data_dir(data_dir)?;
+    let lock = prepare_data_dir(data_dir, cfg.device_id())?;
     let joined = match mesh::join::join(&code, &req) {
         Ok(j) => j,
         Err(e) => {
@@ -108,7 +108,7 @@ fn new_config(
 }
 
 /// Creates a data dir's directory and empty store; returns its lock.
-fn prepare_data_dir(data_dir: &Path) -> Result<DirLock, Error> {
+fn prepare_data_dir(data_dir: &Path, device: DeviceId) -> Result<DirLock, Error> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
@@ -118,7 +118,7 @@ fn prepare_data_dir(data_dir: &Path) -> Result<DirLock, Error> {
     if store.load_meta()?.is_none() {
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let mut meta = MetaState::new(uid, gid, Timestamp::now());
+        let mut meta = MetaState::new(uid, gid, Timestamp::now(), device);
         store.persist(&meta.take_changes(), true)?;
     }
     store.flush()?;
@@ -544,6 +544,8 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
                 read_wait: Duration::from_millis(cfg.read_wait_ms),
                 write_timeout: Duration::from_millis(cfg.write_timeout_ms),
                 max_voters: cfg.max_voters,
+                batch_delay: Duration::from_millis(cfg.batch_delay_ms),
+                batch_max: cfg.batch_max,
             },
             mesh.clone(),
             store.clone(),

@@ -239,19 +239,25 @@ pub enum Invalidate {
     Inode(ResourceId),
 }
 
-/// Agreement on namespace changes across devices (Raft). Blocking: called
+/// Namespace changes across devices: authority and Raft. Blocking: called
 /// from kernel request threads.
 pub trait Replicator: Send + Sync {
-    /// Commits `cmd` through consensus and returns once it is applied to
-    /// the local replica (which `Fs` reads).
-    fn propose(&self, cmd: FsCommand) -> Result<Outcome>;
-    /// Waits (boundedly) until the local replica has applied every change
-    /// committed before the call.
-    fn read_barrier(&self);
-    /// The same for a lookup; concurrent lookups may share one round trip.
-    fn lookup_barrier(&self) {
-        self.read_barrier()
-    }
+    /// Makes `cmd` where it is decided: here at once when this device
+    /// governs what it changes (committed through Raft in the background),
+    /// else at the device that does, or through Raft when it spans several.
+    /// Returns once the change is visible in the local namespace (which
+    /// `Fs` reads).
+    fn apply(&self, cmd: FsCommand) -> Result<Outcome>;
+    /// Waits until every change applied here so far is committed through
+    /// Raft, i.e. on a majority of devices (fsync).
+    fn commit_wait(&self) -> Result<()>;
+    /// Before an open of `ino`: waits (boundedly) until every change its
+    /// authority acknowledged is applied here (close-to-open).
+    fn open_barrier(&self, ino: ResourceId);
+    /// A lookup in `parent` found nothing: catches up with the directory's
+    /// authority if that is another device. True when the lookup should be
+    /// tried again.
+    fn lookup_miss(&self, parent: ResourceId) -> bool;
 }
 
 /// A source of chunks beyond the local store (the mesh). Blocking: it is
@@ -321,8 +327,9 @@ impl Fs {
     /// state machine applies and persists it.
     fn apply(&self, cmd: FsCommand, sync: bool) -> Result<Outcome> {
         if let Some(r) = self.replica.get() {
-            let out = r.propose(cmd)?;
+            let out = r.apply(cmd)?;
             if sync {
+                r.commit_wait()?;
                 self.store.sync()?;
             }
             if let Some(f) = self.on_change.get() {
@@ -494,11 +501,15 @@ impl Fs {
     // ---- namespace ----
 
     pub fn lookup(&self, parent: ResourceId, name: &[u8]) -> Result<Attr> {
-        // A name looked up right after a change elsewhere must reflect it.
-        if let Some(r) = self.replica.get() {
-            r.lookup_barrier();
-        }
-        let attr = Attr::of(self.read_meta().lookup(parent, name)?);
+        let found = self.read_meta().lookup(parent, name).map(Attr::of);
+        let attr = match (found, self.replica.get()) {
+            // A name created elsewhere a moment ago must be found: ask the
+            // directory's authority before saying it does not exist.
+            (Err(MetaError::NotFound), Some(r)) if r.lookup_miss(parent) => {
+                Attr::of(self.read_meta().lookup(parent, name)?)
+            }
+            (found, _) => found?,
+        };
         self.note_lookup_of(attr.ino);
         Ok(self.overlay(attr))
     }
@@ -624,6 +635,7 @@ impl Fs {
         let out = self.mutate(FsCommand::Create {
             parent,
             name: name.to_vec(),
+            ino: crate::ids::ResourceId(0),
             node,
             perm,
             uid: ctx.uid,
@@ -961,11 +973,11 @@ impl Fs {
         if writable && self.opts.read_only {
             return Err(FsError::ReadOnly);
         }
-        // Close-to-open across devices: wait until everything committed
-        // before this open is applied here, then look again.
+        // Close-to-open across devices: wait until everything the file's
+        // authority acknowledged is applied here, then look again.
         let version = match self.replica.get().filter(|_| barrier) {
             Some(r) => {
-                r.read_barrier();
+                r.open_barrier(ino);
                 let meta = self.read_meta();
                 meta.get(ino).ok_or(MetaError::NotFound)?.version()
             }
@@ -1172,16 +1184,25 @@ impl Fs {
         Ok(())
     }
 
+    /// fsync(2): the file's changes are committed through Raft (on a
+    /// majority of devices) and in this device's synced WAL.
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let h = self.handle(fh)?;
         let mut f = lock(&h.file);
-        self.commit_locked(h.ino, &mut f, true)?;
-        self.store.sync()?;
-        Ok(())
+        self.commit_locked(h.ino, &mut f, false)?;
+        self.sync_changes()
     }
 
-    /// fsync on a directory: make every namespace change durable.
+    /// fsync on a directory: every namespace change made here so far is
+    /// committed and durable.
     pub fn fsyncdir(&self) -> Result<()> {
+        self.sync_changes()
+    }
+
+    fn sync_changes(&self) -> Result<()> {
+        if let Some(r) = self.replica.get() {
+            r.commit_wait()?;
+        }
         self.store.sync()?;
         Ok(())
     }

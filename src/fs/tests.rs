@@ -15,7 +15,7 @@ fn setup() -> (Arc<MemChunkStore>, Fs, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let fs = Fs::new(
         store.clone(),
-        MetaState::new(0, 0, Timestamp::now()),
+        MetaState::new(0, 0, Timestamp::now(), DeviceId([9; 16])),
         FsOptions {
             device: DeviceId([9; 16]),
             spill_dir: dir.path().join("spill"),
@@ -214,7 +214,7 @@ fn read_only_refuses_changes() {
     let dir = tempfile::tempdir().unwrap();
     let fs = Fs::new(
         store,
-        MetaState::new(0, 0, Timestamp::now()),
+        MetaState::new(0, 0, Timestamp::now(), DeviceId([9; 16])),
         FsOptions {
             device: DeviceId([9; 16]),
             spill_dir: dir.path().join("spill"),
@@ -318,6 +318,9 @@ impl ChunkStore for FailingStore {
     fn unpin(&self, hashes: &[ChunkHash]) {
         self.inner.unpin(hashes)
     }
+    fn pin(&self, hashes: &[ChunkHash]) {
+        self.inner.pin(hashes)
+    }
     fn collect_garbage(&self) -> std::result::Result<u64, StorageError> {
         self.inner.collect_garbage()
     }
@@ -346,7 +349,7 @@ fn setup_with<S: crate::storage::Store + 'static>(store: Arc<S>) -> (Fs, tempfil
     let dir = tempfile::tempdir().unwrap();
     let fs = Fs::new(
         store,
-        MetaState::new(0, 0, Timestamp::now()),
+        MetaState::new(0, 0, Timestamp::now(), DeviceId([9; 16])),
         FsOptions {
             device: DeviceId([9; 16]),
             spill_dir: dir.path().join("spill"),

@@ -44,6 +44,10 @@ fn errno(e: &FsError) -> Errno {
             MetaError::AttrRange => Errno::ERANGE,
             MetaError::AttrTooBig => Errno::E2BIG,
             MetaError::NotSupported => Errno::EOPNOTSUPP,
+            // A change refused because its authority moved while it was
+            // committed: the program's change did not happen.
+            MetaError::NotAuthority => Errno::EIO,
+            MetaError::NoInodes => Errno::ENOSPC,
         },
         FsError::Storage(s) => match s {
             StorageError::Corrupt { .. } => Errno::EIO,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ChunkHash, ResourceId, VersionId};
+use crate::ids::{ChunkHash, DeviceId, ResourceId, VersionId};
 
 pub use types::*;
 
@@ -48,6 +48,14 @@ pub enum MetaError {
     AttrTooBig,
     #[error("operation not supported")]
     NotSupported,
+    /// The applying device does not govern what the command changes (the
+    /// authority moved): the change must go to the current authority.
+    #[error("this device does not govern the resource (authority moved)")]
+    NotAuthority,
+    /// The applying device owns no inode block with room left: it must
+    /// reserve one through Raft first.
+    #[error("no inode numbers reserved for this device")]
+    NoInodes,
 }
 
 /// What a successful command produced.
@@ -74,7 +82,8 @@ pub struct Changes {
     pub entries: Vec<(ResourceId, Name, Option<Entry>)>,
     /// Reference count changes per chunk.
     pub chunk_deltas: BTreeMap<ChunkHash, i64>,
-    pub next_ino: u64,
+    /// The inode allocator, when it changed.
+    pub space: Option<InoSpace>,
 }
 
 /// A full copy of the state, for snapshots and for loading from disk.
@@ -82,7 +91,7 @@ pub struct Changes {
 pub struct Snapshot {
     pub inodes: Vec<Inode>,
     pub entries: Vec<(ResourceId, Name, Entry)>,
-    pub next_ino: u64,
+    pub space: InoSpace,
 }
 
 /// `MetaState::snapshot_view`: the state serialized in `Snapshot`'s format.
@@ -117,7 +126,7 @@ impl Serialize for SnapshotView<'_> {
         let mut st = s.serialize_struct("Snapshot", 3)?;
         st.serialize_field("inodes", &Inodes(&self.0.inodes))?;
         st.serialize_field("entries", &Entries(&self.0.dirs))?;
-        st.serialize_field("next_ino", &self.0.next_ino)?;
+        st.serialize_field("space", &self.0.space)?;
         st.end()
     }
 }
@@ -127,7 +136,8 @@ impl Serialize for SnapshotView<'_> {
 pub struct MetaState {
     inodes: BTreeMap<ResourceId, Inode>,
     dirs: BTreeMap<ResourceId, DirEntries>,
-    next_ino: u64,
+    space: InoSpace,
+    dirty_space: bool,
     dirty_inodes: BTreeSet<ResourceId>,
     dirty_entries: BTreeSet<(ResourceId, Name)>,
     chunk_deltas: BTreeMap<ChunkHash, i64>,
@@ -141,14 +151,46 @@ struct Undo {
     inodes: BTreeMap<ResourceId, Option<Inode>>,
     entries: BTreeMap<(ResourceId, Name), Option<Entry>>,
     dirs: BTreeMap<ResourceId, Option<DirEntries>>,
-    next_ino: Option<u64>,
+    space: Option<InoSpace>,
+}
+
+/// The undo record of the changes applied before a `MetaState::savepoint`
+/// (see there).
+#[derive(Debug)]
+pub struct Savepoint(Undo);
+
+impl Undo {
+    /// Adds `later`'s records for keys this one has not saved yet: the
+    /// result restores the values from before both.
+    fn absorb(&mut self, later: Undo) {
+        for (k, v) in later.inodes {
+            self.inodes.entry(k).or_insert(v);
+        }
+        for (k, v) in later.entries {
+            self.entries.entry(k).or_insert(v);
+        }
+        for (k, v) in later.dirs {
+            self.dirs.entry(k).or_insert(v);
+        }
+        if self.space.is_none() {
+            self.space = later.space;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inodes.is_empty()
+            && self.entries.is_empty()
+            && self.dirs.is_empty()
+            && self.space.is_none()
+    }
 }
 
 type R<T> = Result<T, MetaError>;
 
 impl MetaState {
-    /// A fresh namespace: only the root directory, owned by `uid`/`gid`.
-    pub fn new(uid: u32, gid: u32, now: Timestamp) -> Self {
+    /// A fresh namespace: only the root directory, owned by `uid`/`gid` and
+    /// governed by `device`, which also owns the first inode block.
+    pub fn new(uid: u32, gid: u32, now: Timestamp, device: DeviceId) -> Self {
         let root = Inode {
             id: ResourceId::ROOT,
             kind: Kind::Dir,
@@ -166,11 +208,24 @@ impl MetaState {
             target: None,
             content: None,
             next_cookie: FIRST_COOKIE,
+            authority: Authority { device, epoch: 1 },
         };
+        let mut space = InoSpace {
+            next_block: 1,
+            blocks: BTreeMap::new(),
+        };
+        space.blocks.insert(
+            0,
+            Block {
+                owner: device,
+                next: 2,
+            },
+        );
         let mut s = MetaState {
             inodes: BTreeMap::new(),
             dirs: BTreeMap::new(),
-            next_ino: 2,
+            space,
+            dirty_space: true,
             dirty_inodes: BTreeSet::new(),
             dirty_entries: BTreeSet::new(),
             chunk_deltas: BTreeMap::new(),
@@ -187,7 +242,8 @@ impl MetaState {
         let mut s = MetaState {
             inodes: BTreeMap::new(),
             dirs: BTreeMap::new(),
-            next_ino: snap.next_ino,
+            space: snap.space,
+            dirty_space: false,
             dirty_inodes: BTreeSet::new(),
             dirty_entries: BTreeSet::new(),
             chunk_deltas: BTreeMap::new(),
@@ -230,7 +286,7 @@ impl MetaState {
         Snapshot {
             inodes: self.inodes.values().cloned().collect(),
             entries,
-            next_ino: self.next_ino,
+            space: self.space.clone(),
         }
     }
 
@@ -264,11 +320,12 @@ impl MetaState {
             .collect();
         let mut chunk_deltas = std::mem::take(&mut self.chunk_deltas);
         chunk_deltas.retain(|_, d| *d != 0);
+        let space = std::mem::take(&mut self.dirty_space).then(|| self.space.clone());
         Changes {
             inodes,
             entries,
             chunk_deltas,
-            next_ino: self.next_ino,
+            space,
         }
     }
 
@@ -311,12 +368,48 @@ impl MetaState {
                 }
             }
         }
-        if let Some(n) = undo.next_ino {
-            self.next_ino = n;
+        if let Some(n) = undo.space {
+            self.space = n;
         }
+        self.clear_dirty();
+    }
+
+    fn clear_dirty(&mut self) {
         self.dirty_inodes.clear();
         self.dirty_entries.clear();
         self.chunk_deltas.clear();
+        self.dirty_space = false;
+    }
+
+    /// Starts a change that may have to be taken back alone, on top of
+    /// speculative changes applied before it (an authority's local changes
+    /// not yet committed through Raft). The undo record kept so far (the
+    /// committed values of everything the earlier changes touched) is set
+    /// aside; `keep` merges the new change into it, `undo_to` takes back
+    /// only the new change.
+    pub fn savepoint(&mut self) -> Savepoint {
+        Savepoint(std::mem::take(&mut self.undo))
+    }
+
+    /// Keeps what was applied since `sp` as speculative: nothing of it is
+    /// to be persisted as committed state, and `rollback` takes it back
+    /// together with everything speculative before it.
+    pub fn keep(&mut self, sp: Savepoint) {
+        let mut outer = sp.0;
+        outer.absorb(std::mem::take(&mut self.undo));
+        self.undo = outer;
+        self.clear_dirty();
+    }
+
+    /// Takes back what was applied since `sp`, keeping what came before.
+    pub fn undo_to(&mut self, sp: Savepoint) {
+        self.rollback();
+        self.undo = sp.0;
+    }
+
+    /// Whether speculative (or unpersisted) changes are applied.
+    pub fn has_undo(&self) -> bool {
+        !self.undo.is_empty()
     }
 
     fn save_inode(&mut self, id: ResourceId) {
@@ -408,6 +501,72 @@ impl MetaState {
         out
     }
 
+    /// The inode allocator.
+    pub fn space(&self) -> &InoSpace {
+        &self.space
+    }
+
+    /// Who governs `ino`, if it exists.
+    pub fn authority(&self, ino: ResourceId) -> Option<Authority> {
+        self.inodes.get(&ino).map(|i| i.authority)
+    }
+
+    /// Who must agree to `cmd`, by the ownership rule: the authority of a
+    /// directory decides its entries, the authority of a file its content
+    /// and attributes. A removal or rename that also decides about a
+    /// directory governed elsewhere (removing it, replacing it, moving
+    /// between directories) needs every authority involved.
+    pub fn governance(&self, cmd: &FsCommand) -> R<Governance> {
+        let auth = |ino: ResourceId| self.inode(ino).map(|i| i.authority.device);
+        let one_or_several = |mut devs: Vec<DeviceId>| {
+            devs.sort();
+            devs.dedup();
+            if devs.len() == 1 {
+                Governance::One(devs[0])
+            } else {
+                Governance::Several(devs)
+            }
+        };
+        Ok(match cmd {
+            FsCommand::Create { parent, .. } | FsCommand::Link { parent, .. } => {
+                Governance::One(auth(*parent)?)
+            }
+            FsCommand::Unlink { parent, .. } => Governance::One(auth(*parent)?),
+            FsCommand::Rmdir { parent, name, .. } => {
+                let mut devs = vec![auth(*parent)?];
+                if let Ok(child) = self.lookup(*parent, name) {
+                    devs.push(child.authority.device);
+                }
+                one_or_several(devs)
+            }
+            FsCommand::Rename {
+                parent,
+                new_parent,
+                new_name,
+                mode,
+                ..
+            } => {
+                let mut devs = vec![auth(*parent)?, auth(*new_parent)?];
+                // A directory replaced must be empty: its own authority
+                // decides about its entries.
+                if *mode != RenameMode::Exchange {
+                    if let Ok(i) = self.lookup(*new_parent, new_name) {
+                        if i.kind == Kind::Dir {
+                            devs.push(i.authority.device);
+                        }
+                    }
+                }
+                one_or_several(devs)
+            }
+            FsCommand::SetAttr { ino, .. }
+            | FsCommand::SetXattr { ino, .. }
+            | FsCommand::RemoveXattr { ino, .. }
+            | FsCommand::CommitVersion { ino, .. } => Governance::One(auth(*ino)?),
+            FsCommand::Reclaim { .. } | FsCommand::ReclaimOrphans => Governance::Anyone,
+            FsCommand::ReserveInodes { .. } | FsCommand::SetAuthority { .. } => Governance::Cluster,
+        })
+    }
+
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
     }
@@ -434,18 +593,35 @@ impl MetaState {
             .collect()
     }
 
-    /// Applies one command. On error nothing changed.
-    pub fn apply(&mut self, cmd: FsCommand) -> R<Outcome> {
-        match cmd {
+    /// Applies one command as the device that governs the root (a
+    /// namespace of one device, and tests). On error nothing changed.
+    pub fn apply(&mut self, mut cmd: FsCommand) -> R<Outcome> {
+        let root = self.inode(ResourceId::ROOT)?.authority.device;
+        self.apply_by(By::device(root), &mut cmd)
+    }
+
+    /// Applies one command decided by `by.applier` for `by.origin`. A
+    /// `Create` with inode 0 gets a number from the applier's block, written
+    /// into `cmd` so that the command can be logged and replayed as applied.
+    /// Ownership is not checked here (`governance` says who decides). On
+    /// error nothing changed.
+    pub fn apply_by(&mut self, by: By, cmd: &mut FsCommand) -> R<Outcome> {
+        if let FsCommand::Create { ino, .. } = cmd {
+            if ino.0 == 0 {
+                *ino = self.next_free_ino(by.applier)?;
+            }
+        }
+        match cmd.clone() {
             FsCommand::Create {
                 parent,
                 name,
+                ino,
                 node,
                 perm,
                 uid,
                 gid,
                 now,
-            } => self.create(parent, name, node, perm, uid, gid, now),
+            } => self.create(by, parent, name, ino, node, perm, uid, gid, now),
             FsCommand::Link {
                 ino,
                 parent,
@@ -573,7 +749,78 @@ impl MetaState {
                 }
                 Ok(Outcome::Done)
             }
+            FsCommand::ReserveInodes { device } => {
+                self.reserve_block(device);
+                Ok(Outcome::Done)
+            }
+            FsCommand::SetAuthority { ino, device, epoch } => {
+                let mut inode = self.inode(ino)?.clone();
+                if epoch <= inode.authority.epoch {
+                    return Err(MetaError::Invalid(Cow::Borrowed("stale authority epoch")));
+                }
+                inode.authority = Authority { device, epoch };
+                self.put_inode(inode.clone());
+                Ok(Outcome::Inode(Box::new(inode)))
+            }
         }
+    }
+
+    /// The next unused number in `device`'s block.
+    fn next_free_ino(&self, device: DeviceId) -> R<ResourceId> {
+        let b = self.space.block_of(device).ok_or(MetaError::NoInodes)?;
+        Ok(ResourceId(self.space.blocks[&b].next))
+    }
+
+    fn save_space(&mut self) {
+        if self.undo.space.is_none() {
+            self.undo.space = Some(self.space.clone());
+        }
+        self.dirty_space = true;
+    }
+
+    /// Gives `device` a new block (its first, or one more when its last is
+    /// nearly used up).
+    fn reserve_block(&mut self, device: DeviceId) {
+        let roomy = self.space.block_of(device).is_some_and(|b| {
+            let end = (b + 1).saturating_mul(BLOCK_SIZE);
+            end - self.space.blocks[&b].next > BLOCK_SIZE / 4
+        });
+        if roomy {
+            return;
+        }
+        self.save_space();
+        let b = self.space.next_block;
+        self.space.next_block += 1;
+        let start = b.saturating_mul(BLOCK_SIZE).max(2);
+        self.space.blocks.insert(
+            b,
+            Block {
+                owner: device,
+                next: start,
+            },
+        );
+    }
+
+    /// Takes `ino` for a new inode: it must lie in a block of `applier` and
+    /// never have been used (numbers are never reused).
+    fn take_ino(&mut self, applier: DeviceId, ino: ResourceId) -> R<()> {
+        let b = ino.0 / BLOCK_SIZE;
+        match self.space.blocks.get(&b) {
+            Some(blk) if blk.owner == applier && ino.0 >= blk.next => {}
+            _ => {
+                return Err(MetaError::Invalid(Cow::Borrowed(
+                    "inode number outside the applier's block or used before",
+                )))
+            }
+        }
+        if self.inodes.contains_key(&ino) {
+            return Err(MetaError::Exists);
+        }
+        self.save_space();
+        if let Some(blk) = self.space.blocks.get_mut(&b) {
+            blk.next = ino.0 + 1;
+        }
+        Ok(())
     }
 
     // ---- commands ----
@@ -581,8 +828,10 @@ impl MetaState {
     #[allow(clippy::too_many_arguments)]
     fn create(
         &mut self,
+        by: By,
         parent: ResourceId,
         name: Name,
+        id: ResourceId,
         node: NewNode,
         perm: u16,
         uid: u32,
@@ -622,9 +871,7 @@ impl MetaState {
             NewNode::CharDev { rdev } => (Kind::CharDev, rdev, None, None),
             NewNode::BlockDev { rdev } => (Kind::BlockDev, rdev, None, None),
         };
-        let id = ResourceId(self.next_ino);
-        self.undo.next_ino.get_or_insert(self.next_ino);
-        self.next_ino += 1;
+        self.take_ino(by.applier, id)?;
         let is_dir = kind == Kind::Dir;
         let inode = Inode {
             id,
@@ -643,6 +890,10 @@ impl MetaState {
             target,
             content,
             next_cookie: FIRST_COOKIE,
+            authority: Authority {
+                device: by.origin,
+                epoch: 1,
+            },
         };
         if is_dir {
             self.save_dir(id);

@@ -9,7 +9,7 @@ fn t(secs: i64) -> Timestamp {
 }
 
 fn fresh() -> MetaState {
-    MetaState::new(0, 0, t(1))
+    MetaState::new(0, 0, t(1), DeviceId([1; 16]))
 }
 
 fn mk(s: &mut MetaState, parent: ResourceId, name: &str, node: NewNode, now: i64) -> Inode {
@@ -17,6 +17,7 @@ fn mk(s: &mut MetaState, parent: ResourceId, name: &str, node: NewNode, now: i64
         .apply(FsCommand::Create {
             parent,
             name: name.as_bytes().to_vec(),
+            ino: crate::ids::ResourceId(0),
             node,
             perm: 0o644,
             uid: 1000,
@@ -68,6 +69,7 @@ fn create_sets_nlink_and_parent_times() {
     let err = s.apply(FsCommand::Create {
         parent: d.id,
         name: b"f".to_vec(),
+        ino: crate::ids::ResourceId(0),
         node: NewNode::File,
         perm: 0o600,
         uid: 0,
@@ -90,6 +92,7 @@ fn names_are_checked() {
         let r = s.apply(FsCommand::Create {
             parent: ROOT,
             name: name.as_bytes().to_vec(),
+            ino: crate::ids::ResourceId(0),
             node: NewNode::File,
             perm: 0o644,
             uid: 0,
@@ -108,6 +111,7 @@ fn create_under_a_file_is_enotdir() {
     let r = s.apply(FsCommand::Create {
         parent: f.id,
         name: b"x".to_vec(),
+        ino: crate::ids::ResourceId(0),
         node: NewNode::File,
         perm: 0o644,
         uid: 0,
@@ -167,6 +171,7 @@ fn unlink_and_rmdir_rules() {
     let r = s.apply(FsCommand::Create {
         parent: d.id,
         name: b"x".to_vec(),
+        ino: crate::ids::ResourceId(0),
         node: NewNode::File,
         perm: 0o644,
         uid: 0,
@@ -490,6 +495,7 @@ fn symlink_targets_are_checked() {
     let r = s.apply(FsCommand::Create {
         parent: ROOT,
         name: b"m".to_vec(),
+        ino: crate::ids::ResourceId(0),
         node: NewNode::Symlink {
             target: vec![b'a'; SYMLINK_MAX + 1],
         },
@@ -573,17 +579,18 @@ fn rollback_restores_the_state_before_unpersisted_commands() {
     // Numbers handed out by rolled-back creates are reused safely: nothing
     // persisted them.
     let again = mk(&mut s, ROOT, "again", NewNode::File, 5);
-    assert_eq!(again.id.0, before.next_ino);
+    assert_eq!(again.id.0, before.space.blocks[&0].next);
 }
 
 #[test]
 fn snapshot_view_serializes_like_a_snapshot() {
     let now = Timestamp { secs: 3, nanos: 0 };
-    let mut m = MetaState::new(0, 0, now);
+    let mut m = MetaState::new(0, 0, now, DeviceId([1; 16]));
     for n in ["a", "b", "c"] {
         m.apply(FsCommand::Create {
             parent: ResourceId::ROOT,
             name: n.as_bytes().to_vec(),
+            ino: crate::ids::ResourceId(0),
             node: NewNode::Dir,
             perm: 0o755,
             uid: 0,

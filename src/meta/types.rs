@@ -136,6 +136,49 @@ pub struct Inode {
     pub content: Option<Content>,
     /// Directories: the next readdir cookie to hand out (stable offsets).
     pub next_cookie: u64,
+    /// The device that governs this resource now: for a directory it
+    /// decides the entries, for a file its content and attributes.
+    pub authority: Authority,
+}
+
+/// Which device governs a resource, and since which decision: `epoch`
+/// grows with every move, so a late, stale decision cannot undo a newer one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authority {
+    pub device: DeviceId,
+    pub epoch: u64,
+}
+
+/// Inode numbers are handed out in blocks of `BLOCK_SIZE`, each owned by
+/// one device, so that a device creates files without asking anyone and
+/// two devices never pick the same number. Block `b` covers
+/// `[b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE)`.
+pub const BLOCK_SIZE: u64 = 1 << 32;
+
+/// One device's block of inode numbers and the next number never used in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    pub owner: DeviceId,
+    pub next: u64,
+}
+
+/// The replicated allocator of inode numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InoSpace {
+    /// The next block nobody owns yet.
+    pub next_block: u64,
+    pub blocks: BTreeMap<u64, Block>,
+}
+
+impl InoSpace {
+    /// The block `device` allocates from: its newest one with room left.
+    pub fn block_of(&self, device: DeviceId) -> Option<u64> {
+        self.blocks
+            .iter()
+            .rev()
+            .find(|(b, blk)| blk.owner == device && blk.next < (*b + 1).saturating_mul(BLOCK_SIZE))
+            .map(|(b, _)| *b)
+    }
 }
 
 impl Inode {
@@ -214,6 +257,10 @@ pub enum FsCommand {
     Create {
         parent: ResourceId,
         name: Name,
+        /// The new inode's number, from the applying device's block; 0 asks
+        /// the applier to choose (the authority fills it in before the
+        /// command is logged).
+        ino: ResourceId,
         node: NewNode,
         perm: u16,
         uid: u32,
@@ -278,4 +325,48 @@ pub enum FsCommand {
     Reclaim { ino: ResourceId },
     /// Drop every unlinked inode: nothing can hold one open across a restart.
     ReclaimOrphans,
+    /// Gives `device` a block of inode numbers (cluster-wide, through Raft).
+    ReserveInodes { device: DeviceId },
+    /// Moves the authority over `ino` to `device`; refused unless `epoch`
+    /// is above the current one (cluster-wide, through Raft).
+    SetAuthority {
+        ino: ResourceId,
+        device: DeviceId,
+        epoch: u64,
+    },
+}
+
+/// Who must agree to a command (`MetaState::governance`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Governance {
+    /// Decided by this one authority, which applies it at once.
+    One(DeviceId),
+    /// Spans several authorities (a rename or removal across directories
+    /// governed by different devices): committed through Raft after each
+    /// has shipped its pending changes.
+    Several(Vec<DeviceId>),
+    /// Cluster-wide bookkeeping (inode blocks, authority moves): Raft only.
+    Cluster,
+    /// A monotone clean-up any device may apply (reclaiming an unlinked
+    /// inode nobody uses).
+    Anyone,
+}
+
+/// Who applies a command and on whose behalf: the applier is the
+/// authority that decided it (its inode block numbers new resources), the
+/// origin the device whose program asked (new resources start governed by
+/// it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct By {
+    pub applier: DeviceId,
+    pub origin: DeviceId,
+}
+
+impl By {
+    pub fn device(d: DeviceId) -> Self {
+        By {
+            applier: d,
+            origin: d,
+        }
+    }
 }

@@ -1,9 +1,15 @@
-//! Consensus on one namespace for every device, with openraft 0.9: the log
-//! and the state machine (`meta/` plus the authority map) persist in the
-//! device's RocksDB, RPCs travel over the mesh as `/meshfs/raft/1`, writes
-//! from followers are forwarded to the leader, and opens wait for a
-//! read-index from the leader so that nobody opens a stale version after a
-//! close elsewhere. The leader also keeps Raft's membership in step with
+//! Consensus on one namespace for every device, with openraft 0.9, and
+//! authority as ownership. A change to what this device governs is applied
+//! here at once (`Shared::apply_local`: durable in the WAL, visible to every
+//! program here) and recorded in the outbox (`outbox.rs`), which a shipper
+//! task sends to the Raft log in batches (group commit). A change to what
+//! another device governs is forwarded to that authority (one round trip)
+//! and returns once the authority's batch holding it is applied here; one
+//! spanning several authorities is committed through Raft after each has
+//! shipped its outbox. An open of a file governed elsewhere first catches
+//! up with its authority (close-to-open). The log and the state machine
+//! persist in the device's RocksDB, RPCs travel over the mesh as
+//! `/meshfs/raft/1`, and the leader keeps Raft's membership in step with
 //! the mesh's member list (learners first, voters up to `max_voters`).
 
 // openraft's error types are large (≈224 bytes) and its traits return them;
@@ -13,6 +19,7 @@
 mod log_store;
 mod membership;
 mod network;
+mod outbox;
 mod state_machine;
 mod types;
 
@@ -28,12 +35,12 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::ids::{DeviceId, ResourceId};
-use crate::mesh::MeshClient;
-use crate::meta::{FsCommand, MetaState, Outcome};
-use crate::storage::RocksStore;
+use crate::mesh::{MeshClient, RaftInbound};
+use crate::meta::{FsCommand, Governance, MetaError, MetaState, Outcome};
+use crate::storage::{ChunkStore, RocksStore};
 
-pub use state_machine::{AppliedBatch, ApplyHook};
-pub use types::{node_id, Authority, NodeId, Op, RaftNode, Request, Response, TypeConfig};
+pub use state_machine::{AppliedBatch, ApplyHook, Local};
+pub use types::{node_id, LocalChange, NodeId, Op, RaftNode, Request, Response, TypeConfig};
 
 use network::{call, Reply, Rpc};
 use types::Raft;
@@ -54,7 +61,16 @@ pub struct RaftSettings {
     /// Longest a write waits for a leader to commit it.
     pub write_timeout: Duration,
     pub max_voters: usize,
+    /// How long the shipper gathers local changes before proposing a batch
+    /// (group commit), unless someone waits for them (fsync).
+    pub batch_delay: Duration,
+    /// Most changes in one batch (one log entry).
+    pub batch_max: usize,
 }
+
+/// Most bytes of changes in one batch: with `MAX_PAYLOAD_ENTRIES` of them
+/// an append stays well inside the mesh's 16 MiB frame.
+pub const BATCH_MAX_BYTES: usize = 512 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RaftError {
@@ -66,9 +82,10 @@ pub enum RaftError {
     NoQuorum(Duration),
 }
 
-/// Entries a leader sends in one append: enough to catch a follower up
-/// quickly, small enough for one frame with big commits in it.
-pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
+/// Entries a leader sends in one append: each may be a batch of many
+/// changes (up to `BATCH_MAX_BYTES`), so a few catch a follower up quickly
+/// while one append stays within a frame.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
 
 /// The handle the rest of the daemon uses.
 #[derive(Clone)]
@@ -81,10 +98,15 @@ pub struct Replica {
     settings: Arc<RaftSettings>,
     rt: tokio::runtime::Handle,
     stale_reads: Arc<std::sync::atomic::AtomicU64>,
-    /// When the last successful shared barrier started and when the last
-    /// one failed (see `shared_barrier`); held while one runs, so that
-    /// callers queue.
-    barrier: Arc<tokio::sync::Mutex<(Option<Instant>, Option<Instant>)>>,
+    /// Wakes the shipper: the outbox has changes.
+    kick: Arc<tokio::sync::Notify>,
+    /// Someone waits for the outbox to commit: ship without gathering.
+    urgent: Arc<std::sync::atomic::AtomicBool>,
+    /// Results of changes forwarded here, by (origin, request id), so that
+    /// a retry after a lost reply is answered without applying twice.
+    forwarded: Arc<std::sync::Mutex<ForwardCache>>,
+    /// Counters for `meshfs status`.
+    counters: Arc<Counters>,
     /// Ids of this device's requests: a random start drawn once per process
     /// (so a restarted daemon does not reuse the ids its predecessor's
     /// replies are kept under), then counted up. Drawing fresh random bytes
@@ -141,7 +163,6 @@ pub async fn start(
     mesh.set_raft_inbox(tx)
         .await
         .map_err(|e| RaftError::Raft(e.to_string()))?;
-    tokio::spawn(network::serve(raft.clone(), rx));
     let replica = Replica {
         raft: raft.clone(),
         mesh: mesh.clone(),
@@ -151,11 +172,16 @@ pub async fn start(
         settings: Arc::new(settings),
         rt: tokio::runtime::Handle::current(),
         stale_reads: Default::default(),
-        barrier: Default::default(),
+        kick: Default::default(),
+        urgent: Default::default(),
+        forwarded: Default::default(),
+        counters: Default::default(),
         next_request: Arc::new(std::sync::atomic::AtomicU64::new(u64::from_le_bytes(
             crate::ids::random_bytes(),
         ))),
     };
+    tokio::spawn(serve(replica.clone(), rx));
+    tokio::spawn(ship(replica.clone()));
     let initialized = raft
         .is_initialized()
         .await
@@ -164,7 +190,134 @@ pub async fn start(
         replica.bootstrap().await?;
     }
     tokio::spawn(membership::follow_members(replica.clone()));
+    tokio::spawn(reserve_at_start(replica.clone()));
     Ok(replica)
+}
+
+/// Forwarded changes answered lately, oldest first.
+#[derive(Default)]
+struct ForwardCache {
+    map: std::collections::HashMap<(DeviceId, u64), (u64, Response)>,
+    order: std::collections::VecDeque<(DeviceId, u64)>,
+}
+
+/// More than the changes all devices can have in flight to one authority.
+const FORWARD_CACHE: usize = 4096;
+
+impl ForwardCache {
+    fn get(&self, key: &(DeviceId, u64)) -> Option<(u64, Response)> {
+        self.map.get(key).cloned()
+    }
+
+    fn put(&mut self, key: (DeviceId, u64), v: (u64, Response)) {
+        if self.map.insert(key, v).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > FORWARD_CACHE {
+            if let Some(k) = self.order.pop_front() {
+                self.map.remove(&k);
+            }
+        }
+    }
+}
+
+/// What `meshfs status` counts about changes.
+#[derive(Default)]
+struct Counters {
+    /// Changes applied here as their authority.
+    local: std::sync::atomic::AtomicU64,
+    /// Changes sent to another device's authority.
+    forwarded: std::sync::atomic::AtomicU64,
+    /// Changes committed through Raft before applying (several
+    /// authorities, cluster bookkeeping).
+    through_raft: std::sync::atomic::AtomicU64,
+    /// Batches of local changes proposed to the log.
+    batches: std::sync::atomic::AtomicU64,
+}
+
+/// Gives this device a block of inode numbers as soon as it has the
+/// cluster's state, so that its first create does not wait for Raft.
+async fn reserve_at_start(replica: Replica) {
+    loop {
+        if replica.shared.has_state() {
+            let has = read_meta(&replica.shared.meta)
+                .space()
+                .block_of(replica.device)
+                .is_some();
+            if has {
+                return;
+            }
+            match replica.reserve_inodes().await {
+                Ok(()) => return,
+                Err(e) => tracing::debug!(error = %e, "reserving inode numbers; retrying"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Sends the outbox to the log: waits for changes, gathers for
+/// `batch_delay` (group commit) unless someone waits for them, proposes
+/// the oldest as one batch, and goes on once it is applied here (which
+/// takes it out of the outbox). A batch that fails is proposed again: its
+/// changes apply once whatever happens (sequence numbers).
+async fn ship(replica: Replica) {
+    use std::sync::atomic::Ordering;
+    loop {
+        let notified = replica.kick.notified();
+        if lock(&replica.shared.outbox).entries.is_empty() {
+            notified.await;
+            continue;
+        }
+        if !replica.urgent.swap(false, Ordering::AcqRel) {
+            tokio::time::sleep(replica.settings.batch_delay).await;
+        }
+        let batch = lock(&replica.shared.outbox).batch(replica.settings.batch_max, BATCH_MAX_BYTES);
+        let Some((first_seq, changes)) = batch else {
+            continue;
+        };
+        let n = changes.len();
+        let req = Request {
+            origin: replica.device,
+            id: first_seq,
+            op: Op::Batch { first_seq, changes },
+        };
+        let deadline = Instant::now() + replica.settings.write_timeout;
+        match replica.propose_request(req, deadline).await {
+            Ok(_) => {
+                replica.counters.batches.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(first_seq, changes = n, "batch committed");
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, first_seq, "shipping a batch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Answers Raft RPCs and the authority's own requests (forwarded changes,
+/// catch-up) from members until the mesh goes away.
+async fn serve(replica: Replica, mut inbox: mpsc::Receiver<RaftInbound>) {
+    while let Some(req) = inbox.recv().await {
+        let r = replica.clone();
+        tokio::spawn(async move {
+            let reply = match postcard::from_bytes::<Rpc>(&req.bytes) {
+                Ok(rpc) => r.answer(rpc).await,
+                Err(e) => Reply::Failed(format!("malformed raft request: {e}")),
+            };
+            let bytes = postcard::to_stdvec(&reply).unwrap_or_default();
+            let _ = req.reply.send(bytes);
+        });
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    crate::lock(m)
+}
+
+fn read_meta(m: &RwLock<MetaState>) -> std::sync::RwLockReadGuard<'_, MetaState> {
+    m.read().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Replica {
@@ -224,9 +377,11 @@ impl Replica {
         self.shared.set_hook(hook);
     }
 
-    /// The device that serves `resource` first, if any.
+    /// The device that governs `resource`, if it exists here.
     pub fn authority(&self, resource: ResourceId) -> Option<DeviceId> {
-        self.shared.authority_of(resource).map(|a| a.device)
+        read_meta(&self.shared.meta)
+            .authority(resource)
+            .map(|a| a.device)
     }
 
     fn leader(&self) -> Option<(NodeId, DeviceId)> {
@@ -238,16 +393,27 @@ impl Replica {
         Some((id, node.device))
     }
 
+    fn next_id(&self) -> u64 {
+        self.next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Proposes `op` and waits until it is committed and applied here.
     pub async fn propose(&self, op: Op) -> Result<Response, RaftError> {
         let req = Request {
             origin: self.device,
-            id: self
-                .next_request
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id: self.next_id(),
             op,
         };
-        let deadline = Instant::now() + self.settings.write_timeout;
+        self.propose_request(req, Instant::now() + self.settings.write_timeout)
+            .await
+    }
+
+    async fn propose_request(
+        &self,
+        req: Request,
+        deadline: Instant,
+    ) -> Result<Response, RaftError> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -298,87 +464,309 @@ impl Replica {
             .map_err(|_| RaftError::NoQuorum(self.settings.write_timeout))
     }
 
-    /// Waits until this replica has applied everything committed before the
-    /// call (read-index through the leader). Returns false when no leader
-    /// answered within `read_wait`: the caller reads the local replica,
-    /// which may be stale.
-    pub async fn read_barrier(&self) -> bool {
-        if self.sole_voter() {
-            // Every commit happens here and is applied before the write that
-            // made it returns: nothing committed can be missing locally.
-            return true;
+    /// Reserves a block of inode numbers for this device through Raft.
+    async fn reserve_inodes(&self) -> Result<(), RaftError> {
+        self.propose(Op::Fs(FsCommand::ReserveInodes {
+            device: self.device,
+        }))
+        .await?
+        .map(|_| ())
+        .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    fn kick_shipper(&self, urgent: bool) {
+        if urgent {
+            self.urgent
+                .store(true, std::sync::atomic::Ordering::Release);
         }
-        let deadline = Instant::now() + self.settings.read_wait;
+        self.kick.notify_one();
+    }
+
+    /// Waits until `device`'s outbox entry `seq` (and everything before it)
+    /// is applied here.
+    async fn wait_shipped(
+        &self,
+        device: DeviceId,
+        seq: u64,
+        deadline: Instant,
+    ) -> Result<(), RaftError> {
+        let mut progress = self.shared.progress.subscribe();
+        loop {
+            if self.shared.shipped(device) >= seq {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero()
+                || tokio::time::timeout(left, progress.changed())
+                    .await
+                    .is_err()
+            {
+                return Err(RaftError::NoQuorum(self.settings.write_timeout));
+            }
+        }
+    }
+
+    /// Waits until every change `device` applied as authority before this
+    /// call is applied here: this device's own outbox committed, or another
+    /// device asked to ship its outbox (one round trip) and its batch
+    /// applied here.
+    async fn catch_up_with(&self, device: DeviceId, deadline: Instant) -> Result<(), RaftError> {
+        if device == self.device {
+            let last = lock(&self.shared.outbox).last_seq();
+            if self.shared.shipped(device) >= last {
+                return Ok(());
+            }
+            self.kick_shipper(true);
+            return self.wait_shipped(device, last, deadline).await;
+        }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break;
+                return Err(RaftError::NoQuorum(self.settings.write_timeout));
             }
-            match self.leader() {
-                Some((id, _)) if id == self.me => {
-                    match tokio::time::timeout(left, self.raft.ensure_linearizable()).await {
-                        Ok(Ok(_)) => return true,
-                        Ok(Err(_)) => {}
-                        Err(_) => break,
-                    }
+            match call(&self.mesh, device, &Rpc::Ship, left).await {
+                Ok(Reply::Shipping { seq }) => {
+                    return self.wait_shipped(device, seq, deadline).await
                 }
-                Some((_, device)) => {
-                    let reply = call(&self.mesh, device, &Rpc::ReadIndex, left).await;
-                    if let Ok(Reply::ReadIndex { index }) = reply {
-                        return self.wait_applied(index, deadline).await.is_ok();
-                    }
-                }
-                None => {}
+                Ok(other) => tracing::debug!(reply = ?other, "catching up with an authority"),
+                Err(e) => tracing::debug!(error = %e, "catching up with an authority"),
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.stale_reads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(
-            "no raft leader answered within {:?}; serving the local replica, which may be stale",
-            self.settings.read_wait
-        );
-        false
     }
 
-    /// A read barrier shared by concurrent callers: one that started after
-    /// the caller did serves it too (it covers everything committed before
-    /// the caller began), so a burst of lookups costs one round trip. The
-    /// leader needs none for lookups: every acknowledged write was applied
-    /// on it before it was acknowledged.
-    pub async fn shared_barrier(&self) {
-        if self.leader().is_some_and(|(id, _)| id == self.me) {
-            return;
-        }
-        let began = Instant::now();
-        let mut last = self.barrier.lock().await;
-        if last.0.is_some_and(|started| started >= began) {
-            return;
-        }
-        // Without a leader, one lookup waits `read_wait_ms`; the ones right
-        // after it serve the local replica at once instead of each waiting.
-        if last
-            .1
-            .is_some_and(|failed| failed.elapsed() < self.settings.read_wait)
-        {
-            return;
-        }
-        let started = Instant::now();
-        if self.read_barrier().await {
-            last.0 = Some(started);
-        } else {
-            last.1 = Some(Instant::now());
+    /// Applies a change where it is decided (see the module comment) and
+    /// returns its result. Blocking: called from kernel request threads;
+    /// the common case (this device governs it) touches no async code.
+    pub fn change(&self, cmd: FsCommand) -> Result<Response, RaftError> {
+        use std::sync::atomic::Ordering;
+        let deadline = Instant::now() + self.settings.write_timeout;
+        let id = self.next_id();
+        let mut reserved = false;
+        loop {
+            if !self.shared.has_state() {
+                // A device that just joined has a placeholder namespace
+                // until the cluster's state arrives.
+                if Instant::now() >= deadline {
+                    return Err(RaftError::NoQuorum(self.settings.write_timeout));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            let gov = match self.shared.apply_local(self.device, id, cmd.clone())? {
+                Local::Applied { out, .. } => {
+                    self.counters.local.fetch_add(1, Ordering::Relaxed);
+                    self.kick_shipper(false);
+                    return Ok(Ok(out));
+                }
+                Local::Refused(MetaError::NoInodes) if !reserved => {
+                    reserved = true;
+                    let r = self.clone();
+                    block_on(&self.rt, async move { r.reserve_inodes().await })?;
+                    continue;
+                }
+                Local::Refused(e) => return Ok(Err(e)),
+                Local::NotMine(gov) => gov,
+            };
+            let r = self.clone();
+            let c = cmd.clone();
+            let routed = block_on(&self.rt, async move { r.route(id, c, gov, deadline).await })?;
+            if let Some(resp) = routed {
+                return Ok(resp);
+            }
+            // The authority moved meanwhile: route again.
         }
     }
 
-    /// Whether this device leads a cluster in which it is the only voter.
-    fn sole_voter(&self) -> bool {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let mut voters = m.membership_config.membership().voter_ids();
-        m.current_leader == Some(self.me)
-            && voters.next() == Some(self.me)
-            && voters.next().is_none()
+    /// A change this device does not decide: to its authority, or through
+    /// Raft. `None` when the authority had moved (route again).
+    async fn route(
+        &self,
+        id: u64,
+        cmd: FsCommand,
+        gov: Governance,
+        deadline: Instant,
+    ) -> Result<Option<Response>, RaftError> {
+        use std::sync::atomic::Ordering;
+        let req = |cmd| Request {
+            origin: self.device,
+            id,
+            op: Op::Fs(cmd),
+        };
+        match gov {
+            Governance::One(authority) => {
+                self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                self.forward(authority, id, cmd, deadline).await
+            }
+            Governance::Several(devices) => {
+                // Each authority's changes so far come first in the log, so
+                // the change is decided on everything they acknowledged.
+                for d in devices {
+                    self.catch_up_with(d, deadline).await?;
+                }
+                self.counters.through_raft.fetch_add(1, Ordering::Relaxed);
+                self.propose_request(req(cmd), deadline).await.map(Some)
+            }
+            Governance::Cluster | Governance::Anyone => {
+                self.counters.through_raft.fetch_add(1, Ordering::Relaxed);
+                self.propose_request(req(cmd), deadline).await.map(Some)
+            }
+        }
+    }
+
+    /// Sends a change to its authority, which applies it at once, and waits
+    /// until the authority's batch holding it is applied here (so that the
+    /// program that asked sees it here right away). `None`: not the
+    /// authority any more.
+    async fn forward(
+        &self,
+        authority: DeviceId,
+        id: u64,
+        cmd: FsCommand,
+        deadline: Instant,
+    ) -> Result<Option<Response>, RaftError> {
+        // A new version's chunks are only here: keep them until the change
+        // is committed, even if this call gives up waiting for it.
+        let pins = outbox::chunks_of(&cmd);
+        self.shared.store.pin(&pins);
+        let unpin = |r: &Replica| r.shared.store.unpin(&pins);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let rpc = Rpc::Forward {
+            origin: self.device,
+            id,
+            cmd,
+            expires_ms: network::unix_ms() + left.as_millis() as u64,
+        };
+        let reply = call(&self.mesh, authority, &rpc, left).await;
+        match reply {
+            Ok(Reply::Forwarded { seq, result }) => {
+                if result.is_err() {
+                    unpin(self);
+                    return Ok(Some(result));
+                }
+                match self.wait_shipped(authority, seq, deadline).await {
+                    Ok(()) => {
+                        unpin(self);
+                        Ok(Some(result))
+                    }
+                    Err(e) => {
+                        // Applied at the authority, not committed yet: it
+                        // will be, so its chunks stay until then.
+                        let r = self.clone();
+                        tokio::spawn(async move {
+                            let until = Instant::now() + Duration::from_secs(600);
+                            let _ = r.wait_shipped(authority, seq, until).await;
+                            r.shared.store.unpin(&pins);
+                        });
+                        Err(e)
+                    }
+                }
+            }
+            Ok(Reply::NotAuthority) => {
+                unpin(self);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(None)
+            }
+            Ok(other) => {
+                unpin(self);
+                tracing::debug!(reply = ?other, "forwarding a change failed; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(None)
+            }
+            Err(e) => {
+                unpin(self);
+                tracing::debug!(error = %e, %authority, "forwarding a change failed; retrying");
+                if Instant::now() >= deadline {
+                    return Err(RaftError::NoQuorum(self.settings.write_timeout));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Answers one request from another member.
+    async fn answer(&self, rpc: Rpc) -> Reply {
+        match rpc {
+            Rpc::Forward { expires_ms, .. } if network::unix_ms() > expires_ms => {
+                Reply::Failed("forwarded change arrived after its deadline".into())
+            }
+            Rpc::Forward {
+                origin, id, cmd, ..
+            } => self.apply_forwarded(origin, id, cmd).await,
+            Rpc::Ship => {
+                let seq = lock(&self.shared.outbox).last_seq();
+                if self.shared.shipped(self.device) < seq {
+                    self.kick_shipper(true);
+                }
+                Reply::Shipping { seq }
+            }
+            other => network::answer(&self.raft, other).await,
+        }
+    }
+
+    /// Applies a change another device forwarded, as its authority.
+    async fn apply_forwarded(&self, origin: DeviceId, id: u64, cmd: FsCommand) -> Reply {
+        if let Some((seq, result)) = lock(&self.forwarded).get(&(origin, id)) {
+            return Reply::Forwarded { seq, result };
+        }
+        let mut reserved = false;
+        loop {
+            let shared = self.shared.clone();
+            let c = cmd.clone();
+            let local = match tokio::task::spawn_blocking(move || shared.apply_local(origin, id, c))
+                .await
+            {
+                Ok(Ok(l)) => l,
+                Ok(Err(e)) => return Reply::Failed(e.to_string()),
+                Err(e) => return Reply::Failed(e.to_string()),
+            };
+            let (seq, result) = match local {
+                Local::Applied { seq, out } => {
+                    self.kick_shipper(false);
+                    (seq, Ok(out))
+                }
+                Local::Refused(MetaError::NoInodes) if !reserved => {
+                    reserved = true;
+                    if let Err(e) = self.reserve_inodes().await {
+                        return Reply::Failed(e.to_string());
+                    }
+                    continue;
+                }
+                Local::Refused(e) => (0, Err(e)),
+                Local::NotMine(_) => return Reply::NotAuthority,
+            };
+            lock(&self.forwarded).put((origin, id), (seq, result.clone()));
+            return Reply::Forwarded { seq, result };
+        }
+    }
+
+    /// Before an open of `ino`: every change its authority acknowledged is
+    /// applied here (close-to-open across devices). With the authority
+    /// unreachable for `read_wait`, the local copy is served (and counted).
+    pub async fn open_barrier(&self, ino: ResourceId) {
+        let Some(authority) = self.authority(ino) else {
+            return;
+        };
+        if authority == self.device {
+            return;
+        }
+        let deadline = Instant::now() + self.settings.read_wait;
+        if self.catch_up_with(authority, deadline).await.is_err() {
+            self.stale_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                %ino,
+                "the authority of a file did not answer within {:?}; serving the local copy, which may be stale",
+                self.settings.read_wait
+            );
+        }
+    }
+
+    /// Waits until every change applied here so far is committed (fsync).
+    pub async fn commit_wait(&self) -> Result<(), RaftError> {
+        self.catch_up_with(self.device, Instant::now() + self.settings.write_timeout)
+            .await
     }
 
     /// Replays the log over the last snapshot and compares the result with
@@ -415,6 +803,22 @@ impl Replica {
             learners,
             degraded,
             stale_reads: self.stale_reads.load(std::sync::atomic::Ordering::Relaxed),
+            changes: self.change_status(),
+        }
+    }
+
+    fn change_status(&self) -> ChangeStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (pending, last_seq, conflicts) = self.shared.outbox_status();
+        ChangeStatus {
+            applied_here: self.counters.local.load(Relaxed),
+            forwarded: self.counters.forwarded.load(Relaxed),
+            through_raft: self.counters.through_raft.load(Relaxed),
+            batches: self.counters.batches.load(Relaxed),
+            pending,
+            last_seq,
+            committed_seq: self.shared.shipped(self.device),
+            conflicts,
         }
     }
 
@@ -438,33 +842,73 @@ pub struct RaftStatus {
     /// No leader known, or this leader has not heard from a quorum lately:
     /// writes cannot commit and opens may be stale.
     pub degraded: bool,
-    /// Opens and lookups that found no leader in time and read the local
-    /// replica.
+    /// Opens and lookups whose authority did not answer in time, which
+    /// read the local replica.
     pub stale_reads: u64,
+    pub changes: ChangeStatus,
+}
+
+/// How this device's changes travel, for `meshfs status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeStatus {
+    /// Changes applied here as their authority (then shipped in batches).
+    pub applied_here: u64,
+    /// Changes sent to another device that governs what they change.
+    pub forwarded: u64,
+    /// Changes committed through Raft before applying anywhere.
+    pub through_raft: u64,
+    /// Batches of local changes committed (one log entry each).
+    pub batches: u64,
+    /// Local changes applied here and not yet committed (the outbox).
+    pub pending: usize,
+    /// The last outbox sequence number, and the last one committed.
+    pub last_seq: u64,
+    pub committed_seq: u64,
+    /// Local changes refused when they committed (authority moved away).
+    pub conflicts: u64,
 }
 
 impl crate::fs::Replicator for Replica {
-    fn propose(&self, cmd: FsCommand) -> crate::fs::Result<Outcome> {
-        let r = self.clone();
-        let res = block_on(&self.rt, async move { r.propose(Op::Fs(cmd)).await });
-        match res {
+    fn apply(&self, cmd: FsCommand) -> crate::fs::Result<Outcome> {
+        match self.change(cmd) {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) => Err(e.into()),
+            Err(RaftError::Storage(e)) => Err(e.into()),
             Err(e) => {
-                tracing::warn!(error = %e, "a namespace change could not be committed");
+                tracing::warn!(error = %e, "a namespace change could not be made");
                 Err(crate::fs::FsError::Unavailable(e.to_string()))
             }
         }
     }
 
-    fn read_barrier(&self) {
+    fn commit_wait(&self) -> crate::fs::Result<()> {
         let r = self.clone();
-        block_on(&self.rt, async move { r.read_barrier().await });
+        block_on(&self.rt, async move { r.commit_wait().await }).map_err(|e| {
+            tracing::warn!(error = %e, "changes could not be committed through Raft in time");
+            crate::fs::FsError::Unavailable(e.to_string())
+        })
     }
 
-    fn lookup_barrier(&self) {
+    fn open_barrier(&self, ino: ResourceId) {
+        if self.authority(ino).is_none_or(|a| a == self.device) {
+            return;
+        }
         let r = self.clone();
-        block_on(&self.rt, async move { r.shared_barrier().await });
+        block_on(&self.rt, async move { r.open_barrier(ino).await });
+    }
+
+    fn lookup_miss(&self, parent: ResourceId) -> bool {
+        let Some(authority) = self.authority(parent) else {
+            return false;
+        };
+        if authority == self.device {
+            return false;
+        }
+        let r = self.clone();
+        let deadline = Instant::now() + self.settings.read_wait;
+        block_on(&self.rt, async move {
+            r.catch_up_with(authority, deadline).await.is_ok()
+        })
     }
 }
 

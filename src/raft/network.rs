@@ -12,11 +12,11 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use super::types::{NodeId, Raft, RaftNode, Request, Response, TypeConfig};
 use crate::ids::DeviceId;
-use crate::mesh::{MeshClient, RaftInbound};
+use crate::mesh::MeshClient;
+use crate::meta::FsCommand;
 
 /// A request on `/meshfs/raft/1`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,6 +35,20 @@ pub enum Rpc {
     /// Read-index: the leader confirms it still leads and says up to which
     /// log index a reader must have applied.
     ReadIndex,
+    /// A change to something the receiver governs, from a device that does
+    /// not: the receiver applies it as authority (once per origin and id)
+    /// and answers with its outbox sequence number. `expires_ms` as for
+    /// `Write`.
+    Forward {
+        origin: DeviceId,
+        id: u64,
+        cmd: FsCommand,
+        expires_ms: u64,
+    },
+    /// "Ship your outbox now and tell me its last sequence number": after
+    /// that entry is applied locally, the asker has every change the
+    /// receiver acknowledged before (close-to-open across devices).
+    Ship,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,6 +66,18 @@ pub enum Reply {
     /// Not the leader (any more); `leader` is the one it knows, if any.
     NotLeader {
         leader: Option<NodeId>,
+    },
+    /// A forwarded change, applied (`seq` > 0, the outbox entry holding
+    /// it) or refused (`seq` 0, nothing recorded).
+    Forwarded {
+        seq: u64,
+        result: Response,
+    },
+    /// The receiver does not govern what a forwarded change changes.
+    NotAuthority,
+    /// The receiver's last outbox sequence number (see `Rpc::Ship`).
+    Shipping {
+        seq: u64,
     },
     Failed(String),
 }
@@ -192,24 +218,18 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Conn<T> {
     }
 }
 
-/// Answers Raft requests from members until the mesh goes away.
-pub async fn serve(raft: Raft, mut inbox: mpsc::Receiver<RaftInbound>) {
-    while let Some(req) = inbox.recv().await {
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            let reply = answer(&raft, &req.bytes).await;
-            let bytes = postcard::to_stdvec(&reply).unwrap_or_default();
-            let _ = req.reply.send(bytes);
-        });
+/// Decodes one frame and answers it with `answer` (tests route frames so).
+#[cfg(test)]
+pub async fn answer_frame(raft: &Raft, bytes: &[u8]) -> Reply {
+    match postcard::from_bytes(bytes) {
+        Ok(rpc) => answer(raft, rpc).await,
+        Err(e) => Reply::Failed(format!("malformed raft request: {e}")),
     }
 }
 
-/// Decodes one request and answers it with this device's Raft.
-pub async fn answer(raft: &Raft, bytes: &[u8]) -> Reply {
-    let rpc: Rpc = match postcard::from_bytes(bytes) {
-        Ok(r) => r,
-        Err(e) => return Reply::Failed(format!("malformed raft request: {e}")),
-    };
+/// Answers one Raft request with this device's Raft (the authority's own
+/// requests are answered by `Replica::answer`).
+pub async fn answer(raft: &Raft, rpc: Rpc) -> Reply {
     match rpc {
         Rpc::Append(r) => match raft.append_entries(r).await {
             Ok(r) => Reply::Append(r),
@@ -249,6 +269,9 @@ pub async fn answer(raft: &Raft, bytes: &[u8]) -> Reply {
                 None => Reply::Failed(e.to_string()),
             },
         },
+        Rpc::Forward { .. } | Rpc::Ship => {
+            Reply::Failed("not a raft request (answered by the replica)".into())
+        }
     }
 }
 

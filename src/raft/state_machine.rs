@@ -1,10 +1,16 @@
-//! The Raft state machine: `meta::MetaState` (shared with `fs/`, which
-//! reads it) plus the authority map. A batch of committed entries is applied
-//! in memory and persisted with the applied position in one RocksDB batch;
-//! snapshots are the whole state, postcard-encoded, kept in one file.
+//! The Raft state machine: a thin adapter over `meta::MetaState` (shared
+//! with `fs/`, which reads it), which owns every replicated rule
+//! (ownership included). The namespace the filesystem reads is the
+//! committed state plus this device's outbox replayed on top
+//! (`outbox.rs`). A batch of committed entries is applied by taking that
+//! layer off, applying the entries in log order exactly as every device
+//! does, persisting the result with the applied position in one RocksDB
+//! batch, and replaying what is still pending. Snapshots are the whole
+//! committed state, postcard-encoded, kept in one file.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -13,17 +19,19 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::outbox::{chunks_of, Outbox, Pending, Stored};
 use super::types::{
-    Authority, LogId, NodeId, Op, RaftNode, Response, StoredMembership, TypeConfig,
+    LocalChange, LogId, NodeId, Op, RaftNode, Request, Response, StoredMembership, TypeConfig,
 };
 use crate::ids::{DeviceId, ResourceId};
 use crate::lock;
-use crate::meta::{Changes, FsCommand, MetaError, MetaState, Outcome};
-use crate::storage::{Extra, RocksStore};
+use crate::meta::{By, Changes, FsCommand, Governance, MetaError, MetaState, Outcome};
+use crate::storage::{ChunkStore, Extra, RocksStore};
 
 const KEY_APPLIED: &str = "applied";
 const KEY_MEMBERSHIP: &str = "membership";
 pub(super) const KEY_RECENT: &str = "recent";
+const KEY_SHIPPED: &str = "shipped";
 
 /// Results remembered per proposing device, to answer retries: more than
 /// the proposals one device can have in flight (one per kernel thread and a
@@ -32,6 +40,8 @@ const RECENT_PER_ORIGIN: usize = 32;
 
 /// The last results per origin, oldest first.
 pub type Recent = BTreeMap<DeviceId, std::collections::VecDeque<(u64, Response)>>;
+/// Per authority, the last outbox sequence number applied from it.
+pub type Shipped = BTreeMap<DeviceId, u64>;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// What one applied batch changed, for the hooks.
@@ -48,26 +58,42 @@ pub struct AppliedBatch<'a> {
 
 pub type ApplyHook = Arc<dyn Fn(AppliedBatch<'_>) + Send + Sync>;
 
+/// What applying a change locally, as its authority, came to.
+#[derive(Debug)]
+pub enum Local {
+    /// Applied here and recorded in the outbox as `seq`.
+    Applied { seq: u64, out: Outcome },
+    /// Refused by the namespace's rules (nothing recorded).
+    Refused(MetaError),
+    /// This device does not decide it: route it by this.
+    NotMine(Governance),
+}
+
 /// State shared by the state machine, its snapshot builders and the
-/// replica handle.
+/// replica handle. Lock order: `meta`, then `outbox`, then the others.
 pub struct Shared {
     pub meta: Arc<RwLock<MetaState>>,
     pub store: Arc<RocksStore>,
-    pub authority: RwLock<BTreeMap<ResourceId, Authority>>,
     /// Replicated like the namespace (it decides what a command returns).
     recent: Mutex<Recent>,
-    me: DeviceId,
+    /// Replicated: how far each authority's batches are applied.
+    shipped: Mutex<Shipped>,
+    pub(super) outbox: Mutex<Outbox>,
+    pub(super) me: DeviceId,
     /// Last applied log id and membership; written with `meta` locked so
     /// that a snapshot sees them consistent with the namespace.
     applied: Mutex<(Option<LogId>, StoredMembership)>,
     snapshot_dir: PathBuf,
     hook: std::sync::OnceLock<ApplyHook>,
-    snapshot_seq: std::sync::atomic::AtomicU64,
+    snapshot_seq: AtomicU64,
+    /// Bumped after every applied batch and installed snapshot, for those
+    /// who wait until an authority's changes are applied here.
+    pub(super) progress: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
-    /// Loads the applied position, membership and authority map persisted
-    /// beside the namespace.
+    /// Loads the applied position, membership and shipped sequences
+    /// persisted beside the namespace, then replays the outbox over it.
     pub fn load(
         meta: Arc<RwLock<MetaState>>,
         store: Arc<RocksStore>,
@@ -75,59 +101,241 @@ impl Shared {
         snapshot_dir: PathBuf,
     ) -> Result<Self, crate::storage::StorageError> {
         let applied: Option<LogId> = match store.raft_get(KEY_APPLIED)? {
-            Some(b) => dec(b, "raft applied position")?,
+            Some(b) => dec(&b, "raft applied position")?,
             None => None,
         };
         let membership: StoredMembership = match store.raft_get(KEY_MEMBERSHIP)? {
-            Some(b) => dec(b, "raft membership")?,
+            Some(b) => dec(&b, "raft membership")?,
             None => StoredMembership::default(),
         };
-        let mut authority = BTreeMap::new();
-        for (id, row) in store.table_rows()? {
-            authority.insert(ResourceId(id), dec(row, "authority")?);
-        }
         let recent: Recent = match store.raft_get(KEY_RECENT)? {
-            Some(b) => dec(b, "raft recent results")?,
+            Some(b) => dec(&b, "raft recent results")?,
             None => Recent::new(),
         };
+        let shipped: Shipped = match store.raft_get(KEY_SHIPPED)? {
+            Some(b) => dec(&b, "shipped sequences")?,
+            None => Shipped::new(),
+        };
         std::fs::create_dir_all(&snapshot_dir)?;
-        Ok(Shared {
+        let done = shipped.get(&me).copied().unwrap_or(0);
+        let mut outbox = Outbox {
+            next_seq: done + 1,
+            ..Default::default()
+        };
+        let mut stale = Vec::new();
+        for (seq, bytes) in store.outbox_entries()? {
+            if seq <= done {
+                // Committed already; the deletion did not reach the disk.
+                stale.push(seq);
+                continue;
+            }
+            let Stored::V1(change) = dec(&bytes, "outbox entry")?;
+            let pins = chunks_of(&change.cmd);
+            store.pin(&pins);
+            outbox.next_seq = seq + 1;
+            outbox.entries.push_back(Pending {
+                seq,
+                change,
+                bytes: bytes.len(),
+                pins,
+                applies: true,
+            });
+        }
+        if !stale.is_empty() {
+            store.outbox_delete(&stale)?;
+        }
+        if !outbox.entries.is_empty() {
+            tracing::info!(
+                changes = outbox.entries.len(),
+                "changes applied here before the restart are not committed yet; they ship now"
+            );
+        }
+        let shared = Shared {
             meta,
             store,
-            authority: RwLock::new(authority),
             recent: Mutex::new(recent),
+            shipped: Mutex::new(shipped),
+            outbox: Mutex::new(outbox),
             me,
             applied: Mutex::new((applied, membership)),
             snapshot_dir,
             hook: std::sync::OnceLock::new(),
             snapshot_seq: Default::default(),
-        })
+            progress: tokio::sync::watch::channel(0).0,
+        };
+        {
+            let mut meta = write(&shared.meta);
+            let mut outbox = lock(&shared.outbox);
+            replay(&mut meta, &mut outbox, me);
+        }
+        Ok(shared)
     }
 
     pub fn set_hook(&self, hook: ApplyHook) {
         let _ = self.hook.set(hook);
     }
 
-    pub fn authority_of(&self, resource: ResourceId) -> Option<Authority> {
-        read(&self.authority).get(&resource).copied()
+    /// Whether this device has the cluster's state (a snapshot or log
+    /// applied): a device that just joined has only a placeholder namespace.
+    pub fn has_state(&self) -> bool {
+        lock(&self.applied).0.is_some()
+    }
+
+    /// The last sequence of `device`'s outbox applied here.
+    pub fn shipped(&self, device: DeviceId) -> u64 {
+        lock(&self.shipped).get(&device).copied().unwrap_or(0)
+    }
+
+    /// Applies `cmd` here at once if this device governs what it changes,
+    /// recording it in the outbox (durable in the WAL before it becomes
+    /// visible to anyone else). `origin` and `id` say whose request it is.
+    pub fn apply_local(
+        &self,
+        origin: DeviceId,
+        id: u64,
+        mut cmd: FsCommand,
+    ) -> Result<Local, crate::storage::StorageError> {
+        let mut meta = write(&self.meta);
+        match meta.governance(&cmd) {
+            Ok(Governance::One(d)) if d == self.me => {}
+            Ok(Governance::Anyone) => {}
+            Ok(other) => return Ok(Local::NotMine(other)),
+            Err(e) => return Ok(Local::Refused(e)),
+        }
+        let sp = meta.savepoint();
+        let out = match meta.apply_by(
+            By {
+                applier: self.me,
+                origin,
+            },
+            &mut cmd,
+        ) {
+            Ok(out) => out,
+            Err(e) => {
+                meta.undo_to(sp);
+                return Ok(Local::Refused(e));
+            }
+        };
+        // What a change forwarded from elsewhere touched: the kernel here
+        // may have cached it.
+        let touched = (origin != self.me).then(|| meta.take_changes_keep_undo());
+        let change = LocalChange { origin, id, cmd };
+        let stored = Stored::V1(change);
+        let bytes = match postcard::to_stdvec(&stored) {
+            Ok(b) => b,
+            Err(e) => {
+                meta.undo_to(sp);
+                return Err(crate::storage::StorageError::Decode(format!(
+                    "encoding an outbox entry: {e}"
+                )));
+            }
+        };
+        let Stored::V1(change) = stored;
+        let mut outbox = lock(&self.outbox);
+        let seq = outbox.next_seq;
+        if let Err(e) = self.store.outbox_put(seq, &bytes) {
+            drop(outbox);
+            meta.undo_to(sp);
+            return Err(e);
+        }
+        meta.keep(sp);
+        let pins = chunks_of(&change.cmd);
+        self.store.pin(&pins);
+        outbox.next_seq += 1;
+        outbox.entries.push_back(Pending {
+            seq,
+            change,
+            bytes: bytes.len(),
+            pins,
+            applies: true,
+        });
+        drop(outbox);
+        drop(meta);
+        if let (Some(t), Some(h)) = (touched, self.hook.get()) {
+            h(AppliedBatch {
+                remote: &t,
+                replaced: false,
+                membership: false,
+            });
+        }
+        Ok(Local::Applied {
+            seq,
+            out: slim(out),
+        })
+    }
+
+    /// The committed state: the live one with this device's pending
+    /// changes taken off (a copy only when there are any).
+    fn with_committed<T>(&self, f: impl FnOnce(&MetaState) -> T) -> T {
+        let meta = read(&self.meta);
+        if meta.has_undo() {
+            let mut c = meta.clone();
+            drop(meta);
+            c.rollback();
+            f(&c)
+        } else {
+            f(&meta)
+        }
+    }
+
+    /// How many changes wait in the outbox, and how many were refused at
+    /// commit (conflicts).
+    pub fn outbox_status(&self) -> (usize, u64, u64) {
+        let o = lock(&self.outbox);
+        (o.entries.len(), o.last_seq(), o.conflicts)
+    }
+}
+
+/// Replays the outbox over the committed state in `meta` (whose undo
+/// record must be empty): each entry that still applies becomes part of
+/// the speculative layer; one that does not is marked and left to be
+/// refused when it commits.
+fn replay(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId) {
+    for p in outbox.entries.iter_mut() {
+        let sp = meta.savepoint();
+        let mut cmd = p.change.cmd.clone();
+        let by = By {
+            applier: me,
+            origin: p.change.origin,
+        };
+        let ok = matches!(
+            meta.governance(&cmd),
+            Ok(Governance::One(d)) if d == me
+        ) || matches!(meta.governance(&cmd), Ok(Governance::Anyone));
+        match ok.then(|| meta.apply_by(by, &mut cmd)) {
+            Some(Ok(_)) => {
+                meta.keep(sp);
+                p.applies = true;
+            }
+            _ => {
+                meta.undo_to(sp);
+                if p.applies {
+                    tracing::warn!(
+                        seq = p.seq,
+                        "a change applied here no longer applies over what the mesh committed; \
+                         it will be reported as a conflict"
+                    );
+                }
+                p.applies = false;
+            }
+        }
     }
 }
 
 impl Shared {
     /// Rebuilds the state from the last snapshot plus the log entries after
-    /// it and compares it with the live state (with applies held off). Says
-    /// what differs, or `None` when they agree.
+    /// it and compares it with the live committed state (with applies held
+    /// off). Says what differs, or `None` when they agree.
     pub fn verify_against_log(&self) -> Result<Option<String>, crate::storage::StorageError> {
-        let meta = read(&self.meta);
-        let authority = read(&self.authority).clone();
-        let applied = lock(&self.applied).0;
+        let _applies_held = lock(&self.applied);
+        let applied = _applies_held.0;
+        let live = self.with_committed(|m| m.snapshot());
         let Some((snap_meta, body)) = read_snapshot_file(&self.snapshot_dir.join(SNAPSHOT_FILE))?
         else {
             return Ok(Some("no raft snapshot to check the state against".into()));
         };
         let mut state = MetaState::restore(body.namespace)
             .map_err(|e| crate::storage::StorageError::Decode(format!("snapshot: {e}")))?;
-        let mut auth: BTreeMap<ResourceId, Authority> = body.authority.into_iter().collect();
         let from = snap_meta.last_log_id.map_or(0, |l| l.index + 1);
         let to = applied.map_or(0, |l| l.index + 1);
         if to < from {
@@ -145,45 +353,28 @@ impl Shared {
                 to.saturating_sub(1)
             )));
         }
-        let sm = StateMachine {
-            shared: Arc::new(Shared {
-                meta: Arc::new(RwLock::new(MetaState::new(
-                    0,
-                    0,
-                    crate::meta::Timestamp::default(),
-                ))),
-                store: self.store.clone(),
-                authority: RwLock::new(BTreeMap::new()),
-                recent: Mutex::new(Recent::new()),
-                me: self.me,
-                applied: Mutex::new((None, StoredMembership::default())),
-                snapshot_dir: self.snapshot_dir.clone(),
-                hook: std::sync::OnceLock::new(),
-                snapshot_seq: Default::default(),
-            }),
-        };
-        let mut touched = BTreeMap::new();
         let mut recent = body.recent;
+        let mut shipped = body.shipped;
+        let mut effects = Effects::default();
         for (_, b) in rows {
-            let entry: openraft::Entry<TypeConfig> = dec(b, "raft log entry")?;
+            let entry: openraft::Entry<TypeConfig> = dec(&b, "raft log entry")?;
             if let EntryPayload::Normal(req) = entry.payload {
-                let q = recent.entry(req.origin).or_default();
-                if q.iter().any(|(id, _)| *id == req.id) {
-                    continue;
-                }
-                let (resp, _) = sm.apply_op(&mut state, &mut auth, &mut touched, req.op);
-                q.push_back((req.id, resp));
-                while q.len() > RECENT_PER_ORIGIN {
-                    q.pop_front();
-                }
+                let _ = apply_request(
+                    &mut state,
+                    &mut recent,
+                    &mut shipped,
+                    req,
+                    self.me,
+                    &mut effects,
+                );
             }
         }
         let mut diffs = Vec::new();
-        if state.snapshot() != meta.snapshot() {
+        if state.snapshot() != live {
             diffs.push("the namespace");
         }
-        if auth != authority {
-            diffs.push("the authority map");
+        if shipped != *lock(&self.shipped) {
+            diffs.push("the shipped sequences");
         }
         Ok((!diffs.is_empty()).then(|| {
             format!(
@@ -195,11 +386,189 @@ impl Shared {
     }
 }
 
+/// What applying committed requests produced beyond the namespace itself.
+#[derive(Default)]
+struct Effects {
+    /// Every change, to persist.
+    all: Changes,
+    /// Changes from other devices, which the kernel here may have cached.
+    remote: Changes,
+    /// This device's outbox entries that committed, with their results.
+    own: Vec<(u64, Response)>,
+    recent_changed: bool,
+    shipped_changed: bool,
+}
+
+/// Applies one committed request to the committed state: a plain command
+/// (deduplicated by request id), or an authority's batch (each change once,
+/// in sequence order, and only while that authority still governs what it
+/// changes). Returns the request's response.
+fn apply_request(
+    meta: &mut MetaState,
+    recent: &mut Recent,
+    shipped: &mut Shipped,
+    req: Request,
+    me: DeviceId,
+    fx: &mut Effects,
+) -> Response {
+    match req.op {
+        Op::Fs(cmd) => {
+            let seen = recent.get(&req.origin).and_then(|q| {
+                q.iter()
+                    .find(|(id, _)| *id == req.id)
+                    .map(|(_, r)| r.clone())
+            });
+            if let Some(first) = seen {
+                // A retry of a request already applied: the first result
+                // again, nothing applied twice.
+                return first;
+            }
+            let (resp, changes) = apply_cmd(meta, By::device(req.origin), cmd, true);
+            let q = recent.entry(req.origin).or_default();
+            q.push_back((req.id, resp.clone()));
+            while q.len() > RECENT_PER_ORIGIN {
+                q.pop_front();
+            }
+            fx.recent_changed = true;
+            if req.origin != me {
+                merge(&mut fx.remote, without_deltas(&changes));
+            }
+            merge(&mut fx.all, changes);
+            resp
+        }
+        Op::Batch { first_seq, changes } => {
+            let authority = req.origin;
+            let mut done = shipped.get(&authority).copied().unwrap_or(0);
+            for (i, ch) in changes.into_iter().enumerate() {
+                let seq = first_seq.saturating_add(i as u64);
+                if seq <= done {
+                    continue;
+                }
+                if seq != done + 1 {
+                    tracing::error!(
+                        %authority,
+                        expected = done + 1,
+                        got = seq,
+                        "a batch skips outbox entries; the rest of it is ignored"
+                    );
+                    break;
+                }
+                done = seq;
+                fx.shipped_changed = true;
+                let allowed = match meta.governance(&ch.cmd) {
+                    Ok(Governance::One(d)) => d == authority,
+                    Ok(Governance::Anyone) => true,
+                    Ok(Governance::Several(_) | Governance::Cluster) => false,
+                    // The command's own error (a missing inode) says more.
+                    Err(_) => true,
+                };
+                let (resp, changes) = if allowed {
+                    apply_cmd(
+                        meta,
+                        By {
+                            applier: authority,
+                            origin: ch.origin,
+                        },
+                        ch.cmd,
+                        false,
+                    )
+                } else {
+                    (Err(MetaError::NotAuthority), Changes::default())
+                };
+                if authority == me {
+                    fx.own.push((seq, resp));
+                } else if ch.origin != me {
+                    merge(&mut fx.remote, without_deltas(&changes));
+                }
+                merge(&mut fx.all, changes);
+            }
+            shipped.insert(authority, done);
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+/// Applies one command to the committed state, recording what changed; on
+/// error nothing changed.
+fn apply_cmd(
+    meta: &mut MetaState,
+    by: By,
+    mut cmd: FsCommand,
+    reserve: bool,
+) -> (Response, Changes) {
+    let mut r = meta.apply_by(by, &mut cmd);
+    if reserve && matches!(r, Err(MetaError::NoInodes)) {
+        // A create committed directly (not by an authority) by a device
+        // without inode numbers yet: give it a block first.
+        meta.rollback();
+        let _ = meta.apply_by(by, &mut FsCommand::ReserveInodes { device: by.applier });
+        r = meta.apply_by(by, &mut cmd);
+    }
+    match r {
+        Ok(out) => (Ok(slim(out)), meta.take_changes()),
+        Err(e) => {
+            meta.rollback();
+            (Err(e), Changes::default())
+        }
+    }
+}
+
+fn without_deltas(c: &Changes) -> Changes {
+    Changes {
+        inodes: c.inodes.clone(),
+        entries: c.entries.clone(),
+        chunk_deltas: BTreeMap::new(),
+        space: None,
+    }
+}
+
+/// What a command names, as changes for invalidating the kernel's cache
+/// (a local change refused at commit leaves the kernel's view stale).
+fn named_by(cmd: &FsCommand) -> Changes {
+    let mut c = Changes::default();
+    let mut entry = |p: ResourceId, n: &[u8]| c.entries.push((p, n.to_vec(), None));
+    match cmd {
+        FsCommand::Create { parent, name, .. }
+        | FsCommand::Link { parent, name, .. }
+        | FsCommand::Unlink { parent, name, .. }
+        | FsCommand::Rmdir { parent, name, .. } => entry(*parent, name),
+        FsCommand::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            ..
+        } => {
+            entry(*parent, name);
+            entry(*new_parent, new_name);
+        }
+        _ => {}
+    }
+    let inos: Vec<ResourceId> = match cmd {
+        FsCommand::Create { parent, .. }
+        | FsCommand::Unlink { parent, .. }
+        | FsCommand::Rmdir { parent, .. } => vec![*parent],
+        FsCommand::Link { ino, parent, .. } => vec![*ino, *parent],
+        FsCommand::Rename {
+            parent, new_parent, ..
+        } => vec![*parent, *new_parent],
+        FsCommand::SetAttr { ino, .. }
+        | FsCommand::SetXattr { ino, .. }
+        | FsCommand::RemoveXattr { ino, .. }
+        | FsCommand::CommitVersion { ino, .. }
+        | FsCommand::Reclaim { ino }
+        | FsCommand::SetAuthority { ino, .. } => vec![*ino],
+        FsCommand::ReclaimOrphans | FsCommand::ReserveInodes { .. } => vec![],
+    };
+    c.inodes = inos.into_iter().map(|i| (i, None)).collect();
+    c
+}
+
 fn dec<T: serde::de::DeserializeOwned>(
-    b: Vec<u8>,
+    b: &[u8],
     what: &str,
 ) -> Result<T, crate::storage::StorageError> {
-    postcard::from_bytes(&b)
+    postcard::from_bytes(b)
         .map_err(|e| crate::storage::StorageError::Decode(format!("{what}: {e}")))
 }
 
@@ -215,16 +584,16 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
     namespace: crate::meta::Snapshot,
-    authority: Vec<(ResourceId, Authority)>,
     recent: Recent,
+    shipped: Shipped,
 }
 
 /// `SnapshotBody`'s format, serialized from the live state without a copy.
 #[derive(Serialize)]
 struct BodyView<'a> {
     namespace: crate::meta::SnapshotView<'a>,
-    authority: &'a BTreeMap<ResourceId, Authority>,
     recent: &'a Recent,
+    shipped: &'a Shipped,
 }
 
 type Meta = SnapshotMeta<NodeId, RaftNode>;
@@ -268,7 +637,9 @@ fn merge(into: &mut Changes, from: Changes) {
         *into.chunk_deltas.entry(h).or_insert(0) += d;
     }
     into.chunk_deltas.retain(|_, d| *d != 0);
-    into.next_ino = from.next_ino;
+    if from.space.is_some() {
+        into.space = from.space;
+    }
 }
 
 /// A reply's inode without its chunk list and xattrs: callers want its
@@ -311,66 +682,6 @@ impl StateMachine {
     async fn open_snapshot(&self) -> std::io::Result<Box<tokio::fs::File>> {
         Ok(Box::new(tokio::fs::File::open(self.snapshot_path()).await?))
     }
-
-    /// Applies one command to the namespace, recording what changed.
-    fn apply_op(
-        &self,
-        meta: &mut MetaState,
-        authority: &mut BTreeMap<ResourceId, Authority>,
-        touched: &mut BTreeMap<ResourceId, Option<Authority>>,
-        op: Op,
-    ) -> (Response, Changes) {
-        match op {
-            Op::Fs(cmd) => {
-                let author = match &cmd {
-                    FsCommand::CommitVersion { ino, author, .. } => Some((*ino, *author)),
-                    _ => None,
-                };
-                match meta.apply(cmd) {
-                    Ok(out) => {
-                        let out = slim(out);
-                        let changes = meta.take_changes();
-                        if let Some((ino, device)) = author {
-                            let epoch = authority.get(&ino).map_or(0, |a| a.epoch) + 1;
-                            let a = Authority { device, epoch };
-                            authority.insert(ino, a);
-                            touched.insert(ino, Some(a));
-                        }
-                        for (ino, inode) in &changes.inodes {
-                            if inode.is_none() && authority.remove(ino).is_some() {
-                                touched.insert(*ino, None);
-                            }
-                        }
-                        (Ok(out), changes)
-                    }
-                    Err(e) => {
-                        meta.rollback();
-                        (Err(e), Changes::default())
-                    }
-                }
-            }
-            Op::SetAuthority {
-                resource,
-                device,
-                epoch,
-            } => {
-                let current = authority.get(&resource).map_or(0, |a| a.epoch);
-                if meta.get(resource).is_none() {
-                    return (Err(MetaError::NotFound), Changes::default());
-                }
-                if epoch <= current {
-                    return (
-                        Err(MetaError::Invalid("stale authority epoch".into())),
-                        Changes::default(),
-                    );
-                }
-                let a = Authority { device, epoch };
-                authority.insert(resource, a);
-                touched.insert(resource, Some(a));
-                (Ok(Outcome::Done), Changes::default())
-            }
-        }
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -387,9 +698,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let built = tokio::task::spawn_blocking(move || -> std::io::Result<Meta> {
             use std::io::Write;
             let meta = read(&shared.meta);
+            // The committed state only: this device's pending changes are
+            // not part of what the log says (a copy only when there are any).
+            let committed = meta.has_undo().then(|| {
+                let mut c = meta.clone();
+                c.rollback();
+                c
+            });
+            let state: &MetaState = committed.as_ref().unwrap_or(&meta);
             let (applied, membership) = lock(&shared.applied).clone();
-            let authority = read(&shared.authority);
             let recent = lock(&shared.recent);
+            let shipped = lock(&shared.shipped);
             let snapshot_id = match applied {
                 Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
                 None => format!("none-{seq}"),
@@ -400,16 +719,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 snapshot_id,
             };
             let body = BodyView {
-                namespace: meta.snapshot_view(),
-                authority: &authority,
+                namespace: state.snapshot_view(),
                 recent: &recent,
+                shipped: &shipped,
             };
             let f = std::fs::File::create(&tmp)?;
             let w = std::io::BufWriter::with_capacity(1 << 20, f);
             let mut w = postcard::to_io(&(&smeta, &body), w).map_err(std::io::Error::other)?;
             w.flush()?;
+            drop(shipped);
             drop(recent);
-            drop(authority);
+            drop(committed);
             drop(meta);
             w.get_ref().sync_all()?;
             std::fs::rename(&tmp, &path)?;
@@ -445,17 +765,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let shared = self.shared.clone();
         let mut meta = write(&shared.meta);
-        let mut authority = write(&shared.authority);
+        let mut outbox = lock(&shared.outbox);
         let mut applied = lock(&shared.applied);
         let mut recent = lock(&shared.recent);
-        let mut recent_changed = false;
+        let mut shipped = lock(&shared.shipped);
+        // Back to the committed state: the log applies there, in order, as
+        // on every device; this device's pending changes go on top after.
+        meta.rollback();
         let (mut last, mut membership) = applied.clone();
-        let mut all = Changes {
-            next_ino: 0,
-            ..Default::default()
-        };
-        let mut remote = Changes::default();
-        let mut touched = BTreeMap::new();
+        let mut fx = Effects::default();
         let mut out = Vec::new();
         let mut membership_changed = false;
         for entry in entries {
@@ -467,77 +785,75 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     membership = StoredMembership::new(Some(entry.log_id), m);
                     out.push(Ok(Outcome::Done));
                 }
-                EntryPayload::Normal(req) => {
-                    let seen = recent.get(&req.origin).and_then(|q| {
-                        q.iter()
-                            .find(|(id, _)| *id == req.id)
-                            .map(|(_, r)| r.clone())
-                    });
-                    if let Some(first) = seen {
-                        // A retry of a request already applied: the first
-                        // result again, nothing applied twice.
-                        out.push(first);
-                        continue;
-                    }
-                    let (resp, changes) =
-                        self.apply_op(&mut meta, &mut authority, &mut touched, req.op);
-                    let q = recent.entry(req.origin).or_default();
-                    q.push_back((req.id, resp.clone()));
-                    while q.len() > RECENT_PER_ORIGIN {
-                        q.pop_front();
-                    }
-                    recent_changed = true;
-                    if req.origin != shared.me {
-                        merge(
-                            &mut remote,
-                            Changes {
-                                inodes: changes.inodes.clone(),
-                                entries: changes.entries.clone(),
-                                chunk_deltas: BTreeMap::new(),
-                                next_ino: changes.next_ino,
-                            },
-                        );
-                    }
-                    merge(&mut all, changes);
-                    out.push(resp);
-                }
+                EntryPayload::Normal(req) => out.push(apply_request(
+                    &mut meta,
+                    &mut recent,
+                    &mut shipped,
+                    req,
+                    shared.me,
+                    &mut fx,
+                )),
             }
         }
-        // Persisted with every batch; nothing is dirty here, so this only
-        // reads the counter.
-        all.next_ino = meta.take_changes().next_ino;
-        let mut extra: Vec<Extra> = vec![
-            (RocksStore::raft_state_key(KEY_APPLIED), Some(enc(&last)?)),
-            (
-                RocksStore::raft_state_key(KEY_MEMBERSHIP),
-                Some(enc(&membership)?),
-            ),
-        ];
-        if recent_changed {
+        // This device's committed changes leave the outbox (on disk in the
+        // same batch); one refused now was applied here and reported done.
+        let mut extra: Vec<Extra> = Vec::new();
+        let mut unpin = Vec::new();
+        for (seq, resp) in &fx.own {
+            while outbox.entries.front().is_some_and(|p| p.seq <= *seq) {
+                let Some(p) = outbox.entries.pop_front() else {
+                    break;
+                };
+                if p.seq == *seq {
+                    if let Err(e) = resp {
+                        outbox.conflicts += 1;
+                        tracing::warn!(
+                            seq,
+                            change = ?p.change.cmd,
+                            error = %e,
+                            "a change applied here was refused when it committed (conflict); it is undone"
+                        );
+                        merge(&mut fx.remote, named_by(&p.change.cmd));
+                    }
+                }
+                unpin.extend(p.pins);
+                extra.push((RocksStore::outbox_key(p.seq), None));
+            }
+        }
+        extra.push((RocksStore::raft_state_key(KEY_APPLIED), Some(enc(&last)?)));
+        extra.push((
+            RocksStore::raft_state_key(KEY_MEMBERSHIP),
+            Some(enc(&membership)?),
+        ));
+        if fx.recent_changed {
             extra.push((RocksStore::raft_state_key(KEY_RECENT), Some(enc(&*recent)?)));
         }
-        for (ino, a) in &touched {
-            let row = match a {
-                Some(a) => Some(enc(a)?),
-                None => None,
-            };
-            extra.push((RocksStore::table_key(ino.0), row));
+        if fx.shipped_changed {
+            extra.push((
+                RocksStore::raft_state_key(KEY_SHIPPED),
+                Some(enc(&*shipped)?),
+            ));
         }
         // A failure here leaves memory ahead of disk: Raft stops (a storage
         // error is fatal to it) and the restart reloads the state as of the
         // last successful batch, then replays the log from there.
         shared
             .store
-            .persist_applied(&all, &extra, false)
+            .persist_applied(&fx.all, &extra, false)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         *applied = (last, membership);
+        replay(&mut meta, &mut outbox, shared.me);
+        drop(shipped);
         drop(recent);
         drop(applied);
-        drop(authority);
+        drop(outbox);
         drop(meta);
+        // Committed now, so their reference counts hold them.
+        shared.store.unpin(&unpin);
+        shared.progress.send_modify(|n| *n += 1);
         if let Some(h) = shared.hook.get() {
             h(AppliedBatch {
-                remote: &remote,
+                remote: &fx.remote,
                 replaced: false,
                 membership: membership_changed,
             });
@@ -595,12 +911,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let _ = std::fs::remove_file(self.incoming_path());
         let state = MetaState::restore(body.namespace.clone())
             .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-        let rows: Vec<(u64, Vec<u8>)> = body
-            .authority
-            .iter()
-            .map(|(k, v)| Ok((k.0, enc(v)?)))
-            .collect::<Result<_, StorageError<NodeId>>>()?;
-        let extra: Vec<Extra> = vec![
+        let mut extra: Vec<Extra> = vec![
             (
                 RocksStore::raft_state_key(KEY_APPLIED),
                 Some(enc(&meta.last_log_id)?),
@@ -613,21 +924,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 RocksStore::raft_state_key(KEY_RECENT),
                 Some(enc(&body.recent)?),
             ),
+            (
+                RocksStore::raft_state_key(KEY_SHIPPED),
+                Some(enc(&body.shipped)?),
+            ),
         ];
+        let mut unpin = Vec::new();
         {
             let shared = &self.shared;
             let mut m = write(&shared.meta);
-            let mut authority = write(&shared.authority);
+            let mut outbox = lock(&shared.outbox);
             let mut applied = lock(&shared.applied);
+            // Pending changes the snapshot already holds are committed.
+            let done = body.shipped.get(&shared.me).copied().unwrap_or(0);
+            let mut gone = Vec::new();
+            while outbox.entries.front().is_some_and(|p| p.seq <= done) {
+                if let Some(p) = outbox.entries.pop_front() {
+                    gone.push(p.seq);
+                    unpin.extend(p.pins);
+                }
+            }
+            outbox.next_seq = outbox.next_seq.max(done + 1);
+            extra.extend(gone.iter().map(|s| (RocksStore::outbox_key(*s), None)));
             shared
                 .store
-                .replace_namespace(&body.namespace, &rows, &extra)
+                .replace_namespace(&body.namespace, &extra)
                 .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
             *m = state;
-            *authority = body.authority.into_iter().collect();
             *lock(&shared.recent) = body.recent;
+            *lock(&shared.shipped) = body.shipped;
             *applied = (meta.last_log_id, meta.last_membership.clone());
+            replay(&mut m, &mut outbox, shared.me);
         }
+        self.shared.store.unpin(&unpin);
+        self.shared.progress.send_modify(|n| *n += 1);
         // The state is in; the received file becomes the current snapshot.
         let (path, tmp) = (
             self.snapshot_path(),

@@ -23,7 +23,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RocksStore::open(&dir.path().join("db")).unwrap());
-        let mut meta = MetaState::new(0, 0, Timestamp { secs: 1, nanos: 0 });
+        let mut meta = MetaState::new(0, 0, Timestamp { secs: 1, nanos: 0 }, DeviceId([1; 16]));
         store.persist(&meta.take_changes(), false).unwrap();
         let shared = Shared::load(
             Arc::new(RwLock::new(meta)),
@@ -74,6 +74,7 @@ async fn replies_kept_for_retries_carry_no_chunk_lists() {
         Op::Fs(FsCommand::Create {
             parent: ResourceId::ROOT,
             name: b"big".to_vec(),
+            ino: crate::ids::ResourceId(0),
             node: NewNode::File,
             perm: 0o644,
             uid: 0,
@@ -189,7 +190,7 @@ mod cluster {
     use std::time::Duration;
 
     use super::super::log_store::LogStore;
-    use super::super::network::{answer, call, unix_ms, Msg, Network, Reply, Rpc, Transport};
+    use super::super::network::{answer_frame, call, unix_ms, Msg, Network, Reply, Rpc, Transport};
     use super::super::state_machine::{Shared, StateMachine};
     use super::super::types::{node_id, Op, Raft, RaftNode, Request};
     use super::dev;
@@ -219,7 +220,7 @@ mod cluster {
                 self.nodes.lock().unwrap().get(&device).cloned()
             };
             let raft = raft.ok_or_else(|| Msg("unknown device".into()))?;
-            let reply = tokio::time::timeout(timeout, answer(&raft, &bytes))
+            let reply = tokio::time::timeout(timeout, answer_frame(&raft, &bytes))
                 .await
                 .map_err(|_| Msg("timeout".into()))?;
             Ok(postcard::to_stdvec(&reply).unwrap())
@@ -236,7 +237,9 @@ mod cluster {
     async fn node(router: &Router, n: u8) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RocksStore::open(&dir.path().join("db")).unwrap());
-        let mut m = MetaState::new(0, 0, Timestamp { secs: 1, nanos: 0 });
+        // Every device starts from the same namespace, as joined devices do
+        // from the founder's snapshot.
+        let mut m = MetaState::new(0, 0, Timestamp { secs: 1, nanos: 0 }, dev(1));
         store.persist(&m.take_changes(), false).unwrap();
         let meta = Arc::new(RwLock::new(m));
         let shared = Arc::new(
@@ -287,6 +290,7 @@ mod cluster {
             op: Op::Fs(FsCommand::Create {
                 parent: ResourceId::ROOT,
                 name: name.as_bytes().to_vec(),
+                ino: crate::ids::ResourceId(0),
                 node: NewNode::File,
                 perm: 0o644,
                 uid: 0,
@@ -421,7 +425,7 @@ mod cluster {
             "{to_follower:?}"
         );
         assert!(matches!(
-            answer(&nodes[0].raft, b"\xff\xff\xff").await,
+            answer_frame(&nodes[0].raft, b"\xff\xff\xff").await,
             Reply::Failed(_)
         ));
 

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{DeviceId, ResourceId};
+use crate::ids::DeviceId;
 use crate::meta::{FsCommand, MetaError, Outcome};
 
 openraft::declare_raft_types!(
@@ -49,11 +49,8 @@ impl Default for RaftNode {
     }
 }
 
-/// One replicated command and the device that proposed it (so that each
-/// device can tell its own changes, which its kernel already knows, from
-/// others', whose cached names and attributes it must drop). `id` is random
-/// per proposal and kept across its retries: the state machine applies a
-/// given (origin, id) once and answers a repeat with the first result.
+/// One entry of the log: who proposed it, a request id (kept across
+/// retries: the state machine applies a given (origin, id) once), and what.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub origin: DeviceId,
@@ -63,24 +60,30 @@ pub struct Request {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    /// A namespace change, applied by `meta::MetaState::apply` unchanged.
+    /// A change that applies nowhere before it is committed: cluster-wide
+    /// bookkeeping (inode blocks, authority moves) or a change spanning
+    /// several authorities. Applied by `meta::MetaState::apply_by` as the
+    /// origin.
     Fs(FsCommand),
-    /// Moves the authority for `resource` to `device`. Ignored (refused)
-    /// unless `epoch` is above the current one, so that a late, stale
-    /// decision cannot undo a newer one.
-    SetAuthority {
-        resource: ResourceId,
-        device: DeviceId,
-        epoch: u64,
+    /// Changes the origin, as their authority, already applied locally, in
+    /// the order it applied them: its outbox entries `first_seq`,
+    /// `first_seq + 1`, ... Each is applied only if the origin still
+    /// governs what it changes when the batch commits, and once (entries
+    /// at or below the origin's shipped sequence are skipped).
+    Batch {
+        first_seq: u64,
+        changes: Vec<LocalChange>,
     },
+}
+
+/// A change an authority applied locally: for `origin`'s program (itself,
+/// or a device that forwarded it), with that device's request id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalChange {
+    pub origin: DeviceId,
+    pub id: u64,
+    pub cmd: FsCommand,
 }
 
 /// What applying a command produced, identical on every replica.
 pub type Response = Result<Outcome, MetaError>;
-
-/// Which device serves a resource first, and since which decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Authority {
-    pub device: DeviceId,
-    pub epoch: u64,
-}

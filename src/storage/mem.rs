@@ -92,6 +92,10 @@ impl ChunkStore for MemChunkStore {
         Ok(lock(&self.refs).get(hash).copied().unwrap_or(0))
     }
 
+    fn pin(&self, hashes: &[ChunkHash]) {
+        self.pins.pin(hashes);
+    }
+
     fn unpin(&self, hashes: &[ChunkHash]) {
         self.pins.unpin_then(hashes, |_, released| {
             let refs = lock(&self.refs);

@@ -66,9 +66,13 @@ pub trait ChunkStore: Send + Sync {
     /// is not pinned is deleted in the same write.
     fn apply_refs(&self, deltas: &BTreeMap<ChunkHash, i64>) -> Result<(), StorageError>;
     fn refcount(&self, hash: &ChunkHash) -> Result<u64, StorageError>;
-    /// Releases pins taken by `put`; a chunk left with neither pins nor
-    /// references (its version was never committed) is deleted.
+    /// Releases pins taken by `put` or `pin`; a chunk left with neither pins
+    /// nor references (its version was never committed) is deleted.
     fn unpin(&self, hashes: &[ChunkHash]);
+    /// Pins chunks already stored (one more pin each), so that they survive
+    /// until `unpin` whatever happens to their references: a version applied
+    /// here but not yet committed through Raft holds its chunks this way.
+    fn pin(&self, hashes: &[ChunkHash]);
     /// Deletes every chunk with no references and no pins; returns how many.
     fn collect_garbage(&self) -> Result<u64, StorageError>;
     /// Drops the local copies of `hashes` (cache eviction: other devices
@@ -107,6 +111,15 @@ impl Pins {
     /// are serialised against each other.
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut HashMap<ChunkHash, usize>) -> T) -> T {
         f(&mut crate::lock(&self.map))
+    }
+
+    /// Adds one pin to each of `hashes`.
+    pub(crate) fn pin(&self, hashes: &[ChunkHash]) {
+        self.with(|m| {
+            for h in hashes {
+                *m.entry(*h).or_insert(0) += 1;
+            }
+        })
     }
 
     /// Releases pins; `on_released` runs with the table still locked and

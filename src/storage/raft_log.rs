@@ -18,8 +18,6 @@ use std::sync::atomic::Ordering;
 pub(super) const CF_RAFT_LOG: &str = "raft_log";
 /// Prefix of Raft's state keys in the meta family.
 const PREFIX_RAFT: &[u8] = b"r/";
-/// Prefix of replicated side tables (authority map) in the meta family.
-pub const PREFIX_TABLE: u8 = b'a';
 
 /// A key-value change written in the same batch as a namespace change.
 pub type Extra = (Vec<u8>, Option<Vec<u8>>);
@@ -123,24 +121,48 @@ impl RocksStore {
         raft_key(name)
     }
 
-    /// Key of a replicated side-table row (`PREFIX_TABLE`, then `id`).
-    pub fn table_key(id: u64) -> Vec<u8> {
-        let mut k = vec![PREFIX_TABLE];
-        k.extend_from_slice(&id.to_be_bytes());
+    /// Key of outbox entry `seq` (for `Extra` deletions).
+    pub fn outbox_key(seq: u64) -> Vec<u8> {
+        let mut k = vec![super::PREFIX_OUTBOX];
+        k.extend_from_slice(&seq.to_be_bytes());
         k
     }
 
-    /// Every side-table row as (id, bytes).
-    pub fn table_rows(&self) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    /// Records one local change not yet committed through Raft (WAL, no
+    /// sync: it survives `kill -9` at once, a power cut after the periodic
+    /// sync, as every change does). Chunks written without the WAL are made
+    /// durable first, since the entry may reference them.
+    pub fn outbox_put(&self, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        self.flush_bulk()?;
+        self.db
+            .put_cf(self.cf(CF_META), Self::outbox_key(seq), bytes)
+            .map_err(db_err)?;
+        self.wal_written.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Deletes outbox entries (changes that turned out not to apply).
+    pub fn outbox_delete(&self, seqs: &[u64]) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        for s in seqs {
+            batch.delete_cf(self.cf(CF_META), Self::outbox_key(*s));
+        }
+        self.db.write(batch).map_err(db_err)?;
+        self.wal_written.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Every outbox entry, in order.
+    pub fn outbox_entries(&self) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let cf = self.cf(CF_META);
-        let start = [PREFIX_TABLE];
+        let start = [super::PREFIX_OUTBOX];
         let mut out = Vec::new();
         for item in self
             .db
             .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward))
         {
             let (k, v) = item.map_err(db_err)?;
-            if k.first() != Some(&PREFIX_TABLE) {
+            if k.first() != Some(&super::PREFIX_OUTBOX) {
                 break;
             }
             out.push((index_of(&k[1..])?, v.into_vec()));
@@ -149,7 +171,7 @@ impl RocksStore {
     }
 
     /// Persists the changes of applied commands with `extra` (the applied
-    /// position, side-table rows) in one atomic batch.
+    /// position, outbox deletions) in one atomic batch.
     pub fn persist_applied(
         &self,
         changes: &Changes,
@@ -159,21 +181,16 @@ impl RocksStore {
         self.persist_changes_with(changes, extra, sync)
     }
 
-    /// Replaces the whole namespace and side tables with `snap` (a Raft
+    /// Replaces the whole namespace with `snap` (a Raft
     /// snapshot being installed), resets chunk reference counts to what it
     /// references and writes `extra`, in one batch. Chunks no longer
     /// referenced stay as cache until garbage collection.
-    pub fn replace_namespace(
-        &self,
-        snap: &Snapshot,
-        rows: &[(u64, Vec<u8>)],
-        extra: &[Extra],
-    ) -> Result<(), StorageError> {
+    pub fn replace_namespace(&self, snap: &Snapshot, extra: &[Extra]) -> Result<(), StorageError> {
         self.flush_bulk()?;
         let meta = self.cf(CF_META);
         let refs = self.cf(CF_REFS);
         let mut batch = WriteBatch::default();
-        for prefix in [PREFIX_INODE, PREFIX_ENTRY, PREFIX_TABLE] {
+        for prefix in [PREFIX_INODE, PREFIX_ENTRY] {
             batch.delete_range_cf(meta, [prefix], [prefix + 1]);
         }
         batch.delete_range_cf(refs, &[0u8; 1][..], &[0xffu8; 33][..]);
@@ -185,10 +202,7 @@ impl RocksStore {
         for (parent, name, e) in &snap.entries {
             batch.put_cf(meta, super::entry_key(*parent, name), encode(e)?);
         }
-        batch.put_cf(meta, super::KEY_NEXT_INO, snap.next_ino.to_le_bytes());
-        for (id, row) in rows {
-            batch.put_cf(meta, Self::table_key(*id), row);
-        }
+        batch.put_cf(meta, super::KEY_SPACE, encode(&snap.space)?);
         for (h, n) in state.chunk_references() {
             batch.put_cf(refs, h.as_bytes(), n.to_le_bytes());
         }

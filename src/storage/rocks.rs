@@ -55,7 +55,15 @@ pub const MEMTABLE_BUDGET: u64 = 2 * (CHUNKS_MEMTABLE + 2 * SMALL_MEMTABLE) as u
 const CHUNKS_MEMTABLE: usize = 8 << 20;
 const SMALL_MEMTABLE: usize = 4 << 20;
 
-const KEY_NEXT_INO: &[u8] = b"c/next_ino";
+/// The inode allocator (`meta::InoSpace`); its presence marks an
+/// initialised namespace.
+const KEY_SPACE: &[u8] = b"c/space";
+/// What marked a namespace before inode blocks: such a data dir is refused
+/// with a clear message rather than misread.
+const KEY_NEXT_INO_OLD: &[u8] = b"c/next_ino";
+/// A device's local changes not yet committed through Raft, by sequence
+/// number (see `raft/outbox.rs`).
+const PREFIX_OUTBOX: u8 = b'o';
 const KEY_STATS: &[u8] = b"c/stats";
 /// Present while `present` is known to match the chunks: written at a clean
 /// close (after every family is flushed), removed at open. Chunks written
@@ -327,8 +335,20 @@ impl RocksStore {
     /// The namespace as last persisted, or `None` for a fresh database.
     pub fn load_meta(&self) -> Result<Option<Snapshot>, StorageError> {
         let cf = self.cf(CF_META);
-        let next_ino = match self.db.get_cf(cf, KEY_NEXT_INO).map_err(db_err)? {
-            Some(b) => u64_of(&b)?,
+        let space = match self.db.get_cf(cf, KEY_SPACE).map_err(db_err)? {
+            Some(b) => decode(&b, "inode allocator")?,
+            None if self
+                .db
+                .get_cf(cf, KEY_NEXT_INO_OLD)
+                .map_err(db_err)?
+                .is_some() =>
+            {
+                return Err(StorageError::Decode(
+                    "this data dir was made by an earlier meshfs (before inode blocks and \
+                     authority); copy its files out with that version and create it anew"
+                        .into(),
+                ))
+            }
             None => return Ok(None),
         };
         let mut inodes = Vec::new();
@@ -349,7 +369,7 @@ impl RocksStore {
         Ok(Some(Snapshot {
             inodes,
             entries,
-            next_ino,
+            space,
         }))
     }
 
@@ -381,7 +401,9 @@ impl RocksStore {
                 None => batch.delete_cf(meta, entry_key(*parent, name)),
             }
         }
-        batch.put_cf(meta, KEY_NEXT_INO, changes.next_ino.to_le_bytes());
+        if let Some(space) = &changes.space {
+            batch.put_cf(meta, KEY_SPACE, encode(space)?);
+        }
         for (k, v) in extra {
             match v {
                 Some(v) => batch.put_cf(meta, k, v),
@@ -900,6 +922,10 @@ impl ChunkStore for RocksStore {
         }
     }
 
+    fn pin(&self, hashes: &[ChunkHash]) {
+        self.pins.pin(hashes);
+    }
+
     fn unpin(&self, hashes: &[ChunkHash]) {
         let r = self.pins.unpin_then(hashes, |_, released| {
             let mut doomed = Vec::new();
@@ -1108,7 +1134,12 @@ mod tests {
         assert!(!s.contains(&hashes[0]).unwrap());
         assert_eq!(s.evict(&[hashes[1]]).unwrap(), 3000);
         assert!(!s.contains(&hashes[1]).unwrap());
-        let meta = MetaState::new(0, 0, Timestamp { secs: 1, nanos: 0 });
+        let meta = MetaState::new(
+            0,
+            0,
+            Timestamp { secs: 1, nanos: 0 },
+            crate::ids::DeviceId([1; 16]),
+        );
         let report = s.check(&meta).unwrap();
         assert!(report.presence_mismatch.is_empty(), "{report:?}");
         assert!(!s
@@ -1154,12 +1185,13 @@ mod tests {
         {
             let s = RocksStore::open(d.path()).unwrap();
             assert!(s.load_meta().unwrap().is_none());
-            let mut m = MetaState::new(0, 0, now);
+            let mut m = MetaState::new(0, 0, now, crate::ids::DeviceId([1; 16]));
             s.persist(&m.take_changes(), true).unwrap();
             let out = m
                 .apply(FsCommand::Create {
                     parent: ResourceId::ROOT,
                     name: b"f".to_vec(),
+                    ino: crate::ids::ResourceId(0),
                     node: NewNode::File,
                     perm: 0o644,
                     uid: 0,
