@@ -77,6 +77,34 @@ pub struct Config {
     pub batch_delay_ms: u64,
     /// Most changes in one batch (one Raft log entry).
     pub batch_max: usize,
+    /// A device unreachable for this many seconds loses what it governs to
+    /// live devices (for files with content, to devices holding a complete
+    /// copy); changes it made meanwhile are refused when it returns.
+    pub authority_takeover_s: u64,
+    /// How often each device reports its usage to the Raft leader, and the
+    /// leader decides moves, in milliseconds.
+    pub authority_report_ms: u64,
+    /// Reputation: usage weight of one change (create, write+close, rename,
+    /// chmod...) by a device's programs.
+    pub authority_weight_change: f64,
+    /// Reputation: usage weight of one open.
+    pub authority_weight_open: f64,
+    /// Reputation: usage weight of one MiB served to other devices.
+    pub authority_weight_served_mib: f64,
+    /// Reputation: usage halves every this many seconds (how fast authority
+    /// follows the work, and forgets it).
+    pub authority_half_life_s: f64,
+    /// A challenger takes a resource over only when its reputation beats
+    /// the authority's by this factor plus `authority_min_lead`...
+    pub authority_margin: f64,
+    pub authority_min_lead: f64,
+    /// ...for this many milliseconds on end...
+    pub authority_hold_ms: u64,
+    /// ...and not within this many seconds of the resource's last move.
+    pub authority_cooldown_s: u64,
+    /// Reputation: a device up (connected) this many seconds counts full
+    /// uptime; a device that just started counts half.
+    pub authority_uptime_full_s: u64,
     /// Devices that vote in Raft; later ones stay learners (they get every
     /// change but do not count for the quorum).
     pub max_voters: usize,
@@ -122,6 +150,23 @@ pub struct Config {
     pub gru_vocabulary: usize,
 }
 
+impl Config {
+    /// The authority policy's constants.
+    pub fn authority_weights(&self) -> crate::authority::Weights {
+        crate::authority::Weights {
+            change: self.authority_weight_change,
+            open: self.authority_weight_open,
+            served_mib: self.authority_weight_served_mib,
+            half_life_s: self.authority_half_life_s,
+            margin: self.authority_margin,
+            min_lead: self.authority_min_lead,
+            hold_s: self.authority_hold_ms as f64 / 1000.0,
+            cooldown_s: self.authority_cooldown_s as f64,
+            uptime_full_s: self.authority_uptime_full_s as f64,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -148,6 +193,17 @@ impl Default for Config {
             write_timeout_ms: 10_000,
             batch_delay_ms: 2,
             batch_max: 1024,
+            authority_takeover_s: 5,
+            authority_report_ms: 500,
+            authority_weight_change: 1.0,
+            authority_weight_open: 0.25,
+            authority_weight_served_mib: 0.1,
+            authority_half_life_s: 2.0,
+            authority_margin: 0.5,
+            authority_min_lead: 2.0,
+            authority_hold_ms: 500,
+            authority_cooldown_s: 10,
+            authority_uptime_full_s: 600,
             max_voters: 5,
             replicas: 2,
             cache_limit_mb: None,
@@ -278,6 +334,29 @@ impl Config {
         }
         if !(1..=65_536).contains(&self.batch_max) {
             return Err("batch_max must be 1..=65536".into());
+        }
+        if !(1..=86_400).contains(&self.authority_takeover_s) {
+            return Err("authority_takeover_s must be 1..=86400".into());
+        }
+        if !(50..=60_000).contains(&self.authority_report_ms) {
+            return Err("authority_report_ms must be 50..=60000".into());
+        }
+        for (k, v) in [
+            ("authority_weight_change", self.authority_weight_change),
+            ("authority_weight_open", self.authority_weight_open),
+            ("authority_weight_served_mib", self.authority_weight_served_mib),
+            ("authority_margin", self.authority_margin),
+            ("authority_min_lead", self.authority_min_lead),
+        ] {
+            if !(0.0..=1e6).contains(&v) {
+                return Err(format!("{k} must be 0..=1000000"));
+            }
+        }
+        if !(0.1..=86_400.0).contains(&self.authority_half_life_s) {
+            return Err("authority_half_life_s must be 0.1..=86400".into());
+        }
+        if self.authority_hold_ms > 600_000 || self.authority_cooldown_s > 86_400 {
+            return Err("authority_hold_ms must be 0..=600000 and authority_cooldown_s 0..=86400".into());
         }
         if !(1..=16).contains(&self.replicas) {
             return Err("replicas must be 1..=16".into());

@@ -3,7 +3,9 @@
 //! Codemap (see docs/ARCHITECTURE.md for invariants):
 //! - `ids`: newtypes for devices, resources (inodes), chunks and versions.
 //! - `config`: the one documented `Config` (TOML) and mount options.
-//! - `meta`: the namespace as a deterministic state machine, no I/O.
+//! - `meta`: the namespace as a deterministic state machine, no I/O, with
+//!   the ownership rule (who governs what).
+//! - `authority`: reputation and the authority policy, pure functions.
 //! - `storage`: RocksDB (the only user of rocksdb): chunks, refcounts, state.
 //! - `fs`: filesystem semantics: handles, spills, reads, commits.
 //! - `fuse`: the thin kernel adapter (the only user of fuser) and mounting.
@@ -15,6 +17,7 @@
 //! - `node`: composition root: init, start-up, serve, shutdown.
 //! - `error`: the daemon- and CLI-level error.
 
+pub mod authority;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -546,6 +546,11 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
                 max_voters: cfg.max_voters,
                 batch_delay: Duration::from_millis(cfg.batch_delay_ms),
                 batch_max: cfg.batch_max,
+                policy: raft::PolicySettings {
+                    weights: cfg.authority_weights(),
+                    takeover: Duration::from_secs(cfg.authority_takeover_s),
+                    report_every: Duration::from_millis(cfg.authority_report_ms),
+                },
             },
             mesh.clone(),
             store.clone(),

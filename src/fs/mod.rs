@@ -470,7 +470,7 @@ impl Fs {
     fn inode_attr(&self, out: Outcome) -> Result<Attr> {
         match out {
             Outcome::Inode(i) => Ok(self.overlay(Attr::of(&i))),
-            Outcome::Done => Err(FsError::Io(std::io::Error::other(
+            Outcome::Done | Outcome::Moved(_) => Err(FsError::Io(std::io::Error::other(
                 "command returned no inode",
             ))),
         }

@@ -368,6 +368,12 @@ impl MeshClient {
         Ok(up.into_iter().map(|d| d.id).collect())
     }
 
+    /// For each of `resources`, the other devices whose availability
+    /// announcements say they hold a complete copy.
+    pub async fn holders(&self, resources: Vec<ResourceId>) -> Result<Vec<Vec<DeviceId>>, MeshError> {
+        self.ask(|r| swarm::Command::Holders(resources, r)).await
+    }
+
     /// Devices that announced a provider record for `resource` (Kademlia).
     pub async fn find_holders(&self, resource: ResourceId) -> Result<Vec<DeviceId>, MeshError> {
         self.ask(|r| swarm::Command::FindHolders(resource, r)).await

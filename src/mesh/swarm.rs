@@ -71,6 +71,9 @@ pub(crate) enum Command {
         ok: bool,
     },
     FindHolders(ResourceId, oneshot::Sender<Vec<DeviceId>>),
+    /// For each resource, the other devices whose announcements say they
+    /// hold all of it.
+    Holders(Vec<ResourceId>, oneshot::Sender<Vec<Vec<DeviceId>>>),
     RaftCall {
         device: DeviceId,
         bytes: Vec<u8>,
@@ -454,6 +457,9 @@ impl Actor {
                 if let Some(peer) = self.peer_of(device) {
                     self.peers.entry(peer).or_default().bad_chunks += 1;
                 }
+            }
+            Command::Holders(resources, reply) => {
+                let _ = reply.send(resources.iter().map(|r| self.view.holders(*r)).collect());
             }
             Command::FindHolders(resource, reply) => {
                 let id = self

@@ -64,6 +64,8 @@ pub enum Outcome {
     /// The inode created, linked or changed.
     Inode(Box<Inode>),
     Done,
+    /// How many authority moves took effect.
+    Moved(usize),
 }
 
 /// Directory contents, indexed both by name (lookup) and by cookie (readdir).
@@ -567,6 +569,23 @@ impl MetaState {
         })
     }
 
+    /// Every resource `device` governs: id, authority, and whether it is a
+    /// file with stored content (which only a holder of that content
+    /// should take over).
+    pub fn governed_by(&self, device: DeviceId) -> Vec<(ResourceId, Authority, bool)> {
+        self.inodes
+            .values()
+            .filter(|i| i.authority.device == device)
+            .map(|i| {
+                let content = i
+                    .content
+                    .as_ref()
+                    .is_some_and(|c| c.chunks.iter().any(|ch| !ch.hash.is_zero_run()));
+                (i.id, i.authority, content)
+            })
+            .collect()
+    }
+
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
     }
@@ -753,14 +772,24 @@ impl MetaState {
                 self.reserve_block(device);
                 Ok(Outcome::Done)
             }
-            FsCommand::SetAuthority { ino, device, epoch } => {
-                let mut inode = self.inode(ino)?.clone();
-                if epoch <= inode.authority.epoch {
-                    return Err(MetaError::Invalid(Cow::Borrowed("stale authority epoch")));
+            FsCommand::SetAuthority { moves } => {
+                let mut moved = 0usize;
+                for m in moves {
+                    let Some(inode) = self.inodes.get(&m.ino) else {
+                        continue;
+                    };
+                    if m.epoch <= inode.authority.epoch {
+                        continue;
+                    }
+                    let mut inode = inode.clone();
+                    inode.authority = Authority {
+                        device: m.device,
+                        epoch: m.epoch,
+                    };
+                    self.put_inode(inode);
+                    moved += 1;
                 }
-                inode.authority = Authority { device, epoch };
-                self.put_inode(inode.clone());
-                Ok(Outcome::Inode(Box::new(inode)))
+                Ok(Outcome::Moved(moved))
             }
         }
     }

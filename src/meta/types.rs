@@ -327,13 +327,50 @@ pub enum FsCommand {
     ReclaimOrphans,
     /// Gives `device` a block of inode numbers (cluster-wide, through Raft).
     ReserveInodes { device: DeviceId },
-    /// Moves the authority over `ino` to `device`; refused unless `epoch`
-    /// is above the current one (cluster-wide, through Raft).
-    SetAuthority {
-        ino: ResourceId,
-        device: DeviceId,
-        epoch: u64,
-    },
+    /// Moves authorities (cluster-wide, through Raft). A move whose epoch
+    /// is not above the resource's current one, or whose resource is gone,
+    /// is skipped: a late, stale decision cannot undo a newer one.
+    SetAuthority { moves: Vec<Move> },
+}
+
+/// One authority move: `ino` is governed by `device` from `epoch` on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub ino: ResourceId,
+    pub device: DeviceId,
+    pub epoch: u64,
+}
+
+impl FsCommand {
+    /// The resources whose authority decides this command (the directories
+    /// whose entries it changes, or the inode whose content or attributes
+    /// it changes): what a device's work on them is counted against, and
+    /// what a handoff seals.
+    pub fn decided_by(&self) -> Vec<ResourceId> {
+        match self {
+            FsCommand::Create { parent, .. }
+            | FsCommand::Link { parent, .. }
+            | FsCommand::Unlink { parent, .. }
+            | FsCommand::Rmdir { parent, .. } => vec![*parent],
+            FsCommand::Rename {
+                parent, new_parent, ..
+            } => {
+                if parent == new_parent {
+                    vec![*parent]
+                } else {
+                    vec![*parent, *new_parent]
+                }
+            }
+            FsCommand::SetAttr { ino, .. }
+            | FsCommand::SetXattr { ino, .. }
+            | FsCommand::RemoveXattr { ino, .. }
+            | FsCommand::CommitVersion { ino, .. }
+            | FsCommand::Reclaim { ino } => vec![*ino],
+            FsCommand::ReclaimOrphans
+            | FsCommand::ReserveInodes { .. }
+            | FsCommand::SetAuthority { .. } => vec![],
+        }
+    }
 }
 
 /// Who must agree to a command (`MetaState::governance`).

@@ -16,6 +16,7 @@
 // boxing them in our helpers would only add conversions at every call.
 #![allow(clippy::result_large_err)]
 
+mod authority;
 mod log_store;
 mod membership;
 mod network;
@@ -39,6 +40,7 @@ use crate::mesh::{MeshClient, RaftInbound};
 use crate::meta::{FsCommand, Governance, MetaError, MetaState, Outcome};
 use crate::storage::{ChunkStore, RocksStore};
 
+pub use authority::PolicySettings;
 pub use state_machine::{AppliedBatch, ApplyHook, Local};
 pub use types::{node_id, LocalChange, NodeId, Op, RaftNode, Request, Response, TypeConfig};
 
@@ -66,6 +68,7 @@ pub struct RaftSettings {
     pub batch_delay: Duration,
     /// Most changes in one batch (one log entry).
     pub batch_max: usize,
+    pub policy: PolicySettings,
 }
 
 /// Most bytes of changes in one batch: with `MAX_PAYLOAD_ENTRIES` of them
@@ -107,6 +110,8 @@ pub struct Replica {
     forwarded: Arc<std::sync::Mutex<ForwardCache>>,
     /// Counters for `meshfs status`.
     counters: Arc<Counters>,
+    /// Usage reports and, on the leader, the authority policy.
+    policy: Arc<authority::Policy>,
     /// Ids of this device's requests: a random start drawn once per process
     /// (so a restarted daemon does not reuse the ids its predecessor's
     /// replies are kept under), then counted up. Drawing fresh random bytes
@@ -159,6 +164,7 @@ pub async fn start(
     )
     .await
     .map_err(|e| RaftError::Raft(e.to_string()))?;
+    let settings_policy = settings.policy.clone();
     let (tx, rx) = mpsc::channel(1024);
     mesh.set_raft_inbox(tx)
         .await
@@ -176,6 +182,7 @@ pub async fn start(
         urgent: Default::default(),
         forwarded: Default::default(),
         counters: Default::default(),
+        policy: Arc::new(authority::Policy::new(settings_policy)),
         next_request: Arc::new(std::sync::atomic::AtomicU64::new(u64::from_le_bytes(
             crate::ids::random_bytes(),
         ))),
@@ -191,6 +198,7 @@ pub async fn start(
     }
     tokio::spawn(membership::follow_members(replica.clone()));
     tokio::spawn(reserve_at_start(replica.clone()));
+    tokio::spawn(authority::run(replica.clone()));
     Ok(replica)
 }
 
@@ -303,7 +311,7 @@ async fn serve(replica: Replica, mut inbox: mpsc::Receiver<RaftInbound>) {
         let r = replica.clone();
         tokio::spawn(async move {
             let reply = match postcard::from_bytes::<Rpc>(&req.bytes) {
-                Ok(rpc) => r.answer(rpc).await,
+                Ok(rpc) => r.answer(req.from, rpc).await,
                 Err(e) => Reply::Failed(format!("malformed raft request: {e}")),
             };
             let bytes = postcard::to_stdvec(&reply).unwrap_or_default();
@@ -382,6 +390,10 @@ impl Replica {
         read_meta(&self.shared.meta)
             .authority(resource)
             .map(|a| a.device)
+    }
+
+    fn leader_device(&self) -> Option<DeviceId> {
+        self.leader().map(|(_, d)| d)
     }
 
     fn leader(&self) -> Option<(NodeId, DeviceId)> {
@@ -557,7 +569,16 @@ impl Replica {
                 Local::Applied { out, .. } => {
                     self.counters.local.fetch_add(1, Ordering::Relaxed);
                     self.kick_shipper(false);
+                    self.record_change(&cmd);
                     return Ok(Ok(out));
+                }
+                Local::Sealed => {
+                    // Being handed over: the move commits in a moment.
+                    if Instant::now() >= deadline {
+                        return Err(RaftError::NoQuorum(self.settings.write_timeout));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
                 }
                 Local::Refused(MetaError::NoInodes) if !reserved => {
                     reserved = true;
@@ -572,10 +593,35 @@ impl Replica {
             let c = cmd.clone();
             let routed = block_on(&self.rt, async move { r.route(id, c, gov, deadline).await })?;
             if let Some(resp) = routed {
+                if resp.is_ok() {
+                    self.record_change(&cmd);
+                }
                 return Ok(resp);
             }
             // The authority moved meanwhile: route again.
         }
+    }
+
+    fn record_open(&self, ino: ResourceId) {
+        self.policy.record(
+            &[ino],
+            crate::authority::Usage {
+                opens: 1,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Counts a change by this device's programs against the resources
+    /// that decide it (the authority policy moves them to who works).
+    fn record_change(&self, cmd: &FsCommand) {
+        self.policy.record(
+            &cmd.decided_by(),
+            crate::authority::Usage {
+                changes: 1,
+                ..Default::default()
+            },
+        );
     }
 
     /// A change this device does not decide: to its authority, or through
@@ -685,11 +731,15 @@ impl Replica {
         }
     }
 
-    /// Answers one request from another member.
-    async fn answer(&self, rpc: Rpc) -> Reply {
+    /// Answers one request from member `from` (authenticated by the mesh).
+    async fn answer(&self, from: DeviceId, rpc: Rpc) -> Reply {
         match rpc {
             Rpc::Forward { expires_ms, .. } if network::unix_ms() > expires_ms => {
                 Reply::Failed("forwarded change arrived after its deadline".into())
+            }
+            Rpc::Forward { origin, .. } if origin != from => {
+                tracing::warn!(%from, %origin, "refused a forwarded change claiming another origin");
+                Reply::Failed("a forwarded change must come from its origin".into())
             }
             Rpc::Forward {
                 origin, id, cmd, ..
@@ -700,6 +750,26 @@ impl Replica {
                     self.kick_shipper(true);
                 }
                 Reply::Shipping { seq }
+            }
+            Rpc::Report { usage, seen } => {
+                if self.leader_device() != Some(self.device) {
+                    return Reply::Failed("not the leader".into());
+                }
+                let mut usage = usage;
+                usage.truncate(authority::MAX_REPORT);
+                let mut seen = seen;
+                seen.truncate(1024);
+                self.policy.ingest(from, &usage, seen);
+                Reply::Done
+            }
+            Rpc::Handoff { moves } => {
+                if self.leader_device() != Some(from) {
+                    return Reply::Failed("handoffs come from the leader".into());
+                }
+                match self.hand_off(moves).await {
+                    Ok(_) => Reply::Done,
+                    Err(e) => Reply::Failed(e.to_string()),
+                }
             }
             other => network::answer(&self.raft, other).await,
         }
@@ -734,7 +804,7 @@ impl Replica {
                     continue;
                 }
                 Local::Refused(e) => (0, Err(e)),
-                Local::NotMine(_) => return Reply::NotAuthority,
+                Local::NotMine(_) | Local::Sealed => return Reply::NotAuthority,
             };
             lock(&self.forwarded).put((origin, id), (seq, result.clone()));
             return Reply::Forwarded { seq, result };
@@ -748,6 +818,7 @@ impl Replica {
         let Some(authority) = self.authority(ino) else {
             return;
         };
+        self.record_open(ino);
         if authority == self.device {
             return;
         }
@@ -891,6 +962,7 @@ impl crate::fs::Replicator for Replica {
 
     fn open_barrier(&self, ino: ResourceId) {
         if self.authority(ino).is_none_or(|a| a == self.device) {
+            self.record_open(ino);
             return;
         }
         let r = self.clone();

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use super::types::{NodeId, Raft, RaftNode, Request, Response, TypeConfig};
 use crate::ids::DeviceId;
 use crate::mesh::MeshClient;
-use crate::meta::FsCommand;
+use crate::authority::{Quality, Usage};
+use crate::ids::ResourceId;
+use crate::meta::{FsCommand, Move};
 
 /// A request on `/meshfs/raft/1`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,6 +51,16 @@ pub enum Rpc {
     /// that entry is applied locally, the asker has every change the
     /// receiver acknowledged before (close-to-open across devices).
     Ship,
+    /// What the sender's programs did with resources since its last
+    /// report, and what it observed of the others' service (to the
+    /// leader, which keeps reputations).
+    Report {
+        usage: Vec<(ResourceId, Usage)>,
+        seen: Vec<(DeviceId, Quality)>,
+    },
+    /// From the leader to an authority: hand these resources over (seal,
+    /// ship the outbox, commit the move).
+    Handoff { moves: Vec<Move> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,6 +91,7 @@ pub enum Reply {
     Shipping {
         seq: u64,
     },
+    Done,
     Failed(String),
 }
 
@@ -269,7 +282,7 @@ pub async fn answer(raft: &Raft, rpc: Rpc) -> Reply {
                 None => Reply::Failed(e.to_string()),
             },
         },
-        Rpc::Forward { .. } | Rpc::Ship => {
+        Rpc::Forward { .. } | Rpc::Ship | Rpc::Report { .. } | Rpc::Handoff { .. } => {
             Reply::Failed("not a raft request (answered by the replica)".into())
         }
     }

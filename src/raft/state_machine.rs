@@ -67,6 +67,8 @@ pub enum Local {
     Refused(MetaError),
     /// This device does not decide it: route it by this.
     NotMine(Governance),
+    /// It is being handed to another device: try again in a moment.
+    Sealed,
 }
 
 /// State shared by the state machine, its snapshot builders and the
@@ -79,6 +81,10 @@ pub struct Shared {
     /// Replicated: how far each authority's batches are applied.
     shipped: Mutex<Shipped>,
     pub(super) outbox: Mutex<Outbox>,
+    /// Resources this device is handing to another: no local change
+    /// applies to them until the move is committed. Changed with `meta`
+    /// locked, so the outbox holds every change made before a seal.
+    pub(super) sealed: Mutex<std::collections::HashSet<ResourceId>>,
     pub(super) me: DeviceId,
     /// Last applied log id and membership; written with `meta` locked so
     /// that a snapshot sees them consistent with the namespace.
@@ -156,6 +162,7 @@ impl Shared {
             recent: Mutex::new(recent),
             shipped: Mutex::new(shipped),
             outbox: Mutex::new(outbox),
+            sealed: Default::default(),
             me,
             applied: Mutex::new((applied, membership)),
             snapshot_dir,
@@ -201,6 +208,12 @@ impl Shared {
             Ok(Governance::Anyone) => {}
             Ok(other) => return Ok(Local::NotMine(other)),
             Err(e) => return Ok(Local::Refused(e)),
+        }
+        {
+            let sealed = lock(&self.sealed);
+            if !sealed.is_empty() && cmd.decided_by().iter().any(|r| sealed.contains(r)) {
+                return Ok(Local::Sealed);
+            }
         }
         let sp = meta.savepoint();
         let out = match meta.apply_by(
@@ -262,6 +275,31 @@ impl Shared {
             seq,
             out: slim(out),
         })
+    }
+
+    /// Seals the resources of `moves` that this device governs at the
+    /// epoch before the move's (so a stale decision does nothing), and
+    /// returns those moves. After this, no local change applies to them.
+    pub fn seal(&self, moves: Vec<crate::meta::Move>) -> Vec<crate::meta::Move> {
+        let meta = write(&self.meta);
+        let mut sealed = lock(&self.sealed);
+        let mine: Vec<crate::meta::Move> = moves
+            .into_iter()
+            .filter(|m| {
+                meta.authority(m.ino).is_some_and(|a| {
+                    a.device == self.me && a.epoch.checked_add(1) == Some(m.epoch)
+                })
+            })
+            .collect();
+        sealed.extend(mine.iter().map(|m| m.ino));
+        mine
+    }
+
+    pub fn unseal(&self, moves: &[crate::meta::Move]) {
+        let mut sealed = lock(&self.sealed);
+        for m in moves {
+            sealed.remove(&m.ino);
+        }
     }
 
     /// The committed state: the live one with this device's pending
@@ -556,8 +594,8 @@ fn named_by(cmd: &FsCommand) -> Changes {
         | FsCommand::SetXattr { ino, .. }
         | FsCommand::RemoveXattr { ino, .. }
         | FsCommand::CommitVersion { ino, .. }
-        | FsCommand::Reclaim { ino }
-        | FsCommand::SetAuthority { ino, .. } => vec![*ino],
+        | FsCommand::Reclaim { ino } => vec![*ino],
+        FsCommand::SetAuthority { moves } => moves.iter().map(|m| m.ino).collect(),
         FsCommand::ReclaimOrphans | FsCommand::ReserveInodes { .. } => vec![],
     };
     c.inodes = inos.into_iter().map(|i| (i, None)).collect();
