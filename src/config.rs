@@ -344,7 +344,10 @@ impl Config {
         for (k, v) in [
             ("authority_weight_change", self.authority_weight_change),
             ("authority_weight_open", self.authority_weight_open),
-            ("authority_weight_served_mib", self.authority_weight_served_mib),
+            (
+                "authority_weight_served_mib",
+                self.authority_weight_served_mib,
+            ),
             ("authority_margin", self.authority_margin),
             ("authority_min_lead", self.authority_min_lead),
         ] {
@@ -356,7 +359,9 @@ impl Config {
             return Err("authority_half_life_s must be 0.1..=86400".into());
         }
         if self.authority_hold_ms > 600_000 || self.authority_cooldown_s > 86_400 {
-            return Err("authority_hold_ms must be 0..=600000 and authority_cooldown_s 0..=86400".into());
+            return Err(
+                "authority_hold_ms must be 0..=600000 and authority_cooldown_s 0..=86400".into(),
+            );
         }
         if !(1..=16).contains(&self.replicas) {
             return Err("replicas must be 1..=16".into());

@@ -37,6 +37,11 @@ pub enum Request {
     Chunks {
         path: String,
     },
+    /// Authority, reputation, quality, proximity and temperature of a
+    /// resource (`meshfs stat`), by inode number.
+    Stat {
+        resource: u64,
+    },
     /// Devices holding a resource, from Kademlia provider records.
     Holders {
         resource: u64,
@@ -107,6 +112,14 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
         },
         Ok(Request::Chunks { path }) => chunks(&node, &path),
         Ok(Request::Holders { resource }) => holders(&node, resource).await,
+        Ok(Request::Stat { resource }) => {
+            match node.replica.stat(crate::ids::ResourceId(resource)).await {
+                Some(st) => serde_json::to_value(st).unwrap_or_default(),
+                None => {
+                    serde_json::json!({ "error": format!("no resource {resource} in the namespace") })
+                }
+            }
+        }
         Ok(Request::Fetch { from, hashes, out }) => fetch(&node, from, hashes, out).await,
         Ok(Request::TraceExport) => {
             let n = node.clone();

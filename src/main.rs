@@ -90,6 +90,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show who governs a file or directory under a mount and why:
+    /// authority and epoch, reputation per device, observed quality,
+    /// proximity to each holder, temperature, version.
+    Stat {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify the chunk store against the namespace; exit 0 when all is well.
     Check {
         #[arg(long)]
@@ -143,6 +151,71 @@ enum TraceCmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+/// `meshfs stat` for people: one line per fact.
+fn print_stat(path: &std::path::Path, v: &serde_json::Value) {
+    let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+    println!(
+        "{}: {} r{}, {} bytes, version {}",
+        path.display(),
+        s("kind"),
+        v["resource"],
+        v["size"],
+        v["version"]
+    );
+    println!(
+        "  authority: {} (epoch {}){}",
+        v["authority"]["name"].as_str().unwrap_or("?"),
+        v["epoch"],
+        match v["pending_changes"].as_u64() {
+            Some(n) if n > 0 => format!(", {n} change(s) here not yet committed"),
+            _ => String::new(),
+        }
+    );
+    let holders: Vec<&str> = v["holders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h.as_str())
+        .collect();
+    if !holders.is_empty() {
+        println!("  holders: {}", holders.join(", "));
+    }
+    println!(
+        "  temperature: {:.2}",
+        v["temperature"].as_f64().unwrap_or(0.0)
+    );
+    for r in v["reputation"].as_array().into_iter().flatten() {
+        println!(
+            "  reputation {}: {:.2} (usage {:.2} x quality {:.2} x uptime {:.2})",
+            r["device"].as_str().unwrap_or("?"),
+            r["score"].as_f64().unwrap_or(0.0),
+            r["usage"].as_f64().unwrap_or(0.0),
+            r["quality"].as_f64().unwrap_or(0.0),
+            r["uptime"].as_f64().unwrap_or(0.0),
+        );
+    }
+    for q in v["quality"].as_array().into_iter().flatten() {
+        println!(
+            "  quality {}: {:.2}{} (bad chunks {}, failed requests {})",
+            q["device"].as_str().unwrap_or("?"),
+            q["factor"].as_f64().unwrap_or(0.0),
+            if q["up"] == true { "" } else { ", down" },
+            q["chunks_bad"],
+            q["requests_failed"],
+        );
+    }
+    for p in v["proximity"].as_array().into_iter().flatten() {
+        println!(
+            "  proximity to {}: {:.3} (rtt {} ms)",
+            p["device"].as_str().unwrap_or("?"),
+            p["weight"].as_f64().unwrap_or(0.0),
+            p["rtt_ms"]
+                .as_f64()
+                .map_or("?".into(), |r| format!("{r:.2}")),
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -275,6 +348,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{v}");
             } else {
                 print_status(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Stat { path, json } => {
+            init_cli_log();
+            let (data_dir, ino) = node::daemon_of_path(&path)?;
+            let v = control::request(&data_dir, &Request::Stat { resource: ino })?;
+            if json {
+                println!("{v}");
+            } else {
+                print_stat(&path, &v);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -208,6 +208,31 @@ fn unescape_mount_path(s: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// The data dir of the meshfs mount holding `path`, and `path`'s inode
+/// number there (`meshfs stat`).
+pub fn daemon_of_path(path: &Path) -> Result<(PathBuf, u64), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let abs = std::fs::canonicalize(path)
+        .map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
+    let ino = std::fs::symlink_metadata(&abs)
+        .map_err(|e| Error::io(format!("stat {}", abs.display()), e))?
+        .ino();
+    let mut at = Some(abs.as_path());
+    while let Some(p) = at {
+        if let Some((source, fstype)) = mount_source(p) {
+            if fstype == "fuse.meshfs" {
+                return Ok((PathBuf::from(source), ino));
+            }
+            break;
+        }
+        at = p.parent();
+    }
+    Err(Error::Mount(format!(
+        "{} is not on a meshfs mount",
+        path.display()
+    )))
+}
+
 /// Checks the mount point before the daemon starts; clears a stale mount
 /// left by a killed daemon when it can.
 /// The source and type of the mount at `path`, from /proc/self/mountinfo.
@@ -587,6 +612,12 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         // A restarted device may lack content committed while it was away.
         replicate_now.notify_one();
         fs.set_replica(Arc::new(replica.clone()));
+        let (stat_replica, stat_rt) = (replica.clone(), rt.handle().clone());
+        fs.set_stat(Arc::new(move |ino| {
+            let r = stat_replica.clone();
+            let st = stat_rt.block_on(async move { r.stat(ino).await })?;
+            serde_json::to_value(st).ok()
+        }));
         let ledger = Arc::new(crate::prefetch::fetch::Ledger::default());
         fs.set_remote(Arc::new(MeshChunks {
             mesh: mesh.clone(),

@@ -221,7 +221,13 @@ const FORGET_BELOW: f64 = 0.01;
 
 impl Tracker {
     /// Adds one device's report.
-    pub fn observe(&mut self, now: f64, device: DeviceId, report: &[(ResourceId, Usage)], w: &Weights) {
+    pub fn observe(
+        &mut self,
+        now: f64,
+        device: DeviceId,
+        report: &[(ResourceId, Usage)],
+        w: &Weights,
+    ) {
         for (ino, u) in report {
             let v = u.weight(w);
             if v <= 0.0 {
@@ -309,8 +315,8 @@ impl Tracker {
                 .iter()
                 .find(|(d, r)| *d != auth.device && r.score > 0.0)
                 .copied();
-            let leads = challenger
-                .filter(|(_, r)| r.score > auth_score * (1.0 + w.margin) + w.min_lead);
+            let leads =
+                challenger.filter(|(_, r)| r.score > auth_score * (1.0 + w.margin) + w.min_lead);
             let Some((c, _)) = leads else {
                 t.leading = None;
                 continue;

@@ -102,7 +102,9 @@ fn noisy_equal_work_never_moves_it() {
     // Both work at about the same rate, with jitter of up to ±60%.
     let mut seed = 7u64;
     let noise = std::cell::RefCell::new(move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         0.4 + 1.2 * ((seed >> 33) as f64 / (1u64 << 31) as f64)
     });
     let (moves, now) = simulate(120.0, &up(&[1, 2]), |_, _| 20.0 * (noise.borrow_mut())());
@@ -138,7 +140,18 @@ fn after_a_move_the_resource_cools_down() {
     while t < 33.0 {
         t += TICK;
         let d = if t <= 3.0 { 2 } else { 3 };
-        tr.observe(t, dev(d), &[(R, Usage { changes: 25, ..Default::default() })], &w);
+        tr.observe(
+            t,
+            dev(d),
+            &[(
+                R,
+                Usage {
+                    changes: 25,
+                    ..Default::default()
+                },
+            )],
+            &w,
+        );
         for (m, _) in tr.decide(t, |_| Some(auth), &facts, &w) {
             auth = Authority {
                 device: m.device,
@@ -186,7 +199,18 @@ fn takeover_picks_a_live_holder_by_reputation() {
     facts.get_mut(&dev(1)).unwrap().up = false;
     facts.get_mut(&dev(4)).unwrap().up = false;
     let mut tr = Tracker::default();
-    tr.observe(1.0, dev(3), &[(R, Usage { opens: 8, ..Default::default() })], &w);
+    tr.observe(
+        1.0,
+        dev(3),
+        &[(
+            R,
+            Usage {
+                opens: 8,
+                ..Default::default()
+            },
+        )],
+        &w,
+    );
     let a = Authority {
         device: dev(1),
         epoch: 5,

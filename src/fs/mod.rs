@@ -216,11 +216,22 @@ pub struct Fs {
     replica: std::sync::OnceLock<Arc<dyn Replicator>>,
     /// Tells the kernel to drop cached names and attributes.
     invalidate: std::sync::OnceLock<Arc<dyn Fn(Invalidate) + Send + Sync>>,
+    /// Tells the kernel, synchronously, that a file's cached attributes
+    /// are stale (safe from a request thread: it takes no inode lock).
+    stale_attrs: std::sync::OnceLock<Arc<dyn Fn(ResourceId) + Send + Sync>>,
     /// When each file was last opened here (cache eviction is LRU by file).
     last_open: Mutex<HashMap<ResourceId, std::time::Instant>>,
     /// Where opens and first reads are reported (the access log).
     access: std::sync::OnceLock<Arc<dyn AccessSink>>,
+    /// What the read-only `user.meshfs.*` xattrs show (`meshfs stat`).
+    stat: std::sync::OnceLock<StatFn>,
 }
+
+/// A resource's `meshfs stat` as JSON, if it exists.
+pub type StatFn = Arc<dyn Fn(ResourceId) -> Option<serde_json::Value> + Send + Sync>;
+
+/// The prefix of the read-only xattrs that show `meshfs stat`.
+const STAT_XATTR: &[u8] = b"user.meshfs.";
 
 /// Receives every open through the mount and each handle's first read.
 /// Called on kernel request threads: it must not block (the prefetch side
@@ -252,8 +263,10 @@ pub trait Replicator: Send + Sync {
     /// Raft, i.e. on a majority of devices (fsync).
     fn commit_wait(&self) -> Result<()>;
     /// Before an open of `ino`: waits (boundedly) until every change its
-    /// authority acknowledged is applied here (close-to-open).
-    fn open_barrier(&self, ino: ResourceId);
+    /// authority acknowledged is applied here (close-to-open). True when
+    /// the authority is another device (whose changes the kernel here may
+    /// not know yet).
+    fn open_barrier(&self, ino: ResourceId) -> bool;
     /// A lookup in `parent` found nothing: catches up with the directory's
     /// authority if that is another device. True when the lookup should be
     /// tried again.
@@ -294,8 +307,10 @@ impl Fs {
             remote: std::sync::OnceLock::new(),
             replica: std::sync::OnceLock::new(),
             invalidate: std::sync::OnceLock::new(),
+            stale_attrs: std::sync::OnceLock::new(),
             last_open: Mutex::new(HashMap::new()),
             access: std::sync::OnceLock::new(),
+            stat: std::sync::OnceLock::new(),
         };
         // With a replicated namespace, orphans are not ours to drop at
         // start-up: another device may hold them open.
@@ -380,6 +395,11 @@ impl Fs {
         self.meta.clone()
     }
 
+    /// Sets what the `user.meshfs.*` xattrs show (once).
+    pub fn set_stat(&self, f: StatFn) {
+        let _ = self.stat.set(f);
+    }
+
     /// Sets where opens and first reads are reported (once).
     pub fn set_access_sink(&self, sink: Arc<dyn AccessSink>) {
         let _ = self.access.set(sink);
@@ -415,6 +435,12 @@ impl Fs {
     /// Sets how the kernel is told of changes made elsewhere (once).
     pub fn set_invalidator(&self, f: Arc<dyn Fn(Invalidate) + Send + Sync>) {
         let _ = self.invalidate.set(f);
+    }
+
+    /// Sets how an open tells the kernel that a file's cached attributes
+    /// are stale (once).
+    pub fn set_stale_attrs(&self, f: Arc<dyn Fn(ResourceId) + Send + Sync>) {
+        let _ = self.stale_attrs.set(f);
     }
 
     /// Changes another device made were applied here: the kernel's cached
@@ -860,7 +886,32 @@ impl Fs {
         if name.starts_with(b"system.") || name.starts_with(b"security.") {
             return Err(FsError::NotSupported);
         }
+        if name.starts_with(STAT_XATTR) {
+            // Read-only facts about the mesh, not stored attributes.
+            return Err(MetaError::NotPermitted.into());
+        }
         Ok(())
+    }
+
+    /// `user.meshfs.authority`, `.epoch`, `.version`, `.temperature` and
+    /// `.stat` (all of `meshfs stat --json`). Not listed by listxattr, so
+    /// that copying tools do not try to copy them.
+    fn stat_xattr(&self, ino: ResourceId, name: &[u8]) -> Result<Vec<u8>> {
+        let f = self.stat.get().ok_or(MetaError::NoAttr)?;
+        let v = f(ino).ok_or(MetaError::NotFound)?;
+        let field = &name[STAT_XATTR.len()..];
+        let out = match field {
+            b"stat" => v.to_string(),
+            b"authority" => v["authority"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            b"epoch" | b"version" | b"temperature" => {
+                v[std::str::from_utf8(field).unwrap_or_default()].to_string()
+            }
+            _ => return Err(MetaError::NoAttr.into()),
+        };
+        Ok(out.into_bytes())
     }
 
     pub fn setxattr(&self, ino: ResourceId, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
@@ -882,6 +933,9 @@ impl Fs {
     }
 
     pub fn getxattr(&self, ino: ResourceId, name: &[u8]) -> Result<Vec<u8>> {
+        if name.starts_with(STAT_XATTR) {
+            return self.stat_xattr(ino, name);
+        }
         Self::check_xattr_namespace(name)?;
         let meta = self.read_meta();
         let i = meta.get(ino).ok_or(MetaError::NotFound)?;
@@ -975,13 +1029,16 @@ impl Fs {
         }
         // Close-to-open across devices: wait until everything the file's
         // authority acknowledged is applied here, then look again.
-        let version = match self.replica.get().filter(|_| barrier) {
+        let (version, elsewhere) = match self.replica.get().filter(|_| barrier) {
             Some(r) => {
-                r.open_barrier(ino);
+                let elsewhere = r.open_barrier(ino);
                 let meta = self.read_meta();
-                meta.get(ino).ok_or(MetaError::NotFound)?.version()
+                (
+                    meta.get(ino).ok_or(MetaError::NotFound)?.version(),
+                    elsewhere,
+                )
             }
-            None => version,
+            None => (version, false),
         };
         {
             let mut last = lock(&self.last_open);
@@ -1025,10 +1082,18 @@ impl Fs {
         );
         let keep_cache = {
             let mut kv = lock(&self.kernel_versions);
-            let keep = kv.get(&ino) == Some(&version);
-            kv.insert(ino, version);
-            keep
+            kv.insert(ino, version) == Some(version)
         };
+        if elsewhere {
+            // Governed by another device: the size the kernel holds (from
+            // a lookup or stat before this open) may be an older version's,
+            // and the asynchronous invalidation may not have reached it
+            // yet. Marked stale now, the first stat or read past that size
+            // asks again: close-to-open holds.
+            if let Some(f) = self.stale_attrs.get() {
+                f(ino);
+            }
+        }
         Ok(Opened { fh, keep_cache })
     }
 

@@ -737,6 +737,12 @@ pub fn mount(fs: Arc<Fs>, cfg: &MountConfig) -> std::io::Result<Mounted> {
 /// where a request waits (the Raft apply). When the queue is full the
 /// notification is dropped and the attribute TTL bounds the staleness.
 fn start_invalidator(fs: &Arc<Fs>, notifier: fuser::Notifier) {
+    // Attributes only (offset -1): the kernel takes no inode or page lock
+    // for it, so an open may send it while the kernel waits for the open.
+    let attrs = notifier.clone();
+    fs.set_stale_attrs(Arc::new(move |ino| {
+        let _ = attrs.inval_inode(INodeNo(ino.0), -1, 0);
+    }));
     let (tx, rx) = std::sync::mpsc::sync_channel::<crate::fs::Invalidate>(4096);
     fs.set_invalidator(Arc::new(move |inv| {
         let _ = tx.try_send(inv);

@@ -370,7 +370,10 @@ impl MeshClient {
 
     /// For each of `resources`, the other devices whose availability
     /// announcements say they hold a complete copy.
-    pub async fn holders(&self, resources: Vec<ResourceId>) -> Result<Vec<Vec<DeviceId>>, MeshError> {
+    pub async fn holders(
+        &self,
+        resources: Vec<ResourceId>,
+    ) -> Result<Vec<Vec<DeviceId>>, MeshError> {
         self.ask(|r| swarm::Command::Holders(resources, r)).await
     }
 

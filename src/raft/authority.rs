@@ -56,6 +56,8 @@ pub struct Policy {
     /// Moves carried out by this device (handoffs it made, takeovers it
     /// committed as leader).
     pub moves: std::sync::atomic::AtomicU64,
+    /// Decaying count of opens here per resource (temperature).
+    heat: Mutex<HashMap<ResourceId, (f64, f64)>>,
 }
 
 impl Policy {
@@ -70,6 +72,7 @@ impl Policy {
             scanned: Default::default(),
             origin: Instant::now(),
             moves: Default::default(),
+            heat: Default::default(),
         }
     }
 
@@ -79,6 +82,11 @@ impl Policy {
 
     /// Counts a change or open by this device's programs.
     pub fn record(&self, resources: &[ResourceId], u: Usage) {
+        if u.opens > 0 {
+            for r in resources {
+                self.touch_heat(*r);
+            }
+        }
         let mut m = lock(&self.usage);
         for r in resources {
             m.entry(*r).or_default().add(u);
@@ -95,7 +103,12 @@ impl Policy {
     }
 
     /// Takes one device's report (on the leader).
-    pub fn ingest(&self, from: DeviceId, usage: &[(ResourceId, Usage)], seen: Vec<(DeviceId, Quality)>) {
+    pub fn ingest(
+        &self,
+        from: DeviceId,
+        usage: &[(ResourceId, Usage)],
+        seen: Vec<(DeviceId, Quality)>,
+    ) {
         let now = self.now();
         lock(&self.tracker).observe(now, from, usage, &self.settings.weights);
         lock(&self.seen).insert(from, seen);
@@ -140,11 +153,9 @@ impl Replica {
             let up = d.up || d.id == self.device;
             if up {
                 down_since.remove(&d.id);
-                up_since.entry(d.id).or_insert(if d.id == self.device {
-                    p.origin
-                } else {
-                    now
-                });
+                up_since
+                    .entry(d.id)
+                    .or_insert(if d.id == self.device { p.origin } else { now });
             } else {
                 up_since.remove(&d.id);
                 down_since.entry(d.id).or_insert(now);
@@ -352,10 +363,7 @@ impl Replica {
                     self.policy
                         .moves
                         .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(
-                        moves = n,
-                        "took over what a device that is down governed"
-                    );
+                    tracing::warn!(moves = n, "took over what a device that is down governed");
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "a takeover was refused"),
                 Err(e) => tracing::debug!(error = %e, "a takeover could not commit"),
@@ -397,5 +405,203 @@ pub(super) async fn run(replica: Replica) {
             }
             None => {}
         }
+    }
+}
+
+/// Half-life of a resource's temperature here (as the prefetcher's).
+const HEAT_HALF_LIFE_S: f64 = 6.0 * 3600.0;
+
+/// What `meshfs stat` and the `user.meshfs.*` xattrs show of a resource.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResourceStat {
+    pub resource: u64,
+    pub kind: String,
+    pub size: u64,
+    pub authority: DeviceRef,
+    pub epoch: u64,
+    /// The current version's number (versions committed so far).
+    pub version: u64,
+    pub versions: u64,
+    /// Devices holding a complete copy (this one included).
+    pub holders: Vec<String>,
+    /// Per device with usage on record, best first (from the leader).
+    pub reputation: Vec<DeviceReputation>,
+    /// What was observed of each device's service.
+    pub quality: Vec<DeviceQuality>,
+    /// ProximityWeight from this device to each holder.
+    pub proximity: Vec<DeviceProximity>,
+    /// Decaying count of opens here (half-life 6 h).
+    pub temperature: f64,
+    /// Changes made here and not yet committed through Raft.
+    pub pending_changes: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceRef {
+    pub name: String,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceReputation {
+    pub device: String,
+    #[serde(flatten)]
+    pub reputation: crate::authority::Reputation,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceQuality {
+    pub device: String,
+    pub up: bool,
+    pub factor: f64,
+    #[serde(flatten)]
+    pub quality: Quality,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceProximity {
+    pub device: String,
+    pub weight: f64,
+    pub rtt_ms: Option<f64>,
+    pub throughput_mib_s: Option<f64>,
+}
+
+impl Policy {
+    fn touch_heat(&self, ino: ResourceId) {
+        let now = self.now();
+        let mut h = lock(&self.heat);
+        let v = h.get(&ino).map_or(0.0, |(v, t)| decay(*v, now - t));
+        h.insert(ino, (v + 1.0, now));
+        if h.len() > 200_000 {
+            h.retain(|_, (v, t)| decay(*v, now - *t) > 0.05);
+        }
+    }
+
+    fn heat(&self, ino: ResourceId) -> f64 {
+        let now = self.now();
+        lock(&self.heat)
+            .get(&ino)
+            .map_or(0.0, |(v, t)| decay(*v, now - t))
+    }
+}
+
+fn decay(v: f64, dt: f64) -> f64 {
+    v * 0.5f64.powf(dt.max(0.0) / HEAT_HALF_LIFE_S)
+}
+
+impl Replica {
+    /// Every device's reputation for `ino`: from the leader's view (asked
+    /// over the mesh when this device does not lead).
+    pub(super) async fn reputations(
+        &self,
+        ino: ResourceId,
+    ) -> Vec<(DeviceId, crate::authority::Reputation)> {
+        match self.leader_device() {
+            Some(l) if l == self.device => {
+                let facts = self.device_facts().await;
+                self.policy.reputations(ino, &facts)
+            }
+            Some(l) => match call(
+                &self.mesh,
+                l,
+                &Rpc::Reputation { ino },
+                self.settings.read_wait,
+            )
+            .await
+            {
+                Ok(Reply::Reputation(r)) => r,
+                _ => Vec::new(),
+            },
+            None => Vec::new(),
+        }
+    }
+
+    /// What `meshfs stat` shows of `ino`, or None if it does not exist.
+    pub async fn stat(&self, ino: ResourceId) -> Option<ResourceStat> {
+        let inode = read_meta(&self.shared.meta).get(ino).cloned()?;
+        let facts = self.device_facts().await;
+        let names: HashMap<DeviceId, String> = match self.mesh.status().await {
+            Ok(s) => s.devices.into_iter().map(|d| (d.id, d.name)).collect(),
+            Err(_) => HashMap::new(),
+        };
+        let name = |d: &DeviceId| {
+            names
+                .get(d)
+                .cloned()
+                .unwrap_or_else(|| d.to_hex()[..8].to_string())
+        };
+        let mut holders: Vec<DeviceId> = if inode.content.is_some() {
+            self.mesh
+                .holders(vec![ino])
+                .await
+                .ok()
+                .and_then(|mut v| v.pop())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if inode.content.is_some() && self.holds_all(ino) {
+            holders.insert(0, self.device);
+        }
+        let reputation = self
+            .reputations(ino)
+            .await
+            .into_iter()
+            .map(|(d, r)| DeviceReputation {
+                device: name(&d),
+                reputation: r,
+            })
+            .collect();
+        let quality = facts
+            .iter()
+            .map(|(d, f)| DeviceQuality {
+                device: name(d),
+                up: f.up,
+                factor: f.quality.factor(),
+                quality: f.quality,
+            })
+            .collect();
+        let proximity = holders
+            .iter()
+            .map(|d| {
+                let (rtt, tp) = if *d == self.device {
+                    (Some(0.0), None)
+                } else {
+                    facts.get(d).map_or((None, None), |f| {
+                        (f.quality.rtt_ms, f.quality.throughput_mib_s)
+                    })
+                };
+                DeviceProximity {
+                    device: name(d),
+                    weight: crate::authority::proximity(rtt, tp),
+                    rtt_ms: rtt,
+                    throughput_mib_s: tp,
+                }
+            })
+            .collect();
+        let version = inode.version().0;
+        let pending = lock(&self.shared.outbox)
+            .entries
+            .iter()
+            .filter(|p| p.change.cmd.decided_by().contains(&ino))
+            .count();
+        Some(ResourceStat {
+            resource: ino.0,
+            kind: format!("{:?}", inode.kind).to_lowercase(),
+            size: inode.size(),
+            authority: DeviceRef {
+                name: name(&inode.authority.device),
+                id: inode.authority.device.to_hex(),
+            },
+            epoch: inode.authority.epoch,
+            version,
+            versions: version,
+            holders: holders.iter().map(name).collect(),
+            reputation,
+            quality,
+            proximity,
+            temperature: self.policy.heat(ino),
+            pending_changes: pending,
+        })
     }
 }

@@ -40,7 +40,7 @@ use crate::mesh::{MeshClient, RaftInbound};
 use crate::meta::{FsCommand, Governance, MetaError, MetaState, Outcome};
 use crate::storage::{ChunkStore, RocksStore};
 
-pub use authority::PolicySettings;
+pub use authority::{PolicySettings, ResourceStat};
 pub use state_machine::{AppliedBatch, ApplyHook, Local};
 pub use types::{node_id, LocalChange, NodeId, Op, RaftNode, Request, Response, TypeConfig};
 
@@ -112,6 +112,10 @@ pub struct Replica {
     counters: Arc<Counters>,
     /// Usage reports and, on the leader, the authority policy.
     policy: Arc<authority::Policy>,
+    /// Authorities that did not answer a catch-up lately: opens and
+    /// lookups serve the local replica at once instead of each waiting
+    /// `read_wait` again.
+    unreachable: Arc<std::sync::Mutex<std::collections::HashMap<DeviceId, Instant>>>,
     /// Ids of this device's requests: a random start drawn once per process
     /// (so a restarted daemon does not reuse the ids its predecessor's
     /// replies are kept under), then counted up. Drawing fresh random bytes
@@ -183,6 +187,7 @@ pub async fn start(
         forwarded: Default::default(),
         counters: Default::default(),
         policy: Arc::new(authority::Policy::new(settings_policy)),
+        unreachable: Default::default(),
         next_request: Arc::new(std::sync::atomic::AtomicU64::new(u64::from_le_bytes(
             crate::ids::random_bytes(),
         ))),
@@ -201,6 +206,10 @@ pub async fn start(
     tokio::spawn(authority::run(replica.clone()));
     Ok(replica)
 }
+
+/// How long an authority that did not answer a catch-up is not waited for
+/// again by opens and lookups.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(3);
 
 /// Forwarded changes answered lately, oldest first.
 #[derive(Default)]
@@ -762,6 +771,13 @@ impl Replica {
                 self.policy.ingest(from, &usage, seen);
                 Reply::Done
             }
+            Rpc::Reputation { ino } => {
+                if self.leader_device() != Some(self.device) {
+                    return Reply::Failed("not the leader".into());
+                }
+                let facts = self.device_facts().await;
+                Reply::Reputation(self.policy.reputations(ino, &facts))
+            }
             Rpc::Handoff { moves } => {
                 if self.leader_device() != Some(from) {
                     return Reply::Failed("handoffs come from the leader".into());
@@ -822,15 +838,71 @@ impl Replica {
         if authority == self.device {
             return;
         }
-        let deadline = Instant::now() + self.settings.read_wait;
-        if self.catch_up_with(authority, deadline).await.is_err() {
-            self.stale_reads
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !self.read_barrier(authority).await {
             tracing::warn!(
                 %ino,
                 "the authority of a file did not answer within {:?}; serving the local copy, which may be stale",
                 self.settings.read_wait
             );
+        }
+    }
+
+    /// Catches up with `authority` within `read_wait`; false (counted as a
+    /// stale read) when it did not answer, now or within the last few
+    /// seconds (then without waiting again).
+    async fn read_barrier(&self, authority: DeviceId) -> bool {
+        let recently = lock(&self.unreachable)
+            .get(&authority)
+            .is_some_and(|t| t.elapsed() < UNREACHABLE_FOR);
+        let ok = !recently
+            && self
+                .catch_up_with(authority, Instant::now() + self.settings.read_wait)
+                .await
+                .is_ok();
+        if ok {
+            lock(&self.unreachable).remove(&authority);
+        } else {
+            if !recently {
+                lock(&self.unreachable).insert(authority, Instant::now());
+            }
+            // What the authority shipped before it went quiet is in the
+            // log: everything committed (fsynced changes included) is
+            // applied here before the local replica is served.
+            let _ = self
+                .read_index(Instant::now() + self.settings.read_wait)
+                .await;
+            self.stale_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Waits until this replica has applied everything committed before
+    /// the call (read-index through the leader).
+    async fn read_index(&self, deadline: Instant) -> Result<(), RaftError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RaftError::NoQuorum(self.settings.read_wait));
+            }
+            match self.leader() {
+                Some((id, _)) if id == self.me => {
+                    if let Ok(Ok(_)) =
+                        tokio::time::timeout(left, self.raft.ensure_linearizable()).await
+                    {
+                        return Ok(());
+                    }
+                }
+                Some((_, device)) => {
+                    if let Ok(Reply::ReadIndex { index }) =
+                        call(&self.mesh, device, &Rpc::ReadIndex, left).await
+                    {
+                        return self.wait_applied(index, deadline).await;
+                    }
+                }
+                None => {}
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -960,13 +1032,14 @@ impl crate::fs::Replicator for Replica {
         })
     }
 
-    fn open_barrier(&self, ino: ResourceId) {
+    fn open_barrier(&self, ino: ResourceId) -> bool {
         if self.authority(ino).is_none_or(|a| a == self.device) {
             self.record_open(ino);
-            return;
+            return false;
         }
         let r = self.clone();
         block_on(&self.rt, async move { r.open_barrier(ino).await });
+        true
     }
 
     fn lookup_miss(&self, parent: ResourceId) -> bool {
@@ -977,10 +1050,7 @@ impl crate::fs::Replicator for Replica {
             return false;
         }
         let r = self.clone();
-        let deadline = Instant::now() + self.settings.read_wait;
-        block_on(&self.rt, async move {
-            r.catch_up_with(authority, deadline).await.is_ok()
-        })
+        block_on(&self.rt, async move { r.read_barrier(authority).await })
     }
 }
 

@@ -14,10 +14,10 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use super::types::{NodeId, Raft, RaftNode, Request, Response, TypeConfig};
-use crate::ids::DeviceId;
-use crate::mesh::MeshClient;
 use crate::authority::{Quality, Usage};
+use crate::ids::DeviceId;
 use crate::ids::ResourceId;
+use crate::mesh::MeshClient;
 use crate::meta::{FsCommand, Move};
 
 /// A request on `/meshfs/raft/1`.
@@ -60,7 +60,13 @@ pub enum Rpc {
     },
     /// From the leader to an authority: hand these resources over (seal,
     /// ship the outbox, commit the move).
-    Handoff { moves: Vec<Move> },
+    Handoff {
+        moves: Vec<Move>,
+    },
+    /// To the leader: every device's reputation for a resource.
+    Reputation {
+        ino: ResourceId,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -92,6 +98,7 @@ pub enum Reply {
         seq: u64,
     },
     Done,
+    Reputation(Vec<(DeviceId, crate::authority::Reputation)>),
     Failed(String),
 }
 
@@ -282,7 +289,11 @@ pub async fn answer(raft: &Raft, rpc: Rpc) -> Reply {
                 None => Reply::Failed(e.to_string()),
             },
         },
-        Rpc::Forward { .. } | Rpc::Ship | Rpc::Report { .. } | Rpc::Handoff { .. } => {
+        Rpc::Forward { .. }
+        | Rpc::Ship
+        | Rpc::Report { .. }
+        | Rpc::Handoff { .. }
+        | Rpc::Reputation { .. } => {
             Reply::Failed("not a raft request (answered by the replica)".into())
         }
     }

@@ -286,9 +286,8 @@ impl Shared {
         let mine: Vec<crate::meta::Move> = moves
             .into_iter()
             .filter(|m| {
-                meta.authority(m.ino).is_some_and(|a| {
-                    a.device == self.me && a.epoch.checked_add(1) == Some(m.epoch)
-                })
+                meta.authority(m.ino)
+                    .is_some_and(|a| a.device == self.me && a.epoch.checked_add(1) == Some(m.epoch))
             })
             .collect();
         sealed.extend(mine.iter().map(|m| m.ino));

@@ -1,0 +1,344 @@
+//! Authority as ownership, through real mounts of three `meshfs` processes
+//! on loopback: the device that governs a directory applies changes in it
+//! at once and ships them to Raft in batches; others forward to it;
+//! close-to-open holds across devices without fsync; authority follows the
+//! device doing the work, without losing or doubling a change; an
+//! authority killed mid-burst loses nothing it acknowledged; one that is
+//! gone is taken over.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{meshfs, Device};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn three(cfg: &[(&str, &str)]) -> (Device, Device, Device) {
+    let mut d = common::mesh(LIMIT, &[("alpha", cfg), ("bravo", cfg), ("charlie", cfg)]);
+    let (c, b, a) = (d.pop().unwrap(), d.pop().unwrap(), d.pop().unwrap());
+    let deadline = Instant::now() + LIMIT;
+    while a.status_json()["raft"]["voters"]
+        .as_array()
+        .map_or(0, |v| v.len())
+        < 3
+    {
+        assert!(Instant::now() < deadline, "never three voters");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (a, b, c)
+}
+
+/// `meshfs stat PATH --json` on a device's mount.
+fn stat(d: &Device, rel: &str) -> serde_json::Value {
+    let p = d.path(rel);
+    let o = meshfs(&["stat", p.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "stat failed: {}", common::stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn authority(d: &Device, rel: &str) -> String {
+    stat(d, rel)["authority"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn changes(d: &Device) -> serde_json::Value {
+    d.status_json()["raft"]["changes"].clone()
+}
+
+fn log_index(d: &Device) -> u64 {
+    d.status_json()["raft"]["last_log_index"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Waits until everything `d` applied is committed (its outbox is empty).
+fn wait_shipped(d: &Device) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let c = changes(d);
+        if c["pending"] == 0 && c["last_seq"] == c["committed_seq"] {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} never shipped: {c}", d.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn write_file(path: &std::path::Path, data: &[u8], fsync: bool) -> std::io::Result<()> {
+    let mut f = fs::File::create(path)?;
+    f.write_all(data)?;
+    if fsync {
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_authority_applies_at_once_ships_batches_and_others_forward() {
+    require_root!();
+    let (a, b, c) = three(&[]);
+    // The root is alpha's; bravo's mkdir is forwarded there, and bravo,
+    // whose program created it, governs the new directory.
+    let before = changes(&b)["forwarded"].as_u64().unwrap();
+    fs::create_dir(b.path("work")).unwrap();
+    assert!(changes(&b)["forwarded"].as_u64().unwrap() > before);
+    assert_eq!(authority(&b, "work"), "bravo");
+    assert_eq!(authority(&c, "work"), "bravo");
+    assert_eq!(authority(&a, "."), "alpha");
+    // 300 small files on their authority: every change applied here, far
+    // fewer log entries than changes (batches), all on the others after.
+    wait_shipped(&b);
+    let (applied0, index0) = (changes(&b)["applied_here"].as_u64().unwrap(), log_index(&b));
+    for i in 0..300 {
+        write_file(
+            &b.path(&format!("work/f{i}")),
+            format!("file {i}").as_bytes(),
+            false,
+        )
+        .unwrap();
+    }
+    let applied = changes(&b)["applied_here"].as_u64().unwrap() - applied0;
+    assert!(
+        applied >= 600,
+        "create and commit of 300 files: {applied} applied here"
+    );
+    wait_shipped(&b);
+    let entries = log_index(&b) - index0;
+    assert!(
+        entries * 5 < applied,
+        "{applied} changes took {entries} log entries: not batched"
+    );
+    for d in [&a, &c] {
+        for i in (0..300).step_by(37) {
+            assert_eq!(
+                fs::read(d.path(&format!("work/f{i}"))).unwrap(),
+                format!("file {i}").as_bytes(),
+                "{} f{i}",
+                d.name
+            );
+        }
+        assert_eq!(fs::read_dir(d.path("work")).unwrap().count(), 300);
+    }
+    // Alpha and charlie race to create one name in bravo's directory, 20
+    // times: both are forwarded, one wins, the other gets EEXIST.
+    for round in 0..20 {
+        let name = format!("work/race-{round}");
+        let results: Vec<std::io::Result<fs::File>> = std::thread::scope(|s| {
+            let hs: Vec<_> = [&a, &c]
+                .iter()
+                .map(|d| {
+                    let p = d.path(&name);
+                    s.spawn(move || fs::OpenOptions::new().write(true).create_new(true).open(p))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{results:?}"
+        );
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(r.kind(), std::io::ErrorKind::AlreadyExists, "{r}");
+        }
+    }
+    assert_eq!(changes(&b)["conflicts"], 0);
+}
+
+#[test]
+fn close_to_open_holds_across_devices_without_fsync() {
+    require_root!();
+    let (a, b, c) = three(&[]);
+    fs::create_dir(b.path("docs")).unwrap();
+    for round in 0..20 {
+        // Closed on bravo (its authority), not fsynced: the open on charlie
+        // right after sees the new content, and a new name is found.
+        let body = format!("round {round} ").repeat(round + 1);
+        write_file(&b.path("docs/note"), body.as_bytes(), false).unwrap();
+        assert_eq!(fs::read_to_string(c.path("docs/note")).unwrap(), body);
+        let fresh = format!("docs/new-{round}");
+        write_file(&b.path(&fresh), b"x", false).unwrap();
+        assert_eq!(fs::read(a.path(&fresh)).unwrap(), b"x", "round {round}");
+        // And the other way: charlie writes a file it governs, bravo reads.
+        let mine = format!("docs/from-charlie-{round}");
+        write_file(&c.path(&mine), body.as_bytes(), false).unwrap();
+        assert_eq!(fs::read_to_string(b.path(&mine)).unwrap(), body);
+    }
+    // xattrs show the same facts as `meshfs stat`.
+    let out = std::process::Command::new("getfattr")
+        .args(["--only-values", "-n", "user.meshfs.authority"])
+        .arg(c.path("docs"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "bravo");
+    let listed = std::process::Command::new("getfattr")
+        .args(["-d", "-m", "-"])
+        .arg(c.path("docs/note"))
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains("meshfs"),
+        "stat xattrs are not listed"
+    );
+    let set = std::process::Command::new("setfattr")
+        .args(["-n", "user.meshfs.authority", "-v", "charlie"])
+        .arg(c.path("docs"))
+        .output()
+        .unwrap();
+    assert!(!set.status.success(), "the stat xattrs are read-only");
+}
+
+#[test]
+fn authority_follows_the_work_and_the_handoff_loses_nothing() {
+    require_root!();
+    let (a, b, c) = three(&[]);
+    fs::create_dir(a.path("shared")).unwrap();
+    assert_eq!(authority(&a, "shared"), "alpha");
+    // Bravo works in alpha's directory: forwarded at first, until the
+    // directory moves to bravo (mid-burst).
+    let root = b.mountpoint().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        let started = Instant::now();
+        let mut i = 0;
+        while started.elapsed() < Duration::from_secs(6) {
+            let name = format!("shared/f{i}");
+            if write_file(&root.join(&name), name.as_bytes(), false).is_ok() {
+                acked.push(name);
+            }
+            i += 1;
+        }
+        acked
+    });
+    let t = Instant::now();
+    let mut moved_after = None;
+    while t.elapsed() < Duration::from_secs(6) {
+        let st = stat(&c, "shared");
+        if st["authority"]["name"] == "bravo" {
+            moved_after = Some(t.elapsed());
+            // The leader's reputations say why: bravo does the work.
+            assert!(st["epoch"].as_u64().unwrap() >= 2, "{st}");
+            let rep = st["reputation"].as_array().unwrap();
+            assert_eq!(rep[0]["device"], "bravo", "{st}");
+            assert!(rep[0]["usage"].as_f64().unwrap() > 1.0, "{st}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let acked = writer.join().unwrap();
+    let moved_after = moved_after.expect("the directory never moved to the device working in it");
+    assert!(
+        moved_after < Duration::from_secs(5),
+        "moved after {moved_after:?}"
+    );
+    assert!(acked.len() > 50, "only {} files written", acked.len());
+    wait_shipped(&b);
+    wait_shipped(&a);
+    for d in [&a, &b, &c] {
+        let names: Vec<String> = fs::read_dir(d.path("shared"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(
+            names.len(),
+            acked.len(),
+            "{} has {} entries",
+            d.name,
+            names.len()
+        );
+        for name in &acked {
+            assert_eq!(
+                fs::read(d.path(name)).unwrap(),
+                name.as_bytes(),
+                "{} {name}",
+                d.name
+            );
+        }
+        assert_eq!(changes(d)["conflicts"], 0, "{}", d.name);
+    }
+}
+
+#[test]
+fn an_authority_killed_mid_burst_loses_nothing_it_acknowledged() {
+    require_root!();
+    // No takeover during the test: bravo comes back as the authority.
+    let (a, mut b, c) = three(&[("authority_takeover_s", "600")]);
+    fs::create_dir(b.path("k")).unwrap();
+    let root = b.mountpoint().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        let (mut closed, mut synced) = (Vec::new(), Vec::new());
+        for i in 0..100_000 {
+            let name = format!("k/f{i}");
+            let fsync = i % 10 == 0;
+            match write_file(&root.join(&name), name.as_bytes(), fsync) {
+                Ok(()) if fsync => synced.push(name),
+                Ok(()) => closed.push(name),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => break,
+                Err(_) => {}
+            }
+        }
+        (closed, synced)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    b.kill9();
+    let (closed, synced) = writer.join().unwrap();
+    assert!(synced.len() > 5, "only {} fsynced", synced.len());
+    // fsync means committed on a majority: the new files and their
+    // versions are on the others at once, bravo still down (their bytes
+    // follow by replication, or from bravo when it is back).
+    for d in [&a, &c] {
+        for name in &synced {
+            let m = fs::metadata(d.path(name)).unwrap();
+            assert_eq!(m.len(), name.len() as u64, "{} {name}", d.name);
+        }
+    }
+    // Every closed file was acknowledged too: it is back with bravo.
+    b.mount();
+    wait_shipped(&b);
+    for d in [&a, &b, &c] {
+        for name in closed.iter().chain(&synced) {
+            assert_eq!(
+                fs::read(d.path(name)).unwrap(),
+                name.as_bytes(),
+                "{} {name}",
+                d.name
+            );
+        }
+        assert_eq!(changes(d)["conflicts"], 0);
+    }
+}
+
+#[test]
+fn what_a_dead_device_governed_is_taken_over() {
+    require_root!();
+    let (a, mut b, c) = three(&[("authority_takeover_s", "2")]);
+    fs::create_dir(b.path("t")).unwrap();
+    write_file(&b.path("t/kept"), b"kept content", true).unwrap();
+    // The content has its second copy somewhere before bravo goes.
+    let deadline = Instant::now() + LIMIT;
+    while stat(&a, "t/kept")["holders"].as_array().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "never two copies");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.kill9();
+    let t = Instant::now();
+    // Forwarded to bravo, failing, until the leader hands "t" to a live
+    // device; then it succeeds.
+    write_file(&c.path("t/after"), b"after", false).unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(9), "create stalled {took:?}");
+    let now = authority(&c, "t");
+    assert!(now == "alpha" || now == "charlie", "{now}");
+    assert_eq!(fs::read(a.path("t/after")).unwrap(), b"after");
+    assert_eq!(fs::read(a.path("t/kept")).unwrap(), b"kept content");
+    let kept = authority(&a, "t/kept");
+    assert_ne!(kept, "bravo");
+    // The new authority changes the file at once.
+    write_file(&a.path("t/kept"), b"changed", false).unwrap();
+    assert_eq!(fs::read(c.path("t/kept")).unwrap(), b"changed");
+}
