@@ -87,7 +87,7 @@ fn a_device_that_starts_working_takes_over_within_two_seconds() {
 fn two_devices_alternating_every_second_barely_move_it() {
     let (moves, _) = simulate(120.0, &up(&[1, 2]), |t, d| {
         let second = t.ceil() as u64;
-        let writer = if second % 2 == 0 { 2 } else { 1 };
+        let writer = if second.is_multiple_of(2) { 2 } else { 1 };
         if d == writer {
             50.0
         } else {
