@@ -2,6 +2,8 @@
 # `mesh_up N` makes devices d1..dN under $WORK (d1 inits, the others join
 # with invites from d1), mounts them and waits until all are Raft voters
 # (up to 5). Needs $BIN and $WORK. `mesh_down` unmounts everything.
+# $MESH_CFG ("key=value key=value"), when set, goes into every device's
+# config.toml before its first mount.
 
 # JSON field of `meshfs status --json`, by a Python expression on `s`.
 status_get() { # DATA_DIR EXPR
@@ -18,8 +20,21 @@ wait_until() { # SECONDS CMD...
   done
 }
 
+set_cfg() { # DATA_DIR KEY VALUE: a top-level key, before any table
+  python3 - "$1/config.toml" "$2" "$3" <<'PY'
+import sys
+path, key, value = sys.argv[1:]
+lines = [l for l in open(path).read().splitlines() if not l.startswith(key + " =")]
+at = next((i for i, l in enumerate(lines) if l.startswith("[")), len(lines))
+lines.insert(at, f"{key} = {value}")
+open(path, "w").write("\n".join(lines) + "\n")
+PY
+}
+
 mount_dev() { # N
   mkdir -p "$WORK/d$1/mnt"
+  local kv
+  for kv in ${MESH_CFG:-}; do set_cfg "$WORK/d$1/data" "${kv%%=*}" "${kv#*=}"; done
   "$BIN" mount --data-dir "$WORK/d$1/data" "$WORK/d$1/mnt"
 }
 

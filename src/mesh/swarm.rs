@@ -41,6 +41,10 @@ const SERVE_SLOTS: usize = 16;
 const MAX_QUEUE: u32 = 512;
 /// How often members that are not connected are dialled again.
 const REDIAL: Duration = Duration::from_secs(3);
+/// Provider records started per round, and how often a backlog of them is
+/// worked off: each starts a Kademlia query (a few streams to peers).
+const PROVIDE_PER_ROUND: usize = 32;
+const PROVIDE_EVERY: Duration = Duration::from_millis(250);
 /// How often the member list is gossiped even without a change (it heals
 /// partitions and devices that were down).
 const MEMBERS_EVERY: Duration = Duration::from_secs(20);
@@ -163,6 +167,8 @@ pub(crate) struct Actor {
     /// How long the last holdings listing took (it walks every file).
     holdings_took: Duration,
     provided: BTreeSet<ResourceId>,
+    /// Held resources whose provider records have not started yet.
+    to_provide: BTreeSet<ResourceId>,
     changed: Arc<Notify>,
     store: Arc<dyn ChunkStore>,
     serve_slots: Arc<Semaphore>,
@@ -277,6 +283,7 @@ impl Actor {
             holdings_running: false,
             holdings_took: Duration::ZERO,
             provided: BTreeSet::new(),
+            to_provide: BTreeSet::new(),
             changed,
             store,
             serve_slots: Arc::new(Semaphore::new(SERVE_SLOTS)),
@@ -297,7 +304,8 @@ impl Actor {
         let mut announce = tokio::time::interval(self.announce_every);
         let mut redial = tokio::time::interval(REDIAL);
         let mut members = tokio::time::interval(MEMBERS_EVERY);
-        for t in [&mut announce, &mut redial, &mut members] {
+        let mut provide = tokio::time::interval(PROVIDE_EVERY);
+        for t in [&mut announce, &mut redial, &mut members, &mut provide] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         let changed = self.changed.clone();
@@ -314,6 +322,7 @@ impl Actor {
                 _ = changed.notified() => self.refresh_holdings(change_delay(self.holdings_took)),
                 _ = redial.tick() => self.redial(),
                 _ = members.tick() => self.publish_members(),
+                _ = provide.tick(), if !self.to_provide.is_empty() => self.provide_some(),
             }
         }
         tracing::debug!("mesh actor stopped");
@@ -562,6 +571,25 @@ impl Actor {
         });
     }
 
+    /// Starts provider records for up to `PROVIDE_PER_ROUND` resources of
+    /// the backlog (the `provide` tick drains the rest).
+    fn provide_some(&mut self) {
+        for _ in 0..PROVIDE_PER_ROUND {
+            let Some(r) = self.to_provide.pop_first() else {
+                break;
+            };
+            if let Err(e) = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .start_providing(resource_key(r))
+            {
+                tracing::debug!(error = %e, "provider record not stored");
+            }
+            self.provided.insert(r);
+        }
+    }
+
     fn load(&self) -> Load {
         Load {
             active_transfers: self.active.load(Ordering::Relaxed),
@@ -576,25 +604,23 @@ impl Actor {
         // about 4% of a lone device's CPU while it created small files. The
         // first refresh after a peer connects (at most
         // `announce_interval_ms` later) provides everything held.
+        //
+        // At most `PROVIDE_PER_ROUND` new records start per refresh (the
+        // rest at the next ones): a burst of thousands of small files
+        // started a query each at once, which filled the connections'
+        // stream limits and held up Raft's own requests for seconds.
         if self.swarm.connected_peers().next().is_some() {
             let now: BTreeSet<ResourceId> = current.keys().copied().collect();
-            for gone in self.provided.difference(&now) {
+            let gone: Vec<ResourceId> = self.provided.difference(&now).copied().collect();
+            for g in gone {
                 self.swarm
                     .behaviour_mut()
                     .kad
-                    .stop_providing(&resource_key(*gone));
+                    .stop_providing(&resource_key(g));
+                self.provided.remove(&g);
             }
-            for new in now.difference(&self.provided) {
-                if let Err(e) = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .start_providing(resource_key(*new))
-                {
-                    tracing::debug!(error = %e, "provider record not stored");
-                }
-            }
-            self.provided = now;
+            self.to_provide = now.difference(&self.provided).copied().collect();
+            self.provide_some();
         }
         let load = self.load();
         if let Some(a) = self.outbox.next(self.me, &current, load, true) {
