@@ -267,10 +267,10 @@ pub trait Replicator: Send + Sync {
     /// the authority is another device (whose changes the kernel here may
     /// not know yet).
     fn open_barrier(&self, ino: ResourceId) -> bool;
-    /// A lookup in `parent` found nothing: catches up with the directory's
+    /// A lookup of `name` in `parent` found nothing: asks the directory's
     /// authority if that is another device. True when the lookup should be
     /// tried again.
-    fn lookup_miss(&self, parent: ResourceId) -> bool;
+    fn lookup_miss(&self, parent: ResourceId, name: &[u8]) -> bool;
 }
 
 /// A source of chunks beyond the local store (the mesh). Blocking: it is
@@ -531,7 +531,7 @@ impl Fs {
         let attr = match (found, self.replica.get()) {
             // A name created elsewhere a moment ago must be found: ask the
             // directory's authority before saying it does not exist.
-            (Err(MetaError::NotFound), Some(r)) if r.lookup_miss(parent) => {
+            (Err(MetaError::NotFound), Some(r)) if r.lookup_miss(parent, name) => {
                 Attr::of(self.read_meta().lookup(parent, name)?)
             }
             (found, _) => found?,

@@ -88,6 +88,27 @@ pub struct Changes {
     pub space: Option<InoSpace>,
 }
 
+/// Values an authority produced, to be shown by another device before
+/// they arrive through the log (`MetaState::install`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Effects {
+    pub inodes: Vec<(ResourceId, Option<Inode>)>,
+    pub entries: Vec<(ResourceId, Name, Option<Entry>)>,
+}
+
+impl Effects {
+    pub fn of(c: Changes) -> Self {
+        Effects {
+            inodes: c.inodes,
+            entries: c.entries,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inodes.is_empty() && self.entries.is_empty()
+    }
+}
+
 /// A full copy of the state, for snapshots and for loading from disk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Snapshot {
@@ -414,6 +435,49 @@ impl MetaState {
         !self.undo.is_empty()
     }
 
+    /// Writes values another device's authority produced (a change it
+    /// applied and has not yet committed, or its current state of a
+    /// resource), as they are: its own rules decided them. Recorded like
+    /// any change (for `rollback`/`keep`); no chunk reference changes (the
+    /// committed state owns those). An entry whose directory is not here
+    /// is skipped.
+    pub fn install(&mut self, fx: &Effects) {
+        for (id, inode) in &fx.inodes {
+            self.save_inode(*id);
+            match inode {
+                Some(i) => {
+                    if i.kind == Kind::Dir && !self.dirs.contains_key(id) {
+                        self.save_dir(*id);
+                        self.dirs.insert(*id, DirEntries::default());
+                    }
+                    self.inodes.insert(*id, i.clone());
+                }
+                None => {
+                    self.save_dir(*id);
+                    self.inodes.remove(id);
+                    self.dirs.remove(id);
+                }
+            }
+            self.dirty_inodes.insert(*id);
+        }
+        for (parent, name, entry) in &fx.entries {
+            if !self.dirs.contains_key(parent) {
+                continue;
+            }
+            self.save_entry(*parent, name);
+            if let Some(d) = self.dirs.get_mut(parent) {
+                if let Some(old) = d.by_name.remove(name) {
+                    d.by_cookie.remove(&old.cookie);
+                }
+                if let Some(e) = entry {
+                    d.by_cookie.insert(e.cookie, name.clone());
+                    d.by_name.insert(name.clone(), *e);
+                }
+            }
+            self.dirty_entries.insert((*parent, name.clone()));
+        }
+    }
+
     fn save_inode(&mut self, id: ResourceId) {
         if !self.undo.inodes.contains_key(&id) {
             let old = self.inodes.get(&id).cloned();
@@ -448,6 +512,11 @@ impl MetaState {
         let dir = self.dir(parent)?;
         let e = dir.by_name.get(name).ok_or(MetaError::NotFound)?;
         self.inodes.get(&e.ino).ok_or(MetaError::NotFound)
+    }
+
+    /// The entry `name` of directory `parent`, if any.
+    pub fn entry(&self, parent: ResourceId, name: &[u8]) -> Option<Entry> {
+        self.dirs.get(&parent)?.by_name.get(name).copied()
     }
 
     /// Entries of a directory after `cookie` (exclusive), in cookie order.

@@ -214,19 +214,22 @@ const UNREACHABLE_FOR: Duration = Duration::from_secs(3);
 /// Forwarded changes answered lately, oldest first.
 #[derive(Default)]
 struct ForwardCache {
-    map: std::collections::HashMap<(DeviceId, u64), (u64, Response)>,
+    map: std::collections::HashMap<(DeviceId, u64), Forwarded>,
     order: std::collections::VecDeque<(DeviceId, u64)>,
 }
 
 /// More than the changes all devices can have in flight to one authority.
 const FORWARD_CACHE: usize = 4096;
 
+/// A forwarded change's answer: sequence, result, values it produced.
+type Forwarded = (u64, Response, Option<crate::meta::Effects>);
+
 impl ForwardCache {
-    fn get(&self, key: &(DeviceId, u64)) -> Option<(u64, Response)> {
+    fn get(&self, key: &(DeviceId, u64)) -> Option<Forwarded> {
         self.map.get(key).cloned()
     }
 
-    fn put(&mut self, key: (DeviceId, u64), v: (u64, Response)) {
+    fn put(&mut self, key: (DeviceId, u64), v: Forwarded) {
         if self.map.insert(key, v).is_none() {
             self.order.push_back(key);
         }
@@ -669,9 +672,10 @@ impl Replica {
         }
     }
 
-    /// Sends a change to its authority, which applies it at once, and waits
-    /// until the authority's batch holding it is applied here (so that the
-    /// program that asked sees it here right away). `None`: not the
+    /// Sends a change to its authority, which applies it at once and
+    /// answers with the values it produced; they are shown here until the
+    /// authority's batch holding the change is applied here, so the program
+    /// that asked sees its change at once (one round trip). `None`: not the
     /// authority any more.
     async fn forward(
         &self,
@@ -681,7 +685,7 @@ impl Replica {
         deadline: Instant,
     ) -> Result<Option<Response>, RaftError> {
         // A new version's chunks are only here: keep them until the change
-        // is committed, even if this call gives up waiting for it.
+        // is committed.
         let pins = outbox::chunks_of(&cmd);
         self.shared.store.pin(&pins);
         let unpin = |r: &Replica| r.shared.store.unpin(&pins);
@@ -694,28 +698,28 @@ impl Replica {
         };
         let reply = call(&self.mesh, authority, &rpc, left).await;
         match reply {
-            Ok(Reply::Forwarded { seq, result }) => {
+            Ok(Reply::Forwarded {
+                seq,
+                result,
+                effects,
+            }) => {
                 if result.is_err() {
                     unpin(self);
                     return Ok(Some(result));
                 }
-                match self.wait_shipped(authority, seq, deadline).await {
-                    Ok(()) => {
-                        unpin(self);
-                        Ok(Some(result))
-                    }
-                    Err(e) => {
-                        // Applied at the authority, not committed yet: it
-                        // will be, so its chunks stay until then.
-                        let r = self.clone();
-                        tokio::spawn(async move {
-                            let until = Instant::now() + Duration::from_secs(600);
-                            let _ = r.wait_shipped(authority, seq, until).await;
-                            r.shared.store.unpin(&pins);
-                        });
-                        Err(e)
+                match effects {
+                    Some(fx) => self.shared.install_foreign(authority, seq, fx),
+                    // An authority that reports no values: wait for its
+                    // batch instead.
+                    None => {
+                        if let Err(e) = self.wait_shipped(authority, seq, deadline).await {
+                            self.unpin_when_shipped(authority, seq, pins);
+                            return Err(e);
+                        }
                     }
                 }
+                self.unpin_when_shipped(authority, seq, pins);
+                Ok(Some(result))
             }
             Ok(Reply::NotAuthority) => {
                 unpin(self);
@@ -740,6 +744,20 @@ impl Replica {
         }
     }
 
+    /// Releases pins once `authority`'s entry `seq` is applied here (or
+    /// after 10 minutes).
+    fn unpin_when_shipped(&self, authority: DeviceId, seq: u64, pins: Vec<crate::ids::ChunkHash>) {
+        if pins.is_empty() {
+            return;
+        }
+        let r = self.clone();
+        tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(600);
+            let _ = r.wait_shipped(authority, seq, until).await;
+            r.shared.store.unpin(&pins);
+        });
+    }
+
     /// Answers one request from member `from` (authenticated by the mesh).
     async fn answer(&self, from: DeviceId, rpc: Rpc) -> Reply {
         match rpc {
@@ -753,6 +771,17 @@ impl Replica {
             Rpc::Forward {
                 origin, id, cmd, ..
             } => self.apply_forwarded(origin, id, cmd).await,
+            Rpc::Lookup { parent, name } => match self.shared.answer_lookup(parent, &name) {
+                Ok((found, seq)) => Reply::Looked { found, seq },
+                Err(()) => Reply::NotAuthority,
+            },
+            Rpc::Current { ino } => match self.shared.answer_current(ino) {
+                Ok((inode, seq)) => Reply::Current {
+                    inode: Box::new(inode),
+                    seq,
+                },
+                Err(()) => Reply::NotAuthority,
+            },
             Rpc::Ship => {
                 let seq = lock(&self.shared.outbox).last_seq();
                 if self.shared.shipped(self.device) < seq {
@@ -793,8 +822,12 @@ impl Replica {
 
     /// Applies a change another device forwarded, as its authority.
     async fn apply_forwarded(&self, origin: DeviceId, id: u64, cmd: FsCommand) -> Reply {
-        if let Some((seq, result)) = lock(&self.forwarded).get(&(origin, id)) {
-            return Reply::Forwarded { seq, result };
+        if let Some((seq, result, effects)) = lock(&self.forwarded).get(&(origin, id)) {
+            return Reply::Forwarded {
+                seq,
+                result,
+                effects,
+            };
         }
         let mut reserved = false;
         loop {
@@ -807,10 +840,10 @@ impl Replica {
                 Ok(Err(e)) => return Reply::Failed(e.to_string()),
                 Err(e) => return Reply::Failed(e.to_string()),
             };
-            let (seq, result) = match local {
-                Local::Applied { seq, out } => {
+            let (seq, result, effects) = match local {
+                Local::Applied { seq, out, effects } => {
                     self.kick_shipper(false);
-                    (seq, Ok(out))
+                    (seq, Ok(out), effects)
                 }
                 Local::Refused(MetaError::NoInodes) if !reserved => {
                     reserved = true;
@@ -819,11 +852,15 @@ impl Replica {
                     }
                     continue;
                 }
-                Local::Refused(e) => (0, Err(e)),
+                Local::Refused(e) => (0, Err(e), None),
                 Local::NotMine(_) | Local::Sealed => return Reply::NotAuthority,
             };
-            lock(&self.forwarded).put((origin, id), (seq, result.clone()));
-            return Reply::Forwarded { seq, result };
+            lock(&self.forwarded).put((origin, id), (seq, result.clone(), effects.clone()));
+            return Reply::Forwarded {
+                seq,
+                result,
+                effects,
+            };
         }
     }
 
@@ -838,6 +875,28 @@ impl Replica {
         if authority == self.device {
             return;
         }
+        let recently = lock(&self.unreachable)
+            .get(&authority)
+            .is_some_and(|t| t.elapsed() < UNREACHABLE_FOR);
+        if !recently {
+            let left = self.settings.read_wait;
+            match call(&self.mesh, authority, &Rpc::Current { ino }, left).await {
+                Ok(Reply::Current { inode, seq }) => {
+                    self.shared.install_foreign(
+                        authority,
+                        seq,
+                        crate::meta::Effects {
+                            inodes: vec![(ino, Some(*inode))],
+                            entries: Vec::new(),
+                        },
+                    );
+                    return;
+                }
+                // Moved meanwhile, or an older daemon: the slower way.
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, %authority, "asking for a file's version"),
+            }
+        }
         if !self.read_barrier(authority).await {
             tracing::warn!(
                 %ino,
@@ -847,9 +906,51 @@ impl Replica {
         }
     }
 
-    /// Catches up with `authority` within `read_wait`; false (counted as a
-    /// stale read) when it did not answer, now or within the last few
-    /// seconds (then without waiting again).
+    /// A lookup in `parent` found nothing here: asks the directory's
+    /// authority for the name (one round trip); what it has is shown here
+    /// until its batch arrives. True when the lookup should be tried again.
+    pub async fn lookup_remote(&self, parent: ResourceId, name: Vec<u8>) -> bool {
+        let Some(authority) = self.authority(parent) else {
+            return false;
+        };
+        if authority == self.device {
+            return false;
+        }
+        let recently = lock(&self.unreachable)
+            .get(&authority)
+            .is_some_and(|t| t.elapsed() < UNREACHABLE_FOR);
+        if !recently {
+            let rpc = Rpc::Lookup {
+                parent,
+                name: name.clone(),
+            };
+            match call(&self.mesh, authority, &rpc, self.settings.read_wait).await {
+                Ok(Reply::Looked { found: None, .. }) => return false,
+                Ok(Reply::Looked {
+                    found: Some((entry, inode)),
+                    seq,
+                }) => {
+                    self.shared.install_foreign(
+                        authority,
+                        seq,
+                        crate::meta::Effects {
+                            inodes: vec![(entry.ino, Some(inode))],
+                            entries: vec![(parent, name, Some(entry))],
+                        },
+                    );
+                    return true;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, %authority, "asking for a name"),
+            }
+        }
+        self.read_barrier(authority).await
+    }
+
+    /// Catches up with `authority` within `read_wait`; when it does not
+    /// answer (now, or within the last few seconds: then without waiting
+    /// again), with everything committed instead, counted as a possibly
+    /// stale read. False when neither worked.
     async fn read_barrier(&self, authority: DeviceId) -> bool {
         let recently = lock(&self.unreachable)
             .get(&authority)
@@ -865,14 +966,15 @@ impl Replica {
             if !recently {
                 lock(&self.unreachable).insert(authority, Instant::now());
             }
+            self.stale_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // What the authority shipped before it went quiet is in the
             // log: everything committed (fsynced changes included) is
             // applied here before the local replica is served.
-            let _ = self
+            return self
                 .read_index(Instant::now() + self.settings.read_wait)
-                .await;
-            self.stale_reads
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                .await
+                .is_ok();
         }
         ok
     }
@@ -906,10 +1008,14 @@ impl Replica {
         }
     }
 
-    /// Waits until every change applied here so far is committed (fsync).
+    /// Waits until every change shown here so far is committed (fsync):
+    /// this device's own, and those other authorities reported to it.
     pub async fn commit_wait(&self) -> Result<(), RaftError> {
-        self.catch_up_with(self.device, Instant::now() + self.settings.write_timeout)
-            .await
+        let deadline = Instant::now() + self.settings.write_timeout;
+        for (authority, seq) in self.shared.foreign_pending() {
+            self.wait_shipped(authority, seq, deadline).await?;
+        }
+        self.catch_up_with(self.device, deadline).await
     }
 
     /// Replays the log over the last snapshot and compares the result with
@@ -1042,15 +1148,13 @@ impl crate::fs::Replicator for Replica {
         true
     }
 
-    fn lookup_miss(&self, parent: ResourceId) -> bool {
-        let Some(authority) = self.authority(parent) else {
-            return false;
-        };
-        if authority == self.device {
+    fn lookup_miss(&self, parent: ResourceId, name: &[u8]) -> bool {
+        if self.authority(parent).is_none_or(|a| a == self.device) {
             return false;
         }
         let r = self.clone();
-        block_on(&self.rt, async move { r.read_barrier(authority).await })
+        let name = name.to_vec();
+        block_on(&self.rt, async move { r.lookup_remote(parent, name).await })
     }
 }
 

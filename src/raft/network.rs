@@ -18,7 +18,7 @@ use crate::authority::{Quality, Usage};
 use crate::ids::DeviceId;
 use crate::ids::ResourceId;
 use crate::mesh::MeshClient;
-use crate::meta::{FsCommand, Move};
+use crate::meta::{Effects, Entry, FsCommand, Inode, Move};
 
 /// A request on `/meshfs/raft/1`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,6 +67,17 @@ pub enum Rpc {
     Reputation {
         ino: ResourceId,
     },
+    /// To the authority of `parent`: its entry `name` as it stands there
+    /// now (a lookup that found nothing locally).
+    Lookup {
+        parent: ResourceId,
+        name: Vec<u8>,
+    },
+    /// To the authority of `ino`: its inode as it stands there now (an
+    /// open: close-to-open across devices).
+    Current {
+        ino: ResourceId,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -86,10 +97,23 @@ pub enum Reply {
         leader: Option<NodeId>,
     },
     /// A forwarded change, applied (`seq` > 0, the outbox entry holding
-    /// it) or refused (`seq` 0, nothing recorded).
+    /// it, and the values it produced) or refused (`seq` 0, nothing
+    /// recorded).
     Forwarded {
         seq: u64,
         result: Response,
+        effects: Option<Effects>,
+    },
+    /// The answer to `Lookup`: the entry and its inode, if any, as of the
+    /// authority's outbox entry `seq`.
+    Looked {
+        found: Option<(Entry, Inode)>,
+        seq: u64,
+    },
+    /// The answer to `Current`, as of the authority's outbox entry `seq`.
+    Current {
+        inode: Box<Inode>,
+        seq: u64,
     },
     /// The receiver does not govern what a forwarded change changes.
     NotAuthority,
@@ -293,7 +317,9 @@ pub async fn answer(raft: &Raft, rpc: Rpc) -> Reply {
         | Rpc::Ship
         | Rpc::Report { .. }
         | Rpc::Handoff { .. }
-        | Rpc::Reputation { .. } => {
+        | Rpc::Reputation { .. }
+        | Rpc::Lookup { .. }
+        | Rpc::Current { .. } => {
             Reply::Failed("not a raft request (answered by the replica)".into())
         }
     }

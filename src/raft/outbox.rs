@@ -7,18 +7,30 @@
 //! Raft log in batches (group commit); when a batch commits, the state
 //! machine takes the speculative layer off, applies the log in order like
 //! every other device, and replays what is still pending.
+//!
+//! Beside its own changes the speculative layer holds *foreign effects*:
+//! values another device's authority produced and reported (a change this
+//! device forwarded to it, its current state of a file being opened, a
+//! name a lookup asked it for) before its batch holding them reaches the
+//! log. They are shown here at once and dropped when that batch is applied
+//! here. Own changes made after a foreign effect ship only once it has
+//! committed, so the log never holds a change before one it depends on
+//! (a version of a file before the file's creation).
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use super::types::LocalChange;
-use crate::ids::ChunkHash;
-use crate::meta::FsCommand;
+use crate::ids::{ChunkHash, DeviceId};
+use crate::meta::{Effects, FsCommand};
 
 /// One change applied here and not yet committed.
 #[derive(Debug)]
 pub struct Pending {
+    /// Place in the speculative layer, among foreign effects too.
+    pub order: u64,
     pub seq: u64,
     pub change: LocalChange,
     /// Its encoded size, to bound batches in bytes.
@@ -33,10 +45,26 @@ pub struct Pending {
     pub applies: bool,
 }
 
-/// The outbox in memory (the same entries are on disk).
+/// Values another authority reported, shown here until its batch is.
+#[derive(Debug)]
+pub struct Foreign {
+    pub order: u64,
+    pub authority: DeviceId,
+    /// The authority's outbox entry that holds them: applied here once its
+    /// shipped sequence reaches this.
+    pub seq: u64,
+    pub effects: Effects,
+    pub at: Instant,
+}
+
+/// The outbox in memory (the same entries are on disk; foreign effects
+/// live in memory only).
 #[derive(Debug, Default)]
 pub struct Outbox {
     pub entries: VecDeque<Pending>,
+    pub foreign: VecDeque<Foreign>,
+    /// The next place in the speculative layer.
+    pub next_order: u64,
     /// The sequence number of the next change applied here.
     pub next_seq: u64,
     /// Changes applied here that were refused when they committed.
@@ -56,13 +84,21 @@ impl Outbox {
     }
 
     /// The first entries, up to `max_changes` and about `max_bytes` (at
-    /// least one), as a batch for the log.
+    /// least one), as a batch for the log; none made after a foreign
+    /// effect that is not committed yet.
     pub fn batch(&self, max_changes: usize, max_bytes: usize) -> Option<(u64, Vec<LocalChange>)> {
-        let first = self.entries.front()?.seq;
+        let first = self.entries.front()?;
+        let blocked_at = self.foreign.front().map_or(u64::MAX, |f| f.order);
+        if first.order > blocked_at {
+            return None;
+        }
+        let first = first.seq;
         let mut bytes = 0;
         let mut out = Vec::new();
         for p in &self.entries {
-            if !out.is_empty() && (out.len() >= max_changes || bytes + p.bytes > max_bytes) {
+            if p.order > blocked_at
+                || (!out.is_empty() && (out.len() >= max_changes || bytes + p.bytes > max_bytes))
+            {
                 break;
             }
             bytes += p.bytes;
@@ -91,6 +127,7 @@ mod tests {
 
     fn pending(seq: u64, bytes: usize) -> Pending {
         Pending {
+            order: seq * 2,
             seq,
             change: LocalChange {
                 origin: DeviceId([1; 16]),
@@ -121,5 +158,28 @@ mod tests {
         big.entries.push_back(pending(2, 10));
         let (_, b) = big.batch(100, 100).unwrap();
         assert_eq!(b.len(), 1, "one oversized change still ships alone");
+    }
+
+    #[test]
+    fn changes_after_an_uncommitted_foreign_effect_wait_for_it() {
+        let mut o = Outbox::default();
+        for s in 1..=4 {
+            o.entries.push_back(pending(s, 10));
+        }
+        // Reported by another authority between our changes 2 and 3.
+        o.foreign.push_back(Foreign {
+            order: 5,
+            authority: DeviceId([2; 16]),
+            seq: 9,
+            effects: Effects::default(),
+            at: Instant::now(),
+        });
+        let (first, b) = o.batch(100, 1000).unwrap();
+        assert_eq!((first, b.len()), (1, 2), "only what came before it");
+        o.entries.pop_front();
+        o.entries.pop_front();
+        assert!(o.batch(100, 1000).is_none(), "the rest waits");
+        o.foreign.pop_front();
+        assert_eq!(o.batch(100, 1000).unwrap().1.len(), 2);
     }
 }

@@ -19,13 +19,13 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::outbox::{chunks_of, Outbox, Pending, Stored};
+use super::outbox::{chunks_of, Foreign, Outbox, Pending, Stored};
 use super::types::{
     LocalChange, LogId, NodeId, Op, RaftNode, Request, Response, StoredMembership, TypeConfig,
 };
 use crate::ids::{DeviceId, ResourceId};
 use crate::lock;
-use crate::meta::{By, Changes, FsCommand, Governance, MetaError, MetaState, Outcome};
+use crate::meta::{By, Changes, Effects, FsCommand, Governance, MetaError, MetaState, Outcome};
 use crate::storage::{ChunkStore, Extra, RocksStore};
 
 const KEY_APPLIED: &str = "applied";
@@ -61,8 +61,14 @@ pub type ApplyHook = Arc<dyn Fn(AppliedBatch<'_>) + Send + Sync>;
 /// What applying a change locally, as its authority, came to.
 #[derive(Debug)]
 pub enum Local {
-    /// Applied here and recorded in the outbox as `seq`.
-    Applied { seq: u64, out: Outcome },
+    /// Applied here and recorded in the outbox as `seq`; for a change
+    /// forwarded from another device, the values it produced (which that
+    /// device shows until the batch reaches it).
+    Applied {
+        seq: u64,
+        out: Outcome,
+        effects: Option<Effects>,
+    },
     /// Refused by the namespace's rules (nothing recorded).
     Refused(MetaError),
     /// This device does not decide it: route it by this.
@@ -139,7 +145,10 @@ impl Shared {
             let pins = chunks_of(&change.cmd);
             store.pin(&pins);
             outbox.next_seq = seq + 1;
+            let order = outbox.next_order;
+            outbox.next_order += 1;
             outbox.entries.push_back(Pending {
+                order,
                 seq,
                 change,
                 bytes: bytes.len(),
@@ -255,7 +264,10 @@ impl Shared {
         let pins = chunks_of(&change.cmd);
         self.store.pin(&pins);
         outbox.next_seq += 1;
+        let order = outbox.next_order;
+        outbox.next_order += 1;
         outbox.entries.push_back(Pending {
+            order,
             seq,
             change,
             bytes: bytes.len(),
@@ -264,9 +276,9 @@ impl Shared {
         });
         drop(outbox);
         drop(meta);
-        if let (Some(t), Some(h)) = (touched, self.hook.get()) {
+        if let (Some(t), Some(h)) = (&touched, self.hook.get()) {
             h(AppliedBatch {
-                remote: &t,
+                remote: t,
                 replaced: false,
                 membership: false,
             });
@@ -274,7 +286,76 @@ impl Shared {
         Ok(Local::Applied {
             seq,
             out: slim(out),
+            effects: touched.map(Effects::of),
         })
+    }
+
+    /// Shows values another authority reported (its change `seq`, or its
+    /// state as of `seq`) until its batch holding them is applied here.
+    /// Nothing when that batch already is.
+    pub fn install_foreign(&self, authority: DeviceId, seq: u64, effects: Effects) {
+        if effects.is_empty() {
+            return;
+        }
+        let mut meta = write(&self.meta);
+        let mut outbox = lock(&self.outbox);
+        if self.shipped(authority) >= seq {
+            return;
+        }
+        let sp = meta.savepoint();
+        meta.install(&effects);
+        meta.keep(sp);
+        let order = outbox.next_order;
+        outbox.next_order += 1;
+        outbox.foreign.push_back(Foreign {
+            order,
+            authority,
+            seq,
+            effects,
+            at: std::time::Instant::now(),
+        });
+    }
+
+    /// As the authority of `parent`: its entry `name` and the inode it
+    /// names as this device shows them now, with the last outbox sequence
+    /// they include. `Err(())` when this device does not govern `parent`.
+    pub fn answer_lookup(
+        &self,
+        parent: ResourceId,
+        name: &[u8],
+    ) -> Result<(Option<(crate::meta::Entry, crate::meta::Inode)>, u64), ()> {
+        let meta = read(&self.meta);
+        if meta.authority(parent).map(|a| a.device) != Some(self.me) {
+            return Err(());
+        }
+        let found = meta.entry(parent, name).and_then(|e| {
+            let i = meta.get(e.ino)?;
+            Some((e, i.clone()))
+        });
+        let seq = lock(&self.outbox).last_seq();
+        Ok((found, seq))
+    }
+
+    /// As the authority of `ino`: its inode as this device shows it now,
+    /// with the last outbox sequence it includes. `Err(())` when this
+    /// device does not govern it.
+    pub fn answer_current(&self, ino: ResourceId) -> Result<(crate::meta::Inode, u64), ()> {
+        let meta = read(&self.meta);
+        let i = meta.get(ino).ok_or(())?;
+        if i.authority.device != self.me {
+            return Err(());
+        }
+        let seq = lock(&self.outbox).last_seq();
+        Ok((i.clone(), seq))
+    }
+
+    /// Foreign effects still shown here: (authority, sequence) each.
+    pub fn foreign_pending(&self) -> Vec<(DeviceId, u64)> {
+        lock(&self.outbox)
+            .foreign
+            .iter()
+            .map(|f| (f.authority, f.seq))
+            .collect()
     }
 
     /// Seals the resources of `moves` that this device governs at the
@@ -328,7 +409,11 @@ impl Shared {
 /// the speculative layer; one that does not is marked and left to be
 /// refused when it commits.
 fn replay(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId) {
+    let mut foreign = outbox.foreign.iter().peekable();
     for p in outbox.entries.iter_mut() {
+        while let Some(f) = foreign.next_if(|f| f.order < p.order) {
+            install(meta, &f.effects);
+        }
         let sp = meta.savepoint();
         let mut cmd = p.change.cmd.clone();
         let by = By {
@@ -357,6 +442,38 @@ fn replay(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId) {
             }
         }
     }
+    for f in foreign {
+        install(meta, &f.effects);
+    }
+}
+
+fn install(meta: &mut MetaState, fx: &Effects) {
+    let sp = meta.savepoint();
+    meta.install(fx);
+    meta.keep(sp);
+}
+
+/// Foreign effects older than this are given up on (their authority never
+/// shipped them: it died, or lost its authority): own changes behind them
+/// ship again, and are refused if they depended on them.
+const FOREIGN_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Drops the foreign effects whose batches are applied (or given up on).
+fn settle_foreign(outbox: &mut Outbox, shipped: &Shipped) {
+    outbox.foreign.retain(|f| {
+        if shipped.get(&f.authority).copied().unwrap_or(0) >= f.seq {
+            return false;
+        }
+        if f.at.elapsed() > FOREIGN_MAX_AGE {
+            tracing::warn!(
+                authority = %f.authority,
+                seq = f.seq,
+                "a change another device reported never reached the log; no longer shown here"
+            );
+            return false;
+        }
+        true
+    });
 }
 
 impl Shared {
@@ -392,7 +509,7 @@ impl Shared {
         }
         let mut recent = body.recent;
         let mut shipped = body.shipped;
-        let mut effects = Effects::default();
+        let mut effects = Applied::default();
         for (_, b) in rows {
             let entry: openraft::Entry<TypeConfig> = dec(&b, "raft log entry")?;
             if let EntryPayload::Normal(req) = entry.payload {
@@ -425,7 +542,7 @@ impl Shared {
 
 /// What applying committed requests produced beyond the namespace itself.
 #[derive(Default)]
-struct Effects {
+struct Applied {
     /// Every change, to persist.
     all: Changes,
     /// Changes from other devices, which the kernel here may have cached.
@@ -446,7 +563,7 @@ fn apply_request(
     shipped: &mut Shipped,
     req: Request,
     me: DeviceId,
-    fx: &mut Effects,
+    fx: &mut Applied,
 ) -> Response {
     match req.op {
         Op::Fs(cmd) => {
@@ -810,7 +927,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // on every device; this device's pending changes go on top after.
         meta.rollback();
         let (mut last, mut membership) = applied.clone();
-        let mut fx = Effects::default();
+        let mut fx = Applied::default();
         let mut out = Vec::new();
         let mut membership_changed = false;
         for entry in entries {
@@ -879,6 +996,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .persist_applied(&fx.all, &extra, false)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         *applied = (last, membership);
+        settle_foreign(&mut outbox, &shipped);
         replay(&mut meta, &mut outbox, shared.me);
         drop(shipped);
         drop(recent);
@@ -991,6 +1109,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             *lock(&shared.recent) = body.recent;
             *lock(&shared.shipped) = body.shipped;
             *applied = (meta.last_log_id, meta.last_membership.clone());
+            settle_foreign(&mut outbox, &lock(&shared.shipped));
             replay(&mut m, &mut outbox, shared.me);
         }
         self.shared.store.unpin(&unpin);
