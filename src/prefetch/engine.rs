@@ -495,7 +495,14 @@ impl Engine {
                 return;
             }
         };
-        for e in events {
+        // A batch is a burst: the events after this one in it are queued
+        // too (the GRU is scored only on the one that finds the engine
+        // caught up; scoring each cost a GRU prediction per remote event,
+        // more than every other cost of a read together on three devices).
+        let queued = self.backlog.queued;
+        let n = events.len();
+        for (i, e) in events.into_iter().enumerate() {
+            self.backlog.queued = queued + (n - 1 - i);
             if !self.received.entry(e.device).or_default().accept(e.seq) {
                 self.stats.duplicate_events.fetch_add(1, Ordering::Relaxed);
                 continue;
