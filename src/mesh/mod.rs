@@ -200,12 +200,40 @@ pub struct RaftInbound {
     pub reply: oneshot::Sender<Vec<u8>>,
 }
 
+/// "This device's holdings changed": wakes the mesh actor once per holdings
+/// listing, not once per namespace change (a burst of creates woke it for
+/// every file).
+#[derive(Default)]
+pub(crate) struct Changed {
+    pub(crate) notify: Notify,
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+impl Changed {
+    fn mark(&self) {
+        if !self.dirty.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// A listing starts: changes from here on mark again.
+    pub(crate) fn take(&self) {
+        self.dirty
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a change came after the last listing started.
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.dirty.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// The handle every other subsystem uses to reach the mesh.
 #[derive(Clone)]
 pub struct MeshClient {
     tx: mpsc::Sender<swarm::Command>,
     store: Arc<dyn ChunkStore>,
-    changed: Arc<Notify>,
+    changed: Arc<Changed>,
     settings: Arc<MeshSettings>,
     me: DeviceId,
     /// Handed to devices that join through an invite of ours.
@@ -221,7 +249,7 @@ pub fn start(
 ) -> Result<MeshClient, MeshError> {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let mesh_key = state.mesh_key;
-    let changed = Arc::new(Notify::new());
+    let changed = Arc::new(Changed::default());
     let me = state
         .members
         .get(&state.peer_id().to_string())
@@ -267,7 +295,7 @@ impl MeshClient {
     /// Tells the mesh that this device's holdings changed (a commit, an
     /// unlink): an announcement follows at once instead of at the next tick.
     pub fn holdings_changed(&self) {
-        self.changed.notify_one();
+        self.changed.mark();
     }
 
     pub async fn status(&self) -> Result<MeshStatus, MeshError> {

@@ -22,7 +22,7 @@ use libp2p::{
     allow_block_list, gossipsub, identify, kad, mdns, noise, ping, pnet, tcp, yamux, Multiaddr,
     PeerId, StreamProtocol, Swarm, Transport,
 };
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::codec::{AvailCodec, ChunkCodec, RaftCodec};
 use super::protocol::{
@@ -169,7 +169,7 @@ pub(crate) struct Actor {
     provided: BTreeSet<ResourceId>,
     /// Held resources whose provider records have not started yet.
     to_provide: BTreeSet<ResourceId>,
-    changed: Arc<Notify>,
+    changed: Arc<super::Changed>,
     store: Arc<dyn ChunkStore>,
     serve_slots: Arc<Semaphore>,
     active: Arc<AtomicU32>,
@@ -194,7 +194,7 @@ impl Actor {
         state: MeshState,
         store: Arc<dyn ChunkStore>,
         holdings: HoldingsFn,
-        changed: Arc<Notify>,
+        changed: Arc<super::Changed>,
         cmds: mpsc::Receiver<Command>,
         cmd_tx: mpsc::Sender<Command>,
     ) -> Result<Self, MeshError> {
@@ -319,7 +319,7 @@ impl Actor {
                 },
                 _ = announce.tick() => self.refresh_holdings(Duration::ZERO),
                 // A burst of changes (a tar extract) becomes one refresh.
-                _ = changed.notified() => self.refresh_holdings(change_delay(self.holdings_took)),
+                _ = changed.notify.notified() => self.refresh_holdings(change_delay(self.holdings_took)),
                 _ = redial.tick() => self.redial(),
                 _ = members.tick() => self.publish_members(),
                 _ = provide.tick(), if !self.to_provide.is_empty() => self.provide_some(),
@@ -404,6 +404,10 @@ impl Actor {
                 self.holdings_running = false;
                 self.holdings_took = took;
                 self.announce(current);
+                if self.changed.is_dirty() {
+                    // Changed while it was listed: list again.
+                    self.refresh_holdings(change_delay(took));
+                }
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
@@ -555,8 +559,10 @@ impl Actor {
         self.holdings_running = true;
         let f = self.holdings.clone();
         let tx = self.cmd_tx.clone();
+        let changed = self.changed.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
+            changed.take();
             match tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
                 (f(), t.elapsed())

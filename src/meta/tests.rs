@@ -605,3 +605,290 @@ fn snapshot_view_serializes_like_a_snapshot() {
     let back: Snapshot = postcard::from_bytes(&viewed).unwrap();
     assert_eq!(back, m.snapshot());
 }
+
+// ---- ownership, inode blocks, the speculative layer ----
+
+const A: DeviceId = DeviceId([1; 16]);
+const B: DeviceId = DeviceId([2; 16]);
+const C: DeviceId = DeviceId([3; 16]);
+
+/// Creates `name` in `parent` as `by.applier` for `by.origin`.
+fn mk_by(s: &mut MetaState, by: By, parent: ResourceId, name: &str, node: NewNode) -> Inode {
+    let mut cmd = FsCommand::Create {
+        parent,
+        name: name.as_bytes().to_vec(),
+        ino: ResourceId(0),
+        node,
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        now: t(5),
+    };
+    match s.apply_by(by, &mut cmd).unwrap() {
+        Outcome::Inode(i) => *i,
+        o => panic!("unexpected {o:?}"),
+    }
+}
+
+fn set_authority(s: &mut MetaState, ino: ResourceId, device: DeviceId) {
+    let epoch = s.authority(ino).unwrap().epoch + 1;
+    s.apply(FsCommand::SetAuthority {
+        moves: vec![Move { ino, device, epoch }],
+    })
+    .unwrap();
+}
+
+#[test]
+fn every_command_is_decided_by_the_right_authority() {
+    let mut s = fresh();
+    for d in [B, C] {
+        s.apply(FsCommand::ReserveInodes { device: d }).unwrap();
+    }
+    // Root is A's; a directory B's program made (through A) is B's, and so
+    // is a file C made in it (through B).
+    let bd = mk_by(
+        &mut s,
+        By {
+            applier: A,
+            origin: B,
+        },
+        ROOT,
+        "bd",
+        NewNode::Dir,
+    );
+    assert_eq!(bd.authority.device, B);
+    let f = mk_by(
+        &mut s,
+        By {
+            applier: B,
+            origin: C,
+        },
+        bd.id,
+        "f",
+        NewNode::File,
+    );
+    assert_eq!(f.authority.device, C);
+    let sub = mk_by(&mut s, By::device(C), ROOT, "sub", NewNode::Dir);
+    let now = t(6);
+    let g = |s: &MetaState, cmd: FsCommand| s.governance(&cmd).unwrap();
+    let create = |parent, name: &str| FsCommand::Create {
+        parent,
+        name: name.into(),
+        ino: ResourceId(0),
+        node: NewNode::File,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        now,
+    };
+    // Entries: the directory's authority.
+    assert_eq!(g(&s, create(bd.id, "x")), Governance::One(B));
+    assert_eq!(g(&s, create(ROOT, "x")), Governance::One(A));
+    assert_eq!(
+        g(
+            &s,
+            FsCommand::Unlink {
+                parent: bd.id,
+                name: b"f".to_vec(),
+                now
+            }
+        ),
+        Governance::One(B)
+    );
+    assert_eq!(
+        g(
+            &s,
+            FsCommand::Link {
+                ino: f.id,
+                parent: ROOT,
+                name: b"l".to_vec(),
+                now
+            }
+        ),
+        Governance::One(A)
+    );
+    // Content and attributes: the file's authority.
+    for cmd in [
+        FsCommand::SetAttr {
+            ino: f.id,
+            perm: Some(0o600),
+            uid: None,
+            gid: None,
+            atime: None,
+            mtime: None,
+            now,
+        },
+        FsCommand::SetXattr {
+            ino: f.id,
+            name: b"user.a".to_vec(),
+            value: vec![],
+            mode: XattrMode::Any,
+            now,
+        },
+        FsCommand::CommitVersion {
+            ino: f.id,
+            size: 0,
+            chunks: vec![],
+            mtime: now,
+            author: C,
+            now,
+        },
+    ] {
+        assert_eq!(g(&s, cmd), Governance::One(C));
+    }
+    // A rename within one directory is its authority's; across directories
+    // governed by different devices it needs both; replacing a directory
+    // needs that directory's authority too (it must be empty).
+    let rename = |p, n: &str, np, nn: &str| FsCommand::Rename {
+        parent: p,
+        name: n.into(),
+        new_parent: np,
+        new_name: nn.into(),
+        mode: RenameMode::Replace,
+        now,
+    };
+    assert_eq!(g(&s, rename(bd.id, "f", bd.id, "f2")), Governance::One(B));
+    assert_eq!(
+        g(&s, rename(bd.id, "f", ROOT, "f2")),
+        Governance::Several(vec![A, B])
+    );
+    assert_eq!(
+        g(&s, rename(ROOT, "bd", ROOT, "sub")),
+        Governance::Several(vec![A, C])
+    );
+    // Removing a directory governed elsewhere needs its authority too.
+    assert_eq!(
+        g(
+            &s,
+            FsCommand::Rmdir {
+                parent: ROOT,
+                name: b"sub".to_vec(),
+                now
+            }
+        ),
+        Governance::Several(vec![A, C])
+    );
+    // Bookkeeping is the cluster's; reclaiming an unlinked inode anyone's.
+    assert_eq!(
+        g(&s, FsCommand::ReserveInodes { device: B }),
+        Governance::Cluster
+    );
+    assert_eq!(g(&s, FsCommand::Reclaim { ino: f.id }), Governance::Anyone);
+    // After a move, the new authority decides.
+    set_authority(&mut s, bd.id, C);
+    assert_eq!(g(&s, create(bd.id, "y")), Governance::One(C));
+    assert_eq!(s.authority(bd.id).unwrap().epoch, 2);
+    // A stale move (epoch not above) is skipped.
+    let out = s
+        .apply(FsCommand::SetAuthority {
+            moves: vec![Move {
+                ino: bd.id,
+                device: A,
+                epoch: 2,
+            }],
+        })
+        .unwrap();
+    assert_eq!(out, Outcome::Moved(0));
+    assert_eq!(s.authority(bd.id).unwrap().device, C);
+    // Missing inodes are the command's own error.
+    assert_eq!(
+        s.governance(&create(ResourceId(999), "z")),
+        Err(MetaError::NotFound)
+    );
+}
+
+#[test]
+fn inode_numbers_come_from_the_appliers_block_and_are_never_reused() {
+    let mut s = fresh();
+    // B has no block yet: it must reserve one first.
+    let mut cmd = FsCommand::Create {
+        parent: ROOT,
+        name: b"x".to_vec(),
+        ino: ResourceId(0),
+        node: NewNode::File,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        now: t(2),
+    };
+    assert_eq!(
+        s.apply_by(By::device(B), &mut cmd.clone()),
+        Err(MetaError::NoInodes)
+    );
+    s.apply(FsCommand::ReserveInodes { device: B }).unwrap();
+    let x = match s.apply_by(By::device(B), &mut cmd).unwrap() {
+        Outcome::Inode(i) => i.id,
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(x.0 / BLOCK_SIZE, 1, "B's block is the second");
+    // The number chosen went into the command: replayed elsewhere, it
+    // gives the same inode, and a second use of it is refused.
+    assert!(matches!(&cmd, FsCommand::Create { ino, .. } if *ino == x));
+    let mut other = fresh();
+    other.apply(FsCommand::ReserveInodes { device: B }).unwrap();
+    let mut replay = cmd.clone();
+    let y = match other.apply_by(By::device(B), &mut replay).unwrap() {
+        Outcome::Inode(i) => i.id,
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(x, y);
+    let mut again = cmd.clone();
+    if let FsCommand::Create { name, .. } = &mut again {
+        *name = b"x2".to_vec();
+    }
+    assert!(
+        other.apply_by(By::device(B), &mut again).is_err(),
+        "a used number"
+    );
+    // A number from another device's block is refused.
+    let mut foreign = again.clone();
+    if let FsCommand::Create { ino, .. } = &mut foreign {
+        *ino = ResourceId(x.0 + 5);
+    }
+    assert!(other.apply_by(By::device(A), &mut foreign).is_err());
+    // Reserving again while the block is roomy changes nothing.
+    let before = other.space().clone();
+    other.apply(FsCommand::ReserveInodes { device: B }).unwrap();
+    assert_eq!(*other.space(), before);
+}
+
+#[test]
+fn speculative_changes_undo_alone_or_all_together_and_installs_show_foreign_values() {
+    let mut s = fresh();
+    let d = mk(&mut s, ROOT, "d", NewNode::Dir, 2);
+    s.take_changes();
+    let committed = s.snapshot();
+    // Two speculative changes, each kept...
+    let sp = s.savepoint();
+    mk(&mut s, d.id, "a", NewNode::File, 3);
+    s.keep(sp);
+    let sp = s.savepoint();
+    rename(&mut s, d.id, "a", ROOT, "moved", RenameMode::Replace).unwrap();
+    s.keep(sp);
+    assert!(s.lookup(ROOT, b"moved").is_ok());
+    // ...a third taken back alone...
+    let sp = s.savepoint();
+    mk(&mut s, ROOT, "gone", NewNode::Dir, 4);
+    s.undo_to(sp);
+    assert!(s.lookup(ROOT, b"gone").is_err());
+    assert!(s.lookup(ROOT, b"moved").is_ok(), "earlier ones stay");
+    // ...and nothing speculative is persisted as committed state.
+    let c = s.take_changes_keep_undo();
+    assert!(c.inodes.is_empty() && c.entries.is_empty() && c.chunk_deltas.is_empty());
+    // Another authority's values: shown as they are, undone with the rest.
+    let mut theirs = s.clone();
+    theirs.rollback();
+    let x = mk(&mut theirs, d.id, "theirs", NewNode::Dir, 5);
+    let fx = Effects::of(theirs.take_changes());
+    let sp = s.savepoint();
+    s.install(&fx);
+    s.keep(sp);
+    assert_eq!(s.lookup(d.id, b"theirs").unwrap().id, x.id);
+    assert_eq!(
+        s.entries_after(x.id, 0).map(|e| e.count()),
+        Ok(0),
+        "an installed directory can be listed"
+    );
+    s.rollback();
+    assert_eq!(s.snapshot(), committed);
+}
