@@ -669,6 +669,7 @@ fn every_command_is_decided_by_the_right_authority() {
     );
     assert_eq!(f.authority.device, C);
     let sub = mk_by(&mut s, By::device(C), ROOT, "sub", NewNode::Dir);
+    assert_eq!(sub.authority.device, C);
     let now = t(6);
     let g = |s: &MetaState, cmd: FsCommand| s.governance(&cmd).unwrap();
     let create = |parent, name: &str| FsCommand::Create {
