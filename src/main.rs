@@ -545,11 +545,25 @@ fn print_status(v: &serde_json::Value) {
             r["state"].as_str().unwrap_or("?"),
             r["applied_index"],
             if r["degraded"].as_bool().unwrap_or(false) {
-                " - DEGRADED: no quorum, writes fail and opens may be stale"
+                " - DEGRADED: no quorum; changes to what other devices govern and fsync fail"
             } else {
                 ""
             }
         );
+        let c = &r["changes"];
+        if c.is_object() {
+            println!(
+                "changes:    {} applied here, {} forwarded, {} through raft; {} waiting to commit{}",
+                c["applied_here"],
+                c["forwarded"],
+                c["through_raft"],
+                c["pending"],
+                match c["conflicts"].as_u64() {
+                    Some(n) if n > 0 => format!(", {n} refused at commit (conflicts, see the log)"),
+                    _ => String::new(),
+                }
+            );
+        }
         println!("voters:     {}", names("voters"));
         let learners = names("learners");
         if !learners.is_empty() {
