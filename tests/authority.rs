@@ -169,6 +169,15 @@ fn close_to_open_holds_across_devices_without_fsync() {
         write_file(&c.path(&mine), body.as_bytes(), false).unwrap();
         assert_eq!(fs::read_to_string(b.path(&mine)).unwrap(), body);
     }
+    // An image's resolution comes from its header (where it is stored).
+    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    png.extend_from_slice(&640u32.to_be_bytes());
+    png.extend_from_slice(&480u32.to_be_bytes());
+    png.extend_from_slice(&[8, 6, 0, 0, 0, 0, 0, 0, 0]);
+    write_file(&b.path("docs/pic.png"), &png, false).unwrap();
+    let st = stat(&b, "docs/pic.png");
+    assert_eq!(st["media"]["width"], 640, "{st}");
+    assert_eq!(st["media"]["height"], 480, "{st}");
     // xattrs show the same facts as `meshfs stat`.
     let out = std::process::Command::new("getfattr")
         .args(["--only-values", "-n", "user.meshfs.authority"])

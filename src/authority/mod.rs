@@ -8,7 +8,9 @@
 //!   programs did with the resource: changes (applied there or forwarded),
 //!   opens, and bytes the device served to others;
 //! - quality is what readers observed of the device: chunks that failed
-//!   verification and failed requests against chunks served well;
+//!   verification and failed requests against chunks served well, and for
+//!   a media file whether its measured throughput sustains the file's
+//!   bitrate (`media.rs`, from the file's own headers);
 //! - uptime is how long the device has been up, up to `uptime_full_s`,
 //!   mapped to [0.5, 1] so that a newly started device still counts.
 //!
@@ -17,12 +19,15 @@
 //! for `hold_s` on end, and not within `cooldown_s` of the last move: work
 //! that moves follows within seconds, noise and alternation do not flap.
 
+pub mod media;
+
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{DeviceId, ResourceId};
 use crate::meta::{Authority, Move};
+use media::MediaInfo;
 
 /// The policy's constants (Config `authority_*`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -150,9 +155,17 @@ pub struct Reputation {
     pub score: f64,
 }
 
-/// Combines the components; a device that is down scores 0.
-pub fn reputation(usage: f64, facts: &DeviceFacts, w: &Weights) -> Reputation {
-    let quality = facts.quality.factor();
+/// Combines the components; a device that is down scores 0. For a media
+/// file (`media`), quality also counts how much of its bitrate the
+/// device's measured throughput sustains.
+pub fn reputation(
+    usage: f64,
+    facts: &DeviceFacts,
+    w: &Weights,
+    media: Option<&MediaInfo>,
+) -> Reputation {
+    let quality =
+        facts.quality.factor() * media.map_or(1.0, |m| m.sustained(facts.quality.throughput_mib_s));
     let uptime = if w.uptime_full_s > 0.0 {
         (facts.up_for_s / w.uptime_full_s).clamp(0.0, 1.0)
     } else {
@@ -250,6 +263,7 @@ impl Tracker {
         now: f64,
         facts: &BTreeMap<DeviceId, DeviceFacts>,
         w: &Weights,
+        media: Option<&MediaInfo>,
     ) -> Vec<(DeviceId, Reputation)> {
         let Some(t) = self.resources.get(&ino) else {
             return Vec::new();
@@ -259,7 +273,7 @@ impl Tracker {
             .iter()
             .map(|(d, u)| {
                 let f = facts.get(d).copied().unwrap_or_default();
-                (*d, reputation(u.at(now, w.half_life_s), &f, w))
+                (*d, reputation(u.at(now, w.half_life_s), &f, w, media))
             })
             .collect();
         out.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then(a.0.cmp(&b.0)));
@@ -275,14 +289,16 @@ impl Tracker {
     }
 
     /// Which resources should move now. `authority` says who governs a
-    /// resource (None: it is gone). Resources whose authority is down are
-    /// left to `takeover`.
+    /// resource (None: it is gone); `media` its media facts, asked only for
+    /// a resource whose challenger leads. Resources whose authority is down
+    /// are left to `takeover`.
     pub fn decide(
         &mut self,
         now: f64,
         authority: impl Fn(ResourceId) -> Option<Authority>,
         facts: &BTreeMap<DeviceId, DeviceFacts>,
         w: &Weights,
+        media: impl Fn(ResourceId) -> Option<MediaInfo>,
     ) -> Vec<(Move, DeviceId)> {
         let mut out = Vec::new();
         let mut gone = Vec::new();
@@ -292,31 +308,37 @@ impl Tracker {
                 gone.push(ino);
                 continue;
             };
-            let ranked = self.reputations(ino, now, facts, w);
-            let Some(t) = self.resources.get_mut(&ino) else {
-                continue;
-            };
+            let mut ranked = self.reputations(ino, now, facts, w, None);
             if ranked.iter().all(|(_, r)| r.usage < FORGET_BELOW) {
                 gone.push(ino);
                 continue;
             }
             let auth_facts = facts.get(&auth.device).copied().unwrap_or_default();
+            let auth_usage = self.usage(ino, auth.device, now, w);
+            // Ties keep the authority: only a strict leader challenges.
+            let lead = |ranked: &[(DeviceId, Reputation)], auth_score: f64| {
+                ranked
+                    .iter()
+                    .find(|(d, r)| *d != auth.device && r.score > 0.0)
+                    .copied()
+                    .filter(|(_, r)| r.score > auth_score * (1.0 + w.margin) + w.min_lead)
+            };
+            let mut leads = lead(&ranked, reputation(auth_usage, &auth_facts, w, None).score);
+            if leads.is_some() && auth_facts.up {
+                // A media file: whether each can sustain its bitrate counts.
+                if let Some(m) = media(ino) {
+                    ranked = self.reputations(ino, now, facts, w, Some(&m));
+                    let auth_score = reputation(auth_usage, &auth_facts, w, Some(&m)).score;
+                    leads = lead(&ranked, auth_score);
+                }
+            }
+            let Some(t) = self.resources.get_mut(&ino) else {
+                continue;
+            };
             if !auth_facts.up {
                 t.leading = None;
                 continue;
             }
-            let auth_usage = t
-                .per_device
-                .get(&auth.device)
-                .map_or(0.0, |u| u.at(now, w.half_life_s));
-            let auth_score = reputation(auth_usage, &auth_facts, w).score;
-            // Ties keep the authority: only a strict leader challenges.
-            let challenger = ranked
-                .iter()
-                .find(|(d, r)| *d != auth.device && r.score > 0.0)
-                .copied();
-            let leads =
-                challenger.filter(|(_, r)| r.score > auth_score * (1.0 + w.margin) + w.min_lead);
             let Some((c, _)) = leads else {
                 t.leading = None;
                 continue;
@@ -400,7 +422,7 @@ pub fn takeover(
             .filter(|d| **d != o.authority.device)
             .filter_map(|d| facts.get(d).filter(|f| f.up).map(|f| (*d, f)))
             .map(|(d, f)| {
-                let r = reputation(tracker.usage(o.ino, d, now, w), f, w);
+                let r = reputation(tracker.usage(o.ino, d, now, w), f, w, None);
                 (d, r.score, f.up_for_s)
             })
             .max_by(|a, b| {

@@ -58,7 +58,7 @@ fn simulate(
                 &w,
             );
         }
-        for (m, from) in tracker.decide(t, |_| Some(auth), facts, &w) {
+        for (m, from) in tracker.decide(t, |_| Some(auth), facts, &w, |_| None) {
             assert_eq!(from, auth.device);
             assert!(m.epoch > auth.epoch);
             auth = Authority {
@@ -152,7 +152,7 @@ fn after_a_move_the_resource_cools_down() {
             )],
             &w,
         );
-        for (m, _) in tr.decide(t, |_| Some(auth), &facts, &w) {
+        for (m, _) in tr.decide(t, |_| Some(auth), &facts, &w, |_| None) {
             auth = Authority {
                 device: m.device,
                 epoch: m.epoch,
@@ -180,7 +180,7 @@ fn poor_quality_and_short_uptime_lower_reputation() {
     bad.quality.chunks_bad = 20;
     let mut fresh = good;
     fresh.up_for_s = 0.0;
-    let r = |f: &DeviceFacts| reputation(10.0, f, &w);
+    let r = |f: &DeviceFacts| reputation(10.0, f, &w, None);
     assert!(r(&bad).score < r(&good).score / 2.0);
     assert_eq!(r(&fresh).score, r(&good).score / 2.0);
     assert_eq!(r(&good).quality, 1.0);
@@ -252,4 +252,49 @@ fn takeover_picks_a_live_holder_by_reputation() {
             }
         ]
     );
+}
+
+#[test]
+fn a_media_file_stays_with_a_device_that_can_sustain_its_bitrate() {
+    // Device 1 governs and plays the file now and then; device 2 works on
+    // it three times as much, but over a link that carries a tenth of the
+    // file's bitrate.
+    let w = Weights::default();
+    let mut facts = up(&[1, 2]);
+    facts.get_mut(&dev(1)).unwrap().quality.throughput_mib_s = Some(50.0);
+    facts.get_mut(&dev(2)).unwrap().quality.throughput_mib_s = Some(0.1);
+    let video = media::MediaInfo {
+        bitrate_kbps: Some(8000.0),
+        ..Default::default()
+    };
+    let run = |m: Option<media::MediaInfo>| {
+        let mut tr = Tracker::default();
+        let auth = Authority {
+            device: dev(1),
+            epoch: 1,
+        };
+        let mut moved = false;
+        let mut t = 0.0;
+        while t < 10.0 {
+            t += TICK;
+            for (d, n) in [(1u8, 5u32), (2, 15)] {
+                tr.observe(
+                    t,
+                    dev(d),
+                    &[(
+                        R,
+                        Usage {
+                            changes: n,
+                            ..Default::default()
+                        },
+                    )],
+                    &w,
+                );
+            }
+            moved |= !tr.decide(t, |_| Some(auth), &facts, &w, |_| m).is_empty();
+        }
+        moved
+    };
+    assert!(run(None), "an ordinary file moves to the busier device");
+    assert!(!run(Some(video)), "the video stays where it can be played");
 }

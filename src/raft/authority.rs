@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::network::{call, Reply, Rpc};
 use super::{lock, read_meta, Op, RaftError, Replica};
+use crate::authority::media::{self, MediaInfo};
 use crate::authority::{DeviceFacts, Orphaned, Quality, Tracker, Usage, Weights};
 use crate::ids::{DeviceId, ResourceId};
 use crate::meta::{FsCommand, Move};
@@ -58,6 +59,8 @@ pub struct Policy {
     pub moves: std::sync::atomic::AtomicU64,
     /// Decaying count of opens here per resource (temperature).
     heat: Mutex<HashMap<ResourceId, (f64, f64)>>,
+    /// Media facts per file version, read from its headers once.
+    media: Mutex<HashMap<ResourceId, (crate::ids::VersionId, Option<MediaInfo>)>>,
 }
 
 impl Policy {
@@ -73,6 +76,7 @@ impl Policy {
             origin: Instant::now(),
             moves: Default::default(),
             heat: Default::default(),
+            media: Default::default(),
         }
     }
 
@@ -120,8 +124,9 @@ impl Policy {
         &self,
         ino: ResourceId,
         facts: &BTreeMap<DeviceId, DeviceFacts>,
+        media: Option<&MediaInfo>,
     ) -> Vec<(DeviceId, crate::authority::Reputation)> {
-        lock(&self.tracker).reputations(ino, self.now(), facts, &self.settings.weights)
+        lock(&self.tracker).reputations(ino, self.now(), facts, &self.settings.weights, media)
     }
 
     /// What each observer reported of each device, merged.
@@ -293,6 +298,47 @@ impl Replica {
         out
     }
 
+    /// The media facts of `ino`'s current version, from its first and last
+    /// `media::WINDOW` bytes when those are stored here (once per version).
+    fn media_of(&self, meta: &crate::meta::MetaState, ino: ResourceId) -> Option<MediaInfo> {
+        let content = meta.get(ino)?.content.clone()?;
+        if let Some((v, m)) = lock(&self.policy.media).get(&ino) {
+            if *v == content.version {
+                return *m;
+            }
+        }
+        let read = |from: u64, to: u64| -> Option<Vec<u8>> {
+            let mut out = Vec::with_capacity((to - from) as usize);
+            for c in content.chunks.iter() {
+                let (start, end) = (c.offset, c.offset + c.len as u64);
+                if end <= from || start >= to {
+                    continue;
+                }
+                let bytes = if c.hash.is_zero_run() {
+                    vec![0u8; c.len as usize]
+                } else {
+                    self.shared.store.get(&c.hash).ok()??
+                };
+                let lo = from.max(start) - start;
+                let hi = to.min(end) - start;
+                out.extend_from_slice(bytes.get(lo as usize..hi as usize)?);
+            }
+            Some(out)
+        };
+        let size = content.size;
+        let head_end = size.min(media::WINDOW);
+        let found = read(0, head_end).and_then(|head| {
+            let tail = read(size.saturating_sub(media::WINDOW), size)?;
+            media::media_info(&head, &tail, size)
+        });
+        let mut cache = lock(&self.policy.media);
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(ino, (content.version, found));
+        found
+    }
+
     /// Whether every chunk of `ino`'s current version is stored here.
     fn holds_all(&self, ino: ResourceId) -> bool {
         let chunks = {
@@ -314,7 +360,13 @@ impl Replica {
         let w = self.policy.settings.weights;
         let decisions = {
             let meta = read_meta(&self.shared.meta);
-            lock(&self.policy.tracker).decide(now, |ino| meta.authority(ino), &facts, &w)
+            lock(&self.policy.tracker).decide(
+                now,
+                |ino| meta.authority(ino),
+                &facts,
+                &w,
+                |ino| self.media_of(&meta, ino),
+            )
         };
         let mut by_authority: BTreeMap<DeviceId, Vec<Move>> = BTreeMap::new();
         for (m, from) in decisions {
@@ -432,6 +484,9 @@ pub struct ResourceStat {
     pub proximity: Vec<DeviceProximity>,
     /// Decaying count of opens here (half-life 6 h).
     pub temperature: f64,
+    /// For an image or MP4-family file stored here: resolution, duration
+    /// and bitrate from its headers.
+    pub media: Option<MediaInfo>,
     /// Changes made here and not yet committed through Raft.
     pub pending_changes: usize,
 }
@@ -490,6 +545,11 @@ fn decay(v: f64, dt: f64) -> f64 {
 }
 
 impl Replica {
+    pub(super) fn media(&self, ino: ResourceId) -> Option<MediaInfo> {
+        let meta = read_meta(&self.shared.meta);
+        self.media_of(&meta, ino)
+    }
+
     /// Every device's reputation for `ino`: from the leader's view (asked
     /// over the mesh when this device does not lead).
     pub(super) async fn reputations(
@@ -499,7 +559,8 @@ impl Replica {
         match self.leader_device() {
             Some(l) if l == self.device => {
                 let facts = self.device_facts().await;
-                self.policy.reputations(ino, &facts)
+                let media = self.media(ino);
+                self.policy.reputations(ino, &facts, media.as_ref())
             }
             Some(l) => match call(
                 &self.mesh,
@@ -601,6 +662,7 @@ impl Replica {
             quality,
             proximity,
             temperature: self.policy.heat(ino),
+            media: self.media(ino),
             pending_changes: pending,
         })
     }

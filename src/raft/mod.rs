@@ -805,7 +805,8 @@ impl Replica {
                     return Reply::Failed("not the leader".into());
                 }
                 let facts = self.device_facts().await;
-                Reply::Reputation(self.policy.reputations(ino, &facts))
+                let media = self.media(ino);
+                Reply::Reputation(self.policy.reputations(ino, &facts, media.as_ref()))
             }
             Rpc::Handoff { moves } => {
                 if self.leader_device() != Some(from) {
