@@ -57,10 +57,16 @@ mesh_up() { # N
 }
 
 mesh_down() {
-  local d
+  local d pid
   for d in "$WORK"/d*/mnt; do
     [ -d "$d" ] || continue
     umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null || true
+  done
+  # umount returns before the daemons finish; wait (up to 10 s each) so
+  # that a cleanup after this does not race their last writes.
+  for d in "$WORK"/d*/data; do
+    pid=$(cat "$d/meshfs.pid" 2>/dev/null) || continue
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   done
 }
 
