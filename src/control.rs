@@ -221,7 +221,7 @@ async fn fetch(
     };
     let r = node
         .mesh
-        .fetch_stream(parsed, holders, |_, data| {
+        .fetch_stream(parsed, holders, None, |_, data| {
             if let Some(f) = file.as_mut() {
                 use std::io::Write;
                 // A disk write on a runtime thread: tell the runtime, so

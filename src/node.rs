@@ -583,6 +583,8 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         ))?;
         let m = mesh.clone();
         fs.set_on_change(Arc::new(move || m.holdings_changed()));
+        let served = replica.clone();
+        mesh.set_served(Box::new(move |ino, bytes| served.record_served(ino, bytes)));
         let (hook_fs, hook_mesh) = (fs.clone(), mesh.clone());
         let replicate_now = Arc::new(tokio::sync::Notify::new());
         let hook_replicate = replicate_now.clone();
@@ -711,7 +713,7 @@ impl crate::fs::RemoteChunks for MeshChunks {
         self.rt.block_on(async move {
             let nearest = mesh.nearest_devices().await.map_err(|e| e.to_string())?;
             let holders = crate::replicate::authority_first(nearest, authority, mesh.device());
-            mesh.fetch_chunk(hash, &holders)
+            mesh.fetch_chunk(hash, &holders, Some(ino))
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -99,7 +99,7 @@ pub async fn run(
         for (ino, hashes) in wanted {
             let holders = authority_first(nearest.clone(), replica.authority(ino), me);
             for h in hashes {
-                match mesh.fetch_chunk(h, &holders).await {
+                match mesh.fetch_chunk(h, &holders, Some(ino)).await {
                     Ok(d) => fetched += d.len() as u64,
                     Err(e) => {
                         tracing::debug!(resource = ino.0, error = %e, "replication fetch failed; retried later");

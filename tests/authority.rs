@@ -148,6 +148,18 @@ fn the_authority_applies_at_once_ships_batches_and_others_forward() {
         }
     }
     assert_eq!(changes(&b)["conflicts"], 0);
+    // Serving counts as usage: charlie reads a file only bravo holds, from
+    // bravo, which counts the bytes against that file.
+    let big = common::bytes(3 << 20, 11);
+    let served = |d: &Device| changes(d)["served_bytes"].as_u64().unwrap();
+    let before = served(&b);
+    write_file(&b.path("work/big"), &big, true).unwrap();
+    assert_eq!(fs::read(c.path("work/big")).unwrap(), big);
+    let deadline = Instant::now() + LIMIT;
+    while served(&b) + served(&a) < before + big.len() as u64 {
+        assert!(Instant::now() < deadline, "served bytes never counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -492,7 +492,7 @@ mod rogue {
                 request_response::Behaviour::with_codec(
                     Garbage,
                     [(
-                        StreamProtocol::new("/meshfs/chunk/1"),
+                        StreamProtocol::new("/meshfs/chunk/2"),
                         ProtocolSupport::Outbound,
                     )],
                     request_response::Config::default()
@@ -532,8 +532,8 @@ fn malformed_messages_from_a_member_are_refused_not_fatal() {
         let mut truncated = 36u32.to_be_bytes().to_vec();
         truncated.extend_from_slice(&hash[..10]);
         // postcard: one piece: the hash's 32 bytes, offset 0, len 1 MiB as
-        // a varint.
-        let body = [vec![1], hash.clone(), vec![0, 0x80, 0x80, 0x40]].concat();
+        // a varint; then no resource named (None).
+        let body = [vec![1], hash.clone(), vec![0, 0x80, 0x80, 0x40, 0]].concat();
         let good = [(body.len() as u32).to_be_bytes().to_vec(), body].concat();
         let requests = vec![
             vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],

@@ -200,6 +200,9 @@ pub struct RaftInbound {
     pub reply: oneshot::Sender<Vec<u8>>,
 }
 
+/// Told of the bytes this device served of a file (the asker named it).
+pub type ServedFn = Box<dyn Fn(ResourceId, u64) + Send + Sync>;
+
 /// "This device's holdings changed": wakes the mesh actor once per holdings
 /// listing, not once per namespace change (a burst of creates woke it for
 /// every file).
@@ -207,6 +210,8 @@ pub struct RaftInbound {
 pub(crate) struct Changed {
     pub(crate) notify: Notify,
     dirty: std::sync::atomic::AtomicBool,
+    /// Where served bytes are reported (set once by the daemon).
+    pub(crate) served: std::sync::OnceLock<ServedFn>,
 }
 
 impl Changed {
@@ -296,6 +301,12 @@ impl MeshClient {
     /// unlink): an announcement follows at once instead of at the next tick.
     pub fn holdings_changed(&self) {
         self.changed.mark();
+    }
+
+    /// Sets where the bytes this device serves of each file are reported
+    /// (once): the authority policy counts them as usage.
+    pub fn set_served(&self, f: ServedFn) {
+        let _ = self.changed.served.set(f);
     }
 
     pub async fn status(&self) -> Result<MeshStatus, MeshError> {
@@ -413,15 +424,18 @@ impl MeshClient {
     /// One chunk from the first of `holders` that supplies it intact; it is
     /// verified against its hash and stored in the local cache. A holder
     /// that sends bad bytes is recorded and the next one is tried; a holder
-    /// that does not answer within the fetch timeout is skipped.
+    /// that does not answer within the fetch timeout is skipped. `resource`
+    /// names the file the chunk belongs to, when known (the serving device
+    /// counts what it serves per file).
     pub async fn fetch_chunk(
         &self,
         hash: ChunkHash,
         holders: &[DeviceId],
+        resource: Option<ResourceId>,
     ) -> Result<Vec<u8>, MeshError> {
         let mut last = String::from("no holders given");
         for &device in holders.iter().filter(|d| **d != self.me) {
-            match self.fetch_from(device, hash).await {
+            match self.fetch_from(device, hash, resource).await {
                 Ok(data) => return Ok(data),
                 Err(e) => {
                     tracing::debug!(chunk = %hash.fmt_short(), %device, error = %e, "fetch failed; trying the next holder");
@@ -432,8 +446,13 @@ impl MeshClient {
         Err(MeshError::Unavailable { hash, last })
     }
 
-    async fn fetch_from(&self, device: DeviceId, hash: ChunkHash) -> Result<Vec<u8>, MeshError> {
-        self.fetch_batch(device, &[hash])
+    async fn fetch_from(
+        &self,
+        device: DeviceId,
+        hash: ChunkHash,
+        resource: Option<ResourceId>,
+    ) -> Result<Vec<u8>, MeshError> {
+        self.fetch_batch(device, &[hash], resource)
             .await
             .pop()
             .unwrap_or(Err(MeshError::Stopped))
@@ -446,6 +465,7 @@ impl MeshClient {
         &self,
         device: DeviceId,
         hashes: &[ChunkHash],
+        resource: Option<ResourceId>,
     ) -> Vec<Result<Vec<u8>, MeshError>> {
         let mut out: Vec<Option<Result<Vec<u8>, MeshError>>> =
             (0..hashes.len()).map(|_| None).collect();
@@ -460,6 +480,7 @@ impl MeshClient {
                         len: MAX_PIECE,
                     })
                     .collect(),
+                resource,
             };
             let refuse_all =
                 |why: String| todo.iter().map(|_| Piece::Refused(why.clone())).collect();
@@ -476,7 +497,8 @@ impl MeshClient {
                         continue;
                     }
                     Piece::Data { total, bytes } => {
-                        self.complete(device, hashes[i], total, bytes).await
+                        self.complete(device, hashes[i], total, bytes, resource)
+                            .await
                     }
                     Piece::NotFound => {
                         Err(MeshError::Peer(format!("{device} does not hold the chunk")))
@@ -553,6 +575,7 @@ impl MeshClient {
                         len: 1,
                     })
                     .collect(),
+                resource: None,
             };
             match self.request(device, req).await {
                 Ok(pieces) if pieces.len() == batch.len() => {
@@ -572,6 +595,7 @@ impl MeshClient {
         hash: ChunkHash,
         total: u32,
         first: Vec<u8>,
+        resource: Option<ResourceId>,
     ) -> Result<Vec<u8>, MeshError> {
         if total > MAX_CHUNK {
             return Err(MeshError::Peer(format!(
@@ -606,6 +630,7 @@ impl MeshClient {
                     offset: data.len() as u32,
                     len: MAX_PIECE,
                 }],
+                resource,
             };
             match self.request(device, req).await?.pop() {
                 Some(Piece::Data { total: t, bytes: b }) => {
@@ -647,6 +672,7 @@ impl MeshClient {
         &self,
         hashes: Vec<ChunkHash>,
         holders: &[DeviceId],
+        resource: Option<ResourceId>,
     ) -> Result<Vec<Vec<u8>>, MeshError> {
         let holders: Vec<DeviceId> = holders.iter().copied().filter(|d| *d != self.me).collect();
         let Some(&first) = holders.first() else {
@@ -655,7 +681,7 @@ impl MeshClient {
                 last: "no holders given".into(),
             });
         };
-        let got = self.fetch_batch(first, &hashes).await;
+        let got = self.fetch_batch(first, &hashes, resource).await;
         let mut out = Vec::with_capacity(hashes.len());
         for (hash, r) in hashes.into_iter().zip(got) {
             match r {
@@ -668,7 +694,7 @@ impl MeshClient {
                 }
                 Err(e) => {
                     tracing::debug!(chunk = %hash.fmt_short(), device = %first, error = %e, "fetch failed; trying the next holder");
-                    out.push(self.fetch_chunk(hash, &holders[1..]).await?);
+                    out.push(self.fetch_chunk(hash, &holders[1..], resource).await?);
                 }
             }
         }
@@ -690,6 +716,7 @@ impl MeshClient {
         &self,
         hashes: Vec<ChunkHash>,
         holders: Vec<DeviceId>,
+        resource: Option<ResourceId>,
         mut sink: impl FnMut(usize, Vec<u8>) -> Result<(), MeshError>,
     ) -> Result<FetchReport, MeshError> {
         const SHORT_RTT_MS: f64 = 5.0;
@@ -723,7 +750,7 @@ impl MeshClient {
                 let holders = &holders;
                 in_flight.push_back(async move {
                     let n = take.len();
-                    (n, self.fetch_many(take, holders).await)
+                    (n, self.fetch_many(take, holders, resource).await)
                 });
             }
             let Some((n, r)) = in_flight.next().await else {

@@ -15,7 +15,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::ids::{ChunkHash, DeviceId, ResourceId, VersionId};
 
 /// Chunk transfer (request-response).
-pub const CHUNK_PROTOCOL: &str = "/meshfs/chunk/1";
+/// Version 2: requests name their file. Version 1 peers are not spoken to
+/// (their frames would be misread).
+pub const CHUNK_PROTOCOL: &str = "/meshfs/chunk/2";
 /// Availability snapshots, paged (request-response), for a device that
 /// missed deltas.
 pub const AVAIL_PROTOCOL: &str = "/meshfs/avail/1";
@@ -69,10 +71,13 @@ pub struct PieceRequest {
     pub len: u32,
 }
 
-/// One to `MAX_BATCH` pieces.
+/// One to `MAX_BATCH` pieces, of the chunks of `resource` when the asker
+/// knows which file they belong to (the server counts what it serves per
+/// file: usage in the authority policy).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRequest {
     pub pieces: Vec<PieceRequest>,
+    pub resource: Option<ResourceId>,
 }
 
 /// The answer for one piece.
@@ -447,6 +452,7 @@ mod tests {
     fn frames_reject_oversized_and_malformed_input() {
         futures::executor::block_on(async {
             let req = ChunkRequest {
+                resource: Some(ResourceId(7)),
                 pieces: vec![PieceRequest {
                     hash: ChunkHash::of(b"x"),
                     offset: 0,
@@ -473,9 +479,15 @@ mod tests {
             for n in [0, MAX_BATCH + 1] {
                 let mut buf = Vec::new();
                 let pieces = vec![req.pieces[0].clone(); n];
-                write_frame(&mut buf, &ChunkRequest { pieces })
-                    .await
-                    .unwrap();
+                write_frame(
+                    &mut buf,
+                    &ChunkRequest {
+                        pieces,
+                        resource: None,
+                    },
+                )
+                .await
+                .unwrap();
                 assert!(read_chunk_request(&mut buf.as_slice()).await.is_err());
             }
         });

@@ -1052,6 +1052,7 @@ impl Actor {
         let store = self.store.clone();
         let tx = self.cmd_tx.clone();
         let corrupt = self.fault_corrupt;
+        let (resource, changed) = (req.resource, self.changed.clone());
         tokio::spawn(async move {
             let permit = slots.acquire_owned().await;
             queued.fetch_sub(1, Ordering::Relaxed);
@@ -1067,6 +1068,19 @@ impl Actor {
                 Err(_) => all(Piece::Refused("shutting down".into())),
             };
             active.fetch_sub(1, Ordering::Relaxed);
+            if let (Some(r), Some(f)) = (resource, changed.served.get()) {
+                let bytes: u64 = resp
+                    .pieces
+                    .iter()
+                    .map(|p| match p {
+                        Piece::Data { bytes, .. } => bytes.len() as u64,
+                        _ => 0,
+                    })
+                    .sum();
+                if bytes > 0 {
+                    f(r, bytes);
+                }
+            }
             let _ = tx.send(Command::Respond { channel, resp }).await;
         });
     }

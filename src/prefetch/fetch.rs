@@ -331,7 +331,7 @@ pub async fn run(
             continue;
         }
         let started = Instant::now();
-        match mesh.fetch_chunk(hash, &j.holders).await {
+        match mesh.fetch_chunk(hash, &j.holders, Some(j.ino)).await {
             Ok(data) => {
                 j.chunks.pop_front();
                 j.bytes += data.len() as u64;

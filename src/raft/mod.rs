@@ -253,6 +253,8 @@ struct Counters {
     through_raft: std::sync::atomic::AtomicU64,
     /// Batches of local changes proposed to the log.
     batches: std::sync::atomic::AtomicU64,
+    /// Bytes of named files served to other devices.
+    served: std::sync::atomic::AtomicU64,
 }
 
 /// Gives this device a block of inode numbers as soon as it has the
@@ -612,6 +614,21 @@ impl Replica {
             }
             // The authority moved meanwhile: route again.
         }
+    }
+
+    /// Counts bytes this device served to another of `ino` (usage: a
+    /// device that serves a file much is a good place to govern it).
+    pub fn record_served(&self, ino: ResourceId, bytes: u64) {
+        self.counters
+            .served
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.policy.record(
+            &[ino],
+            crate::authority::Usage {
+                served_bytes: bytes,
+                ..Default::default()
+            },
+        );
     }
 
     fn record_open(&self, ino: ResourceId) {
@@ -1069,6 +1086,8 @@ impl Replica {
             last_seq,
             committed_seq: self.shared.shipped(self.device),
             conflicts,
+            served_bytes: self.counters.served.load(Relaxed),
+            authority_moves: self.policy.moves.load(Relaxed),
         }
     }
 
@@ -1116,6 +1135,11 @@ pub struct ChangeStatus {
     pub committed_seq: u64,
     /// Local changes refused when they committed (authority moved away).
     pub conflicts: u64,
+    /// Bytes of files served to other devices (usage in reputation).
+    pub served_bytes: u64,
+    /// Authority moves this device carried out: handoffs it made, and
+    /// takeovers it committed as leader.
+    pub authority_moves: u64,
 }
 
 impl crate::fs::Replicator for Replica {
