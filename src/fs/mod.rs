@@ -153,8 +153,8 @@ pub struct FsOptions {
     pub chunk_sizes: ChunkSizes,
     pub sync_on_close: bool,
     pub read_only: bool,
-    /// The namespace is replicated (Raft): changes go through a
-    /// `Replicator`, and nothing is changed locally at start-up.
+    /// The namespace is replicated: changes go through a `Replicator`
+    /// (authority and Raft), and nothing is changed locally at start-up.
     pub replicated: bool,
 }
 
@@ -338,8 +338,9 @@ impl Fs {
 
     /// Applies one command and persists it; on a storage failure the
     /// in-memory state is rolled back so memory and disk never disagree.
-    /// With a replica, the command goes through consensus instead and the
-    /// state machine applies and persists it.
+    /// With a replica, the replica applies it where it is decided (here, as
+    /// its authority, or at the device that governs it); with `sync`, it
+    /// returns once the change is committed through Raft and the WAL synced.
     fn apply(&self, cmd: FsCommand, sync: bool) -> Result<Outcome> {
         if let Some(r) = self.replica.get() {
             let out = r.apply(cmd)?;

@@ -145,13 +145,18 @@ impl Replica {
     /// What this device knows of every member now: up (connected, or
     /// itself), for how long, and the service others reported.
     pub async fn device_facts(&self) -> BTreeMap<DeviceId, DeviceFacts> {
+        match self.mesh.status().await {
+            Ok(status) => self.facts_from(&status),
+            Err(_) => BTreeMap::new(),
+        }
+    }
+
+    /// `device_facts` from a mesh status already at hand.
+    fn facts_from(&self, status: &crate::mesh::MeshStatus) -> BTreeMap<DeviceId, DeviceFacts> {
         let p = &self.policy;
         let quality = p.quality();
         let now = Instant::now();
         let mut out = BTreeMap::new();
-        let Ok(status) = self.mesh.status().await else {
-            return out;
-        };
         let mut up_since = lock(&p.up_since);
         let mut down_since = lock(&p.down_since);
         for d in &status.devices {
@@ -580,11 +585,16 @@ impl Replica {
     /// What `meshfs stat` shows of `ino`, or None if it does not exist.
     pub async fn stat(&self, ino: ResourceId) -> Option<ResourceStat> {
         let inode = read_meta(&self.shared.meta).get(ino).cloned()?;
-        let facts = self.device_facts().await;
-        let names: HashMap<DeviceId, String> = match self.mesh.status().await {
-            Ok(s) => s.devices.into_iter().map(|d| (d.id, d.name)).collect(),
-            Err(_) => HashMap::new(),
-        };
+        let status = self.mesh.status().await.ok();
+        let facts = status
+            .as_ref()
+            .map(|s| self.facts_from(s))
+            .unwrap_or_default();
+        let names: HashMap<DeviceId, String> = status
+            .into_iter()
+            .flat_map(|s| s.devices)
+            .map(|d| (d.id, d.name))
+            .collect();
         let name = |d: &DeviceId| {
             names
                 .get(d)

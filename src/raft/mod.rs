@@ -294,8 +294,12 @@ async fn ship(replica: Replica) {
         if !replica.urgent.swap(false, Ordering::AcqRel) {
             tokio::time::sleep(replica.settings.batch_delay).await;
         }
+        let mut applied = replica.shared.progress.subscribe();
         let batch = lock(&replica.shared.outbox).batch(replica.settings.batch_max, BATCH_MAX_BYTES);
         let Some((first_seq, changes)) = batch else {
+            // The oldest changes wait for another authority's batch to be
+            // applied here (a foreign effect they come after).
+            let _ = tokio::time::timeout(Duration::from_millis(100), applied.changed()).await;
             continue;
         };
         let n = changes.len();
@@ -893,9 +897,7 @@ impl Replica {
         if authority == self.device {
             return;
         }
-        let recently = lock(&self.unreachable)
-            .get(&authority)
-            .is_some_and(|t| t.elapsed() < UNREACHABLE_FOR);
+        let recently = self.recently_unreachable(authority);
         if !recently {
             let left = self.settings.read_wait;
             match call(&self.mesh, authority, &Rpc::Current { ino }, left).await {
@@ -934,9 +936,7 @@ impl Replica {
         if authority == self.device {
             return false;
         }
-        let recently = lock(&self.unreachable)
-            .get(&authority)
-            .is_some_and(|t| t.elapsed() < UNREACHABLE_FOR);
+        let recently = self.recently_unreachable(authority);
         if !recently {
             let rpc = Rpc::Lookup {
                 parent,
@@ -965,14 +965,20 @@ impl Replica {
         self.read_barrier(authority).await
     }
 
+    /// Whether `authority` failed to answer a catch-up in the last
+    /// `UNREACHABLE_FOR` (then opens and lookups do not wait for it again).
+    fn recently_unreachable(&self, authority: DeviceId) -> bool {
+        lock(&self.unreachable)
+            .get(&authority)
+            .is_some_and(|t| t.elapsed() < UNREACHABLE_FOR)
+    }
+
     /// Catches up with `authority` within `read_wait`; when it does not
     /// answer (now, or within the last few seconds: then without waiting
     /// again), with everything committed instead, counted as a possibly
     /// stale read. False when neither worked.
     async fn read_barrier(&self, authority: DeviceId) -> bool {
-        let recently = lock(&self.unreachable)
-            .get(&authority)
-            .is_some_and(|t| t.elapsed() < UNREACHABLE_FOR);
+        let recently = self.recently_unreachable(authority);
         let ok = !recently
             && self
                 .catch_up_with(authority, Instant::now() + self.settings.read_wait)

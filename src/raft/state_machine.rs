@@ -382,20 +382,6 @@ impl Shared {
         }
     }
 
-    /// The committed state: the live one with this device's pending
-    /// changes taken off (a copy only when there are any).
-    fn with_committed<T>(&self, f: impl FnOnce(&MetaState) -> T) -> T {
-        let meta = read(&self.meta);
-        if meta.has_undo() {
-            let mut c = meta.clone();
-            drop(meta);
-            c.rollback();
-            f(&c)
-        } else {
-            f(&meta)
-        }
-    }
-
     /// How many changes wait in the outbox, and how many were refused at
     /// commit (conflicts).
     pub fn outbox_status(&self) -> (usize, u64, u64) {
@@ -447,6 +433,17 @@ fn replay(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId) {
     }
 }
 
+/// The committed state as a copy of the live one with this device's
+/// speculative layer taken off; `None` when there is none (the live state
+/// is the committed one).
+fn committed_copy(meta: &MetaState) -> Option<MetaState> {
+    meta.has_undo().then(|| {
+        let mut c = meta.clone();
+        c.rollback();
+        c
+    })
+}
+
 fn install(meta: &mut MetaState, fx: &Effects) {
     let sp = meta.savepoint();
     meta.install(fx);
@@ -481,9 +478,11 @@ impl Shared {
     /// it and compares it with the live committed state (with applies held
     /// off). Says what differs, or `None` when they agree.
     pub fn verify_against_log(&self) -> Result<Option<String>, crate::storage::StorageError> {
-        let _applies_held = lock(&self.applied);
-        let applied = _applies_held.0;
-        let live = self.with_committed(|m| m.snapshot());
+        // Held to the end: applies wait (the lock order is the state
+        // machine's: namespace, then the rest).
+        let meta = read(&self.meta);
+        let applied = lock(&self.applied).0;
+        let live = committed_copy(&meta).as_ref().unwrap_or(&*meta).snapshot();
         let Some((snap_meta, body)) = read_snapshot_file(&self.snapshot_dir.join(SNAPSHOT_FILE))?
         else {
             return Ok(Some("no raft snapshot to check the state against".into()));
@@ -854,11 +853,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let meta = read(&shared.meta);
             // The committed state only: this device's pending changes are
             // not part of what the log says (a copy only when there are any).
-            let committed = meta.has_undo().then(|| {
-                let mut c = meta.clone();
-                c.rollback();
-                c
-            });
+            let committed = committed_copy(&meta);
             let state: &MetaState = committed.as_ref().unwrap_or(&meta);
             let (applied, membership) = lock(&shared.applied).clone();
             let recent = lock(&shared.recent);
