@@ -128,16 +128,7 @@ fn the_authority_applies_at_once_ships_batches_and_others_forward() {
     // times: both are forwarded, one wins, the other gets EEXIST.
     for round in 0..20 {
         let name = format!("work/race-{round}");
-        let results: Vec<std::io::Result<fs::File>> = std::thread::scope(|s| {
-            let hs: Vec<_> = [&a, &c]
-                .iter()
-                .map(|d| {
-                    let p = d.path(&name);
-                    s.spawn(move || fs::OpenOptions::new().write(true).create_new(true).open(p))
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let results = common::race_create(&[&a, &c], &name);
         assert_eq!(
             results.iter().filter(|r| r.is_ok()).count(),
             1,

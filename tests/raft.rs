@@ -112,16 +112,7 @@ fn concurrent_creates_of_one_name_have_exactly_one_winner() {
     let (a, b, c) = three();
     for round in 0..20 {
         let name = format!("race-{round}");
-        let results: Vec<std::io::Result<fs::File>> = std::thread::scope(|s| {
-            let hs: Vec<_> = [&a, &b, &c]
-                .iter()
-                .map(|d| {
-                    let p = d.path(&name);
-                    s.spawn(move || fs::OpenOptions::new().write(true).create_new(true).open(p))
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let results = common::race_create(&[&a, &b, &c], &name);
         let won = results.iter().filter(|r| r.is_ok()).count();
         assert_eq!(won, 1, "round {round}: {results:?}");
         for r in results.iter().filter_map(|r| r.as_ref().err()) {

@@ -8,6 +8,17 @@ fn dev(n: u8) -> DeviceId {
 }
 
 const R: ResourceId = ResourceId(42);
+
+/// A report of `n` changes to `R`.
+fn changes(n: u32) -> [(ResourceId, Usage); 1] {
+    [(
+        R,
+        Usage {
+            changes: n,
+            ..Default::default()
+        },
+    )]
+}
 const TICK: f64 = 0.5;
 
 fn up(n: &[u8]) -> BTreeMap<DeviceId, DeviceFacts> {
@@ -45,18 +56,7 @@ fn simulate(
         t += TICK;
         for d in [1u8, 2] {
             let n = (rate(t, d) * TICK).round() as u32;
-            tracker.observe(
-                t,
-                dev(d),
-                &[(
-                    R,
-                    Usage {
-                        changes: n,
-                        ..Default::default()
-                    },
-                )],
-                &w,
-            );
+            tracker.observe(t, dev(d), &changes(n), &w);
         }
         for (m, from) in tracker.decide(t, |_| Some(auth), facts, &w, |_| None) {
             assert_eq!(from, auth.device);
@@ -140,18 +140,7 @@ fn after_a_move_the_resource_cools_down() {
     while t < 33.0 {
         t += TICK;
         let d = if t <= 3.0 { 2 } else { 3 };
-        tr.observe(
-            t,
-            dev(d),
-            &[(
-                R,
-                Usage {
-                    changes: 25,
-                    ..Default::default()
-                },
-            )],
-            &w,
-        );
+        tr.observe(t, dev(d), &changes(25), &w);
         for (m, _) in tr.decide(t, |_| Some(auth), &facts, &w, |_| None) {
             auth = Authority {
                 device: m.device,
@@ -278,18 +267,7 @@ fn a_media_file_stays_with_a_device_that_can_sustain_its_bitrate() {
         while t < 10.0 {
             t += TICK;
             for (d, n) in [(1u8, 5u32), (2, 15)] {
-                tr.observe(
-                    t,
-                    dev(d),
-                    &[(
-                        R,
-                        Usage {
-                            changes: n,
-                            ..Default::default()
-                        },
-                    )],
-                    &w,
-                );
+                tr.observe(t, dev(d), &changes(n), &w);
             }
             moved |= !tr.decide(t, |_| Some(auth), &facts, &w, |_| m).is_empty();
         }

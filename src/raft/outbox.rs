@@ -78,6 +78,29 @@ pub(super) enum Stored {
 }
 
 impl Outbox {
+    /// Appends change `seq` (applied here, on disk); returns the chunks
+    /// its new version references, for the caller to pin.
+    pub fn push(&mut self, seq: u64, change: LocalChange, bytes: usize) -> Vec<ChunkHash> {
+        let pins = chunks_of(&change.cmd);
+        let order = self.take_order();
+        self.next_seq = seq + 1;
+        self.entries.push_back(Pending {
+            order,
+            seq,
+            change,
+            bytes,
+            pins: pins.clone(),
+            applies: true,
+        });
+        pins
+    }
+
+    /// The next place in the speculative layer.
+    pub fn take_order(&mut self) -> u64 {
+        self.next_order += 1;
+        self.next_order - 1
+    }
+
     /// The sequence number of the last change applied here (0: none yet).
     pub fn last_seq(&self) -> u64 {
         self.next_seq.saturating_sub(1)

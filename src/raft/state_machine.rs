@@ -19,7 +19,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::outbox::{chunks_of, Foreign, Outbox, Pending, Stored};
+use super::outbox::{Foreign, Outbox, Stored};
 use super::types::{
     LocalChange, LogId, NodeId, Op, RaftNode, Request, Response, StoredMembership, TypeConfig,
 };
@@ -142,19 +142,7 @@ impl Shared {
                 continue;
             }
             let Stored::V1(change) = dec(&bytes, "outbox entry")?;
-            let pins = chunks_of(&change.cmd);
-            store.pin(&pins);
-            outbox.next_seq = seq + 1;
-            let order = outbox.next_order;
-            outbox.next_order += 1;
-            outbox.entries.push_back(Pending {
-                order,
-                seq,
-                change,
-                bytes: bytes.len(),
-                pins,
-                applies: true,
-            });
+            store.pin(&outbox.push(seq, change, bytes.len()));
         }
         if !stale.is_empty() {
             store.outbox_delete(&stale)?;
@@ -261,19 +249,7 @@ impl Shared {
             return Err(e);
         }
         meta.keep(sp);
-        let pins = chunks_of(&change.cmd);
-        self.store.pin(&pins);
-        outbox.next_seq += 1;
-        let order = outbox.next_order;
-        outbox.next_order += 1;
-        outbox.entries.push_back(Pending {
-            order,
-            seq,
-            change,
-            bytes: bytes.len(),
-            pins,
-            applies: true,
-        });
+        self.store.pin(&outbox.push(seq, change, bytes.len()));
         drop(outbox);
         drop(meta);
         if let (Some(t), Some(h)) = (&touched, self.hook.get()) {
@@ -305,8 +281,7 @@ impl Shared {
         let sp = meta.savepoint();
         meta.install(&effects);
         meta.keep(sp);
-        let order = outbox.next_order;
-        outbox.next_order += 1;
+        let order = outbox.take_order();
         outbox.foreign.push_back(Foreign {
             order,
             authority,

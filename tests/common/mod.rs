@@ -373,6 +373,26 @@ pub fn fstype(p: &Path) -> Option<String> {
         .and_then(|l| l.split(' ').nth(2).map(str::to_string))
 }
 
+/// Every device tries to create `rel` exclusively (O_CREAT|O_EXCL) at the
+/// same moment; one result per device, in order.
+pub fn race_create(devices: &[&Device], rel: &str) -> Vec<std::io::Result<std::fs::File>> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = devices
+            .iter()
+            .map(|d| {
+                let p = d.path(rel);
+                s.spawn(move || {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(p)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// A deterministic pseudo-random byte sequence.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
