@@ -26,6 +26,7 @@ pub mod fuse;
 pub mod ids;
 pub mod mesh;
 pub mod meta;
+pub mod mountinfo;
 pub mod node;
 pub mod prefetch;
 pub mod raft;

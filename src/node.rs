@@ -187,76 +187,6 @@ pub fn read_pid(data_dir: &Path) -> Option<u32> {
         .ok()
 }
 
-/// Whether `path` is a mount point, from /proc/self/mountinfo.
-pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.as_os_str().as_encoded_bytes();
-    info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|m| unescape_mount_path(m).as_bytes() == want)
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mount_path(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
-/// The data dir of the meshfs mount holding `path`, and `path`'s inode
-/// number there (`meshfs stat`).
-pub fn daemon_of_path(path: &Path) -> Result<(PathBuf, u64), Error> {
-    use std::os::unix::fs::MetadataExt;
-    let abs = std::fs::canonicalize(path)
-        .map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
-    let ino = std::fs::symlink_metadata(&abs)
-        .map_err(|e| Error::io(format!("stat {}", abs.display()), e))?
-        .ino();
-    let mut at = Some(abs.as_path());
-    while let Some(p) = at {
-        if let Some((source, fstype)) = mount_source(p) {
-            if fstype == "fuse.meshfs" {
-                return Ok((PathBuf::from(source), ino));
-            }
-            break;
-        }
-        at = p.parent();
-    }
-    Err(Error::Mount(format!(
-        "{} is not on a meshfs mount",
-        path.display()
-    )))
-}
-
-/// Checks the mount point before the daemon starts; clears a stale mount
-/// left by a killed daemon when it can.
-/// The source and type of the mount at `path`, from /proc/self/mountinfo.
-fn mount_source(path: &Path) -> Option<(String, String)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.as_os_str().as_encoded_bytes();
-    info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        if f.get(4)
-            .map(|m| unescape_mount_path(m))
-            .as_deref()
-            .map(str::as_bytes)
-            != Some(want)
-        {
-            return None;
-        }
-        let sep = f.iter().position(|x| *x == "-")?;
-        Some((
-            unescape_mount_path(f.get(sep + 2)?),
-            f.get(sep + 1)?.to_string(),
-        ))
-    })
-}
-
 /// Whether the daemon recorded in `data_dir`'s pid file is alive. A zombie
 /// (killed, not reaped: a container's init may never reap) is not: its
 /// files, /dev/fuse included, are closed.
@@ -275,6 +205,8 @@ fn daemon_alive(data_dir: &Path) -> bool {
     }
 }
 
+/// Checks the mount point before the daemon starts; clears a stale mount
+/// left by a killed daemon when it can.
 pub fn check_mountpoint(mountpoint: &Path, data_dir: &Path) -> Result<PathBuf, Error> {
     match std::fs::metadata(mountpoint) {
         Ok(m) if !m.is_dir() => return Err(Error::MountPointNotDir(mountpoint.to_path_buf())),
@@ -303,11 +235,11 @@ pub fn check_mountpoint(mountpoint: &Path, data_dir: &Path) -> Result<PathBuf, E
     }
     let abs = std::fs::canonicalize(mountpoint)
         .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
-    if is_mounted(&abs) {
+    if crate::mountinfo::is_mounted(&abs) {
         // A daemon killed a moment ago leaves a mount whose root the kernel
         // may still answer from its attribute cache: ours (same data dir,
         // type fuse.meshfs) with no live daemon is stale, not busy.
-        let ours = mount_source(&abs)
+        let ours = crate::mountinfo::source_of(&abs)
             .is_some_and(|(src, fstype)| fstype == "fuse.meshfs" && Path::new(&src) == data_dir);
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -1052,6 +984,12 @@ pub async fn check_mesh(node: &Arc<Node>) -> Result<crate::storage::CheckReport,
         report.missing_chunks = missing.iter().map(|h| h.to_string()).collect();
     }
     Ok(report)
+}
+
+/// The data dir of the meshfs mount holding `path`, and `path`'s inode
+/// number there (`meshfs stat`).
+pub fn daemon_of_path(path: &Path) -> Result<(PathBuf, u64), Error> {
+    crate::mountinfo::meshfs_of(path).map_err(Error::Mount)
 }
 
 /// Opens a data dir's store and loads its namespace.

@@ -1,0 +1,64 @@
+//! Mounts as /proc/self/mountinfo lists them: whether a path is a mount
+//! point, what a mount's source and type are, and which meshfs mount holds a
+//! path. Standard library only: the thin `meshfs` binary (`src/cli.rs`)
+//! compiles this file too, without the rest of the library.
+
+use std::path::{Path, PathBuf};
+
+/// Whether `path` is a mount point.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.as_os_str().as_encoded_bytes();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| unescape(m).as_bytes() == want)
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The source and type of the mount at `path` (the last one mounted
+/// there).
+pub fn source_of(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.as_os_str().as_encoded_bytes();
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.get(4).map(|m| unescape(m)).as_deref().map(str::as_bytes) != Some(want) {
+            return None;
+        }
+        let sep = f.iter().position(|x| *x == "-")?;
+        Some((unescape(f.get(sep + 2)?), f.get(sep + 1)?.to_string()))
+    })
+}
+
+/// The data dir of the meshfs mount holding `path` (its source), and
+/// `path`'s inode number there; an error line otherwise.
+pub fn meshfs_of(path: &Path) -> Result<(PathBuf, u64), String> {
+    use std::os::unix::fs::MetadataExt;
+    let abs =
+        std::fs::canonicalize(path).map_err(|e| format!("resolving {}: {e}", path.display()))?;
+    let ino = std::fs::symlink_metadata(&abs)
+        .map_err(|e| format!("stat {}: {e}", abs.display()))?
+        .ino();
+    let mut at = Some(abs.as_path());
+    while let Some(p) = at {
+        if let Some((source, fstype)) = source_of(p) {
+            if fstype == "fuse.meshfs" {
+                return Ok((PathBuf::from(source), ino));
+            }
+            break;
+        }
+        at = p.parent();
+    }
+    Err(format!("{} is not on a meshfs mount", path.display()))
+}
