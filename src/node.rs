@@ -546,6 +546,8 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         // A restarted device may lack content committed while it was away.
         replicate_now.notify_one();
         fs.set_replica(Arc::new(replica.clone()));
+        let in_use_fs = fs.clone();
+        replica.set_in_use(Arc::new(move |ino| in_use_fs.in_use(ino)));
         let (stat_replica, stat_rt) = (replica.clone(), rt.handle().clone());
         fs.set_stat(Arc::new(move |ino| {
             let r = stat_replica.clone();
@@ -937,8 +939,10 @@ pub fn offline_check(data_dir: &Path) -> Result<crate::storage::CheckReport, Err
 /// the other live members (missing only when nobody has it).
 pub async fn check_mesh(node: &Arc<Node>) -> Result<crate::storage::CheckReport, Error> {
     let n = node.clone();
+    // The committed namespace: the disk and the chunk reference counts
+    // follow it, not the changes still waiting to be committed.
     let (report, disk_matches) = tokio::task::spawn_blocking(move || {
-        n.fs.with_meta(|m| -> Result<_, Error> {
+        n.replica.with_committed(|m| -> Result<_, Error> {
             let report = n.store.check(m)?;
             let disk = n.store.load_meta()?;
             Ok((report, disk.as_ref() == Some(&m.snapshot())))

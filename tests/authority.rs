@@ -357,3 +357,47 @@ fn what_a_dead_device_governed_is_taken_over() {
     write_file(&a.path("t/kept"), b"changed", false).unwrap();
     assert_eq!(fs::read(c.path("t/kept")).unwrap(), b"changed");
 }
+
+#[test]
+fn a_file_unlinked_elsewhere_stays_usable_by_its_writer_until_closed() {
+    require_root!();
+    let (a, b, c) = three(&[]);
+    fs::create_dir(a.path("u")).unwrap();
+    let path = "u/kept-open";
+    // Bravo creates the file (and so governs it) and keeps writing to it.
+    let mut f = fs::File::create(b.path(path)).unwrap();
+    f.write_all(b"before").unwrap();
+    f.sync_all().unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let ino = fs::metadata(b.path(path)).unwrap().ino();
+    // Alpha, which governs the directory, unlinks it meanwhile.
+    fs::remove_file(a.path(path)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while c.path(path).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the unlink never reached charlie"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // POSIX: the writer's handle still works, and its close loses nothing
+    // it was told was written (no change refused at commit).
+    f.write_all(b" and after").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    wait_shipped(&b);
+    assert_eq!(changes(&b)["conflicts"], 0, "{}", changes(&b));
+    // Once bravo is done with it, the inode is freed on every device.
+    let gone = |d: &Device| {
+        d.control(&meshfs::control::Request::Stat { resource: ino })
+            .is_err()
+    };
+    let deadline = Instant::now() + LIMIT;
+    while ![&a, &b, &c].iter().all(|d| gone(d)) {
+        assert!(
+            Instant::now() < deadline,
+            "the unlinked inode was never freed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -271,6 +271,10 @@ pub trait Replicator: Send + Sync {
     /// authority if that is another device. True when the lookup should be
     /// tried again.
     fn lookup_miss(&self, parent: ResourceId, name: &[u8]) -> bool;
+    /// Frees the unlinked inode `ino`, which nothing on this device uses any
+    /// more. Never blocks: the file's authority decides (it may still use
+    /// it), reached in the background when it is another device.
+    fn reclaim(&self, ino: ResourceId);
 }
 
 /// A source of chunks beyond the local store (the mesh). Blocking: it is
@@ -448,17 +452,32 @@ impl Fs {
     /// names and attributes of what they touched must go, so that the next
     /// lookup or stat sees them.
     pub fn changed_elsewhere(&self, changes: &crate::meta::Changes) {
-        let Some(f) = self.invalidate.get() else {
-            return;
-        };
-        for (parent, name, _) in &changes.entries {
-            f(Invalidate::Entry {
-                parent: *parent,
-                name: name.clone(),
-            });
+        if let Some(f) = self.invalidate.get() {
+            for (parent, name, _) in &changes.entries {
+                f(Invalidate::Entry {
+                    parent: *parent,
+                    name: name.clone(),
+                });
+            }
+            for (ino, _) in &changes.inodes {
+                f(Invalidate::Inode(*ino));
+            }
         }
-        for (ino, _) in &changes.inodes {
-            f(Invalidate::Inode(*ino));
+        // An inode this device governs, unlinked by another device: freed
+        // here if nothing here uses it (a reclaim asked for before the
+        // unlink arrived, or a forget that came first, would leave it).
+        let orphans: Vec<ResourceId> = {
+            let meta = self.read_meta();
+            changes
+                .inodes
+                .iter()
+                .filter_map(|(ino, _)| meta.get(*ino))
+                .filter(|i| i.nlink == 0 && i.authority.device == self.opts.device)
+                .map(|i| i.id)
+                .collect()
+        };
+        for ino in orphans {
+            self.maybe_reclaim(ino);
         }
     }
 
@@ -570,15 +589,25 @@ impl Fs {
             return;
         }
         let unlinked = self.read_meta().get(ino).is_some_and(|i| i.nlink == 0);
-        if !unlinked
-            || lock(&self.lookups).contains_key(&ino)
-            || lock(&self.open).contains_key(&ino)
-        {
+        if !unlinked || self.in_use(ino) {
+            return;
+        }
+        if let Some(r) = self.replica.get() {
+            r.reclaim(ino);
+            if let Some(f) = self.on_change.get() {
+                f();
+            }
             return;
         }
         if let Err(e) = self.apply(FsCommand::Reclaim { ino }, false) {
             tracing::warn!(%ino, error = %e, "could not reclaim an unlinked inode; retried at next start");
         }
+    }
+
+    /// Whether this device still uses `ino`: the kernel holds it or a
+    /// handle is open (an unlinked file stays until neither does).
+    pub fn in_use(&self, ino: ResourceId) -> bool {
+        lock(&self.lookups).contains_key(&ino) || lock(&self.open).contains_key(&ino)
     }
 
     pub fn getattr(&self, ino: ResourceId) -> Result<Attr> {
@@ -1106,11 +1135,56 @@ impl Fs {
         mode: u32,
         flags: i32,
     ) -> Result<(Attr, Opened)> {
-        let attr = self.create_node(ctx, parent, name, NewNode::File, (mode & 0o7777) as u16)?;
+        let attr = match self.create_node(ctx, parent, name, NewNode::File, (mode & 0o7777) as u16)
+        {
+            Ok(a) => a,
+            // Another device created the name since the kernel looked it up:
+            // without O_EXCL, open(2) opens the existing file (as NFS does).
+            Err(FsError::Meta(MetaError::Exists)) if flags & libc::O_EXCL == 0 => {
+                return self.open_existing(ctx, parent, name, flags);
+            }
+            Err(e) => return Err(e),
+        };
         // O_TRUNC on a brand-new file is a no-op; opening must not fail on it.
         let opened = self.open_with(attr.ino, flags & !libc::O_TRUNC, false)?;
         self.report_open(ctx.uid, attr.ino);
         Ok((attr, opened))
+    }
+
+    /// `create` found the name taken: opens what is there, if it is a
+    /// regular file the caller may open so (the kernel checked only the
+    /// directory's permissions, for a create).
+    fn open_existing(
+        &self,
+        ctx: Ctx,
+        parent: ResourceId,
+        name: &[u8],
+        flags: i32,
+    ) -> Result<(Attr, Opened)> {
+        let attr = self.lookup(parent, name)?;
+        let refuse = |e: FsError| {
+            // The kernel gets no entry for a failed create.
+            self.forget(attr.ino, 1);
+            Err(e)
+        };
+        if attr.kind != Kind::File {
+            return refuse(MetaError::Exists.into());
+        }
+        let mask = match flags & libc::O_ACCMODE {
+            libc::O_WRONLY => libc::W_OK,
+            libc::O_RDWR => libc::R_OK | libc::W_OK,
+            _ => libc::R_OK,
+        };
+        if let Err(e) = self.access(ctx, attr.ino, mask) {
+            return refuse(e);
+        }
+        match self.open_with(attr.ino, flags, true) {
+            Ok(opened) => {
+                self.report_open(ctx.uid, attr.ino);
+                Ok((self.getattr(attr.ino)?, opened))
+            }
+            Err(e) => refuse(e),
+        }
     }
 
     fn handle(&self, fh: u64) -> Result<Handle> {

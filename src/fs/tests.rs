@@ -721,3 +721,40 @@ fn files_of_holes_match_a_byte_vector_under_random_operations() {
         "the streaming path ran {total_streamed} times"
     );
 }
+
+#[test]
+fn create_of_a_name_taken_meanwhile_opens_it_unless_exclusive() {
+    // Another device can create the name between the kernel's lookup and
+    // its create: open(2) without O_EXCL then opens (and truncates) that
+    // file; with O_EXCL it is EEXIST; a directory of that name is EEXIST.
+    let (_s, fs, _d) = setup();
+    let ino = write_file(&fs, "taken", b"already here");
+    let (attr, o) = fs.create(CTX, ROOT, b"taken", 0o644, libc::O_RDWR).unwrap();
+    assert_eq!(attr.ino, ino);
+    assert_eq!(fs.read(o.fh, 0, 100).unwrap(), b"already here");
+    fs.release(o.fh).unwrap();
+    let (attr, o) = fs
+        .create(CTX, ROOT, b"taken", 0o644, libc::O_WRONLY | libc::O_TRUNC)
+        .unwrap();
+    assert_eq!(attr.ino, ino);
+    fs.release(o.fh).unwrap();
+    assert!(read_all(&fs, ino).is_empty(), "O_TRUNC truncated it");
+    let e = fs
+        .create(CTX, ROOT, b"taken", 0o644, libc::O_RDWR | libc::O_EXCL)
+        .unwrap_err();
+    assert!(matches!(e, FsError::Meta(MetaError::Exists)), "{e:?}");
+    fs.mkdir(CTX, ROOT, b"dir", 0o755).unwrap();
+    let e = fs
+        .create(CTX, ROOT, b"dir", 0o644, libc::O_RDWR)
+        .unwrap_err();
+    assert!(matches!(e, FsError::Meta(MetaError::Exists)), "{e:?}");
+    // Someone else's file without write permission for the caller: EACCES.
+    let other = Ctx {
+        uid: 4242,
+        gid: 4242,
+    };
+    let e = fs
+        .create(other, ROOT, b"taken", 0o644, libc::O_WRONLY)
+        .unwrap_err();
+    assert!(matches!(e, FsError::Access), "{e:?}");
+}

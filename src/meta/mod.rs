@@ -69,10 +69,16 @@ pub enum Outcome {
 }
 
 /// Directory contents, indexed both by name (lookup) and by cookie (readdir).
+/// The readdir index is keyed by (cookie, name), not by cookie alone: in the
+/// committed state cookies are unique per directory, but the speculative
+/// layer can briefly hold two names with one cookie (another authority's
+/// pending create shown here while a rename committed through Raft took the
+/// same number), and a cookie-only index then lost one of the names for
+/// good (found by lookup, missing from listings).
 #[derive(Clone, Debug, Default)]
 struct DirEntries {
     by_name: BTreeMap<Name, Entry>,
-    by_cookie: BTreeMap<u64, Name>,
+    by_cookie: BTreeSet<(u64, Name)>,
 }
 
 /// What one or more applied commands changed, for storage to persist.
@@ -290,7 +296,7 @@ impl MetaState {
                     "entry for a missing inode",
                 )));
             }
-            dir.by_cookie.insert(entry.cookie, name.clone());
+            dir.by_cookie.insert((entry.cookie, name.clone()));
             dir.by_name.insert(name, entry);
         }
         if !s.inodes.contains_key(&ResourceId::ROOT) {
@@ -383,10 +389,10 @@ impl MetaState {
         for ((parent, name), old) in undo.entries {
             if let Some(d) = self.dirs.get_mut(&parent) {
                 if let Some(cur) = d.by_name.remove(&name) {
-                    d.by_cookie.remove(&cur.cookie);
+                    d.by_cookie.remove(&(cur.cookie, name.clone()));
                 }
                 if let Some(e) = old {
-                    d.by_cookie.insert(e.cookie, name.clone());
+                    d.by_cookie.insert((e.cookie, name.clone()));
                     d.by_name.insert(name, e);
                 }
             }
@@ -467,10 +473,10 @@ impl MetaState {
             self.save_entry(*parent, name);
             if let Some(d) = self.dirs.get_mut(parent) {
                 if let Some(old) = d.by_name.remove(name) {
-                    d.by_cookie.remove(&old.cookie);
+                    d.by_cookie.remove(&(old.cookie, name.clone()));
                 }
                 if let Some(e) = entry {
-                    d.by_cookie.insert(e.cookie, name.clone());
+                    d.by_cookie.insert((e.cookie, name.clone()));
                     d.by_name.insert(name.clone(), *e);
                 }
             }
@@ -527,7 +533,7 @@ impl MetaState {
     ) -> R<impl Iterator<Item = (u64, &Name, &Entry)>> {
         let d = self.dir(dir)?;
         Ok(d.by_cookie
-            .range(cookie.saturating_add(1)..)
+            .range((cookie.saturating_add(1), Vec::new())..)
             .filter_map(move |(c, n)| d.by_name.get(n).map(|e| (*c, n, e))))
     }
 
@@ -633,7 +639,14 @@ impl MetaState {
             | FsCommand::SetXattr { ino, .. }
             | FsCommand::RemoveXattr { ino, .. }
             | FsCommand::CommitVersion { ino, .. } => Governance::One(auth(*ino)?),
-            FsCommand::Reclaim { .. } | FsCommand::ReclaimOrphans => Governance::Anyone,
+            // An unlinked inode is freed by its authority, which knows
+            // whether its own programs still hold it open; one already gone
+            // is nobody's (the command does nothing).
+            FsCommand::Reclaim { ino } => match self.inodes.get(ino) {
+                Some(i) => Governance::One(i.authority.device),
+                None => Governance::Anyone,
+            },
+            FsCommand::ReclaimOrphans => Governance::Anyone,
             FsCommand::ReserveInodes { .. } | FsCommand::SetAuthority { .. } => Governance::Cluster,
         })
     }
@@ -1200,7 +1213,7 @@ impl MetaState {
             None => return,
         };
         if let Some(d) = self.dirs.get_mut(&parent) {
-            d.by_cookie.insert(cookie, name.clone());
+            d.by_cookie.insert((cookie, name.clone()));
             d.by_name.insert(name.clone(), Entry { ino, cookie, kind });
             self.dirty_entries.insert((parent, name));
         }
@@ -1223,7 +1236,7 @@ impl MetaState {
         self.save_entry(parent, name);
         if let Some(d) = self.dirs.get_mut(&parent) {
             if let Some(e) = d.by_name.remove(name) {
-                d.by_cookie.remove(&e.cookie);
+                d.by_cookie.remove(&(e.cookie, name.to_vec()));
                 self.dirty_entries.insert((parent, name.to_vec()));
             }
         }

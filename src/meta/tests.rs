@@ -769,12 +769,22 @@ fn every_command_is_decided_by_the_right_authority() {
         ),
         Governance::Several(vec![A, C])
     );
-    // Bookkeeping is the cluster's; reclaiming an unlinked inode anyone's.
+    // Bookkeeping is the cluster's; reclaiming an unlinked inode its
+    // authority's (one already gone, anyone's: it does nothing).
     assert_eq!(
         g(&s, FsCommand::ReserveInodes { device: B }),
         Governance::Cluster
     );
-    assert_eq!(g(&s, FsCommand::Reclaim { ino: f.id }), Governance::Anyone);
+    assert_eq!(g(&s, FsCommand::Reclaim { ino: f.id }), Governance::One(C));
+    assert_eq!(
+        g(
+            &s,
+            FsCommand::Reclaim {
+                ino: ResourceId(999)
+            }
+        ),
+        Governance::Anyone
+    );
     // After a move, the new authority decides.
     set_authority(&mut s, bd.id, C);
     assert_eq!(g(&s, create(bd.id, "y")), Governance::One(C));
@@ -892,4 +902,43 @@ fn speculative_changes_undo_alone_or_all_together_and_installs_show_foreign_valu
     );
     s.rollback();
     assert_eq!(s.snapshot(), committed);
+}
+
+#[test]
+fn a_cookie_shown_twice_in_the_speculative_layer_hides_no_name() {
+    // Committed: "a" in d. Another authority's pending create shown here
+    // reuses a's cookie (a rename committed through Raft took the number
+    // the authority had already handed out).
+    let mut s = fresh();
+    let d = mk(&mut s, ROOT, "d", NewNode::Dir, 2);
+    let a = mk(&mut s, d.id, "a", NewNode::File, 3);
+    s.take_changes();
+    let cookie = s.entry(d.id, b"a").unwrap().cookie;
+    let mut other = s.clone();
+    let b = mk(&mut other, ROOT, "b-inode", NewNode::File, 4);
+    let fx = Effects {
+        inodes: vec![],
+        entries: vec![(
+            d.id,
+            b"b".to_vec(),
+            Some(Entry {
+                ino: b.id,
+                cookie,
+                kind: Kind::File,
+            }),
+        )],
+    };
+    let names = |s: &MetaState| -> Vec<Name> {
+        s.entries_after(d.id, 0)
+            .unwrap()
+            .map(|(_, n, _)| n.clone())
+            .collect()
+    };
+    let sp = s.savepoint();
+    s.install(&fx);
+    s.keep(sp);
+    assert_eq!(names(&s), vec![b"a".to_vec(), b"b".to_vec()], "both listed");
+    s.rollback();
+    assert_eq!(names(&s), vec![b"a".to_vec()], "a survives the undo");
+    assert_eq!(s.lookup(d.id, b"a").unwrap().id, a.id);
 }

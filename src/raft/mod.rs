@@ -112,6 +112,9 @@ pub struct Replica {
     counters: Arc<Counters>,
     /// Usage reports and, on the leader, the authority policy.
     policy: Arc<authority::Policy>,
+    /// Whether this device's programs still use an inode (set by the
+    /// daemon from `fs`): a forwarded reclaim of it waits for them.
+    in_use: Arc<std::sync::OnceLock<InUseFn>>,
     /// Authorities that did not answer a catch-up lately: opens and
     /// lookups serve the local replica at once instead of each waiting
     /// `read_wait` again.
@@ -188,6 +191,7 @@ pub async fn start(
         counters: Default::default(),
         policy: Arc::new(authority::Policy::new(settings_policy)),
         unreachable: Default::default(),
+        in_use: Default::default(),
         next_request: Arc::new(std::sync::atomic::AtomicU64::new(u64::from_le_bytes(
             crate::ids::random_bytes(),
         ))),
@@ -206,6 +210,12 @@ pub async fn start(
     tokio::spawn(authority::run(replica.clone()));
     Ok(replica)
 }
+
+/// Whether this device still uses an inode (`Replica::set_in_use`).
+pub type InUseFn = Arc<dyn Fn(ResourceId) -> bool + Send + Sync>;
+
+/// How long a reclaim for another device's file keeps trying to reach it.
+const RECLAIM_FOR: Duration = Duration::from_secs(600);
 
 /// How long an authority that did not answer a catch-up is not waited for
 /// again by opens and lookups.
@@ -645,6 +655,70 @@ impl Replica {
         );
     }
 
+    /// Sets how a forwarded reclaim learns whether this device still uses
+    /// the inode (once).
+    pub fn set_in_use(&self, f: InUseFn) {
+        let _ = self.in_use.set(f);
+    }
+
+    fn in_use(&self, ino: ResourceId) -> bool {
+        self.in_use.get().is_some_and(|f| f(ino))
+    }
+
+    /// Frees an unlinked inode nothing here uses: at once when this device
+    /// governs it, else at its authority, in the background (retried for
+    /// up to `RECLAIM_FOR`; the authority defers while it still uses it,
+    /// and frees it itself when it is done).
+    pub fn reclaim_unused(&self, ino: ResourceId) {
+        let id = self.next_id();
+        let cmd = FsCommand::Reclaim { ino };
+        match self.shared.apply_local(self.device, id, cmd.clone()) {
+            Ok(Local::Applied { .. }) => self.kick_shipper(false),
+            Ok(Local::Refused(_)) => {}
+            Ok(Local::NotMine(_) | Local::Sealed) => {
+                let r = self.clone();
+                self.rt
+                    .spawn(async move { r.reclaim_remote(ino, id, cmd).await });
+            }
+            Err(e) => tracing::warn!(%ino, error = %e, "could not reclaim an unlinked inode"),
+        }
+    }
+
+    async fn reclaim_remote(&self, ino: ResourceId, id: u64, cmd: FsCommand) {
+        let until = Instant::now() + RECLAIM_FOR;
+        let mut pause = Duration::from_millis(50);
+        while Instant::now() < until {
+            let gov = read_meta(&self.shared.meta).governance(&cmd);
+            let deadline = Instant::now() + self.settings.write_timeout;
+            let done = match gov {
+                Ok(Governance::One(a)) if a == self.device => {
+                    let (shared, c) = (self.shared.clone(), cmd.clone());
+                    let local =
+                        tokio::task::spawn_blocking(move || shared.apply_local(shared.me, id, c))
+                            .await;
+                    if let Ok(Ok(Local::Applied { .. })) = local {
+                        self.kick_shipper(false);
+                    }
+                    true
+                }
+                Ok(Governance::One(a)) => {
+                    matches!(
+                        self.forward(a, id, cmd.clone(), deadline).await,
+                        Ok(Some(_))
+                    )
+                }
+                // Gone already: nothing to free.
+                _ => true,
+            };
+            if done {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(10));
+        }
+        tracing::warn!(%ino, "no authority took the reclaim of an unlinked inode; it stays until one does");
+    }
+
     /// Counts a change by this device's programs against the resources
     /// that decide it (the authority policy moves them to who works).
     fn record_change(&self, cmd: &FsCommand) {
@@ -844,6 +918,24 @@ impl Replica {
 
     /// Applies a change another device forwarded, as its authority.
     async fn apply_forwarded(&self, origin: DeviceId, id: u64, cmd: FsCommand) -> Reply {
+        if let FsCommand::Reclaim { ino } = cmd {
+            if self.in_use(ino) {
+                // A program here still has it: it is freed here when that
+                // program is done (`Fs::maybe_reclaim`).
+                return Reply::Forwarded {
+                    seq: 0,
+                    result: Ok(Outcome::Done),
+                    effects: None,
+                };
+            }
+            let linked = read_meta(&self.shared.meta)
+                .get(ino)
+                .is_some_and(|i| i.nlink > 0);
+            if linked {
+                // The unlink has not reached this device yet: ask again.
+                return Reply::Failed("still linked here".into());
+            }
+        }
         if let Some((seq, result, effects)) = lock(&self.forwarded).get(&(origin, id)) {
             return Reply::Forwarded {
                 seq,
@@ -1042,6 +1134,11 @@ impl Replica {
         self.catch_up_with(self.device, deadline).await
     }
 
+    /// Runs `f` on the committed namespace, applies held off meanwhile.
+    pub fn with_committed<T>(&self, f: impl FnOnce(&MetaState) -> T) -> T {
+        self.shared.with_committed(f)
+    }
+
     /// Replays the log over the last snapshot and compares the result with
     /// the live state (blocking; holds off applies while it runs).
     pub fn verify_against_log(&self) -> Result<Option<String>, RaftError> {
@@ -1177,6 +1274,10 @@ impl crate::fs::Replicator for Replica {
         let r = self.clone();
         block_on(&self.rt, async move { r.open_barrier(ino).await });
         true
+    }
+
+    fn reclaim(&self, ino: ResourceId) {
+        self.reclaim_unused(ino);
     }
 
     fn lookup_miss(&self, parent: ResourceId, name: &[u8]) -> bool {

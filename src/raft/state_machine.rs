@@ -357,6 +357,16 @@ impl Shared {
         }
     }
 
+    /// Runs `f` on the committed state (the live one with this device's
+    /// speculative layer taken off, a copy only when there is one) with
+    /// applies held off, so that what is on disk stays put meanwhile
+    /// (`meshfs check`).
+    pub fn with_committed<T>(&self, f: impl FnOnce(&MetaState) -> T) -> T {
+        let meta = read(&self.meta);
+        let copy = committed_copy(&meta);
+        f(copy.as_ref().unwrap_or(&*meta))
+    }
+
     /// How many changes wait in the outbox, and how many were refused at
     /// commit (conflicts).
     pub fn outbox_status(&self) -> (usize, u64, u64) {
