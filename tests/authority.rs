@@ -478,6 +478,11 @@ fn random_concurrent_changes_on_three_devices_converge() {
     for d in [&b, &c] {
         assert_eq!(tree(d, "s"), want, "{} differs from alpha", d.name);
     }
+    // No change was refused: a change spanning authorities seals what it
+    // involves at each of them before it goes through Raft.
+    for d in [&a, &b, &c] {
+        assert_eq!(changes(d)["conflicts"], 0, "{}: {}", d.name, changes(d));
+    }
     // Unlinked files are freed once no kernel holds them (nothing leaks).
     std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
     let expected = want.len() as u64 + 2; // the mount root and "s"

@@ -609,30 +609,12 @@ impl MetaState {
                 Governance::One(auth(*parent)?)
             }
             FsCommand::Unlink { parent, .. } => Governance::One(auth(*parent)?),
-            FsCommand::Rmdir { parent, name, .. } => {
-                let mut devs = vec![auth(*parent)?];
-                if let Ok(child) = self.lookup(*parent, name) {
-                    devs.push(child.authority.device);
-                }
-                one_or_several(devs)
-            }
-            FsCommand::Rename {
-                parent,
-                new_parent,
-                new_name,
-                mode,
-                ..
-            } => {
-                let mut devs = vec![auth(*parent)?, auth(*new_parent)?];
-                // A directory replaced must be empty: its own authority
-                // decides about its entries.
-                if *mode != RenameMode::Exchange {
-                    if let Ok(i) = self.lookup(*new_parent, new_name) {
-                        if i.kind == Kind::Dir {
-                            devs.push(i.authority.device);
-                        }
-                    }
-                }
+            FsCommand::Rmdir { .. } | FsCommand::Rename { .. } => {
+                let devs = self
+                    .involved(cmd)
+                    .into_iter()
+                    .map(auth)
+                    .collect::<R<Vec<_>>>()?;
                 one_or_several(devs)
             }
             FsCommand::SetAttr { ino, .. }
@@ -649,6 +631,44 @@ impl MetaState {
             FsCommand::ReclaimOrphans => Governance::Anyone,
             FsCommand::ReserveInodes { .. } | FsCommand::SetAuthority { .. } => Governance::Cluster,
         })
+    }
+
+    /// The resources whose authorities decide a removal or rename: the
+    /// directories whose entries change, a directory removed (its entries
+    /// must be none) and one replaced (likewise). Empty for other commands.
+    /// A change spanning several authorities seals these at each of them
+    /// while it is committed.
+    pub fn involved(&self, cmd: &FsCommand) -> Vec<ResourceId> {
+        let mut out = Vec::new();
+        match cmd {
+            FsCommand::Rmdir { parent, name, .. } => {
+                out.push(*parent);
+                if let Ok(child) = self.lookup(*parent, name) {
+                    out.push(child.id);
+                }
+            }
+            FsCommand::Rename {
+                parent,
+                new_parent,
+                new_name,
+                mode,
+                ..
+            } => {
+                out.push(*parent);
+                out.push(*new_parent);
+                if *mode != RenameMode::Exchange {
+                    if let Ok(i) = self.lookup(*new_parent, new_name) {
+                        if i.kind == Kind::Dir {
+                            out.push(i.id);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Every resource `device` governs: id, authority, and whether it is a

@@ -115,6 +115,8 @@ pub struct Replica {
     /// Whether this device's programs still use an inode (set by the
     /// daemon from `fs`): a forwarded reclaim of it waits for them.
     in_use: Arc<std::sync::OnceLock<InUseFn>>,
+    /// Seals held here for changes spanning authorities, by (asker, token).
+    leases: Arc<std::sync::Mutex<std::collections::HashMap<(DeviceId, u64), Vec<ResourceId>>>>,
     /// Authorities that did not answer a catch-up lately: opens and
     /// lookups serve the local replica at once instead of each waiting
     /// `read_wait` again.
@@ -192,6 +194,7 @@ pub async fn start(
         policy: Arc::new(authority::Policy::new(settings_policy)),
         unreachable: Default::default(),
         in_use: Default::default(),
+        leases: Default::default(),
         next_request: Arc::new(std::sync::atomic::AtomicU64::new(u64::from_le_bytes(
             crate::ids::random_bytes(),
         ))),
@@ -752,18 +755,83 @@ impl Replica {
                 self.forward(authority, id, cmd, deadline).await
             }
             Governance::Several(devices) => {
-                // Each authority's changes so far come first in the log, so
-                // the change is decided on everything they acknowledged.
-                for d in devices {
-                    self.catch_up_with(d, deadline).await?;
+                // Each authority seals what the change involves and ships
+                // its outbox: the change is decided on everything they
+                // acknowledged, and nothing of theirs races it until it is
+                // committed.
+                let resources = read_meta(&self.shared.meta).involved(&cmd);
+                let mut local = Vec::new();
+                let mut remote = Vec::new();
+                let outcome = async {
+                    for d in &devices {
+                        let seq = if *d == self.device {
+                            let (mine, seq) = self.shared.seal_resources(&resources);
+                            local = mine;
+                            if self.shared.shipped(self.device) < seq {
+                                self.kick_shipper(true);
+                            }
+                            seq
+                        } else {
+                            let seq = self.seal_at(*d, id, &resources, deadline).await?;
+                            remote.push(*d);
+                            seq
+                        };
+                        self.wait_shipped(*d, seq, deadline).await?;
+                    }
+                    self.counters.through_raft.fetch_add(1, Ordering::Relaxed);
+                    self.propose_request(req(cmd), deadline).await
                 }
-                self.counters.through_raft.fetch_add(1, Ordering::Relaxed);
-                self.propose_request(req(cmd), deadline).await.map(Some)
+                .await;
+                self.shared.unseal_resources(&local);
+                for d in remote {
+                    let r = self.clone();
+                    tokio::spawn(async move {
+                        let timeout = r.settings.read_wait;
+                        let _ = call(&r.mesh, d, &Rpc::Unseal { token: id }, timeout).await;
+                    });
+                }
+                outcome.map(Some)
             }
             Governance::Cluster | Governance::Anyone => {
                 self.counters.through_raft.fetch_add(1, Ordering::Relaxed);
                 self.propose_request(req(cmd), deadline).await.map(Some)
             }
+        }
+    }
+
+    /// Asks authority `d` to seal `resources` for the change `token` and ship
+    /// its outbox; returns the sequence to wait for. Retried until
+    /// `deadline` while `d` does not answer.
+    async fn seal_at(
+        &self,
+        d: DeviceId,
+        token: u64,
+        resources: &[ResourceId],
+        deadline: Instant,
+    ) -> Result<u64, RaftError> {
+        let rpc = Rpc::Seal {
+            token,
+            resources: resources.to_vec(),
+            lease_ms: self.settings.write_timeout.as_millis() as u64,
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RaftError::NoQuorum(self.settings.write_timeout));
+            }
+            match call(&self.mesh, d, &rpc, left).await {
+                Ok(Reply::Shipping { seq }) => return Ok(seq),
+                Ok(other) => tracing::debug!(reply = ?other, "sealing at an authority"),
+                Err(e) => tracing::debug!(error = %e, "sealing at an authority"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Lifts the seals held for (`from`, `token`), once.
+    fn end_lease(&self, from: DeviceId, token: u64) {
+        if let Some(res) = lock(&self.leases).remove(&(from, token)) {
+            self.shared.unseal_resources(&res);
         }
     }
 
@@ -870,6 +938,35 @@ impl Replica {
                 Ok((found, seq)) => Reply::Looked { found, seq },
                 Err(()) => Reply::NotAuthority,
             },
+            Rpc::Seal {
+                token,
+                resources,
+                lease_ms,
+            } => {
+                // One lease per (asker, token): a repeated request re-seals
+                // nothing.
+                if !lock(&self.leases).contains_key(&(from, token)) {
+                    let mut resources = resources;
+                    resources.truncate(16);
+                    let (mine, _) = self.shared.seal_resources(&resources);
+                    lock(&self.leases).insert((from, token), mine);
+                    let r = self.clone();
+                    let lease = Duration::from_millis(lease_ms.min(60_000));
+                    tokio::spawn(async move {
+                        tokio::time::sleep(lease).await;
+                        r.end_lease(from, token);
+                    });
+                }
+                let seq = lock(&self.shared.outbox).last_seq();
+                if self.shared.shipped(self.device) < seq {
+                    self.kick_shipper(true);
+                }
+                Reply::Shipping { seq }
+            }
+            Rpc::Unseal { token } => {
+                self.end_lease(from, token);
+                Reply::Done
+            }
             Rpc::Current { ino } => match self.shared.answer_current(ino) {
                 Ok((inode, seq)) => Reply::Current {
                     inode: Box::new(inode),

@@ -78,6 +78,18 @@ pub enum Rpc {
     Current {
         ino: ResourceId,
     },
+    /// For a change spanning authorities: seal these resources (those the
+    /// receiver governs), ship the outbox, answer `Shipping` with its last
+    /// sequence. The seal holds until `Unseal` with the same token, or for
+    /// `lease_ms` at most (the asker may die).
+    Seal {
+        token: u64,
+        resources: Vec<ResourceId>,
+        lease_ms: u64,
+    },
+    Unseal {
+        token: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -319,7 +331,9 @@ pub async fn answer(raft: &Raft, rpc: Rpc) -> Reply {
         | Rpc::Handoff { .. }
         | Rpc::Reputation { .. }
         | Rpc::Lookup { .. }
-        | Rpc::Current { .. } => {
+        | Rpc::Current { .. }
+        | Rpc::Seal { .. }
+        | Rpc::Unseal { .. } => {
             Reply::Failed("not a raft request (answered by the replica)".into())
         }
     }

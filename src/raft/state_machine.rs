@@ -87,10 +87,12 @@ pub struct Shared {
     /// Replicated: how far each authority's batches are applied.
     shipped: Mutex<Shipped>,
     pub(super) outbox: Mutex<Outbox>,
-    /// Resources this device is handing to another: no local change
-    /// applies to them until the move is committed. Changed with `meta`
-    /// locked, so the outbox holds every change made before a seal.
-    pub(super) sealed: Mutex<std::collections::HashSet<ResourceId>>,
+    /// Resources sealed here, with how many seals each: no local change
+    /// applies to them until every seal is lifted (a handoff until the move
+    /// commits, a change spanning authorities until it commits). Changed
+    /// with `meta` locked, so the outbox holds every change made before a
+    /// seal.
+    pub(super) sealed: Mutex<std::collections::HashMap<ResourceId, u32>>,
     pub(super) me: DeviceId,
     /// Last applied log id and membership; written with `meta` locked so
     /// that a snapshot sees them consistent with the namespace.
@@ -208,7 +210,7 @@ impl Shared {
         }
         {
             let sealed = lock(&self.sealed);
-            if !sealed.is_empty() && cmd.decided_by().iter().any(|r| sealed.contains(r)) {
+            if !sealed.is_empty() && cmd.decided_by().iter().any(|r| sealed.contains_key(r)) {
                 return Ok(Local::Sealed);
             }
         }
@@ -346,14 +348,44 @@ impl Shared {
                     .is_some_and(|a| a.device == self.me && a.epoch.checked_add(1) == Some(m.epoch))
             })
             .collect();
-        sealed.extend(mine.iter().map(|m| m.ino));
+        for m in &mine {
+            *sealed.entry(m.ino).or_insert(0) += 1;
+        }
         mine
     }
 
     pub fn unseal(&self, moves: &[crate::meta::Move]) {
+        self.unseal_resources(&moves.iter().map(|m| m.ino).collect::<Vec<_>>());
+    }
+
+    /// Seals those of `resources` this device governs and returns them,
+    /// with the last outbox sequence: every change made here to them is at
+    /// or below it, and none follows until `unseal_resources`.
+    pub fn seal_resources(&self, resources: &[ResourceId]) -> (Vec<ResourceId>, u64) {
+        let meta = write(&self.meta);
+        let mine: Vec<ResourceId> = resources
+            .iter()
+            .copied()
+            .filter(|r| meta.authority(*r).is_some_and(|a| a.device == self.me))
+            .collect();
         let mut sealed = lock(&self.sealed);
-        for m in moves {
-            sealed.remove(&m.ino);
+        for r in &mine {
+            *sealed.entry(*r).or_insert(0) += 1;
+        }
+        drop(sealed);
+        (mine, lock(&self.outbox).last_seq())
+    }
+
+    /// Lifts one seal of each of `resources`.
+    pub fn unseal_resources(&self, resources: &[ResourceId]) {
+        let mut sealed = lock(&self.sealed);
+        for r in resources {
+            if let Some(n) = sealed.get_mut(r) {
+                *n -= 1;
+                if *n == 0 {
+                    sealed.remove(r);
+                }
+            }
         }
     }
 
