@@ -8,6 +8,7 @@
 
 // Both are plain standard library and serde_json, shared with `meshfsd`
 // (which also uses what this binary does not).
+mod civil;
 #[allow(dead_code)]
 mod mountinfo;
 mod view;

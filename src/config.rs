@@ -71,6 +71,14 @@ pub struct Config {
     /// for fsync and changes spanning devices, for a Raft commit) before
     /// the program gets EIO, in milliseconds.
     pub write_timeout_ms: u64,
+    /// How long a change waits for the device that governs it (or, for a
+    /// change spanning devices, for a Raft commit) before it is made
+    /// tentatively on this device and the program answered: it is kept in
+    /// a local journal and reintegrated when that device is reachable
+    /// again, conflicts kept as copies (see docs/operations.md). Also how
+    /// long fsync waits for a commit while no leader is reachable before it
+    /// settles for this device's disk. In milliseconds.
+    pub offline_after_ms: u64,
     /// How long changes applied here gather before they are proposed to
     /// the Raft log as one batch (group commit), in milliseconds. fsync
     /// does not wait for it.
@@ -191,6 +199,7 @@ impl Default for Config {
             raft_election_max_ms: 200,
             read_wait_ms: 1000,
             write_timeout_ms: 10_000,
+            offline_after_ms: 1_500,
             batch_delay_ms: 2,
             batch_max: 1024,
             authority_takeover_s: 5,
@@ -328,6 +337,9 @@ impl Config {
         }
         if !(100..=600_000).contains(&self.write_timeout_ms) {
             return Err("write_timeout_ms must be 100..=600000".into());
+        }
+        if !(50..=600_000).contains(&self.offline_after_ms) {
+            return Err("offline_after_ms must be 50..=600000".into());
         }
         if self.batch_delay_ms > 1_000 {
             return Err("batch_delay_ms must be 0..=1000".into());

@@ -37,6 +37,11 @@ pub enum Request {
     Chunks {
         path: String,
     },
+    /// The conflicts met at reintegration; with `clear`, forget them.
+    Conflicts {
+        #[serde(default)]
+        clear: bool,
+    },
     /// Authority, reputation, quality, proximity and temperature of a
     /// resource (`meshfs stat`), by inode number.
     Stat {
@@ -112,6 +117,7 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
         },
         Ok(Request::Chunks { path }) => chunks(&node, &path),
         Ok(Request::Holders { resource }) => holders(&node, resource).await,
+        Ok(Request::Conflicts { clear }) => conflicts(&node, clear),
         Ok(Request::Stat { resource }) => {
             match node.replica.stat(crate::ids::ResourceId(resource)).await {
                 Some(st) => serde_json::to_value(st).unwrap_or_default(),
@@ -241,6 +247,30 @@ async fn fetch(
         }),
         Err(e) => err(e.to_string()),
     }
+}
+
+fn conflicts(node: &Node, clear: bool) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = node
+        .replica
+        .conflicts()
+        .into_iter()
+        .map(|c| {
+            serde_json::json!({
+                "kind": c.kind.label(),
+                "made": c.made.secs,
+                "found": c.found.secs,
+                "path": c.path,
+                "kept_as": c.kept_as,
+                "detail": c.detail,
+            })
+        })
+        .collect();
+    if clear {
+        if let Err(e) = node.replica.clear_conflicts() {
+            return serde_json::json!({ "error": e.to_string() });
+        }
+    }
+    serde_json::json!({ "conflicts": list, "cleared": clear })
 }
 
 fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Value {

@@ -18,6 +18,7 @@
 //! - `error`: the daemon- and CLI-level error.
 
 pub mod authority;
+pub mod civil;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -17,6 +17,9 @@ use meshfs::prefetch::eval;
 
 mod view;
 
+// `view` (shared with the thin command line) finds it at the crate root.
+use meshfs::civil;
+
 #[derive(Parser)]
 #[command(
     name = "meshfs",
@@ -91,6 +94,17 @@ enum Cmd {
         data_dir: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// List the conflicts met when changes made while their authority was
+    /// out of reach were reintegrated (what was kept where).
+    Conflicts {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Forget the conflicts listed so far (the files stay).
+        #[arg(long)]
+        clear: bool,
     },
     /// Show who governs a file or directory under a mount and why:
     /// authority and epoch, reputation per device, observed quality,
@@ -285,6 +299,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{v}");
             } else {
                 view::print_status(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Conflicts {
+            data_dir,
+            json,
+            clear,
+        } => {
+            init_cli_log();
+            let v = control::request(&data_dir, &Request::Conflicts { clear })?;
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                return Err(anyhow::anyhow!("{e}"));
+            }
+            if json {
+                println!("{v}");
+            } else {
+                view::print_conflicts(&v);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -500,6 +500,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
                 election_max: Duration::from_millis(cfg.raft_election_max_ms),
                 read_wait: Duration::from_millis(cfg.read_wait_ms),
                 write_timeout: Duration::from_millis(cfg.write_timeout_ms),
+                offline_after: Duration::from_millis(cfg.offline_after_ms),
                 max_voters: cfg.max_voters,
                 batch_delay: Duration::from_millis(cfg.batch_delay_ms),
                 batch_max: cfg.batch_max,

@@ -124,10 +124,27 @@ pub fn print_status(v: &serde_json::Value) {
                 c["through_raft"],
                 c["pending"],
                 match c["conflicts"].as_u64() {
-                    Some(n) if n > 0 => format!(", {n} refused at commit (conflicts, see the log)"),
+                    Some(n) if n > 0 => format!(", {n} refused at commit (reintegrated)"),
                     _ => String::new(),
                 }
             );
+            let t = &c["tentative"];
+            if t.is_object() {
+                let waiting = t["waiting"].as_u64().unwrap_or(0);
+                let conflicts = t["conflicts"].as_u64().unwrap_or(0);
+                if waiting > 0 || conflicts > 0 || t["made"].as_u64().unwrap_or(0) > 0 {
+                    println!(
+                        "tentative:  {waiting} waiting for their authority{}; {} made, {} reintegrated; {conflicts} conflicts{}",
+                        match t["since"].as_i64() {
+                            Some(s) if waiting > 0 => format!(" since {}", utc(s)),
+                            _ => String::new(),
+                        },
+                        t["made"],
+                        t["reintegrated"],
+                        if conflicts > 0 { " (meshfs conflicts)" } else { "" }
+                    );
+                }
+            }
         }
         println!("voters:     {}", names("voters"));
         let learners = names("learners");
@@ -154,4 +171,35 @@ pub fn print_status(v: &serde_json::Value) {
             d["load"]["active_transfers"],
         );
     }
+}
+
+/// `meshfs conflicts`: one line per conflict, oldest first.
+#[allow(dead_code)]
+pub fn print_conflicts(v: &serde_json::Value) {
+    let list = v["conflicts"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no conflicts");
+    }
+    for c in &list {
+        println!(
+            "{}  {:<13} {}{}\n    {}",
+            utc(c["made"].as_i64().unwrap_or(0)),
+            c["kind"].as_str().unwrap_or("?"),
+            c["path"].as_str().unwrap_or("?"),
+            match c["kept_as"].as_str() {
+                Some(k) => format!("  (this device's version: {k})"),
+                None => String::new(),
+            },
+            c["detail"].as_str().unwrap_or("")
+        );
+    }
+    if v["cleared"].as_bool().unwrap_or(false) {
+        println!("({} cleared)", list.len());
+    }
+}
+
+/// A Unix time as `YYYY-mm-dd HH:MM:SS UTC`.
+fn utc(secs: i64) -> String {
+    let (y, m, d, h, mi, s) = crate::civil::civil(secs);
+    format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC")
 }

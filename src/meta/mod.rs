@@ -932,15 +932,22 @@ impl MetaState {
         );
     }
 
-    /// Takes `ino` for a new inode: it must lie in a block of `applier` and
-    /// never have been used (numbers are never reused).
-    fn take_ino(&mut self, applier: DeviceId, ino: ResourceId) -> R<()> {
+    /// Takes `ino` for a new inode: it must lie in a block of the applier
+    /// or of the origin (a change made tentatively on the origin while the
+    /// authority was out of reach was numbered there) and not be in use.
+    /// Numbers are not reused: each device hands out the numbers of its
+    /// blocks once, in order (`next_free_ino`, from a view that includes
+    /// its pending and tentative creates); a tentative create reintegrated
+    /// late may come after a higher number of the same block.
+    fn take_ino(&mut self, by: By, ino: ResourceId) -> R<()> {
         let b = ino.0 / BLOCK_SIZE;
         match self.space.blocks.get(&b) {
-            Some(blk) if blk.owner == applier && ino.0 >= blk.next => {}
+            Some(blk)
+                if (blk.owner == by.applier || blk.owner == by.origin)
+                    && ino.0 >= b.saturating_mul(BLOCK_SIZE).max(2) => {}
             _ => {
                 return Err(MetaError::Invalid(Cow::Borrowed(
-                    "inode number outside the applier's block or used before",
+                    "inode number outside the applier's block",
                 )))
             }
         }
@@ -949,9 +956,49 @@ impl MetaState {
         }
         self.save_space();
         if let Some(blk) = self.space.blocks.get_mut(&b) {
-            blk.next = ino.0 + 1;
+            blk.next = blk.next.max(ino.0 + 1);
         }
         Ok(())
+    }
+
+    /// Keeps `ino` of `device`'s block from being handed out (a tentative
+    /// create that does not show now still owns its number).
+    pub fn hold_ino(&mut self, device: DeviceId, ino: ResourceId) {
+        let b = ino.0 / BLOCK_SIZE;
+        let holds = self
+            .space
+            .blocks
+            .get(&b)
+            .is_some_and(|blk| blk.owner == device && ino.0 >= blk.next);
+        if holds {
+            self.save_space();
+            if let Some(blk) = self.space.blocks.get_mut(&b) {
+                blk.next = ino.0 + 1;
+            }
+        }
+    }
+
+    /// One name of `ino` (its parent directory and the name there), found
+    /// by a scan of the directories: what a conflict copy of a file is
+    /// placed beside.
+    pub fn name_of(&self, ino: ResourceId) -> Option<(ResourceId, Name)> {
+        if let Some(i) = self.inodes.get(&ino) {
+            if i.kind == Kind::Dir {
+                let p = self.dirs.get(&i.parent)?;
+                return p
+                    .by_name
+                    .iter()
+                    .find(|(_, e)| e.ino == ino)
+                    .map(|(n, _)| (i.parent, n.clone()));
+            }
+        }
+        self.dirs.iter().find_map(|(d, entries)| {
+            entries
+                .by_name
+                .iter()
+                .find(|(_, e)| e.ino == ino)
+                .map(|(n, _)| (*d, n.clone()))
+        })
     }
 
     // ---- commands ----
@@ -1002,7 +1049,7 @@ impl MetaState {
             NewNode::CharDev { rdev } => (Kind::CharDev, rdev, None, None),
             NewNode::BlockDev { rdev } => (Kind::BlockDev, rdev, None, None),
         };
-        self.take_ino(by.applier, id)?;
+        self.take_ino(by, id)?;
         let is_dir = kind == Kind::Dir;
         let inode = Inode {
             id,

@@ -17,10 +17,12 @@
 #![allow(clippy::result_large_err)]
 
 mod authority;
+mod journal;
 mod log_store;
 mod membership;
 mod network;
 mod outbox;
+mod reintegrate;
 mod state_machine;
 mod types;
 
@@ -62,6 +64,9 @@ pub struct RaftSettings {
     pub read_wait: Duration,
     /// Longest a write waits for a leader to commit it.
     pub write_timeout: Duration,
+    /// How long a change waits for the device that governs it (or for a
+    /// commit, when it spans several) before it is made tentatively here.
+    pub offline_after: Duration,
     pub max_voters: usize,
     /// How long the shipper gathers local changes before proposing a batch
     /// (group commit), unless someone waits for them (fsync).
@@ -116,7 +121,7 @@ pub struct Replica {
     /// daemon from `fs`): a forwarded reclaim of it waits for them.
     in_use: Arc<std::sync::OnceLock<InUseFn>>,
     /// Seals held here for changes spanning authorities, by (asker, token).
-    leases: Arc<std::sync::Mutex<std::collections::HashMap<(DeviceId, u64), Vec<ResourceId>>>>,
+    leases: Arc<std::sync::Mutex<Leases>>,
     /// Authorities that did not answer a catch-up lately: opens and
     /// lookups serve the local replica at once instead of each waiting
     /// `read_wait` again.
@@ -126,6 +131,8 @@ pub struct Replica {
     /// replies are kept under), then counted up. Drawing fresh random bytes
     /// per request cost three system calls on every namespace change.
     next_request: Arc<std::sync::atomic::AtomicU64>,
+    /// Tentative changes' reintegration and the conflicts it met.
+    reint: Arc<reintegrate::State>,
 }
 
 /// Starts Raft on the current runtime over `meta` (the namespace the
@@ -138,6 +145,7 @@ pub async fn start(
 ) -> Result<Replica, RaftError> {
     let device = mesh.device();
     let me = node_id(device);
+    let store_for_reint = store.clone();
     let shared = Arc::new(state_machine::Shared::load(
         meta,
         store.clone(),
@@ -195,12 +203,15 @@ pub async fn start(
         unreachable: Default::default(),
         in_use: Default::default(),
         leases: Default::default(),
+        reint: Arc::new(reintegrate::State::load(&store_for_reint)),
         next_request: Arc::new(std::sync::atomic::AtomicU64::new(u64::from_le_bytes(
             crate::ids::random_bytes(),
         ))),
     };
     tokio::spawn(serve(replica.clone(), rx));
     tokio::spawn(ship(replica.clone()));
+    tokio::spawn(reintegrate::run(replica.clone()));
+    tokio::spawn(reintegrate::watch_members(replica.clone()));
     let initialized = raft
         .is_initialized()
         .await
@@ -213,6 +224,10 @@ pub async fn start(
     tokio::spawn(authority::run(replica.clone()));
     Ok(replica)
 }
+
+/// Seals held for changes spanning authorities: by (asker, token), the
+/// resources sealed.
+type Leases = std::collections::HashMap<(DeviceId, u64), Vec<ResourceId>>;
 
 /// Whether this device still uses an inode (`Replica::set_in_use`).
 pub type InUseFn = Arc<dyn Fn(ResourceId) -> bool + Send + Sync>;
@@ -582,6 +597,14 @@ impl Replica {
     /// returns its result. Blocking: called from kernel request threads;
     /// the common case (this device governs it) touches no async code.
     pub fn change(&self, cmd: FsCommand) -> Result<Response, RaftError> {
+        self.change_as(cmd, true)
+    }
+
+    /// `change`; `journal_first`: while tentative changes wait, a change
+    /// another device governs joins them, so that the journal keeps the
+    /// order programs made them in (reintegration's own changes, conflict
+    /// copies and directories made again, pass false).
+    fn change_as(&self, cmd: FsCommand, journal_first: bool) -> Result<Response, RaftError> {
         use std::sync::atomic::Ordering;
         let deadline = Instant::now() + self.settings.write_timeout;
         let id = self.next_id();
@@ -617,19 +640,40 @@ impl Replica {
                     block_on(&self.rt, async move { r.reserve_inodes().await })?;
                     continue;
                 }
-                Local::Refused(e) => return Ok(Err(e)),
+                Local::Refused(e) | Local::Changed(journal::Failure::Error(e)) => {
+                    return Ok(Err(e))
+                }
+                Local::Changed(journal::Failure::Changed { .. }) => {
+                    return Ok(Err(MetaError::Invalid("changed meanwhile".into())))
+                }
                 Local::NotMine(gov) => gov,
             };
-            let r = self.clone();
-            let c = cmd.clone();
-            let routed = block_on(&self.rt, async move { r.route(id, c, gov, deadline).await })?;
-            if let Some(resp) = routed {
-                if resp.is_ok() {
-                    self.record_change(&cmd);
-                }
-                return Ok(resp);
+            let may_wait = matches!(gov, Governance::One(_) | Governance::Several(_));
+            if may_wait && self.offline_now(&gov, journal_first) {
+                return self.change_tentatively(id, cmd);
             }
-            // The authority moved meanwhile: route again.
+            let until = if may_wait {
+                deadline.min(Instant::now() + self.settings.offline_after)
+            } else {
+                deadline
+            };
+            let r = self.clone();
+            let (c, g) = (cmd.clone(), gov.clone());
+            match block_on(&self.rt, async move { r.route(id, c, g, until).await }) {
+                Ok(Some(resp)) => {
+                    if resp.is_ok() {
+                        self.record_change(&cmd);
+                    }
+                    return Ok(resp);
+                }
+                // The authority moved meanwhile: route again.
+                Ok(None) => {}
+                Err(RaftError::NoQuorum(_)) if may_wait => {
+                    self.mark_unreachable(&gov);
+                    return self.change_tentatively(id, cmd);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -678,6 +722,7 @@ impl Replica {
         match self.shared.apply_local(self.device, id, cmd.clone()) {
             Ok(Local::Applied { .. }) => self.kick_shipper(false),
             Ok(Local::Refused(_)) => {}
+            Ok(Local::Changed(_)) => {}
             Ok(Local::NotMine(_) | Local::Sealed) => {
                 let r = self.clone();
                 self.rt
@@ -933,7 +978,21 @@ impl Replica {
             }
             Rpc::Forward {
                 origin, id, cmd, ..
-            } => self.apply_forwarded(origin, id, cmd).await,
+            } => self.apply_forwarded(origin, id, cmd, Vec::new()).await,
+            Rpc::Reintegrate { expires_ms, .. } if network::unix_ms() > expires_ms => {
+                Reply::Failed("reintegrated change arrived after its deadline".into())
+            }
+            Rpc::Reintegrate { origin, .. } if origin != from => {
+                tracing::warn!(%from, %origin, "refused a reintegrated change claiming another origin");
+                Reply::Failed("a reintegrated change must come from its origin".into())
+            }
+            Rpc::Reintegrate {
+                origin,
+                id,
+                cmd,
+                expect,
+                ..
+            } => self.apply_forwarded(origin, id, cmd, expect).await,
             Rpc::Lookup { parent, name } => match self.shared.answer_lookup(parent, &name) {
                 Ok((found, seq)) => Reply::Looked { found, seq },
                 Err(()) => Reply::NotAuthority,
@@ -1014,7 +1073,14 @@ impl Replica {
     }
 
     /// Applies a change another device forwarded, as its authority.
-    async fn apply_forwarded(&self, origin: DeviceId, id: u64, cmd: FsCommand) -> Reply {
+    /// With `expect` (a reintegrated tentative change), only if it holds.
+    async fn apply_forwarded(
+        &self,
+        origin: DeviceId,
+        id: u64,
+        cmd: FsCommand,
+        expect: Vec<journal::Expect>,
+    ) -> Reply {
         if let FsCommand::Reclaim { ino } = cmd {
             if self.in_use(ino) {
                 // A program here still has it: it is freed here when that
@@ -1044,8 +1110,11 @@ impl Replica {
         loop {
             let shared = self.shared.clone();
             let c = cmd.clone();
-            let local = match tokio::task::spawn_blocking(move || shared.apply_local(origin, id, c))
-                .await
+            let e = expect.clone();
+            let local = match tokio::task::spawn_blocking(move || {
+                shared.apply_local_checked(origin, id, c, &e)
+            })
+            .await
             {
                 Ok(Ok(l)) => l,
                 Ok(Err(e)) => return Reply::Failed(e.to_string()),
@@ -1065,6 +1134,10 @@ impl Replica {
                 }
                 Local::Refused(e) => (0, Err(e), None),
                 Local::NotMine(_) | Local::Sealed => return Reply::NotAuthority,
+                Local::Changed(journal::Failure::Changed { expect, absent }) => {
+                    return Reply::Changed { expect, absent }
+                }
+                Local::Changed(journal::Failure::Error(e)) => (0, Err(e), None),
             };
             lock(&self.forwarded).put((origin, id), (seq, result.clone(), effects.clone()));
             return Reply::Forwarded {
@@ -1106,7 +1179,7 @@ impl Replica {
                 Err(e) => tracing::debug!(error = %e, %authority, "asking for a file's version"),
             }
         }
-        if !self.read_barrier(authority).await {
+        if !self.read_barrier(authority).await && !self.cut_off() {
             tracing::warn!(
                 %ino,
                 "the authority of a file did not answer within {:?}; serving the local copy, which may be stale",
@@ -1168,6 +1241,13 @@ impl Replica {
     /// stale read. False when neither worked.
     async fn read_barrier(&self, authority: DeviceId) -> bool {
         let recently = self.recently_unreachable(authority);
+        if recently && self.cut_off() {
+            // No authority and no leader to catch up with: the local
+            // replica is all there is (disconnected operation).
+            self.stale_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
         let ok = !recently
             && self
                 .catch_up_with(authority, Instant::now() + self.settings.read_wait)
@@ -1223,12 +1303,40 @@ impl Replica {
 
     /// Waits until every change shown here so far is committed (fsync):
     /// this device's own, and those other authorities reported to it.
+    ///
+    /// A device cut off from the mesh (no leader it can reach) cannot
+    /// commit: after `offline_after` it settles for what it has on its own
+    /// disk (the caller syncs it), and the changes ship when the mesh is
+    /// back (`meshfs status` counts them). Tentative changes are not waited
+    /// for: their authorities are out of reach.
     pub async fn commit_wait(&self) -> Result<(), RaftError> {
-        let deadline = Instant::now() + self.settings.write_timeout;
+        let soon = Instant::now() + self.settings.offline_after;
+        match self.commit_wait_until(soon).await {
+            Ok(()) => Ok(()),
+            Err(_) if self.cut_off() => {
+                tracing::debug!("fsync while cut off from the mesh: durable here, committed when the mesh is back");
+                Ok(())
+            }
+            Err(_) => {
+                self.commit_wait_until(Instant::now() + self.settings.write_timeout)
+                    .await
+            }
+        }
+    }
+
+    async fn commit_wait_until(&self, deadline: Instant) -> Result<(), RaftError> {
         for (authority, seq) in self.shared.foreign_pending() {
             self.wait_shipped(authority, seq, deadline).await?;
         }
         self.catch_up_with(self.device, deadline).await
+    }
+
+    /// Whether this device sees no leader it can reach.
+    fn cut_off(&self) -> bool {
+        match self.leader() {
+            None => true,
+            Some((_, d)) => d != self.device && self.recently_unreachable(d),
+        }
     }
 
     /// Runs `f` on the committed namespace, applies held off meanwhile.
@@ -1288,6 +1396,16 @@ impl Replica {
             conflicts,
             served_bytes: self.counters.served.load(Relaxed),
             authority_moves: self.policy.moves.load(Relaxed),
+            tentative: {
+                let (waiting, since, made, reintegrated, conflicts) = self.tentative_counts();
+                TentativeStatus {
+                    waiting,
+                    since: since.map(|t| t.secs),
+                    made,
+                    reintegrated,
+                    conflicts,
+                }
+            },
         }
     }
 
@@ -1333,13 +1451,30 @@ pub struct ChangeStatus {
     /// The last outbox sequence number, and the last one committed.
     pub last_seq: u64,
     pub committed_seq: u64,
-    /// Local changes refused when they committed (authority moved away).
+    /// Local changes refused when they committed (authority moved away);
+    /// they are reintegrated as tentative changes, not lost.
     pub conflicts: u64,
     /// Bytes of files served to other devices (usage in reputation).
     pub served_bytes: u64,
     /// Authority moves this device carried out: handoffs it made, and
     /// takeovers it committed as leader.
     pub authority_moves: u64,
+    /// Changes made while their authority was out of reach.
+    pub tentative: TentativeStatus,
+}
+
+/// Disconnected operation, for `meshfs status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TentativeStatus {
+    /// Tentative changes waiting to be reintegrated, and since when the
+    /// oldest waits (Unix seconds).
+    pub waiting: usize,
+    pub since: Option<i64>,
+    /// Made tentatively, and reintegrated, since the daemon started.
+    pub made: u64,
+    pub reintegrated: u64,
+    /// Conflicts met at reintegration and listed (`meshfs conflicts`).
+    pub conflicts: usize,
 }
 
 impl crate::fs::Replicator for Replica {

@@ -90,6 +90,16 @@ pub enum Rpc {
     Unseal {
         token: u64,
     },
+    /// A tentative change made at `origin` while the receiver was out of
+    /// reach: applied as `Forward` is, only if `expect` still holds there
+    /// (else `Changed`).
+    Reintegrate {
+        origin: DeviceId,
+        id: u64,
+        cmd: FsCommand,
+        expect: Vec<super::journal::Expect>,
+        expires_ms: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -134,6 +144,12 @@ pub enum Reply {
         seq: u64,
     },
     Done,
+    /// A reintegrated change's expectation that no longer holds; `absent`:
+    /// the file or name is gone.
+    Changed {
+        expect: super::journal::Expect,
+        absent: bool,
+    },
     Reputation(Vec<(DeviceId, crate::authority::Reputation)>),
     Failed(String),
 }
@@ -333,7 +349,8 @@ pub async fn answer(raft: &Raft, rpc: Rpc) -> Reply {
         | Rpc::Lookup { .. }
         | Rpc::Current { .. }
         | Rpc::Seal { .. }
-        | Rpc::Unseal { .. } => {
+        | Rpc::Unseal { .. }
+        | Rpc::Reintegrate { .. } => {
             Reply::Failed("not a raft request (answered by the replica)".into())
         }
     }

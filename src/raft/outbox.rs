@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::journal::Tentative;
 use super::types::LocalChange;
 use crate::ids::{ChunkHash, DeviceId};
 use crate::meta::{Effects, FsCommand};
@@ -55,6 +56,9 @@ pub struct Foreign {
     pub seq: u64,
     pub effects: Effects,
     pub at: Instant,
+    /// The journal record of the tentative change it stands for, dropped
+    /// once it is settled.
+    pub journal: Option<u64>,
 }
 
 /// The outbox in memory (the same entries are on disk; foreign effects
@@ -63,6 +67,12 @@ pub struct Foreign {
 pub struct Outbox {
     pub entries: VecDeque<Pending>,
     pub foreign: VecDeque<Foreign>,
+    /// Tentative changes (`journal.rs`), waiting for their authority.
+    pub tentative: VecDeque<Tentative>,
+    /// The journal sequence of the next tentative change.
+    pub next_jseq: u64,
+    /// When the oldest tentative change still waiting was made (status).
+    pub tentative_since: Option<crate::meta::Timestamp>,
     /// The next place in the speculative layer.
     pub next_order: u64,
     /// The sequence number of the next change applied here.
@@ -108,10 +118,15 @@ impl Outbox {
 
     /// The first entries, up to `max_changes` and about `max_bytes` (at
     /// least one), as a batch for the log; none made after a foreign
-    /// effect that is not committed yet.
+    /// effect that is not committed yet, nor after a tentative change not
+    /// reintegrated yet (they may depend on it).
     pub fn batch(&self, max_changes: usize, max_bytes: usize) -> Option<(u64, Vec<LocalChange>)> {
         let first = self.entries.front()?;
-        let blocked_at = self.foreign.front().map_or(u64::MAX, |f| f.order);
+        let blocked_at = self
+            .foreign
+            .front()
+            .map_or(u64::MAX, |f| f.order)
+            .min(self.tentative.front().map_or(u64::MAX, |t| t.order));
         if first.order > blocked_at {
             return None;
         }
@@ -196,6 +211,7 @@ mod tests {
             seq: 9,
             effects: Effects::default(),
             at: Instant::now(),
+            journal: None,
         });
         let (first, b) = o.batch(100, 1000).unwrap();
         assert_eq!((first, b.len()), (1, 2), "only what came before it");

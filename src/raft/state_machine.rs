@@ -19,7 +19,8 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::outbox::{Foreign, Outbox, Stored};
+use super::journal::{self, Expect, Failure, StoredTentative};
+use super::outbox::{self, Foreign, Outbox, Stored};
 use super::types::{
     LocalChange, LogId, NodeId, Op, RaftNode, Request, Response, StoredMembership, TypeConfig,
 };
@@ -75,6 +76,8 @@ pub enum Local {
     NotMine(Governance),
     /// It is being handed to another device: try again in a moment.
     Sealed,
+    /// A reintegrated change whose expectations no longer hold here.
+    Changed(Failure),
 }
 
 /// State shared by the state machine, its snapshot builders and the
@@ -149,6 +152,7 @@ impl Shared {
         if !stale.is_empty() {
             store.outbox_delete(&stale)?;
         }
+        load_journal(&store, &mut outbox, &shipped)?;
         if !outbox.entries.is_empty() {
             tracing::info!(
                 changes = outbox.entries.len(),
@@ -199,7 +203,19 @@ impl Shared {
         &self,
         origin: DeviceId,
         id: u64,
+        cmd: FsCommand,
+    ) -> Result<Local, crate::storage::StorageError> {
+        self.apply_local_checked(origin, id, cmd, &[])
+    }
+
+    /// `apply_local` of a reintegrated tentative change: only if what it
+    /// was made on (`expect`) still holds here.
+    pub fn apply_local_checked(
+        &self,
+        origin: DeviceId,
+        id: u64,
         mut cmd: FsCommand,
+        expect: &[Expect],
     ) -> Result<Local, crate::storage::StorageError> {
         let mut meta = write(&self.meta);
         match meta.governance(&cmd) {
@@ -207,6 +223,9 @@ impl Shared {
             Ok(Governance::Anyone) => {}
             Ok(other) => return Ok(Local::NotMine(other)),
             Err(e) => return Ok(Local::Refused(e)),
+        }
+        if let Err(f) = journal::check(&meta, expect) {
+            return Ok(Local::Changed(f));
         }
         {
             let sealed = lock(&self.sealed);
@@ -290,6 +309,7 @@ impl Shared {
             seq,
             effects,
             at: std::time::Instant::now(),
+            journal: None,
         });
     }
 
@@ -399,6 +419,320 @@ impl Shared {
         f(copy.as_ref().unwrap_or(&*meta))
     }
 
+    /// Applies `cmd`, which another device governs and which cannot reach
+    /// it now, tentatively: to this device's view at once, recorded in the
+    /// journal (on disk before this returns) with what it was made on, to
+    /// be reintegrated when the authority is back (`journal.rs`).
+    pub fn apply_tentative(
+        &self,
+        id: u64,
+        mut cmd: FsCommand,
+    ) -> Result<Local, crate::storage::StorageError> {
+        let mut meta = write(&self.meta);
+        let mut outbox = lock(&self.outbox);
+        // The versions the authority last saw of files already changed
+        // here tentatively.
+        let mut bases = std::collections::HashMap::new();
+        for t in &outbox.tentative {
+            for e in &t.t.expect {
+                if let Expect::Version { ino, version } = e {
+                    bases.entry(*ino).or_insert(*version);
+                }
+            }
+        }
+        let mut expect = journal::expectations(&meta, &cmd, &bases);
+        let mut place = match &cmd {
+            FsCommand::CommitVersion { ino, .. } => meta.name_of(*ino),
+            _ => None,
+        };
+        let path = match cmd.decided_by().first() {
+            Some(dir)
+                if meta
+                    .get(*dir)
+                    .is_some_and(|i| i.kind == crate::meta::Kind::Dir) =>
+            {
+                path_to(&meta, *dir)
+            }
+            _ => Vec::new(),
+        };
+        let sp = meta.savepoint();
+        let out = match meta.apply_by(By::device(self.me), &mut cmd) {
+            Ok(out) => out,
+            Err(e) => {
+                meta.undo_to(sp);
+                return Ok(Local::Refused(e));
+            }
+        };
+        // Two versions of one file in a row: only the last is kept (with
+        // what the first was made on).
+        let mut superseded = None;
+        if let Some(last) = outbox.tentative.back() {
+            let after_own = outbox.entries.back().is_some_and(|p| p.order > last.order)
+                || outbox.foreign.back().is_some_and(|f| f.order > last.order);
+            if !after_own && journal::supersedes(&cmd, &last.t.change.cmd) {
+                expect = last.t.expect.clone();
+                place = last.t.place.clone().or(place);
+                superseded = outbox.tentative.pop_back();
+            }
+        }
+        let at = crate::meta::Timestamp::now();
+        let t = journal::TentativeChange {
+            change: LocalChange {
+                origin: self.me,
+                id,
+                cmd,
+            },
+            expect,
+            at: superseded.as_ref().map_or(at, |s| s.t.at),
+            after_seq: outbox.last_seq(),
+            place,
+            path,
+        };
+        let stored = StoredTentative::V1(t);
+        let bytes = match postcard::to_stdvec(&stored) {
+            Ok(b) => b,
+            Err(e) => {
+                meta.undo_to(sp);
+                if let Some(s) = superseded {
+                    outbox.tentative.push_back(s);
+                }
+                return Err(crate::storage::StorageError::Decode(format!(
+                    "encoding a tentative change: {e}"
+                )));
+            }
+        };
+        let StoredTentative::V1(t) = stored else {
+            unreachable!("encoded as V1 just above")
+        };
+        let jseq = outbox.next_jseq;
+        if let Err(e) = self.store.journal_put(jseq, &bytes) {
+            meta.undo_to(sp);
+            if let Some(s) = superseded {
+                outbox.tentative.push_back(s);
+            }
+            return Err(e);
+        }
+        meta.keep(sp);
+        outbox.next_jseq += 1;
+        if let Some(s) = superseded {
+            if let Err(e) = self.store.journal_delete(&[s.jseq]) {
+                tracing::warn!(error = %e, "could not drop a superseded tentative change (it is dropped at reintegration)");
+            }
+            self.store.unpin(&s.pins);
+        }
+        let pins = outbox::chunks_of(&t.change.cmd);
+        self.store.pin(&pins);
+        let order = outbox.take_order();
+        if outbox.tentative_since.is_none() {
+            outbox.tentative_since = Some(t.at);
+        }
+        outbox.tentative.push_back(journal::Tentative {
+            order,
+            jseq,
+            t,
+            pins,
+            applies: true,
+        });
+        Ok(Local::Applied {
+            seq: 0,
+            out: slim(out),
+            effects: None,
+        })
+    }
+
+    /// The first tentative change, when it is its turn: every change made
+    /// here before it is committed (it may depend on them).
+    pub fn tentative_ready(&self) -> Option<(u64, journal::TentativeChange)> {
+        let outbox = lock(&self.outbox);
+        let t = outbox.tentative.front()?;
+        let earlier_own = outbox.entries.front().is_some_and(|p| p.order < t.order);
+        let earlier_foreign = outbox.foreign.front().is_some_and(|f| f.order < t.order);
+        (!earlier_own && !earlier_foreign).then(|| (t.jseq, t.t.clone()))
+    }
+
+    /// How many tentative changes wait, and since when.
+    pub fn tentative_status(&self) -> (usize, Option<crate::meta::Timestamp>) {
+        let o = lock(&self.outbox);
+        (o.tentative.len(), o.tentative_since)
+    }
+
+    /// Tentative change `jseq` (the first) was applied by `authority` as
+    /// its outbox entry `seq`, producing `effects`: those are shown in its
+    /// place until that entry is applied here; changes made after it ship
+    /// only then.
+    pub fn tentative_done(
+        &self,
+        jseq: u64,
+        authority: DeviceId,
+        seq: u64,
+        effects: Option<Effects>,
+    ) -> Result<(), crate::storage::StorageError> {
+        self.tentative_settle(jseq, |outbox, t| {
+            let record = StoredTentative::Done {
+                authority,
+                seq,
+                after_seq: t.t.after_seq,
+            };
+            if self.shipped(authority) < seq {
+                outbox.foreign.push_front(Foreign {
+                    order: t.order,
+                    authority,
+                    seq,
+                    effects: effects.unwrap_or_default(),
+                    at: std::time::Instant::now(),
+                    journal: Some(jseq),
+                });
+                Some(record)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Tentative change `jseq` (the first) is dropped (it became a
+    /// conflict the other side's change wins, or moot).
+    pub fn tentative_drop(&self, jseq: u64) -> Result<(), crate::storage::StorageError> {
+        self.tentative_settle(jseq, |_, _| None)
+    }
+
+    /// Tentative change `jseq` (the first) is replaced by `cmd` with
+    /// `expect` (a conflict name; a directory made again).
+    pub fn tentative_replace(
+        &self,
+        jseq: u64,
+        cmd: FsCommand,
+        expect: Vec<Expect>,
+    ) -> Result<(), crate::storage::StorageError> {
+        let mut meta = write(&self.meta);
+        let mut outbox = lock(&self.outbox);
+        let Some(t) = outbox.tentative.iter_mut().find(|t| t.jseq == jseq) else {
+            return Ok(());
+        };
+        let old = named_by(&t.t.change.cmd);
+        t.t.change.cmd = cmd;
+        t.t.expect = expect;
+        let bytes = postcard::to_stdvec(&StoredTentative::V1(t.t.clone())).map_err(|e| {
+            crate::storage::StorageError::Decode(format!("encoding a tentative change: {e}"))
+        })?;
+        let new = named_by(&t.t.change.cmd);
+        self.store.journal_put(jseq, &bytes)?;
+        meta.rollback();
+        replay(&mut meta, &mut outbox, self.me);
+        drop(outbox);
+        drop(meta);
+        self.invalidate(old);
+        self.invalidate(new);
+        Ok(())
+    }
+
+    /// Takes tentative change `jseq` out of the journal and the view,
+    /// `keep` saying what record stays on disk in its place (and adding
+    /// what is shown instead); the view is rebuilt and the kernel told.
+    fn tentative_settle(
+        &self,
+        jseq: u64,
+        keep: impl FnOnce(&mut Outbox, &journal::Tentative) -> Option<StoredTentative>,
+    ) -> Result<(), crate::storage::StorageError> {
+        let mut meta = write(&self.meta);
+        let mut outbox = lock(&self.outbox);
+        let Some(i) = outbox.tentative.iter().position(|t| t.jseq == jseq) else {
+            return Ok(());
+        };
+        let record = {
+            let t = &outbox.tentative[i];
+            let t = journal::Tentative {
+                order: t.order,
+                jseq: t.jseq,
+                t: t.t.clone(),
+                pins: Vec::new(),
+                applies: t.applies,
+            };
+            keep(&mut outbox, &t)
+        };
+        match record {
+            Some(r) => {
+                let bytes = postcard::to_stdvec(&r).map_err(|e| {
+                    crate::storage::StorageError::Decode(format!("encoding a journal record: {e}"))
+                })?;
+                self.store.journal_put(jseq, &bytes)?;
+            }
+            None => self.store.journal_delete(&[jseq])?,
+        }
+        let Some(t) = outbox.tentative.remove(i) else {
+            return Ok(());
+        };
+        outbox.tentative_since = outbox.tentative.front().map(|t| t.t.at);
+        meta.rollback();
+        replay(&mut meta, &mut outbox, self.me);
+        drop(outbox);
+        drop(meta);
+        self.store.unpin(&t.pins);
+        self.invalidate(named_by(&t.t.change.cmd));
+        Ok(())
+    }
+
+    /// Takes tentative change `jseq` off this device's view for a moment
+    /// (to check what it was made on against a view without it, and apply
+    /// it as an own change or through Raft); `tentative_restore` puts it
+    /// back if that fails, `tentative_forget` drops it for good.
+    pub fn tentative_lift(&self, jseq: u64) -> Option<journal::Tentative> {
+        let mut meta = write(&self.meta);
+        let mut outbox = lock(&self.outbox);
+        let i = outbox.tentative.iter().position(|t| t.jseq == jseq)?;
+        let t = outbox.tentative.remove(i)?;
+        meta.rollback();
+        replay(&mut meta, &mut outbox, self.me);
+        Some(t)
+    }
+
+    pub fn tentative_restore(&self, t: journal::Tentative) {
+        let mut meta = write(&self.meta);
+        let mut outbox = lock(&self.outbox);
+        let at = outbox
+            .tentative
+            .iter()
+            .position(|x| x.order > t.order)
+            .unwrap_or(outbox.tentative.len());
+        outbox.tentative.insert(at, t);
+        meta.rollback();
+        replay(&mut meta, &mut outbox, self.me);
+    }
+
+    /// A lifted tentative change that was applied (as an own change, or
+    /// through Raft): its record goes.
+    pub fn tentative_forget(
+        &self,
+        t: journal::Tentative,
+    ) -> Result<(), crate::storage::StorageError> {
+        self.store.journal_delete(&[t.jseq])?;
+        {
+            let mut outbox = lock(&self.outbox);
+            outbox.tentative_since = outbox.tentative.front().map(|t| t.t.at);
+        }
+        self.store.unpin(&t.pins);
+        self.invalidate(named_by(&t.t.change.cmd));
+        Ok(())
+    }
+
+    /// Journal records of reintegrated changes whose authority's entry is
+    /// applied here now: no longer needed.
+    pub fn forget_reintegrated(&self, jseqs: &[u64]) {
+        if let Err(e) = self.store.journal_delete(jseqs) {
+            tracing::debug!(error = %e, "could not drop reintegrated journal records");
+        }
+    }
+
+    /// Tells the kernel that what `c` names may have changed.
+    fn invalidate(&self, c: Changes) {
+        if let Some(h) = self.hook.get() {
+            h(AppliedBatch {
+                remote: &c,
+                replaced: false,
+                membership: false,
+            });
+        }
+    }
+
     /// How many changes wait in the outbox, and how many were refused at
     /// commit (conflicts).
     pub fn outbox_status(&self) -> (usize, u64, u64) {
@@ -408,45 +742,93 @@ impl Shared {
 }
 
 /// Replays the outbox over the committed state in `meta` (whose undo
-/// record must be empty): each entry that still applies becomes part of
-/// the speculative layer; one that does not is marked and left to be
-/// refused when it commits.
+/// record must be empty): own changes, tentative changes and foreign
+/// effects, in the order they were made. An own change that still applies
+/// becomes part of the speculative layer; one that does not is marked and
+/// left to be refused when it commits. A tentative change that does not
+/// apply is not shown until reintegration decides it.
 fn replay(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId) {
-    let mut foreign = outbox.foreign.iter().peekable();
-    for p in outbox.entries.iter_mut() {
-        while let Some(f) = foreign.next_if(|f| f.order < p.order) {
-            install(meta, &f.effects);
-        }
-        let sp = meta.savepoint();
-        let mut cmd = p.change.cmd.clone();
-        let by = By {
-            applier: me,
-            origin: p.change.origin,
-        };
-        let ok = matches!(
-            meta.governance(&cmd),
-            Ok(Governance::One(d)) if d == me
-        ) || matches!(meta.governance(&cmd), Ok(Governance::Anyone));
-        match ok.then(|| meta.apply_by(by, &mut cmd)) {
-            Some(Ok(_)) => {
-                meta.keep(sp);
-                p.applies = true;
-            }
-            _ => {
-                meta.undo_to(sp);
-                if p.applies {
-                    tracing::warn!(
-                        seq = p.seq,
-                        "a change applied here no longer applies over what the mesh committed; \
-                         it will be reported as a conflict"
-                    );
+    // (order, which queue, index): 0 own, 1 tentative, 2 foreign.
+    let mut items: Vec<(u64, u8, usize)> =
+        Vec::with_capacity(outbox.entries.len() + outbox.tentative.len() + outbox.foreign.len());
+    items.extend(
+        outbox
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.order, 0, i)),
+    );
+    items.extend(
+        outbox
+            .tentative
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.order, 1, i)),
+    );
+    items.extend(
+        outbox
+            .foreign
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.order, 2, i)),
+    );
+    items.sort_unstable();
+    for (_, queue, i) in items {
+        match queue {
+            0 => {
+                let p = &mut outbox.entries[i];
+                let sp = meta.savepoint();
+                let mut cmd = p.change.cmd.clone();
+                let by = By {
+                    applier: me,
+                    origin: p.change.origin,
+                };
+                let ok = matches!(
+                    meta.governance(&cmd),
+                    Ok(Governance::One(d)) if d == me
+                ) || matches!(meta.governance(&cmd), Ok(Governance::Anyone));
+                match ok.then(|| meta.apply_by(by, &mut cmd)) {
+                    Some(Ok(_)) => {
+                        meta.keep(sp);
+                        p.applies = true;
+                    }
+                    _ => {
+                        meta.undo_to(sp);
+                        if p.applies {
+                            tracing::warn!(
+                                seq = p.seq,
+                                "a change applied here no longer applies over what the mesh committed; \
+                                 it will be reported as a conflict"
+                            );
+                        }
+                        p.applies = false;
+                    }
                 }
-                p.applies = false;
             }
+            1 => {
+                let t = &mut outbox.tentative[i];
+                let sp = meta.savepoint();
+                let mut cmd = t.t.change.cmd.clone();
+                match meta.apply_by(By::device(me), &mut cmd) {
+                    Ok(_) => {
+                        meta.keep(sp);
+                        t.applies = true;
+                    }
+                    Err(_) => {
+                        meta.undo_to(sp);
+                        // Its inode number stays taken: it comes back when
+                        // reintegration decides.
+                        if let FsCommand::Create { ino, .. } = cmd {
+                            let sp = meta.savepoint();
+                            meta.hold_ino(me, ino);
+                            meta.keep(sp);
+                        }
+                        t.applies = false;
+                    }
+                }
+            }
+            _ => install(meta, &outbox.foreign[i].effects),
         }
-    }
-    for f in foreign {
-        install(meta, &f.effects);
     }
 }
 
@@ -472,13 +854,24 @@ fn install(meta: &mut MetaState, fx: &Effects) {
 /// ship again, and are refused if they depended on them.
 const FOREIGN_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Drops the foreign effects whose batches are applied (or given up on).
-fn settle_foreign(outbox: &mut Outbox, shipped: &Shipped) {
+/// Drops the foreign effects whose batches are applied (or given up on);
+/// returns the journal records of those that stood for reintegrated
+/// tentative changes.
+fn settle_foreign(outbox: &mut Outbox, shipped: &Shipped) -> Vec<u64> {
+    let mut done = Vec::new();
     outbox.foreign.retain(|f| {
         if shipped.get(&f.authority).copied().unwrap_or(0) >= f.seq {
+            done.extend(f.journal);
             return false;
         }
-        if f.at.elapsed() > FOREIGN_MAX_AGE {
+        // A reintegrated change sits at its authority's outbox: it ships
+        // unless that device is gone for good, so it is waited for longer.
+        let max = if f.journal.is_some() {
+            FOREIGN_MAX_AGE * 10
+        } else {
+            FOREIGN_MAX_AGE
+        };
+        if f.at.elapsed() > max {
             tracing::warn!(
                 authority = %f.authority,
                 seq = f.seq,
@@ -488,6 +881,7 @@ fn settle_foreign(outbox: &mut Outbox, shipped: &Shipped) {
         }
         true
     });
+    done
 }
 
 impl Shared {
@@ -734,6 +1128,189 @@ fn named_by(cmd: &FsCommand) -> Changes {
     c
 }
 
+/// Loads the journal (tentative changes, and reintegrated ones whose
+/// authority's entry is not applied here yet) into `outbox`, and puts
+/// everything in the order it was made: a journal record after the outbox
+/// entry it followed.
+fn load_journal(
+    store: &RocksStore,
+    outbox: &mut Outbox,
+    shipped: &Shipped,
+) -> Result<(), crate::storage::StorageError> {
+    let mut gone = Vec::new();
+    // The outbox sequence each reintegrated record followed (the foreign
+    // queue holds only those at this point: nothing else survives a restart).
+    let mut foreign_after = Vec::new();
+    for (jseq, bytes) in store.journal_entries()? {
+        outbox.next_jseq = outbox.next_jseq.max(jseq + 1);
+        match dec::<StoredTentative>(&bytes, "journal record")? {
+            StoredTentative::V1(t) => {
+                let pins = outbox::chunks_of(&t.change.cmd);
+                store.pin(&pins);
+                outbox.tentative.push_back(journal::Tentative {
+                    order: 0,
+                    jseq,
+                    t,
+                    pins,
+                    applies: true,
+                });
+            }
+            StoredTentative::Done {
+                authority,
+                seq,
+                after_seq,
+            } => {
+                if shipped.get(&authority).copied().unwrap_or(0) >= seq {
+                    gone.push(jseq);
+                    continue;
+                }
+                foreign_after.push(after_seq);
+                outbox.foreign.push_back(Foreign {
+                    order: 0,
+                    authority,
+                    seq,
+                    effects: Effects::default(),
+                    at: std::time::Instant::now(),
+                    journal: Some(jseq),
+                });
+            }
+        }
+    }
+    if !gone.is_empty() {
+        store.journal_delete(&gone)?;
+    }
+    // Orders: own entry `s` at (s, 0, 0), a journal record at
+    // (after_seq, 1, jseq); sorted, then numbered.
+    let mut keys: Vec<(u64, u8, u64, u8, usize)> = Vec::new();
+    keys.extend(
+        outbox
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.seq, 0, 0, 0, i)),
+    );
+    keys.extend(
+        outbox
+            .tentative
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.t.after_seq, 1, t.jseq, 1, i)),
+    );
+    for (i, f) in outbox.foreign.iter().enumerate() {
+        let a = foreign_after.get(i).copied().unwrap_or(0);
+        keys.push((a, 1, f.journal.unwrap_or(0), 2, i));
+    }
+    keys.sort_unstable();
+    for (n, (_, _, _, queue, i)) in keys.into_iter().enumerate() {
+        let order = n as u64;
+        match queue {
+            0 => outbox.entries[i].order = order,
+            1 => outbox.tentative[i].order = order,
+            _ => outbox.foreign[i].order = order,
+        }
+    }
+    outbox.next_order =
+        outbox.entries.len() as u64 + outbox.tentative.len() as u64 + outbox.foreign.len() as u64;
+    // The foreign queue and the journal are kept in order.
+    outbox.foreign.make_contiguous().sort_by_key(|f| f.order);
+    outbox.tentative.make_contiguous().sort_by_key(|t| t.order);
+    outbox.tentative_since = outbox.tentative.front().map(|t| t.t.at);
+    if !outbox.tentative.is_empty() {
+        tracing::info!(
+            changes = outbox.tentative.len(),
+            "tentative changes made while their authority was out of reach wait to be reintegrated"
+        );
+    }
+    Ok(())
+}
+
+/// An own change the log refused (its authority moved meanwhile, or it no
+/// longer applied) as a tentative change to reintegrate, made on the
+/// committed state `meta`; `None` for bookkeeping that is simply dropped.
+/// It is this device's to reintegrate (as origin), whichever device's
+/// program made it: that device was told it is done.
+fn tentative_of_refused(
+    meta: &MetaState,
+    change: &LocalChange,
+    seq: u64,
+    me: DeviceId,
+) -> Option<journal::TentativeChange> {
+    let cmd = &change.cmd;
+    if matches!(
+        cmd,
+        FsCommand::Reclaim { .. }
+            | FsCommand::ReclaimOrphans
+            | FsCommand::ReserveInodes { .. }
+            | FsCommand::SetAuthority { .. }
+    ) {
+        return None;
+    }
+    let mut bases = std::collections::HashMap::new();
+    if let FsCommand::CommitVersion { ino, author, .. } = cmd {
+        // The version this device last committed is what its change was
+        // made on, unless someone else wrote since: then it conflicts.
+        if let Some(c) = meta.get(*ino).and_then(|i| i.content.as_ref()) {
+            let mine = c.author == Some(*author);
+            bases.insert(
+                *ino,
+                if mine {
+                    c.version
+                } else {
+                    crate::ids::VersionId(u64::MAX)
+                },
+            );
+        }
+    }
+    let path = match cmd.decided_by().first() {
+        Some(dir)
+            if meta
+                .get(*dir)
+                .is_some_and(|i| i.kind == crate::meta::Kind::Dir) =>
+        {
+            path_to(meta, *dir)
+        }
+        _ => Vec::new(),
+    };
+    Some(journal::TentativeChange {
+        change: LocalChange {
+            origin: me,
+            id: change.id,
+            cmd: cmd.clone(),
+        },
+        expect: journal::expectations(meta, cmd, &bases),
+        at: crate::meta::Timestamp::now(),
+        after_seq: seq.saturating_sub(1),
+        place: match cmd {
+            FsCommand::CommitVersion { ino, .. } => meta.name_of(*ino),
+            _ => None,
+        },
+        path,
+    })
+}
+
+/// The path to directory `dir`, root first, as `meta` shows it.
+fn path_to(meta: &MetaState, dir: ResourceId) -> Vec<journal::PathStep> {
+    let mut out = Vec::new();
+    let mut d = dir;
+    while d != ResourceId::ROOT && out.len() < 256 {
+        let Some(i) = meta.get(d) else { break };
+        let Some((parent, name)) = meta.name_of(d) else {
+            break;
+        };
+        out.push(journal::PathStep {
+            dir: d,
+            parent,
+            name,
+            perm: i.perm,
+            uid: i.uid,
+            gid: i.gid,
+        });
+        d = parent;
+    }
+    out.reverse();
+    out
+}
+
 fn dec<T: serde::de::DeserializeOwned>(
     b: &[u8],
     what: &str,
@@ -970,19 +1547,55 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let Some(p) = outbox.entries.pop_front() else {
                     break;
                 };
+                let mut pins = p.pins;
                 if p.seq == *seq {
                     if let Err(e) = resp {
                         outbox.conflicts += 1;
-                        tracing::warn!(
-                            seq,
-                            change = ?p.change.cmd,
-                            error = %e,
-                            "a change applied here was refused when it committed (conflict); it is undone"
-                        );
                         merge(&mut fx.remote, named_by(&p.change.cmd));
+                        if let Some(t) = tentative_of_refused(&meta, &p.change, p.seq, shared.me) {
+                            // Not lost: reintegrated like a change made
+                            // while the authority was out of reach.
+                            tracing::warn!(
+                                seq,
+                                change = ?p.change.cmd,
+                                error = %e,
+                                "a change applied here was refused when it committed (its authority moved, or it came before a change it needs); it is reintegrated as a tentative change"
+                            );
+                            let jseq = outbox.next_jseq;
+                            outbox.next_jseq += 1;
+                            extra.push((
+                                RocksStore::journal_key(jseq),
+                                Some(enc(&StoredTentative::V1(t.clone()))?),
+                            ));
+                            if outbox.tentative_since.is_none() {
+                                outbox.tentative_since = Some(t.at);
+                            }
+                            let at = outbox
+                                .tentative
+                                .iter()
+                                .position(|x| x.order > p.order)
+                                .unwrap_or(outbox.tentative.len());
+                            outbox.tentative.insert(
+                                at,
+                                journal::Tentative {
+                                    order: p.order,
+                                    jseq,
+                                    t,
+                                    pins: std::mem::take(&mut pins),
+                                    applies: true,
+                                },
+                            );
+                        } else {
+                            tracing::warn!(
+                                seq,
+                                change = ?p.change.cmd,
+                                error = %e,
+                                "a change applied here was refused when it committed (conflict); it is undone"
+                            );
+                        }
                     }
                 }
-                unpin.extend(p.pins);
+                unpin.extend(pins);
                 extra.push((RocksStore::outbox_key(p.seq), None));
             }
         }
@@ -1008,8 +1621,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .persist_applied(&fx.all, &extra, false)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         *applied = (last, membership);
-        settle_foreign(&mut outbox, &shipped);
+        let reintegrated = settle_foreign(&mut outbox, &shipped);
         replay(&mut meta, &mut outbox, shared.me);
+        if !reintegrated.is_empty() {
+            shared.forget_reintegrated(&reintegrated);
+        }
         drop(shipped);
         drop(recent);
         drop(applied);
@@ -1121,8 +1737,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             *lock(&shared.recent) = body.recent;
             *lock(&shared.shipped) = body.shipped;
             *applied = (meta.last_log_id, meta.last_membership.clone());
-            settle_foreign(&mut outbox, &lock(&shared.shipped));
+            let reintegrated = settle_foreign(&mut outbox, &lock(&shared.shipped));
             replay(&mut m, &mut outbox, shared.me);
+            if !reintegrated.is_empty() {
+                shared.forget_reintegrated(&reintegrated);
+            }
         }
         self.shared.store.unpin(&unpin);
         self.shared.progress.send_modify(|n| *n += 1);

@@ -22,6 +22,13 @@ const PREFIX_RAFT: &[u8] = b"r/";
 /// A key-value change written in the same batch as a namespace change.
 pub type Extra = (Vec<u8>, Option<Vec<u8>>);
 
+/// Key of entry `seq` of a sequence kept under one prefix byte.
+fn seq_key(prefix: u8, seq: u64) -> Vec<u8> {
+    let mut k = vec![prefix];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
 fn raft_key(name: &str) -> Vec<u8> {
     let mut k = PREFIX_RAFT.to_vec();
     k.extend_from_slice(name.as_bytes());
@@ -123,9 +130,7 @@ impl RocksStore {
 
     /// Key of outbox entry `seq` (for `Extra` deletions).
     pub fn outbox_key(seq: u64) -> Vec<u8> {
-        let mut k = vec![super::PREFIX_OUTBOX];
-        k.extend_from_slice(&seq.to_be_bytes());
-        k
+        seq_key(super::PREFIX_OUTBOX, seq)
     }
 
     /// Records one local change not yet committed through Raft (WAL, no
@@ -133,36 +138,83 @@ impl RocksStore {
     /// sync, as every change does). Chunks written without the WAL are made
     /// durable first, since the entry may reference them.
     pub fn outbox_put(&self, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        self.seq_put(super::PREFIX_OUTBOX, seq, bytes)
+    }
+
+    /// Deletes outbox entries (changes that turned out not to apply).
+    pub fn outbox_delete(&self, seqs: &[u64]) -> Result<(), StorageError> {
+        self.seq_delete(super::PREFIX_OUTBOX, seqs)
+    }
+
+    /// Every outbox entry, in order.
+    pub fn outbox_entries(&self) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        self.seq_entries(super::PREFIX_OUTBOX)
+    }
+
+    /// Key of journal record `seq` (for `Extra` changes).
+    pub fn journal_key(seq: u64) -> Vec<u8> {
+        seq_key(super::PREFIX_JOURNAL, seq)
+    }
+
+    /// Records one tentative change (made while its authority was out of
+    /// reach; see `raft/journal.rs`), durable as an outbox entry is.
+    pub fn journal_put(&self, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        self.seq_put(super::PREFIX_JOURNAL, seq, bytes)
+    }
+
+    pub fn journal_delete(&self, seqs: &[u64]) -> Result<(), StorageError> {
+        self.seq_delete(super::PREFIX_JOURNAL, seqs)
+    }
+
+    /// Every tentative change, in order.
+    pub fn journal_entries(&self) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        self.seq_entries(super::PREFIX_JOURNAL)
+    }
+
+    /// Records one conflict met at reintegration (kept for `meshfs
+    /// conflicts` until cleared).
+    pub fn conflict_put(&self, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        self.seq_put(super::PREFIX_CONFLICT, seq, bytes)
+    }
+
+    pub fn conflict_delete(&self, seqs: &[u64]) -> Result<(), StorageError> {
+        self.seq_delete(super::PREFIX_CONFLICT, seqs)
+    }
+
+    /// Every recorded conflict, oldest first.
+    pub fn conflict_entries(&self) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        self.seq_entries(super::PREFIX_CONFLICT)
+    }
+
+    fn seq_put(&self, prefix: u8, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
         self.flush_bulk()?;
         self.db
-            .put_cf(self.cf(CF_META), Self::outbox_key(seq), bytes)
+            .put_cf(self.cf(CF_META), seq_key(prefix, seq), bytes)
             .map_err(db_err)?;
         self.wal_written.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Deletes outbox entries (changes that turned out not to apply).
-    pub fn outbox_delete(&self, seqs: &[u64]) -> Result<(), StorageError> {
+    fn seq_delete(&self, prefix: u8, seqs: &[u64]) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         for s in seqs {
-            batch.delete_cf(self.cf(CF_META), Self::outbox_key(*s));
+            batch.delete_cf(self.cf(CF_META), seq_key(prefix, *s));
         }
         self.db.write(batch).map_err(db_err)?;
         self.wal_written.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Every outbox entry, in order.
-    pub fn outbox_entries(&self) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    fn seq_entries(&self, prefix: u8) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let cf = self.cf(CF_META);
-        let start = [super::PREFIX_OUTBOX];
+        let start = [prefix];
         let mut out = Vec::new();
         for item in self
             .db
             .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward))
         {
             let (k, v) = item.map_err(db_err)?;
-            if k.first() != Some(&super::PREFIX_OUTBOX) {
+            if k.first() != Some(&prefix) {
                 break;
             }
             out.push((index_of(&k[1..])?, v.into_vec()));

@@ -64,6 +64,11 @@ const KEY_NEXT_INO_OLD: &[u8] = b"c/next_ino";
 /// A device's local changes not yet committed through Raft, by sequence
 /// number (see `raft/outbox.rs`).
 const PREFIX_OUTBOX: u8 = b'o';
+/// Tentative changes made while their authority was out of reach, by
+/// sequence number (see `raft/journal.rs`).
+const PREFIX_JOURNAL: u8 = b'j';
+/// Conflicts met when tentative changes were reintegrated.
+const PREFIX_CONFLICT: u8 = b'k';
 const KEY_STATS: &[u8] = b"c/stats";
 /// Present while `present` is known to match the chunks: written at a clean
 /// close (after every family is flushed), removed at open. Chunks written
