@@ -55,6 +55,14 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // MESHFS_KEEP_LOGS=DIR keeps the daemons' logs (for a failure).
+        if let Ok(dir) = std::env::var("MESHFS_KEEP_LOGS") {
+            let _ = std::fs::create_dir_all(&dir);
+            for d in ["a", "b", "c"] {
+                let from = self.work.join(d).join("data/meshfs.log");
+                let _ = std::fs::copy(from, format!("{dir}/{d}.log"));
+            }
+        }
         let _ = self.script("down", &[]);
     }
 }
@@ -121,58 +129,382 @@ fn voters(data: &Path) -> usize {
         .map_or(0, |v| v.len())
 }
 
+fn wait_voters(net: &Netns, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while voters(&net.data("a")) < n {
+        assert!(Instant::now() < deadline, "never {n} voters");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Netns {
+    fn mnt(&self, dev: &str, rel: &str) -> PathBuf {
+        self.work.join(dev).join("mnt").join(rel)
+    }
+
+    fn cut(&self, dev: &str) {
+        let o = self.script("partition", &[dev]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+    }
+
+    fn heal(&self, dev: &str) {
+        let o = self.script("heal", &[dev]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+    }
+
+    fn changes(&self, dev: &str) -> serde_json::Value {
+        request(&self.data(dev), &Request::Status).unwrap()["raft"]["changes"].clone()
+    }
+
+    /// Waits until no device has a tentative change or an own change
+    /// waiting, and every device shows the same tree; returns it.
+    fn converged(&self, limit: Duration) -> Tree {
+        let deadline = Instant::now() + limit;
+        loop {
+            let settled = ["a", "b", "c"].iter().all(|d| {
+                let c = self.changes(d);
+                c["tentative"]["waiting"] == 0 && c["pending"] == 0
+            });
+            if settled {
+                let trees: Vec<Tree> = ["a", "b", "c"]
+                    .iter()
+                    .map(|d| tree(&self.work.join(d).join("mnt")))
+                    .collect();
+                if trees[0] == trees[1] && trees[1] == trees[2] {
+                    return trees.into_iter().next().unwrap_or_default();
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "trees differ:\na {:?}\nb {:?}\nc {:?}",
+                        trees[0], trees[1], trees[2]
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never settled: {}",
+                ["a", "b", "c"]
+                    .map(|d| self.changes(d).to_string())
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Every path under a mount: a directory as `None`, a file with its bytes.
+type Tree = std::collections::BTreeMap<String, Option<Vec<u8>>>;
+
+fn tree(root: &Path) -> Tree {
+    let mut out = Tree::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let r = rel.join(e.file_name());
+            let key = r.to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                out.insert(key, None);
+                stack.push(r);
+            } else {
+                out.insert(key, Some(std::fs::read(root.join(&r)).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// The one name in `t` beside `name` that is a conflict copy.
+fn conflict_copy<'a>(t: &'a Tree, name: &str) -> (&'a String, &'a Option<Vec<u8>>) {
+    let prefix = format!("{name}.conflict-c-");
+    let found: Vec<_> = t.iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+    assert_eq!(found.len(), 1, "{name}: {:?}", t.keys().collect::<Vec<_>>());
+    found[0]
+}
+
 #[test]
-fn a_partitioned_minority_cannot_commit_and_converges_after_healing() {
+fn a_cut_off_device_keeps_every_write_and_converges_after_healing() {
     require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("netns");
     let net = Netns::up(&work, &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while voters(&net.data("a")) < 3 {
-        assert!(Instant::now() < deadline, "never 3 voters");
-        std::thread::sleep(Duration::from_millis(200));
+    wait_voters(&net, 3);
+    // Alpha's directory and files, seen by charlie before the cut.
+    std::fs::create_dir(net.mnt("a", "s")).unwrap();
+    for d in ["dd", "gone"] {
+        std::fs::create_dir(net.mnt("a", &format!("s/{d}"))).unwrap();
     }
-    std::fs::write(work.join("a/mnt/before"), b"0").unwrap();
-    let o = net.script("partition", &["c"]);
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    for (f, body) in [("f1", "one"), ("f2", "two"), ("f3", "three"), ("del", "x")] {
+        std::fs::write(net.mnt("a", &format!("s/{f}")), body).unwrap();
+    }
+    // Charlie creates its own block of inode numbers with its first create.
+    std::fs::create_dir(net.mnt("c", "mine")).unwrap();
+    std::fs::write(net.mnt("c", "mine/warm"), b"w").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read(net.mnt("c", "s/del")).ok().as_deref() != Some(b"x") {
+        assert!(Instant::now() < deadline, "charlie never saw alpha's files");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
-    // The minority (c alone) cannot commit: its create fails with EIO once
-    // the write timeout (10 s) runs out, and leaves nothing behind.
+    net.cut("c");
+    // Charlie, cut off, goes on: every create, save, rename and delete in
+    // what alpha governs is made tentatively and answered (the first one
+    // waits for offline_after, 1.5 s, the rest not at all); close keeps
+    // the data.
     let t = Instant::now();
-    let err = std::fs::write(work.join("c/mnt/minority"), b"lost").unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert!(t.elapsed() >= Duration::from_secs(5), "{:?}", t.elapsed());
-    // The majority goes on.
+    std::fs::write(net.mnt("c", "s/new_c"), b"c-new").unwrap();
+    std::fs::write(net.mnt("c", "s/f1"), b"c-edit").unwrap();
+    std::fs::rename(net.mnt("c", "s/f2"), net.mnt("c", "s/f2c")).unwrap();
+    std::fs::write(net.mnt("c", "s/f3"), b"c-edit3").unwrap();
+    std::fs::write(net.mnt("c", "s/both"), b"c-both").unwrap();
+    std::fs::write(net.mnt("c", "s/gone/inside"), b"c-in-gone").unwrap();
+    std::fs::remove_file(net.mnt("c", "s/del")).unwrap();
+    std::fs::remove_dir(net.mnt("c", "s/dd")).unwrap();
+    let mut f = std::fs::File::create(net.mnt("c", "s/synced")).unwrap();
+    f.write_all(b"fsynced while cut off").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert_eq!(std::fs::read(net.mnt("c", "s/f1")).unwrap(), b"c-edit");
+    assert!(!net.mnt("c", "s/del").exists());
+    let c = net.changes("c");
+    assert!(c["tentative"]["waiting"].as_u64().unwrap() >= 8, "{c}");
+    // The majority goes on meanwhile, partly on the same things.
+    std::fs::write(net.mnt("a", "s/f1"), b"a-edit").unwrap();
+    std::fs::write(net.mnt("b", "s/both"), b"b-both").unwrap();
+    std::fs::remove_dir(net.mnt("a", "s/gone")).unwrap();
+    std::fs::write(net.mnt("b", "s/dd/added"), b"b-added").unwrap();
+    std::fs::write(net.mnt("a", "s/del"), b"a-del-edit").unwrap();
     for i in 0..20 {
-        std::fs::write(work.join(format!("a/mnt/majority-{i}")), format!("{i}")).unwrap();
+        std::fs::write(net.mnt("a", &format!("s/majority-{i}")), format!("{i}")).unwrap();
     }
-    assert_eq!(
-        std::fs::read(work.join("b/mnt/majority-19")).unwrap(),
-        b"19"
-    );
 
-    let o = net.script("heal", &["c"]);
-    assert!(o.status.success(), "{}", common::stderr(&o));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        // An open waits for the read index: once c reaches a leader again it
-        // sees every committed change.
-        if let Ok(b) = std::fs::read(work.join("c/mnt/majority-19")) {
-            assert_eq!(b, b"19");
-            break;
-        }
-        assert!(Instant::now() < deadline, "c never converged");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    net.heal("c");
+    let t = net.converged(Duration::from_secs(60));
+    let file = |k: &str| {
+        t.get(k)
+            .cloned()
+            .flatten()
+            .map(|b| String::from_utf8(b).unwrap())
+    };
+    // Changed on one side only: as that side left it.
+    assert_eq!(file("s/new_c").as_deref(), Some("c-new"));
+    assert_eq!(file("s/f2c").as_deref(), Some("two"));
+    assert_eq!(file("s/f2"), None);
+    assert_eq!(file("s/f3").as_deref(), Some("c-edit3"));
+    assert_eq!(file("s/synced").as_deref(), Some("fsynced while cut off"));
+    assert_eq!(file("s/majority-19").as_deref(), Some("19"));
+    // Edited on both sides: alpha's in place, charlie's beside it.
+    assert_eq!(file("s/f1").as_deref(), Some("a-edit"));
+    assert_eq!(conflict_copy(&t, "s/f1").1.as_deref(), Some(&b"c-edit"[..]));
+    // Created on both sides: bravo's (it reached the authority first) in
+    // place, charlie's under a conflict name.
+    assert_eq!(file("s/both").as_deref(), Some("b-both"));
+    assert_eq!(
+        conflict_copy(&t, "s/both").1.as_deref(),
+        Some(&b"c-both"[..])
+    );
+    // Deleted by charlie, changed by alpha: kept, with alpha's change.
+    assert_eq!(file("s/del").as_deref(), Some("a-del-edit"));
+    // Removed by charlie, added to by bravo: kept with what was added.
+    assert_eq!(file("s/dd/added").as_deref(), Some("b-added"));
+    // Removed by alpha, added to by charlie: made again to hold it.
+    let listed = request(&net.data("c"), &Request::Conflicts { clear: false }).unwrap();
+    assert_eq!(
+        file("s/gone/inside").as_deref(),
+        Some("c-in-gone"),
+        "{:?} {listed}",
+        t.keys().collect::<Vec<_>>()
+    );
+    // Every conflict is listed on charlie.
+    let mut kinds: Vec<&str> = listed["conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "add/rmdir",
+            "create/create",
+            "delete/edit",
+            "edit/edit",
+            "rmdir/add"
+        ],
+        "{listed}"
+    );
     for dev in ["a", "b", "c"] {
-        assert!(!work.join(format!("{dev}/mnt/minority")).exists(), "{dev}");
-        assert_eq!(
-            std::fs::read(work.join(format!("{dev}/mnt/before"))).unwrap(),
-            b"0"
-        );
-        for i in 0..20 {
-            let got = std::fs::read(work.join(format!("{dev}/mnt/majority-{i}"))).unwrap();
-            assert_eq!(got, format!("{i}").as_bytes(), "{dev} majority-{i}");
+        let o = common::meshfs(&["check", "--data-dir", net.data(dev).to_str().unwrap()]);
+        assert!(o.status.success(), "{dev}: {}", common::stderr(&o));
+    }
+}
+
+/// A small deterministic generator (xorshift), seeded by MESHFS_SEED.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+// Not yet reliable: some seeds (11, 13) end with devices waiting on each
+// other's tentative changes, or with a device's own file holding an older
+// content; see the disconnected-operation issue's note. Run it by hand:
+// `cargo test --release --test netns -- --ignored random_changes`
+// (MESHFS_SEED=n to replay a seed).
+#[test]
+#[ignore = "not yet reliable under random partitions (see the issue note)"]
+fn random_changes_under_random_partitions_converge_and_keep_every_acknowledged_write() {
+    require_root!();
+    let seed: u64 = std::env::var("MESHFS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        });
+    eprintln!("MESHFS_SEED={seed}");
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("netns");
+    let net = Netns::up(&work, &[]);
+    wait_voters(&net, 3);
+    let devs = ["a", "b", "c"];
+    for d in ["d0", "d1", "d2"] {
+        std::fs::create_dir(net.mnt("a", d)).unwrap();
+    }
+    // Each device has its inode numbers (reserved when it starts) before
+    // any is cut off: it needs them to create while cut off.
+    for dev in devs {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while request(&net.data(dev), &Request::Status).unwrap()["raft"]["inode_block"] != true {
+            assert!(Instant::now() < deadline, "{dev} has no inode numbers");
+            std::thread::sleep(Duration::from_millis(100));
         }
+    }
+    // Files every device writes over; and files each device creates,
+    // renames and deletes (only its own), by name.
+    let shared = ["d0/s0", "d1/s1", "d2/s2", "s3"];
+    let mut acked: std::collections::HashMap<String, Vec<Vec<u8>>> = Default::default();
+    let mut own: std::collections::BTreeMap<String, Option<Vec<u8>>> = Default::default();
+    for s in shared {
+        std::fs::write(net.mnt("a", s), b"initial").unwrap();
+        acked
+            .entry(s.to_string())
+            .or_default()
+            .push(b"initial".to_vec());
+    }
+    let mut rng = Rng(seed | 1);
+    let mut cut: Option<&str> = None;
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(20) {
+        n += 1;
+        if n.is_multiple_of(25) {
+            // Cut one device off, or heal the one that is.
+            match cut.take() {
+                Some(d) => net.heal(d),
+                None => {
+                    let d = devs[rng.below(3) as usize];
+                    net.cut(d);
+                    cut = Some(d);
+                }
+            }
+        }
+        let dev = devs[rng.below(3) as usize];
+        let body = format!("{dev}-{n}").into_bytes();
+        match rng.below(5) {
+            0 | 1 => {
+                let s = shared[rng.below(shared.len() as u64) as usize];
+                if let Err(e) = std::fs::write(net.mnt(dev, s), &body) {
+                    panic!("{dev} writing {s} (cut: {cut:?}): {e}");
+                }
+                acked.get_mut(s).unwrap().push(body);
+            }
+            2 => {
+                let name = format!("d{}/{dev}-own-{n}", rng.below(3));
+                if let Err(e) = std::fs::write(net.mnt(dev, &name), &body) {
+                    panic!("{dev} creating {name} (cut: {cut:?}): {e}");
+                }
+                own.insert(name, Some(body));
+            }
+            3 => {
+                // Rename one of this device's files (it may have moved
+                // since on this device only: its own view decides).
+                let mine: Vec<String> = own
+                    .iter()
+                    .filter(|(k, v)| v.is_some() && k.contains(&format!("/{dev}-own-")))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                if let Some(from) = mine.get(rng.below(mine.len().max(1) as u64) as usize) {
+                    let to = format!("d{}/{dev}-own-{n}", rng.below(3));
+                    if let Err(e) = std::fs::rename(net.mnt(dev, from), net.mnt(dev, &to)) {
+                        panic!("{dev} renaming {from} to {to} (cut: {cut:?}): {e}");
+                    }
+                    let v = own.insert(from.clone(), None).flatten();
+                    own.insert(to, v);
+                }
+            }
+            _ => {
+                let mine: Vec<String> = own
+                    .iter()
+                    .filter(|(k, v)| v.is_some() && k.contains(&format!("/{dev}-own-")))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                if let Some(gone) = mine.get(rng.below(mine.len().max(1) as u64) as usize) {
+                    if let Err(e) = std::fs::remove_file(net.mnt(dev, gone)) {
+                        panic!("{dev} removing {gone} (cut: {cut:?}): {e}");
+                    }
+                    own.insert(gone.clone(), None);
+                }
+            }
+        }
+    }
+    if let Some(d) = cut {
+        net.heal(d);
+    }
+    let t = net.converged(Duration::from_secs(90));
+    // Each device's own files are exactly where it left them.
+    for (name, want) in &own {
+        assert_eq!(
+            t.get(name).cloned().flatten(),
+            *want,
+            "{name} (seed {seed})"
+        );
+    }
+    // A file written over on several devices holds one of the writes that
+    // were acknowledged; a write that conflicted is beside it as a copy.
+    for (s, writes) in &acked {
+        let got = t.get(s).cloned().flatten();
+        assert!(
+            got.as_ref().is_some_and(|g| writes.contains(g)),
+            "{s}: {got:?} (seed {seed})"
+        );
+        for (k, v) in t
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{s}.conflict-")))
+        {
+            let v = v.clone().unwrap_or_default();
+            assert!(writes.contains(&v), "{k}: {v:?} (seed {seed})");
+        }
+    }
+    for dev in devs {
+        let o = common::meshfs(&["check", "--data-dir", net.data(dev).to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "{dev}: {} (seed {seed})",
+            common::stderr(&o)
+        );
     }
 }

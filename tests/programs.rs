@@ -50,16 +50,16 @@ fn tar_cp_and_git_work_on_a_mount() {
 #[test]
 fn sqlite_in_wal_mode_keeps_its_integrity() {
     require_root!();
-    if Command::new("python3")
+    let has_sqlite = Command::new("python3")
         .arg("-c")
         .arg("import sqlite3")
         .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        eprintln!("skipped: python3 with sqlite3 is not installed");
-        return;
-    }
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        has_sqlite,
+        "python3 with sqlite3 is needed (scripts/setup installs it)"
+    );
     let d = Device::start("alice");
     let out = sh(
         d.mountpoint(),

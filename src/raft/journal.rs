@@ -309,16 +309,45 @@ pub fn conflict_name(name: &[u8], device: &str, at: Timestamp, attempt: u32) -> 
     out
 }
 
+/// Which names are taken (in this device's view): `taken(parent, name)`.
+pub type Taken<'a> = &'a dyn Fn(ResourceId, &[u8]) -> bool;
+
+/// The first conflict name for `name` in `parent`, from the `attempt`-th
+/// on, that `taken` does not know: several conflicts on one file within
+/// one second each get their own.
+pub fn free_conflict_name(
+    parent: ResourceId,
+    name: &[u8],
+    device: &str,
+    at: Timestamp,
+    attempt: u32,
+    taken: Taken<'_>,
+) -> Name {
+    let mut n = attempt;
+    loop {
+        let candidate = conflict_name(name, device, at, n);
+        if !taken(parent, &candidate) || n >= attempt.saturating_add(10_000) {
+            return candidate;
+        }
+        n += 1;
+    }
+}
+
 /// What to do with tentative change `t` that failed at its authority
 /// with `failure` (the `attempt`-th time), and which conflict it was.
-/// `device` is this device's name.
+/// `device` is this device's name; `taken` says which names are in use.
 pub fn resolve(
     t: &TentativeChange,
     failure: &Failure,
     device: &str,
     attempt: u32,
+    taken: Taken<'_>,
 ) -> (Resolution, ConflictKind) {
     use ConflictKind as K;
+    let conflict_name =
+        |parent: ResourceId, name: &[u8], device: &str, at: Timestamp, attempt: u32| {
+            free_conflict_name(parent, name, device, at, attempt, taken)
+        };
     let gone = matches!(
         failure,
         Failure::Error(MetaError::NotFound | MetaError::NotDir)
@@ -333,7 +362,7 @@ pub fn resolve(
                 Some((parent, name)) => (
                     Resolution::CopyBeside {
                         parent: *parent,
-                        name: conflict_name(name, device, t.at, attempt),
+                        name: conflict_name(*parent, name, device, t.at, attempt),
                     },
                     kind,
                 ),
@@ -341,7 +370,7 @@ pub fn resolve(
                 None => (
                     Resolution::CopyBeside {
                         parent: ResourceId::ROOT,
-                        name: conflict_name(b"unnamed", device, t.at, attempt),
+                        name: conflict_name(ResourceId::ROOT, b"unnamed", device, t.at, attempt),
                     },
                     kind,
                 ),
@@ -362,7 +391,7 @@ pub fn resolve(
                 // that does not exist, which is kept as a copy).
                 return (Resolution::Yield, K::Other);
             }
-            let new_name = conflict_name(name, device, t.at, attempt);
+            let new_name = conflict_name(*parent, name, device, t.at, attempt);
             let mut cmd = t.change.cmd.clone();
             match &mut cmd {
                 FsCommand::Create { name, .. } | FsCommand::Link { name, .. } => {
@@ -418,7 +447,7 @@ pub fn resolve(
                 },
                 ..
             } if p == new_parent && n == new_name && *mode != RenameMode::Exchange => {
-                let kept = conflict_name(new_name, device, t.at, attempt);
+                let kept = conflict_name(*new_parent, new_name, device, t.at, attempt);
                 let cmd = FsCommand::Rename {
                     parent: *parent,
                     name: name.clone(),

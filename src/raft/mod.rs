@@ -607,6 +607,7 @@ impl Replica {
     fn change_as(&self, cmd: FsCommand, journal_first: bool) -> Result<Response, RaftError> {
         use std::sync::atomic::Ordering;
         let deadline = Instant::now() + self.settings.write_timeout;
+        let sealed_until = Instant::now() + self.settings.offline_after;
         let id = self.next_id();
         let mut reserved = false;
         loop {
@@ -627,9 +628,11 @@ impl Replica {
                     return Ok(Ok(out));
                 }
                 Local::Sealed => {
-                    // Being handed over: the move commits in a moment.
-                    if Instant::now() >= deadline {
-                        return Err(RaftError::NoQuorum(self.settings.write_timeout));
+                    // Being handed over, or decided with other authorities:
+                    // settled in a moment, or, when that takes longer than
+                    // offline_after, kept as a tentative change.
+                    if Instant::now() >= sealed_until {
+                        return self.change_tentatively(id, cmd);
                     }
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
@@ -659,7 +662,10 @@ impl Replica {
             };
             let r = self.clone();
             let (c, g) = (cmd.clone(), gov.clone());
-            match block_on(&self.rt, async move { r.route(id, c, g, until).await }) {
+            match block_on(
+                &self.rt,
+                async move { r.route(id, c, g, until, false).await },
+            ) {
                 Ok(Some(resp)) => {
                     if resp.is_ok() {
                         self.record_change(&cmd);
@@ -781,12 +787,15 @@ impl Replica {
 
     /// A change this device does not decide: to its authority, or through
     /// Raft. `None` when the authority had moved (route again).
+    /// `reintegrating`: a tentative change being reintegrated (see
+    /// `Outbox::last_touching`).
     async fn route(
         &self,
         id: u64,
         cmd: FsCommand,
         gov: Governance,
         deadline: Instant,
+        reintegrating: bool,
     ) -> Result<Option<Response>, RaftError> {
         use std::sync::atomic::Ordering;
         let req = |cmd| Request {
@@ -810,14 +819,16 @@ impl Replica {
                 let outcome = async {
                     for d in &devices {
                         let seq = if *d == self.device {
-                            let (mine, seq) = self.shared.seal_resources(&resources);
+                            let (mine, seq) = self.shared.seal_resources(&resources, reintegrating);
                             local = mine;
                             if self.shared.shipped(self.device) < seq {
                                 self.kick_shipper(true);
                             }
                             seq
                         } else {
-                            let seq = self.seal_at(*d, id, &resources, deadline).await?;
+                            let seq = self
+                                .seal_at(*d, id, &resources, deadline, reintegrating)
+                                .await?;
                             remote.push(*d);
                             seq
                         };
@@ -853,11 +864,13 @@ impl Replica {
         token: u64,
         resources: &[ResourceId],
         deadline: Instant,
+        shippable: bool,
     ) -> Result<u64, RaftError> {
         let rpc = Rpc::Seal {
             token,
             resources: resources.to_vec(),
             lease_ms: self.settings.write_timeout.as_millis() as u64,
+            shippable,
         };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1001,13 +1014,14 @@ impl Replica {
                 token,
                 resources,
                 lease_ms,
+                shippable,
             } => {
                 // One lease per (asker, token): a repeated request re-seals
                 // nothing.
+                let mut resources = resources;
+                resources.truncate(16);
                 if !lock(&self.leases).contains_key(&(from, token)) {
-                    let mut resources = resources;
-                    resources.truncate(16);
-                    let (mine, _) = self.shared.seal_resources(&resources);
+                    let (mine, _) = self.shared.seal_resources(&resources, shippable);
                     lock(&self.leases).insert((from, token), mine);
                     let r = self.clone();
                     let lease = Duration::from_millis(lease_ms.min(60_000));
@@ -1016,7 +1030,7 @@ impl Replica {
                         r.end_lease(from, token);
                     });
                 }
-                let seq = lock(&self.shared.outbox).last_seq();
+                let seq = lock(&self.shared.outbox).last_touching(&resources, shippable);
                 if self.shared.shipped(self.device) < seq {
                     self.kick_shipper(true);
                 }
@@ -1378,6 +1392,10 @@ impl Replica {
             learners,
             degraded,
             stale_reads: self.stale_reads.load(std::sync::atomic::Ordering::Relaxed),
+            inode_block: read_meta(&self.shared.meta)
+                .space()
+                .block_of(self.device)
+                .is_some(),
             changes: self.change_status(),
         }
     }
@@ -1396,6 +1414,7 @@ impl Replica {
             conflicts,
             served_bytes: self.counters.served.load(Relaxed),
             authority_moves: self.policy.moves.load(Relaxed),
+            waiting_on: self.shared.waiting_on(),
             tentative: {
                 let (waiting, since, made, reintegrated, conflicts) = self.tentative_counts();
                 TentativeStatus {
@@ -1432,6 +1451,9 @@ pub struct RaftStatus {
     /// Opens and lookups whose authority did not answer in time, which
     /// read the local replica.
     pub stale_reads: u64,
+    /// Whether this device has inode numbers reserved (through Raft, when
+    /// it starts): it needs them to create anything while cut off.
+    pub inode_block: bool,
     pub changes: ChangeStatus,
 }
 
@@ -1459,6 +1481,8 @@ pub struct ChangeStatus {
     /// Authority moves this device carried out: handoffs it made, and
     /// takeovers it committed as leader.
     pub authority_moves: u64,
+    /// What the oldest changes waiting here wait for, when they wait.
+    pub waiting_on: Option<String>,
     /// Changes made while their authority was out of reach.
     pub tentative: TentativeStatus,
 }

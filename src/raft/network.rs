@@ -86,6 +86,9 @@ pub enum Rpc {
         token: u64,
         resources: Vec<ResourceId>,
         lease_ms: u64,
+        /// For a reintegrated change: leave out changes stuck behind a
+        /// tentative one (`Outbox::last_touching`).
+        shippable: bool,
     },
     Unseal {
         token: u64,

@@ -27,6 +27,10 @@ use super::types::LocalChange;
 use crate::ids::{ChunkHash, DeviceId};
 use crate::meta::{Effects, FsCommand};
 
+/// How long own changes wait behind a foreign effect (see
+/// `Outbox::blocking_foreign`).
+pub const FOREIGN_BLOCK: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// One change applied here and not yet committed.
 #[derive(Debug)]
 pub struct Pending {
@@ -79,7 +83,15 @@ pub struct Outbox {
     pub next_seq: u64,
     /// Changes applied here that were refused when they committed.
     pub conflicts: u64,
+    /// How often each change (origin, id) was queued again because what
+    /// it changes was not committed yet.
+    pub requeued: std::collections::HashMap<(DeviceId, u64), u32>,
 }
+
+/// How often a change refused for want of what it changes is queued again
+/// (each time it ships with the next batch) before it is reintegrated as
+/// a tentative change instead.
+pub const REQUEUE_MAX: u32 = 50;
 
 /// How an outbox entry is stored: the change, versioned.
 #[derive(Serialize, Deserialize)]
@@ -105,6 +117,49 @@ impl Outbox {
         pins
     }
 
+    /// The place of the first foreign effect own changes still wait for:
+    /// one reported less than `FOREIGN_BLOCK` ago. Two devices can each
+    /// hold a change of the other's behind such a wait (a change one
+    /// forwarded, stuck in the other's outbox behind a change that waits
+    /// for the first); past `FOREIGN_BLOCK` the wait is given up, the
+    /// changes behind ship, and one that needed it is refused at commit
+    /// and reintegrated (`journal.rs`).
+    pub fn blocking_foreign(&self) -> Option<u64> {
+        self.foreign
+            .iter()
+            .filter(|f| f.at.elapsed() < FOREIGN_BLOCK)
+            .map(|f| f.order)
+            .min()
+    }
+
+    /// The last pending change deciding about any of `resources` (0:
+    /// none): what a change spanning authorities must see committed. With
+    /// `shippable`, those behind a tentative change are left out: they
+    /// ship only after it is reintegrated, which may itself wait for the
+    /// change asking (two devices, each reintegrating a tentative change
+    /// spanning both); the change asking commits first then, and one of
+    /// them that no longer applies after it is queued again or
+    /// reintegrated as a conflict, not lost. A program's change waits for
+    /// them all (and is kept tentatively if that takes too long).
+    pub fn last_touching(&self, resources: &[crate::ids::ResourceId], shippable: bool) -> u64 {
+        let blocked_at = match self.tentative.front() {
+            Some(t) if shippable => t.order,
+            _ => u64::MAX,
+        };
+        self.entries
+            .iter()
+            .rev()
+            .filter(|p| p.order < blocked_at)
+            .find(|p| {
+                p.change
+                    .cmd
+                    .decided_by()
+                    .iter()
+                    .any(|r| resources.contains(r))
+            })
+            .map_or(0, |p| p.seq)
+    }
+
     /// The next place in the speculative layer.
     pub fn take_order(&mut self) -> u64 {
         self.next_order += 1;
@@ -118,16 +173,27 @@ impl Outbox {
 
     /// The first entries, up to `max_changes` and about `max_bytes` (at
     /// least one), as a batch for the log; none made after a foreign
-    /// effect that is not committed yet, nor after a tentative change not
-    /// reintegrated yet (they may depend on it).
+    /// effect that is not committed yet, nor one that touches what a
+    /// tentative change made before it touches (it may depend on it; those
+    /// that do not ship, so that one device's tentative change does not
+    /// hold up the changes it applied for others).
     pub fn batch(&self, max_changes: usize, max_bytes: usize) -> Option<(u64, Vec<LocalChange>)> {
         let first = self.entries.front()?;
-        let blocked_at = self
-            .foreign
-            .front()
-            .map_or(u64::MAX, |f| f.order)
-            .min(self.tentative.front().map_or(u64::MAX, |t| t.order));
-        if first.order > blocked_at {
+        let blocked_at = self.blocking_foreign().unwrap_or(u64::MAX);
+        let tentative: Vec<(u64, Vec<crate::ids::ResourceId>)> = self
+            .tentative
+            .iter()
+            .map(|t| (t.order, touched(&t.t.change.cmd)))
+            .collect();
+        let waits_for_tentative = |p: &Pending| {
+            !tentative.is_empty() && {
+                let mine = touched(&p.change.cmd);
+                tentative
+                    .iter()
+                    .any(|(o, set)| *o < p.order && set.iter().any(|r| mine.contains(r)))
+            }
+        };
+        if first.order > blocked_at || waits_for_tentative(first) {
             return None;
         }
         let first = first.seq;
@@ -135,6 +201,7 @@ impl Outbox {
         let mut out = Vec::new();
         for p in &self.entries {
             if p.order > blocked_at
+                || waits_for_tentative(p)
                 || (!out.is_empty() && (out.len() >= max_changes || bytes + p.bytes > max_bytes))
             {
                 break;
@@ -144,6 +211,17 @@ impl Outbox {
         }
         Some((first, out))
     }
+}
+
+/// What a command touches for ordering against tentative changes: what
+/// decides it, and the inode it creates or links.
+fn touched(cmd: &FsCommand) -> Vec<crate::ids::ResourceId> {
+    let mut out = cmd.decided_by();
+    match cmd {
+        FsCommand::Create { ino, .. } | FsCommand::Link { ino, .. } => out.push(*ino),
+        _ => {}
+    }
+    out
 }
 
 /// The chunks a command's new version references (to pin while pending).
@@ -220,5 +298,60 @@ mod tests {
         assert!(o.batch(100, 1000).is_none(), "the rest waits");
         o.foreign.pop_front();
         assert_eq!(o.batch(100, 1000).unwrap().1.len(), 2);
+    }
+
+    #[test]
+    fn only_changes_touching_what_a_tentative_change_touches_wait_for_it() {
+        use crate::raft::journal::{Tentative, TentativeChange};
+        let mut o = Outbox::default();
+        // A tentative change to directory 7, then own changes to 5 and 7.
+        o.tentative.push_back(Tentative {
+            order: 1,
+            jseq: 0,
+            t: TentativeChange {
+                change: LocalChange {
+                    origin: DeviceId([1; 16]),
+                    id: 1,
+                    cmd: FsCommand::Reclaim { ino: ResourceId(7) },
+                },
+                expect: Vec::new(),
+                at: Default::default(),
+                after_seq: 0,
+                place: None,
+                path: Vec::new(),
+            },
+            pins: Vec::new(),
+            applies: true,
+        });
+        let mut a = pending(5, 10);
+        a.order = 2;
+        let mut b = pending(7, 10);
+        b.order = 3;
+        let mut c = pending(8, 10);
+        c.order = 4;
+        o.entries.extend([a, b, c]);
+        let (first, batch) = o.batch(100, 1000).unwrap();
+        assert_eq!(
+            (first, batch.len()),
+            (5, 1),
+            "5 ships, 7 waits (and 8 behind it)"
+        );
+    }
+
+    #[test]
+    fn a_foreign_effect_blocks_for_a_while_only() {
+        let mut o = Outbox::default();
+        for s in 1..=3 {
+            o.entries.push_back(pending(s, 10));
+        }
+        o.foreign.push_back(Foreign {
+            order: 3,
+            authority: DeviceId([2; 16]),
+            seq: 9,
+            effects: Effects::default(),
+            at: Instant::now() - FOREIGN_BLOCK - std::time::Duration::from_millis(1),
+            journal: None,
+        });
+        assert_eq!(o.batch(100, 1000).unwrap().1.len(), 3, "given up on");
     }
 }

@@ -18,6 +18,11 @@ use crate::lock;
 use crate::meta::{FsCommand, Governance, Kind, MetaError, Name, NewNode, Outcome, Timestamp};
 use crate::storage::ChunkStore;
 
+/// How many times a change waits for what it changes to be committed
+/// (with the reintegrator's backoff, minutes) before it is resolved as a
+/// conflict.
+const NOT_YET: u32 = 100;
+
 /// Conflicts kept in memory for listing (all stay on disk until cleared).
 const CONFLICTS_SHOWN: usize = 10_000;
 
@@ -42,6 +47,8 @@ pub(super) struct State {
     pub reintegrated: AtomicU64,
     /// Failed attempts per journal record.
     attempts: Mutex<HashMap<u64, u32>>,
+    /// Waits for what a change needs to be committed, per journal record.
+    not_yet: Mutex<HashMap<u64, u32>>,
 }
 
 impl State {
@@ -270,6 +277,7 @@ impl Replica {
             }
             Ok(Governance::One(d)) => {
                 if self.recently_unreachable(d) {
+                    tracing::trace!(authority = %d, "tentative change waits: its authority is out of reach");
                     return Step::Wait;
                 }
                 let pins = outbox::chunks_of(&cmd);
@@ -302,7 +310,10 @@ impl Replica {
                             Ok(Reply::Changed { expect, absent }) => {
                                 Step::Failed(Failure::Changed { expect, absent })
                             }
-                            Ok(Reply::NotAuthority) => Step::Wait,
+                            Ok(Reply::NotAuthority) => {
+                                tracing::debug!(authority = %d, "tentative change waits: the authority is sealed or moved");
+                                Step::Wait
+                            }
                             Ok(other) => {
                                 tracing::debug!(reply = ?other, "reintegrating a tentative change");
                                 Step::Wait
@@ -332,16 +343,13 @@ impl Replica {
         expect: &[journal::Expect],
         gov: Option<Governance>,
     ) -> Step {
-        let Some(lifted) = self.shared.tentative_lift(jseq) else {
-            return Step::Progress;
-        };
-        let checked = journal::check(&read_meta(&self.shared.meta), expect);
-        let outcome = match checked {
-            Err(f) => Step::Failed(f),
-            Ok(()) => {
+        match self.shared.tentative_check(jseq, expect) {
+            None => Step::Progress,
+            Some(Err(f)) => Step::Failed(f),
+            Some(Ok(())) => {
                 let deadline = Instant::now() + self.settings.offline_after;
                 let done = match gov.clone() {
-                    Some(g) => self.route(id, cmd, g, deadline).await,
+                    Some(g) => self.route(id, cmd, g, deadline, true).await,
                     None => {
                         let req = super::Request {
                             origin: self.device,
@@ -352,11 +360,13 @@ impl Replica {
                     }
                 };
                 match done {
-                    Ok(Some(Ok(_))) => {
-                        return self.settled(jseq, self.shared.tentative_forget(lifted))
-                    }
+                    // Committed (and applied here): out of the journal.
+                    Ok(Some(Ok(_))) => self.settled(jseq, self.shared.tentative_drop(jseq)),
                     Ok(Some(Err(e))) => Step::Failed(Failure::Error(e)),
-                    Ok(None) => Step::Wait,
+                    Ok(None) => {
+                        tracing::debug!("tentative change waits: its authority moved");
+                        Step::Wait
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "reintegrating a tentative change through raft");
                         if let Some(g) = &gov {
@@ -366,9 +376,43 @@ impl Replica {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether `failure` only says that what `t` changes is not where it
+    /// was applied yet: this device shows it (its creation is on its way,
+    /// in another authority's outbox or this one's), so the change waits
+    /// rather than becoming a conflict. Up to `NOT_YET` times.
+    fn not_yet(&self, jseq: u64, t: &TentativeChange, failure: &Failure) -> bool {
+        if !matches!(failure, Failure::Error(MetaError::NotFound)) {
+            return false;
+        }
+        let target = match &t.change.cmd {
+            FsCommand::CommitVersion { ino, .. }
+            | FsCommand::SetAttr { ino, .. }
+            | FsCommand::SetXattr { ino, .. }
+            | FsCommand::RemoveXattr { ino, .. } => *ino,
+            FsCommand::Create { parent, .. }
+            | FsCommand::Link { parent, .. }
+            | FsCommand::Unlink { parent, .. }
+            | FsCommand::Rmdir { parent, .. }
+            | FsCommand::Rename { parent, .. } => lock(&self.reint.remap)
+                .get(parent)
+                .copied()
+                .unwrap_or(*parent),
+            _ => return false,
         };
-        self.shared.tentative_restore(lifted);
-        outcome
+        let shown = read_meta(&self.shared.meta)
+            .get(target)
+            .is_some_and(|i| i.nlink > 0);
+        if !shown {
+            return false;
+        }
+        let mut waits = lock(&self.reint.not_yet);
+        let n = waits.entry(jseq).or_insert(0);
+        *n += 1;
+        tracing::debug!(%target, waits = *n, "tentative change waits: what it changes is not committed yet");
+        *n <= NOT_YET
     }
 
     fn settled(&self, jseq: u64, r: Result<(), crate::storage::StorageError>) -> Step {
@@ -376,6 +420,7 @@ impl Replica {
             Ok(()) => {
                 self.reint.reintegrated.fetch_add(1, Ordering::Relaxed);
                 lock(&self.reint.attempts).remove(&jseq);
+                lock(&self.reint.not_yet).remove(&jseq);
                 Step::Progress
             }
             Err(e) => {
@@ -399,7 +444,11 @@ impl Replica {
         if attempt >= ATTEMPTS {
             return self.give_up(jseq, &t, &failure, attempt).await;
         }
-        let (resolution, kind) = journal::resolve(&t, &failure, &self.settings.name, attempt);
+        let (resolution, kind) = {
+            let meta = read_meta(&self.shared.meta);
+            let taken = |p: ResourceId, n: &[u8]| meta.entry(p, n).is_some();
+            journal::resolve(&t, &failure, &self.settings.name, attempt, &taken)
+        };
         tracing::debug!(?failure, ?resolution, "resolving a tentative change");
         match resolution {
             Resolution::Retry {
@@ -488,12 +537,14 @@ impl Replica {
                     );
                     true
                 }
+                // Every directory of its path is there (made again just
+                // before, not committed yet): try again.
+                Ok(false) if !t.path.is_empty() => true,
                 Ok(false) => {
                     // Nothing known to make again: into the root, under a
                     // conflict name.
                     let mut cmd = t.change.cmd.clone();
-                    let fallback =
-                        journal::conflict_name(b"orphan", &self.settings.name, t.at, attempt);
+                    let fallback = self.free_name(ResourceId::ROOT, b"orphan", t.at, attempt);
                     match &mut cmd {
                         FsCommand::Create { parent, name, .. }
                         | FsCommand::Link { parent, name, .. } => {
@@ -541,7 +592,7 @@ impl Replica {
                 .place
                 .as_ref()
                 .map_or(&b"unnamed"[..], |(_, n)| n.as_slice());
-            let name = journal::conflict_name(base, &self.settings.name, t.at, attempt);
+            let name = self.free_name(ResourceId::ROOT, base, t.at, attempt);
             if let Err(e) = self.copy_beside(t, ResourceId::ROOT, &name).await {
                 tracing::warn!(error = %e, "keeping a version that could not be reintegrated");
                 return false;
@@ -558,6 +609,13 @@ impl Replica {
         );
         self.settled(jseq, self.shared.tentative_drop(jseq));
         true
+    }
+
+    /// A conflict name for `base` in `parent` nothing uses here.
+    fn free_name(&self, parent: ResourceId, base: &[u8], at: Timestamp, attempt: u32) -> Name {
+        let meta = read_meta(&self.shared.meta);
+        let taken = |p: ResourceId, n: &[u8]| meta.entry(p, n).is_some();
+        journal::free_conflict_name(parent, base, &self.settings.name, at, attempt, &taken)
     }
 
     /// Keeps this device's version of a file (the content of tentative
@@ -671,6 +729,23 @@ impl Replica {
             lock(&self.reint.remap).insert(step.dir, new);
             made = true;
         }
+        if made {
+            // What goes into them may be committed through Raft, on the
+            // committed state: they must be there first (their authority
+            // ships them in a moment).
+            let deadline = Instant::now() + self.settings.write_timeout;
+            let made_dirs: Vec<ResourceId> = lock(&self.reint.remap).values().copied().collect();
+            loop {
+                let there = self.with_committed(|m| made_dirs.iter().all(|d| m.get(*d).is_some()));
+                if there {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err("a directory made again is not committed yet".into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         Ok(made)
     }
 
@@ -765,7 +840,12 @@ pub(super) async fn watch_members(r: Replica) {
 
 /// The reintegrator: replays the journal to the authorities, first change
 /// first, as soon as each is reachable; resolves conflicts on the way.
+///
+/// A change that keeps waiting is tried less often (200 ms doubling to 3
+/// s): a change spanning authorities seals what it involves at each while
+/// it tries, and retrying it back to back would keep them sealed.
 pub(super) async fn run(r: Replica) {
+    let mut pause = Duration::from_millis(200);
     loop {
         let woken = r.reint.wake.notified();
         let progressed = match r.shared.tentative_ready() {
@@ -773,11 +853,15 @@ pub(super) async fn run(r: Replica) {
             Some((jseq, t)) => match r.reintegrate_step(jseq, &t).await {
                 Step::Progress => true,
                 Step::Wait => false,
+                Step::Failed(f) if r.not_yet(jseq, &t, &f) => false,
                 Step::Failed(f) => r.resolve_failure(jseq, &t, f).await,
             },
         };
-        if !progressed {
-            let _ = tokio::time::timeout(Duration::from_millis(200), woken).await;
+        if progressed {
+            pause = Duration::from_millis(200);
+        } else {
+            let _ = tokio::time::timeout(pause, woken).await;
+            pause = (pause * 2).min(Duration::from_secs(3));
         }
     }
 }

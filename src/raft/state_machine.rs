@@ -379,9 +379,16 @@ impl Shared {
     }
 
     /// Seals those of `resources` this device governs and returns them,
-    /// with the last outbox sequence: every change made here to them is at
-    /// or below it, and none follows until `unseal_resources`.
-    pub fn seal_resources(&self, resources: &[ResourceId]) -> (Vec<ResourceId>, u64) {
+    /// with the sequence of the last pending change here deciding about
+    /// any of them (0: none): every change made here to them is at or
+    /// below it, and none follows until `unseal_resources`. (Only those:
+    /// waiting for the whole outbox could wait on a change stuck behind a
+    /// tentative one that waits for this seal to lift.)
+    pub fn seal_resources(
+        &self,
+        resources: &[ResourceId],
+        shippable: bool,
+    ) -> (Vec<ResourceId>, u64) {
         let meta = write(&self.meta);
         let mine: Vec<ResourceId> = resources
             .iter()
@@ -393,7 +400,7 @@ impl Shared {
             *sealed.entry(*r).or_insert(0) += 1;
         }
         drop(sealed);
-        (mine, lock(&self.outbox).last_seq())
+        (mine, lock(&self.outbox).last_touching(resources, shippable))
     }
 
     /// Lifts one seal of each of `resources`.
@@ -463,17 +470,27 @@ impl Shared {
                 return Ok(Local::Refused(e));
             }
         };
-        // Two versions of one file in a row: only the last is kept (with
-        // what the first was made on).
-        let mut superseded = None;
-        if let Some(last) = outbox.tentative.back() {
-            let after_own = outbox.entries.back().is_some_and(|p| p.order > last.order)
-                || outbox.foreign.back().is_some_and(|f| f.order > last.order);
-            if !after_own && journal::supersedes(&cmd, &last.t.change.cmd) {
-                expect = last.t.expect.clone();
-                place = last.t.place.clone().or(place);
-                superseded = outbox.tentative.pop_back();
+        // A new version of a file supersedes the tentative ones before it
+        // (nothing depends on a version in between): only the last is
+        // reintegrated, with what the first was made on.
+        // The first one stays: the reintegrator may be sending it.
+        let mut superseded: Vec<journal::Tentative> = Vec::new();
+        if outbox
+            .tentative
+            .iter()
+            .skip(1)
+            .any(|t| journal::supersedes(&cmd, &t.t.change.cmd))
+        {
+            let mut all = std::mem::take(&mut outbox.tentative).into_iter();
+            let first = all.next();
+            let (gone, kept): (Vec<_>, Vec<_>) =
+                all.partition(|t| journal::supersedes(&cmd, &t.t.change.cmd));
+            outbox.tentative = first.into_iter().chain(kept).collect();
+            if let Some(first) = gone.first() {
+                expect = first.t.expect.clone();
+                place = first.t.place.clone().or(place);
             }
+            superseded = gone;
         }
         let at = crate::meta::Timestamp::now();
         let t = journal::TentativeChange {
@@ -483,7 +500,7 @@ impl Shared {
                 cmd,
             },
             expect,
-            at: superseded.as_ref().map_or(at, |s| s.t.at),
+            at: superseded.first().map_or(at, |s| s.t.at),
             after_seq: outbox.last_seq(),
             place,
             path,
@@ -493,9 +510,7 @@ impl Shared {
             Ok(b) => b,
             Err(e) => {
                 meta.undo_to(sp);
-                if let Some(s) = superseded {
-                    outbox.tentative.push_back(s);
-                }
+                restore_superseded(&mut outbox, superseded);
                 return Err(crate::storage::StorageError::Decode(format!(
                     "encoding a tentative change: {e}"
                 )));
@@ -507,18 +522,23 @@ impl Shared {
         let jseq = outbox.next_jseq;
         if let Err(e) = self.store.journal_put(jseq, &bytes) {
             meta.undo_to(sp);
-            if let Some(s) = superseded {
-                outbox.tentative.push_back(s);
-            }
+            restore_superseded(&mut outbox, superseded);
             return Err(e);
         }
         meta.keep(sp);
         outbox.next_jseq += 1;
-        if let Some(s) = superseded {
-            if let Err(e) = self.store.journal_delete(&[s.jseq]) {
-                tracing::warn!(error = %e, "could not drop a superseded tentative change (it is dropped at reintegration)");
+        if !superseded.is_empty() {
+            let jseqs: Vec<u64> = superseded.iter().map(|s| s.jseq).collect();
+            if let Err(e) = self.store.journal_delete(&jseqs) {
+                // On a restart they come back and are reintegrated before
+                // the new one, which then conflicts with them and is kept
+                // as a copy: nothing is lost.
+                tracing::warn!(error = %e, "could not drop superseded tentative changes");
             }
-            self.store.unpin(&s.pins);
+            for s in superseded {
+                self.store.unpin(&s.pins);
+            }
+            outbox.tentative_since = outbox.tentative.front().map(|t| t.t.at);
         }
         let pins = outbox::chunks_of(&t.change.cmd);
         self.store.pin(&pins);
@@ -546,8 +566,48 @@ impl Shared {
         let outbox = lock(&self.outbox);
         let t = outbox.tentative.front()?;
         let earlier_own = outbox.entries.front().is_some_and(|p| p.order < t.order);
-        let earlier_foreign = outbox.foreign.front().is_some_and(|f| f.order < t.order);
+        let earlier_foreign = outbox.blocking_foreign().is_some_and(|o| o < t.order);
         (!earlier_own && !earlier_foreign).then(|| (t.jseq, t.t.clone()))
+    }
+
+    /// What the oldest waiting changes wait for, in words (status): a
+    /// foreign effect's batch, or a tentative change's reintegration.
+    pub fn waiting_on(&self) -> Option<String> {
+        let outbox = lock(&self.outbox);
+        let first_own = outbox.entries.front().map(|p| p.order);
+        let first_t = outbox.tentative.front();
+        let foreign = outbox.blocking_foreign();
+        let f = |order: u64| {
+            outbox.foreign.iter().find(|f| f.order == order).map(|f| {
+                format!(
+                    "the batch of {} holding its change {} ({} ms ago)",
+                    f.authority,
+                    f.seq,
+                    f.at.elapsed().as_millis()
+                )
+            })
+        };
+        match (first_own, first_t, foreign) {
+            (_, _, Some(fo))
+                if first_own.is_some_and(|o| o > fo) || first_t.is_some_and(|t| t.order > fo) =>
+            {
+                f(fo)
+            }
+            (Some(o), Some(t), _) if o > t.order => Some(format!(
+                "the reintegration of tentative change {} ({:?})",
+                t.jseq,
+                t.t.change.cmd.decided_by()
+            )),
+            (Some(o), Some(t), _) if o < t.order => {
+                Some("own changes made before the first tentative change, to commit first".into())
+            }
+            (None, Some(t), _) => Some(format!(
+                "the authority of tentative change {} ({:?})",
+                t.jseq,
+                t.t.change.cmd.decided_by()
+            )),
+            _ => None,
+        }
     }
 
     /// How many tentative changes wait, and since when.
@@ -671,47 +731,22 @@ impl Shared {
         Ok(())
     }
 
-    /// Takes tentative change `jseq` off this device's view for a moment
-    /// (to check what it was made on against a view without it, and apply
-    /// it as an own change or through Raft); `tentative_restore` puts it
-    /// back if that fails, `tentative_forget` drops it for good.
-    pub fn tentative_lift(&self, jseq: u64) -> Option<journal::Tentative> {
+    /// Checks what tentative change `jseq` was made on against this
+    /// device's view without it (its own effect would hide a name it
+    /// created), atomically for programs: it is out of the view only
+    /// inside the locks. `None` when it is gone.
+    pub fn tentative_check(&self, jseq: u64, expect: &[Expect]) -> Option<Result<(), Failure>> {
         let mut meta = write(&self.meta);
         let mut outbox = lock(&self.outbox);
         let i = outbox.tentative.iter().position(|t| t.jseq == jseq)?;
         let t = outbox.tentative.remove(i)?;
         meta.rollback();
         replay(&mut meta, &mut outbox, self.me);
-        Some(t)
-    }
-
-    pub fn tentative_restore(&self, t: journal::Tentative) {
-        let mut meta = write(&self.meta);
-        let mut outbox = lock(&self.outbox);
-        let at = outbox
-            .tentative
-            .iter()
-            .position(|x| x.order > t.order)
-            .unwrap_or(outbox.tentative.len());
-        outbox.tentative.insert(at, t);
+        let checked = journal::check(&meta, expect);
+        outbox.tentative.insert(i, t);
         meta.rollback();
         replay(&mut meta, &mut outbox, self.me);
-    }
-
-    /// A lifted tentative change that was applied (as an own change, or
-    /// through Raft): its record goes.
-    pub fn tentative_forget(
-        &self,
-        t: journal::Tentative,
-    ) -> Result<(), crate::storage::StorageError> {
-        self.store.journal_delete(&[t.jseq])?;
-        {
-            let mut outbox = lock(&self.outbox);
-            outbox.tentative_since = outbox.tentative.front().map(|t| t.t.at);
-        }
-        self.store.unpin(&t.pins);
-        self.invalidate(named_by(&t.t.change.cmd));
-        Ok(())
+        Some(checked)
     }
 
     /// Journal records of reintegrated changes whose authority's entry is
@@ -1128,6 +1163,19 @@ fn named_by(cmd: &FsCommand) -> Changes {
     c
 }
 
+/// Puts superseded tentative changes back (the new one could not be
+/// recorded), in order.
+fn restore_superseded(outbox: &mut Outbox, superseded: Vec<journal::Tentative>) {
+    for t in superseded {
+        let at = outbox
+            .tentative
+            .iter()
+            .position(|x| x.order > t.order)
+            .unwrap_or(outbox.tentative.len());
+        outbox.tentative.insert(at, t);
+    }
+}
+
 /// Loads the journal (tentative changes, and reintegrated ones whose
 /// authority's entry is not applied here yet) into `outbox`, and puts
 /// everything in the order it was made: a journal record after the outbox
@@ -1542,6 +1590,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // same batch); one refused now was applied here and reported done.
         let mut extra: Vec<Extra> = Vec::new();
         let mut unpin = Vec::new();
+        let mut requeued_pins = Vec::new();
         for (seq, resp) in &fx.own {
             while outbox.entries.front().is_some_and(|p| p.seq <= *seq) {
                 let Some(p) = outbox.entries.pop_front() else {
@@ -1549,7 +1598,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 };
                 let mut pins = p.pins;
                 if p.seq == *seq {
-                    if let Err(e) = resp {
+                    let key = (p.change.origin, p.change.id);
+                    let tries = outbox.requeued.get(&key).copied().unwrap_or(0);
+                    if resp.is_ok() && tries > 0 {
+                        outbox.requeued.remove(&key);
+                    }
+                    if matches!(resp, Err(MetaError::NotFound)) && tries < outbox::REQUEUE_MAX {
+                        // What it changes is not committed yet (its
+                        // creation is in another authority's batch, which
+                        // a wait given up on let this one overtake): it
+                        // goes to the end of the outbox and ships again.
+                        outbox.requeued.insert(key, tries + 1);
+                        let again = outbox.next_seq;
+                        let bytes = enc(&Stored::V1(p.change.clone()))?;
+                        extra.push((RocksStore::outbox_key(again), Some(bytes.clone())));
+                        requeued_pins.extend(outbox.push(again, p.change.clone(), bytes.len()));
+                        tracing::debug!(
+                            seq,
+                            again,
+                            "a change came before what it changes; queued again"
+                        );
+                    } else if let Err(e) = resp {
+                        outbox.requeued.remove(&key);
                         outbox.conflicts += 1;
                         merge(&mut fx.remote, named_by(&p.change.cmd));
                         if let Some(t) = tentative_of_refused(&meta, &p.change, p.seq, shared.me) {
@@ -1631,7 +1701,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(applied);
         drop(outbox);
         drop(meta);
-        // Committed now, so their reference counts hold them.
+        // Committed now, so their reference counts hold them (those queued
+        // again were pinned again first).
+        shared.store.pin(&requeued_pins);
         shared.store.unpin(&unpin);
         shared.progress.send_modify(|n| *n += 1);
         if let Some(h) = shared.hook.get() {

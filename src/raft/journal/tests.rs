@@ -101,7 +101,9 @@ fn meet(
         place: Some((ROOT, b"f".to_vec())),
         path: Vec::new(),
     };
-    let resolved = failure.as_ref().map(|f| resolve(&t, f, "laptop", 0));
+    let resolved = failure
+        .as_ref()
+        .map(|f| resolve(&t, f, "laptop", 0, &|p, n| authority.entry(p, n).is_some()));
     (failure, resolved)
 }
 
@@ -326,6 +328,28 @@ fn conflict_names_stay_within_name_max_and_count_attempts() {
     // A retry names from the original, not from the first conflict name.
     let third = conflict_name(&second, "laptop", ts(0), 2);
     assert_eq!(third, b"f.conflict-laptop-19700101-000000-3".to_vec());
+}
+
+#[test]
+fn conflicts_within_one_second_get_names_of_their_own() {
+    let mut s = fresh();
+    create(
+        &mut s,
+        ROOT,
+        "f.conflict-laptop-19700101-000000",
+        NewNode::File,
+    );
+    create(
+        &mut s,
+        ROOT,
+        "f.conflict-laptop-19700101-000000-2",
+        NewNode::File,
+    );
+    let taken = |p: ResourceId, n: &[u8]| s.entry(p, n).is_some();
+    assert_eq!(
+        free_conflict_name(ROOT, b"f", "laptop", ts(0), 0, &taken),
+        b"f.conflict-laptop-19700101-000000-3".to_vec()
+    );
 }
 
 #[test]
