@@ -199,7 +199,7 @@ impl Default for Config {
             raft_election_max_ms: 200,
             read_wait_ms: 1000,
             write_timeout_ms: 10_000,
-            offline_after_ms: 1_500,
+            offline_after_ms: 5_000,
             batch_delay_ms: 2,
             batch_max: 1024,
             authority_takeover_s: 5,

@@ -343,11 +343,11 @@ fn what_a_dead_device_governed_is_taken_over() {
     b.kill9();
     let t = Instant::now();
     // Bravo does not answer: the create is made tentatively on charlie
-    // (within `offline_after`, 1.5 s), and reintegrated once the leader
-    // has handed "t" to a live device.
+    // (within `offline_after`, 5 s), and reintegrated once the leader has
+    // handed "t" to a live device.
     write_file(&c.path("t/after"), b"after", false).unwrap();
     let took = t.elapsed();
-    assert!(took < Duration::from_secs(3), "create stalled {took:?}");
+    assert!(took < Duration::from_secs(9), "create stalled {took:?}");
     let deadline = Instant::now() + LIMIT;
     loop {
         let now = authority(&c, "t");
@@ -498,10 +498,20 @@ fn random_concurrent_changes_on_three_devices_converge() {
     for d in [&b, &c] {
         assert_eq!(tree(d, "s"), want, "{} differs from alpha", d.name);
     }
-    // No change was refused: a change spanning authorities seals what it
-    // involves at each of them before it goes through Raft.
+    // No change was lost: a change spanning authorities seals what it
+    // involves at each of them before it goes through Raft, so none races
+    // it; the only conflict this workload can make is a file written on
+    // one device while another removed it, and that version is kept as a
+    // copy (listed).
     for d in [&a, &b, &c] {
-        assert_eq!(changes(d)["conflicts"], 0, "{}: {}", d.name, changes(d));
+        let dd = d.data_dir();
+        let listed = meshfs(&["conflicts", "--json", "--data-dir", dd.to_str().unwrap()]);
+        let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+        for c in v["conflicts"].as_array().unwrap() {
+            assert_eq!(c["kind"], "edit/delete", "{}: {v}", d.name);
+            assert!(c["kept_as"].is_string(), "{}: {v}", d.name);
+        }
+        assert_eq!(changes(d)["tentative"]["waiting"], 0, "{}", d.name);
     }
     // Unlinked files are freed once no kernel holds them (nothing leaks).
     std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();

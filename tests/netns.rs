@@ -249,7 +249,7 @@ fn a_cut_off_device_keeps_every_write_and_converges_after_healing() {
     net.cut("c");
     // Charlie, cut off, goes on: every create, save, rename and delete in
     // what alpha governs is made tentatively and answered (the first one
-    // waits for offline_after, 1.5 s, the rest not at all); close keeps
+    // waits for offline_after, 5 s, the rest not at all); close keeps
     // the data.
     let t = Instant::now();
     std::fs::write(net.mnt("c", "s/new_c"), b"c-new").unwrap();
@@ -264,7 +264,7 @@ fn a_cut_off_device_keeps_every_write_and_converges_after_healing() {
     f.write_all(b"fsynced while cut off").unwrap();
     f.sync_all().unwrap();
     drop(f);
-    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     assert_eq!(std::fs::read(net.mnt("c", "s/f1")).unwrap(), b"c-edit");
     assert!(!net.mnt("c", "s/del").exists());
     let c = net.changes("c");

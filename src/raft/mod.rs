@@ -652,7 +652,7 @@ impl Replica {
                 Local::NotMine(gov) => gov,
             };
             let may_wait = matches!(gov, Governance::One(_) | Governance::Several(_));
-            if may_wait && self.offline_now(&gov, journal_first) {
+            if may_wait && self.offline_now(&cmd, &gov, journal_first) {
                 return self.change_tentatively(id, cmd);
             }
             let until = if may_wait {

@@ -132,20 +132,24 @@ impl Outbox {
             .min()
     }
 
-    /// The last pending change deciding about any of `resources` (0:
-    /// none): what a change spanning authorities must see committed. With
-    /// `shippable`, those behind a tentative change are left out: they
+    /// What a change spanning authorities must see committed here: for a
+    /// program's change, every pending change; with `shippable` (a
+    /// reintegrated change), the last one deciding about any of `resources`
+    /// (0: none), leaving out those behind a tentative change: they
     /// ship only after it is reintegrated, which may itself wait for the
     /// change asking (two devices, each reintegrating a tentative change
     /// spanning both); the change asking commits first then, and one of
     /// them that no longer applies after it is queued again or
-    /// reintegrated as a conflict, not lost. A program's change waits for
-    /// them all (and is kept tentatively if that takes too long).
+    /// reintegrated as a conflict, not lost. (A program's change that waits
+    /// too long is kept tentatively.)
     pub fn last_touching(&self, resources: &[crate::ids::ResourceId], shippable: bool) -> u64 {
-        let blocked_at = match self.tentative.front() {
-            Some(t) if shippable => t.order,
-            _ => u64::MAX,
-        };
+        if !shippable {
+            // A program's change: everything pending here first (what it
+            // decides may hinge on a change to something it does not name,
+            // such as the file a rename replaces).
+            return self.last_seq();
+        }
+        let blocked_at = self.tentative.front().map_or(u64::MAX, |t| t.order);
         self.entries
             .iter()
             .rev()
@@ -215,7 +219,7 @@ impl Outbox {
 
 /// What a command touches for ordering against tentative changes: what
 /// decides it, and the inode it creates or links.
-fn touched(cmd: &FsCommand) -> Vec<crate::ids::ResourceId> {
+pub(super) fn touched(cmd: &FsCommand) -> Vec<crate::ids::ResourceId> {
     let mut out = cmd.decided_by();
     match cmd {
         FsCommand::Create { ino, .. } | FsCommand::Link { ino, .. } => out.push(*ino),

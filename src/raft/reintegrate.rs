@@ -90,10 +90,15 @@ enum Step {
 impl Replica {
     /// Whether a change governed by `gov` goes tentative at once: its
     /// authority did not answer lately, there is no leader for a change
-    /// through Raft, or (with `journal_first`) tentative changes wait
-    /// already and this one must come after them.
-    pub(super) fn offline_now(&self, gov: &Governance, journal_first: bool) -> bool {
-        if journal_first && self.shared.tentative_status().0 > 0 {
+    /// through Raft, or (with `journal_first`) a tentative change waiting
+    /// touches what it touches, and it must come after it.
+    pub(super) fn offline_now(
+        &self,
+        cmd: &FsCommand,
+        gov: &Governance,
+        journal_first: bool,
+    ) -> bool {
+        if journal_first && self.shared.tentative_touching(cmd) {
             return true;
         }
         match gov {
@@ -848,14 +853,22 @@ pub(super) async fn run(r: Replica) {
     let mut pause = Duration::from_millis(200);
     loop {
         let woken = r.reint.wake.notified();
-        let progressed = match r.shared.tentative_ready() {
-            None => false,
-            Some((jseq, t)) => match r.reintegrate_step(jseq, &t).await {
-                Step::Progress => true,
-                Step::Wait => false,
-                Step::Failed(f) if r.not_yet(jseq, &t, &f) => false,
-                Step::Failed(f) => r.resolve_failure(jseq, &t, f).await,
-            },
+        let mut applied = r.shared.progress.subscribe();
+        let Some((jseq, t)) = r.shared.tentative_ready() else {
+            // Nothing to do, or the first waits for changes made before it
+            // to commit: a batch applied here may be that.
+            tokio::select! {
+                _ = woken => {}
+                _ = applied.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        };
+        let progressed = match r.reintegrate_step(jseq, &t).await {
+            Step::Progress => true,
+            Step::Wait => false,
+            Step::Failed(f) if r.not_yet(jseq, &t, &f) => false,
+            Step::Failed(f) => r.resolve_failure(jseq, &t, f).await,
         };
         if progressed {
             pause = Duration::from_millis(200);

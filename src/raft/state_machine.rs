@@ -561,12 +561,26 @@ impl Shared {
     }
 
     /// The first tentative change, when it is its turn: every change made
-    /// here before it is committed (it may depend on them).
+    /// here before it that it may depend on is committed, except the
+    /// tentative changes reintegrated just before it: their authorities
+    /// have them, in order, and one that the next needs and is not
+    /// committed yet makes it wait (`Replica::not_yet`) or queue again
+    /// (`Outbox::requeued`) rather than fail.
     pub fn tentative_ready(&self) -> Option<(u64, journal::TentativeChange)> {
         let outbox = lock(&self.outbox);
         let t = outbox.tentative.front()?;
-        let earlier_own = outbox.entries.front().is_some_and(|p| p.order < t.order);
-        let earlier_foreign = outbox.blocking_foreign().is_some_and(|o| o < t.order);
+        // Own changes made before it that touch what it touches (it may
+        // depend on them); the rest ship on their own.
+        let mine = outbox::touched(&t.t.change.cmd);
+        let earlier_own = outbox.entries.iter().any(|p| {
+            p.order < t.order
+                && outbox::touched(&p.change.cmd)
+                    .iter()
+                    .any(|r| mine.contains(r))
+        });
+        let earlier_foreign = outbox.foreign.iter().any(|f| {
+            f.order < t.order && f.journal.is_none() && f.at.elapsed() < outbox::FOREIGN_BLOCK
+        });
         (!earlier_own && !earlier_foreign).then(|| (t.jseq, t.t.clone()))
     }
 
@@ -608,6 +622,20 @@ impl Shared {
             )),
             _ => None,
         }
+    }
+
+    /// Whether a tentative change waiting touches what `cmd` touches.
+    pub fn tentative_touching(&self, cmd: &FsCommand) -> bool {
+        let outbox = lock(&self.outbox);
+        if outbox.tentative.is_empty() {
+            return false;
+        }
+        let mine = outbox::touched(cmd);
+        outbox.tentative.iter().any(|t| {
+            outbox::touched(&t.t.change.cmd)
+                .iter()
+                .any(|r| mine.contains(r))
+        })
     }
 
     /// How many tentative changes wait, and since when.
