@@ -216,28 +216,32 @@ impl Replica {
         }
     }
 
-    /// The path a change concerns, as this device shows it now.
-    /// `path` (the directory's path when the change was made) names a
-    /// directory that is gone now.
+    /// The path a change concerns, as this device shows it now: the name
+    /// it changes, or `place` (a file's name) for a change by inode.
     fn path_of(
         &self,
         cmd: &FsCommand,
         place: Option<&(ResourceId, Name)>,
         path: &[journal::PathStep],
     ) -> String {
-        let meta = read_meta(&self.shared.meta);
-        let (parent, name): (ResourceId, Vec<u8>) = match cmd {
+        match cmd {
             FsCommand::Create { parent, name, .. }
             | FsCommand::Link { parent, name, .. }
             | FsCommand::Unlink { parent, name, .. }
             | FsCommand::Rmdir { parent, name, .. }
-            | FsCommand::Rename { parent, name, .. } => (*parent, name.clone()),
+            | FsCommand::Rename { parent, name, .. } => self.path_in(*parent, name, path),
             _ => match place {
-                Some((p, n)) => (*p, n.clone()),
-                None => return String::from("(unknown)"),
+                Some((p, n)) => self.path_in(*p, n, path),
+                None => String::from("(unknown)"),
             },
-        };
-        let paths = meta.paths();
+        }
+    }
+
+    /// The path of `name` in `parent` as this device shows it now; `path`
+    /// (the directory's path when the change was made) names a directory
+    /// that is gone now.
+    fn path_in(&self, parent: ResourceId, name: &[u8], path: &[journal::PathStep]) -> String {
+        let paths = read_meta(&self.shared.meta).paths();
         let dir = paths.get(&parent).cloned().unwrap_or_else(|| {
             match path.iter().position(|s| s.dir == parent) {
                 Some(i) => path[..=i]
@@ -248,20 +252,7 @@ impl Replica {
             }
         });
         let sep = if dir.ends_with('/') { "" } else { "/" };
-        format!("{dir}{sep}{}", String::from_utf8_lossy(&name))
-    }
-
-    /// The path a name in `parent` has, as this device shows it now.
-    fn path_in(&self, parent: ResourceId, name: &[u8]) -> String {
-        self.path_of(
-            &FsCommand::Unlink {
-                parent,
-                name: name.to_vec(),
-                now: Timestamp::default(),
-            },
-            None,
-            &[],
-        )
+        format!("{dir}{sep}{}", String::from_utf8_lossy(name))
     }
 
     /// One attempt at the first tentative change `t` (journal record `jseq`).
@@ -465,9 +456,9 @@ impl Replica {
                     (
                         FsCommand::Create { parent, .. } | FsCommand::Link { parent, .. },
                         Some(n),
-                    ) => Some(self.path_in(*parent, n)),
+                    ) => Some(self.path_in(*parent, n, &[])),
                     (FsCommand::Rename { new_parent, .. }, Some(n)) => {
-                        Some(self.path_in(*new_parent, n))
+                        Some(self.path_in(*new_parent, n, &[]))
                     }
                     _ => None,
                 };
@@ -497,7 +488,7 @@ impl Replica {
                         self.record_conflict(
                             &t,
                             kind,
-                            Some(self.path_in(parent, &name)),
+                            Some(self.path_in(parent, &name, &[])),
                             detail.into(),
                         );
                         self.settled(jseq, self.shared.tentative_drop(jseq));
@@ -569,7 +560,7 @@ impl Replica {
                     self.record_conflict(
                         &t,
                         kind,
-                        Some(self.path_in(ResourceId::ROOT, &fallback)),
+                        Some(self.path_in(ResourceId::ROOT, &fallback, &[])),
                         "its directory was removed there and could not be made again: kept at the root".into(),
                     );
                     self.shared.tentative_replace(jseq, cmd, Vec::new()).is_ok()
@@ -602,7 +593,7 @@ impl Replica {
                 tracing::warn!(error = %e, "keeping a version that could not be reintegrated");
                 return false;
             }
-            Some(self.path_in(ResourceId::ROOT, &name))
+            Some(self.path_in(ResourceId::ROOT, &name, &[]))
         } else {
             None
         };

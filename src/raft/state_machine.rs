@@ -516,6 +516,8 @@ impl Shared {
                 )));
             }
         };
+        // Cannot panic: `stored` was built as V1 a few lines up (it is
+        // moved into the enum to be encoded without a copy).
         let StoredTentative::V1(t) = stored else {
             unreachable!("encoded as V1 just above")
         };
@@ -655,15 +657,15 @@ impl Shared {
         seq: u64,
         effects: Option<Effects>,
     ) -> Result<(), crate::storage::StorageError> {
-        self.tentative_settle(jseq, |outbox, t| {
+        self.tentative_settle(jseq, |outbox, order, after_seq| {
             let record = StoredTentative::Done {
                 authority,
                 seq,
-                after_seq: t.t.after_seq,
+                after_seq,
             };
             if self.shipped(authority) < seq {
                 outbox.foreign.push_front(Foreign {
-                    order: t.order,
+                    order,
                     authority,
                     seq,
                     effects: effects.unwrap_or_default(),
@@ -680,7 +682,7 @@ impl Shared {
     /// Tentative change `jseq` (the first) is dropped (it became a
     /// conflict the other side's change wins, or moot).
     pub fn tentative_drop(&self, jseq: u64) -> Result<(), crate::storage::StorageError> {
-        self.tentative_settle(jseq, |_, _| None)
+        self.tentative_settle(jseq, |_, _, _| None)
     }
 
     /// Tentative change `jseq` (the first) is replaced by `cmd` with
@@ -714,29 +716,21 @@ impl Shared {
     }
 
     /// Takes tentative change `jseq` out of the journal and the view,
-    /// `keep` saying what record stays on disk in its place (and adding
-    /// what is shown instead); the view is rebuilt and the kernel told.
+    /// `keep` (given its place and the outbox sequence it followed) saying
+    /// what record stays on disk in its place, and adding what is shown
+    /// instead; the view is rebuilt and the kernel told.
     fn tentative_settle(
         &self,
         jseq: u64,
-        keep: impl FnOnce(&mut Outbox, &journal::Tentative) -> Option<StoredTentative>,
+        keep: impl FnOnce(&mut Outbox, u64, u64) -> Option<StoredTentative>,
     ) -> Result<(), crate::storage::StorageError> {
         let mut meta = write(&self.meta);
         let mut outbox = lock(&self.outbox);
         let Some(i) = outbox.tentative.iter().position(|t| t.jseq == jseq) else {
             return Ok(());
         };
-        let record = {
-            let t = &outbox.tentative[i];
-            let t = journal::Tentative {
-                order: t.order,
-                jseq: t.jseq,
-                t: t.t.clone(),
-                pins: Vec::new(),
-                applies: t.applies,
-            };
-            keep(&mut outbox, &t)
-        };
+        let (order, after_seq) = (outbox.tentative[i].order, outbox.tentative[i].t.after_seq);
+        let record = keep(&mut outbox, order, after_seq);
         match record {
             Some(r) => {
                 let bytes = postcard::to_stdvec(&r).map_err(|e| {
