@@ -79,6 +79,19 @@ pub struct Config {
     /// long fsync waits for a commit while no leader is reachable before it
     /// settles for this device's disk. In milliseconds.
     pub offline_after_ms: u64,
+    /// Version history: how many old versions of each file are kept (the
+    /// current one not counted). Old versions are readable under
+    /// `/.meshfs/versions/` and restored with `meshfs restore`.
+    pub versions_keep: usize,
+    /// How long an old version is kept after a newer one replaced it, and a
+    /// removed file stays in the trash, in days.
+    pub versions_max_age_days: u64,
+    /// Most bytes kept for old versions and trashed files (content current
+    /// files share is not counted); the oldest go first beyond it.
+    pub versions_max_bytes: u64,
+    /// How often the Raft leader applies the retention policy (the leader's
+    /// settings decide for the whole mesh), in seconds.
+    pub versions_prune_s: u64,
     /// How long changes applied here gather before they are proposed to
     /// the Raft log as one batch (group commit), in milliseconds. fsync
     /// does not wait for it.
@@ -200,6 +213,10 @@ impl Default for Config {
             read_wait_ms: 1000,
             write_timeout_ms: 10_000,
             offline_after_ms: 5_000,
+            versions_keep: 100,
+            versions_max_age_days: 30,
+            versions_max_bytes: 10 << 30,
+            versions_prune_s: 60,
             batch_delay_ms: 2,
             batch_max: 1024,
             authority_takeover_s: 5,
@@ -273,6 +290,15 @@ impl Config {
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 
+    /// The version retention policy these settings describe.
+    pub fn retention(&self) -> crate::meta::retention::Retention {
+        crate::meta::retention::Retention {
+            keep: self.versions_keep,
+            max_age_s: self.versions_max_age_days.saturating_mul(24 * 3600),
+            max_bytes: self.versions_max_bytes,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("name must not be empty".into());
@@ -340,6 +366,15 @@ impl Config {
         }
         if !(50..=600_000).contains(&self.offline_after_ms) {
             return Err("offline_after_ms must be 50..=600000".into());
+        }
+        if self.versions_keep > 1_000_000 {
+            return Err("versions_keep must be 0..=1000000".into());
+        }
+        if self.versions_max_age_days > 36_500 {
+            return Err("versions_max_age_days must be 0..=36500".into());
+        }
+        if !(1..=86_400).contains(&self.versions_prune_s) {
+            return Err("versions_prune_s must be 1..=86400".into());
         }
         if self.batch_delay_ms > 1_000 {
             return Err("batch_delay_ms must be 0..=1000".into());

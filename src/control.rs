@@ -42,6 +42,21 @@ pub enum Request {
         #[serde(default)]
         clear: bool,
     },
+    /// The kept versions of the file at `path` (from the mount's root), and
+    /// of the trashed files that were there.
+    Versions {
+        path: String,
+    },
+    /// Makes version `version` of the file at `path` current again (as a
+    /// new version), or brings a trashed file back at `path`: the one
+    /// `deleted` names, else the most recently removed one.
+    Restore {
+        path: String,
+        #[serde(default)]
+        version: Option<u64>,
+        #[serde(default)]
+        deleted: Option<u64>,
+    },
     /// Authority, reputation, quality, proximity and temperature of a
     /// resource (`meshfs stat`), by inode number.
     Stat {
@@ -118,6 +133,12 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
         Ok(Request::Chunks { path }) => chunks(&node, &path),
         Ok(Request::Holders { resource }) => holders(&node, resource).await,
         Ok(Request::Conflicts { clear }) => conflicts(&node, clear),
+        Ok(Request::Versions { path }) => versions(&node, &path).await,
+        Ok(Request::Restore {
+            path,
+            version,
+            deleted,
+        }) => restore(&node, path, version, deleted).await,
         Ok(Request::Stat { resource }) => {
             match node.replica.stat(crate::ids::ResourceId(resource)).await {
                 Some(st) => serde_json::to_value(st).unwrap_or_default(),
@@ -246,6 +267,83 @@ async fn fetch(
             "total_ms": rep.total.as_secs_f64() * 1000.0,
         }),
         Err(e) => err(e.to_string()),
+    }
+}
+
+/// Device names by id, for listings (a device removed since shows as its
+/// id).
+async fn device_names(node: &Node) -> std::collections::HashMap<crate::ids::DeviceId, String> {
+    let mut names = std::collections::HashMap::new();
+    if let Ok(st) = node.mesh.status().await {
+        for d in st.devices {
+            names.insert(d.id, d.name);
+        }
+    }
+    names
+}
+
+async fn versions(node: &Node, path: &str) -> serde_json::Value {
+    let found = node.fs.versions(path.as_bytes());
+    let names = device_names(node).await;
+    let name = |d: &crate::ids::DeviceId| names.get(d).cloned().unwrap_or_else(|| d.to_hex());
+    match found {
+        Err(crate::fs::FsError::Meta(crate::meta::MetaError::NotFound)) => {
+            serde_json::json!({ "error": format!("{path}: no such file, and none in the trash") })
+        }
+        Err(e) => serde_json::json!({ "error": format!("{path}: {e}") }),
+        Ok(files) => serde_json::json!({
+            "path": path,
+            "files": files.iter().map(|f| serde_json::json!({
+                "resource": f.resource.0,
+                "deleted": f.deleted.map(|(at, by)| serde_json::json!({
+                    "time": at.secs, "by": name(&by),
+                })),
+                "versions": f.versions.iter().map(|v| serde_json::json!({
+                    "version": v.version.0,
+                    "time": v.committed.secs,
+                    "time_nanos": v.committed.nanos,
+                    "size": v.size,
+                    "author": v.author.as_ref().map(name),
+                    "hash": v.hash,
+                    "current": v.current,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+async fn restore(
+    node: &Arc<Node>,
+    path: String,
+    version: Option<u64>,
+    deleted: Option<u64>,
+) -> serde_json::Value {
+    let fs = node.fs.clone();
+    let p = path.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        fs.restore(
+            p.as_bytes(),
+            version.map(crate::ids::VersionId),
+            deleted.map(crate::ids::ResourceId),
+        )
+    })
+    .await;
+    match done {
+        Ok(Ok(r)) => serde_json::json!({
+            "path": path,
+            "resource": r.resource.0,
+            "from": r.from.0,
+            "version": r.version.0,
+            "undeleted": r.undeleted,
+        }),
+        Ok(Err(crate::fs::FsError::Meta(crate::meta::MetaError::Exists))) => serde_json::json!({
+            "error": format!("{path}: a file is there now; move it away first to bring the removed one back")
+        }),
+        Ok(Err(crate::fs::FsError::Meta(crate::meta::MetaError::NotFound))) => {
+            serde_json::json!({ "error": format!("{path}: no such file, and none in the trash") })
+        }
+        Ok(Err(e)) => serde_json::json!({ "error": format!("{path}: {e}") }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
     }
 }
 

@@ -106,6 +106,30 @@ enum Cmd {
         #[arg(long)]
         clear: bool,
     },
+    /// List the kept versions of a file under a mount (number, time, size,
+    /// author device, content hash), and of the removed files that were at
+    /// that path (the trash). Each is also readable at
+    /// MOUNT/.meshfs/versions/PATH/N.
+    Versions {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a kept version of a file current again (as a new version), or
+    /// bring a removed file back at its path (its last version unless
+    /// --version says which).
+    Restore {
+        path: PathBuf,
+        /// The version to restore (from `meshfs versions`).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Which removed file to bring back, by the resource number
+        /// `meshfs versions` lists (default: the most recently removed).
+        #[arg(long)]
+        deleted: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show who governs a file or directory under a mount and why:
     /// authority and epoch, reputation per device, observed quality,
     /// proximity to each holder, temperature, version.
@@ -316,6 +340,56 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{v}");
             } else {
                 view::print_conflicts(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Versions { path, json } => {
+            init_cli_log();
+            let (data_dir, rel) = meshfs::mountinfo::mesh_path_of(&path).map_err(Error::Mount)?;
+            let v = control::request(&data_dir, &Request::Versions { path: rel })?;
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                return Err(anyhow::anyhow!("{e}"));
+            }
+            if json {
+                println!("{v}");
+            } else {
+                view::print_versions(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restore {
+            path,
+            version,
+            deleted,
+            json,
+        } => {
+            init_cli_log();
+            let (data_dir, rel) = meshfs::mountinfo::mesh_path_of(&path).map_err(Error::Mount)?;
+            let req = Request::Restore {
+                path: rel,
+                version,
+                deleted,
+            };
+            let v = control::request(&data_dir, &req)?;
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                return Err(anyhow::anyhow!("{e}"));
+            }
+            if json {
+                println!("{v}");
+            } else if v["undeleted"].as_bool().unwrap_or(false) {
+                println!(
+                    "{}: brought back from the trash (its version {}, now version {})",
+                    path.display(),
+                    v["from"],
+                    v["version"]
+                );
+            } else {
+                println!(
+                    "{}: version {} restored as version {}",
+                    path.display(),
+                    v["from"],
+                    v["version"]
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

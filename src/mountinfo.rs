@@ -62,3 +62,68 @@ pub fn meshfs_of(path: &Path) -> Result<(PathBuf, u64), String> {
     }
     Err(format!("{} is not on a meshfs mount", path.display()))
 }
+
+/// The data dir of the meshfs mount `path` lies under, and `path` inside
+/// that mount ("/dir/name"). `path` need not exist (a removed file's
+/// versions are asked for by its old path); its directories are resolved
+/// as far as they exist, its last part is not (a symlink is itself).
+pub fn mesh_path_of(path: &Path) -> Result<(PathBuf, String), String> {
+    use std::path::Component;
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("current directory: {e}"))?
+            .join(path)
+    };
+    // Lexically first ("a/../b" is "b", as the shell sees it).
+    let mut parts: Vec<std::ffi::OsString> = Vec::new();
+    for c in abs.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_os_string()),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            _ => {}
+        }
+    }
+    let Some(last) = parts.pop() else {
+        return Err(format!("{}: the root has no versions", path.display()));
+    };
+    // The longest existing directory, resolved; the rest kept as given.
+    let mut keep = parts.len();
+    let resolved = loop {
+        let dir: PathBuf = std::iter::once(std::ffi::OsString::from("/"))
+            .chain(parts[..keep].iter().cloned())
+            .collect();
+        if let Ok(real) = std::fs::canonicalize(&dir) {
+            break real;
+        }
+        if keep == 0 {
+            return Err(format!("resolving {}", path.display()));
+        }
+        keep -= 1;
+    };
+    let mut full = resolved;
+    for p in &parts[keep..] {
+        full.push(p);
+    }
+    full.push(&last);
+    let mut at = full.parent();
+    while let Some(p) = at {
+        if let Some((source, fstype)) = source_of(p) {
+            if fstype == "fuse.meshfs" {
+                let rel = full
+                    .strip_prefix(p)
+                    .map_err(|_| format!("{} is not on a meshfs mount", path.display()))?;
+                let rel = rel
+                    .to_str()
+                    .ok_or_else(|| format!("{}: the path is not UTF-8", path.display()))?;
+                return Ok((PathBuf::from(source), format!("/{rel}")));
+            }
+            break;
+        }
+        at = p.parent();
+    }
+    Err(format!("{} is not on a meshfs mount", path.display()))
+}

@@ -509,6 +509,8 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
                     takeover: Duration::from_secs(cfg.authority_takeover_s),
                     report_every: Duration::from_millis(cfg.authority_report_ms),
                 },
+                retention: cfg.retention(),
+                prune_every: Duration::from_secs(cfg.versions_prune_s),
             },
             mesh.clone(),
             store.clone(),

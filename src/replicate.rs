@@ -247,14 +247,30 @@ async fn scan<T: Default + Send + 'static>(
     )
 }
 
-/// Every file with content, with the hashes of its chunks.
+/// Every file with content, with the hashes of its chunks: those of its
+/// current version and of the old versions kept for history, and those of
+/// trashed files' kept versions (placed as any file, by their old number),
+/// so that kept versions have `replicas` copies like current content.
 fn files_with_chunks(fs: &Fs) -> Vec<(ResourceId, Vec<ChunkHash>)> {
     fs.with_meta(|m| {
-        m.files()
-            .into_iter()
-            .filter_map(|(i, _)| {
-                let c = i.content.as_ref()?;
-                Some((i.id, c.chunks.iter().map(|r| r.hash).collect()))
+        let mut by: std::collections::BTreeMap<ResourceId, Vec<ChunkHash>> = Default::default();
+        for (i, _) in m.files() {
+            if let Some(c) = i.content.as_ref() {
+                by.entry(i.id)
+                    .or_default()
+                    .extend(c.stored_chunks().map(|r| r.hash));
+            }
+        }
+        for ((ino, _), old) in m.all_old_versions() {
+            by.entry(*ino)
+                .or_default()
+                .extend(old.content.stored_chunks().map(|r| r.hash));
+        }
+        by.into_iter()
+            .filter_map(|(ino, mut hashes)| {
+                hashes.sort();
+                hashes.dedup();
+                (!hashes.is_empty()).then_some((ino, hashes))
             })
             .collect()
     })

@@ -198,6 +198,44 @@ pub fn print_conflicts(v: &serde_json::Value) {
     }
 }
 
+/// `meshfs versions`: the file there now, then the removed ones.
+#[allow(dead_code)] // `meshfsd` prints it; the thin `meshfs` does not.
+pub fn print_versions(v: &serde_json::Value) {
+    let path = v["path"].as_str().unwrap_or("?");
+    for f in v["files"].as_array().cloned().unwrap_or_default() {
+        match f["deleted"].as_object() {
+            None => println!("{path} (resource {})", f["resource"]),
+            Some(d) => println!(
+                "{path}, removed {} by {} (resource {}; restore with --deleted {})",
+                utc(d.get("time").and_then(|t| t.as_i64()).unwrap_or(0)),
+                d.get("by").and_then(|b| b.as_str()).unwrap_or("?"),
+                f["resource"],
+                f["resource"]
+            ),
+        }
+        let rows = f["versions"].as_array().cloned().unwrap_or_default();
+        if rows.is_empty() {
+            println!("  (no content kept)");
+        }
+        for r in rows {
+            let hash = r["hash"].as_str().unwrap_or("");
+            println!(
+                "  {:>6}  {}  {:>12}  {:<16}  {}{}",
+                r["version"],
+                utc(r["time"].as_i64().unwrap_or(0)),
+                r["size"],
+                r["author"].as_str().unwrap_or("?"),
+                &hash[..hash.len().min(16)],
+                if r["current"].as_bool().unwrap_or(false) {
+                    "  (current)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+}
+
 /// A Unix time as `YYYY-mm-dd HH:MM:SS UTC`.
 fn utc(secs: i64) -> String {
     let (y, m, d, h, mi, s) = crate::civil::civil(secs);

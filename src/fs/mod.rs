@@ -7,6 +7,7 @@
 
 mod content;
 mod cutter;
+pub mod history;
 mod spill;
 
 #[cfg(test)]
@@ -201,6 +202,8 @@ pub struct Fs {
     opts: FsOptions,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// The read-only tree of old versions at `/.meshfs` (`history`).
+    virt: Mutex<history::Virtual>,
     open: Mutex<HashMap<ResourceId, Arc<Mutex<OpenFile>>>>,
     lookups: Mutex<HashMap<ResourceId, u64>>,
     /// The version of each file whose pages the kernel may hold.
@@ -301,6 +304,7 @@ impl Fs {
             opts,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            virt: Default::default(),
             open: Mutex::new(HashMap::new()),
             lookups: Mutex::new(HashMap::new()),
             kernel_versions: Mutex::new(HashMap::new()),
@@ -413,6 +417,9 @@ impl Fs {
     /// `open` by user `uid` through the mount: also reported to the access
     /// log.
     pub fn open_as(&self, uid: u32, ino: ResourceId, flags: i32) -> Result<Opened> {
+        if history::is_virtual(ino) {
+            return self.virtual_open(ino, flags);
+        }
         let opened = self.open(ino, flags)?;
         self.report_open(uid, ino);
         Ok(opened)
@@ -547,6 +554,10 @@ impl Fs {
     // ---- namespace ----
 
     pub fn lookup(&self, parent: ResourceId, name: &[u8]) -> Result<Attr> {
+        if history::is_virtual(parent) || (parent == ResourceId::ROOT && name == history::META_DIR)
+        {
+            return self.virtual_lookup(parent, name);
+        }
         let found = self.read_meta().lookup(parent, name).map(Attr::of);
         let attr = match (found, self.replica.get()) {
             // A name created elsewhere a moment ago must be found: ask the
@@ -566,6 +577,9 @@ impl Fs {
     }
 
     pub fn forget(&self, ino: ResourceId, n: u64) {
+        if history::is_virtual(ino) {
+            return;
+        }
         let forgotten = {
             let mut l = lock(&self.lookups);
             match l.get_mut(&ino) {
@@ -611,11 +625,15 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: ResourceId) -> Result<Attr> {
+        if history::is_virtual(ino) {
+            return self.virtual_attr(ino);
+        }
         let attr = Attr::of(self.read_meta().get(ino).ok_or(MetaError::NotFound)?);
         Ok(self.overlay(attr))
     }
 
     pub fn setattr(&self, ino: ResourceId, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
+        self.guard_ino(ino)?;
         if self.opts.read_only {
             return Err(FsError::ReadOnly);
         }
@@ -688,6 +706,7 @@ impl Fs {
         node: NewNode,
         perm: u16,
     ) -> Result<Attr> {
+        self.guard_name(parent, name)?;
         let out = self.mutate(FsCommand::Create {
             parent,
             name: name.to_vec(),
@@ -758,6 +777,7 @@ impl Fs {
     }
 
     fn remove(&self, parent: ResourceId, name: &[u8], dir: bool) -> Result<()> {
+        self.guard_ino(parent)?;
         let ino = self.read_meta().lookup(parent, name).map(|i| i.id).ok();
         let (name, now) = (name.to_vec(), Timestamp::now());
         self.mutate(if dir {
@@ -779,6 +799,11 @@ impl Fs {
         new_name: &[u8],
         mode: RenameMode,
     ) -> Result<()> {
+        if history::is_virtual(parent) || (parent == ResourceId::ROOT && name == history::META_DIR)
+        {
+            return Err(FsError::ReadOnly);
+        }
+        self.guard_name(new_parent, new_name)?;
         let replaced = self
             .read_meta()
             .lookup(new_parent, new_name)
@@ -799,6 +824,8 @@ impl Fs {
     }
 
     pub fn link(&self, ino: ResourceId, new_parent: ResourceId, new_name: &[u8]) -> Result<Attr> {
+        self.guard_ino(ino)?;
+        self.guard_name(new_parent, new_name)?;
         let out = self.mutate(FsCommand::Link {
             ino,
             parent: new_parent,
@@ -813,6 +840,9 @@ impl Fs {
     /// Entries after `offset`: `.` is offset 1, `..` offset 2, then entries
     /// in cookie order (cookies never change while an entry exists).
     pub fn readdir(&self, ino: ResourceId, offset: u64, limit: usize) -> Result<Vec<DirItem>> {
+        if history::is_virtual(ino) {
+            return self.virtual_readdir(ino, offset, limit);
+        }
         let meta = self.read_meta();
         let dir = meta.get(ino).ok_or(MetaError::NotFound)?;
         if dir.kind != Kind::Dir {
@@ -874,6 +904,15 @@ impl Fs {
     }
 
     pub fn access(&self, ctx: Ctx, ino: ResourceId, mask: i32) -> Result<()> {
+        if history::is_virtual(ino) {
+            // Permission bits are checked by the kernel (default_permissions).
+            self.virtual_attr(ino)?;
+            return if mask & libc::W_OK != 0 {
+                Err(FsError::ReadOnly)
+            } else {
+                Ok(())
+            };
+        }
         let meta = self.read_meta();
         let i = meta.get(ino).ok_or(MetaError::NotFound)?;
         if mask == libc::F_OK {
@@ -945,6 +984,7 @@ impl Fs {
     }
 
     pub fn setxattr(&self, ino: ResourceId, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.guard_ino(ino)?;
         Self::check_xattr_namespace(name)?;
         let mode = match flags {
             0 => XattrMode::Any,
@@ -963,6 +1003,9 @@ impl Fs {
     }
 
     pub fn getxattr(&self, ino: ResourceId, name: &[u8]) -> Result<Vec<u8>> {
+        if history::is_virtual(ino) {
+            return Err(MetaError::NoAttr.into());
+        }
         if name.starts_with(STAT_XATTR) {
             return self.stat_xattr(ino, name);
         }
@@ -974,6 +1017,9 @@ impl Fs {
 
     /// Names, each followed by a NUL, as listxattr(2) returns them.
     pub fn listxattr(&self, ino: ResourceId) -> Result<Vec<u8>> {
+        if history::is_virtual(ino) {
+            return Ok(Vec::new());
+        }
         let meta = self.read_meta();
         let i = meta.get(ino).ok_or(MetaError::NotFound)?;
         let mut out = Vec::new();
@@ -985,6 +1031,7 @@ impl Fs {
     }
 
     pub fn removexattr(&self, ino: ResourceId, name: &[u8]) -> Result<()> {
+        self.guard_ino(ino)?;
         Self::check_xattr_namespace(name)?;
         self.mutate(FsCommand::RemoveXattr {
             ino,
@@ -1195,6 +1242,9 @@ impl Fs {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        if let Some(r) = self.virtual_read(fh, offset, size) {
+            return r;
+        }
         let h = self.handle(fh)?;
         let cache = {
             let mut f = lock(&h.file);
@@ -1262,6 +1312,9 @@ impl Fs {
 
     /// close(2) of one descriptor: commit what was written (close-to-open).
     pub fn flush(&self, fh: u64) -> Result<()> {
+        if lock(&self.virt).is_handle(fh) {
+            return Ok(());
+        }
         let h = self.handle(fh)?;
         let mut f = lock(&h.file);
         self.commit_locked(h.ino, &mut f, self.opts.sync_on_close)
@@ -1327,6 +1380,9 @@ impl Fs {
     /// fsync(2): the file's changes are committed through Raft (on a
     /// majority of devices) and in this device's synced WAL.
     pub fn fsync(&self, fh: u64) -> Result<()> {
+        if lock(&self.virt).is_handle(fh) {
+            return Ok(());
+        }
         let h = self.handle(fh)?;
         let mut f = lock(&h.file);
         self.commit_locked(h.ino, &mut f, false)?;
@@ -1348,6 +1404,9 @@ impl Fs {
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
+        if self.virtual_release(fh) {
+            return Ok(());
+        }
         let h = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
         let result = {
             let mut f = lock(&h.file);

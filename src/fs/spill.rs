@@ -209,6 +209,7 @@ impl Spill {
             size: st.end,
             chunks: std::sync::Arc::new(st.chunks),
             author: None,
+            committed: self.base.committed,
         };
         self.base_limit = st.end;
         self.written = RangeSet::default();

@@ -187,10 +187,22 @@ fn unlinked_open_file_stays_readable_then_is_reclaimed() {
     // Create and the explicit lookup each counted one.
     fs.forget(ino, 1);
     assert!(fs.getattr(ino).is_err());
+    // The removed file is in the trash: its content stays.
+    assert!(fs.with_meta(|m| m.trash().contains_key(&ino)));
+    assert!(store.stats().unwrap().chunks > 0, "trashed content is kept");
+    // Once the retention policy drops it, its content is collected.
+    fs.apply(
+        FsCommand::DropVersions {
+            versions: vec![],
+            trash: vec![ino],
+        },
+        false,
+    )
+    .unwrap();
     assert_eq!(
         store.stats().unwrap().chunks,
         0,
-        "reclaimed content must be collected"
+        "dropped content must be collected"
     );
 }
 
@@ -451,6 +463,21 @@ fn reads_and_truncation_during_a_streamed_write_see_every_byte() {
     fs.release(o.fh).unwrap();
     assert_eq!(read_all(&fs, attr.ino), b"short");
     assert_eq!(store.collect_garbage().unwrap(), 0, "no chunk left pinned");
+    // The first version is kept as history; dropped, only "short" is left.
+    let old: Vec<_> = fs.with_meta(|m| {
+        m.old_versions(attr.ino)
+            .map(|(v, _)| (attr.ino, *v))
+            .collect()
+    });
+    assert_eq!(old.len(), 1);
+    fs.apply(
+        FsCommand::DropVersions {
+            versions: old,
+            trash: vec![],
+        },
+        false,
+    )
+    .unwrap();
     assert_eq!(store.stats().unwrap().bytes, 5);
 }
 
@@ -757,4 +784,135 @@ fn create_of_a_name_taken_meanwhile_opens_it_unless_exclusive() {
         .create(other, ROOT, b"taken", 0o644, libc::O_WRONLY)
         .unwrap_err();
     assert!(matches!(e, FsError::Access), "{e:?}");
+}
+
+/// Reads a whole virtual version file through open/read/release.
+fn read_version(fs: &Fs, ino: ResourceId) -> Vec<u8> {
+    let o = fs.open_as(0, ino, libc::O_RDONLY).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let d = fs.read(o.fh, out.len() as u64, 1 << 16).unwrap();
+        if d.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&d);
+    }
+    fs.flush(o.fh).unwrap();
+    fs.release(o.fh).unwrap();
+    out
+}
+
+#[test]
+fn versions_are_listed_readable_in_the_hidden_tree_and_restored() {
+    let (_store, fs, _d) = setup();
+    let d = fs.mkdir(CTX, ROOT, b"docs", 0o755).unwrap();
+    let put = |data: &[u8]| {
+        let (attr, o) = match fs.lookup(d.ino, b"note") {
+            Ok(a) => (a, fs.open(a.ino, libc::O_WRONLY | libc::O_TRUNC).unwrap()),
+            Err(_) => fs
+                .create(CTX, d.ino, b"note", 0o640, libc::O_WRONLY)
+                .unwrap(),
+        };
+        fs.write(o.fh, 0, data).unwrap();
+        fs.release(o.fh).unwrap();
+        attr.ino
+    };
+    let ino = put(b"first");
+    put(b"second, longer");
+    put(b"third");
+    let h = fs.versions(b"/docs/note").unwrap();
+    assert_eq!(h.len(), 1);
+    let rows: Vec<(u64, u64, bool)> = h[0]
+        .versions
+        .iter()
+        .map(|r| (r.version.0, r.size, r.current))
+        .collect();
+    assert_eq!(rows, vec![(1, 5, false), (2, 14, false), (3, 5, true)]);
+    assert_ne!(h[0].versions[0].hash, h[0].versions[2].hash);
+
+    // The hidden tree: not listed at the root, reached by name.
+    assert!(fs
+        .readdir(ROOT, 0, 100)
+        .unwrap()
+        .iter()
+        .all(|e| e.name != b".meshfs"));
+    let top = fs.lookup(ROOT, b".meshfs").unwrap();
+    let vers = fs.lookup(top.ino, b"versions").unwrap();
+    let vd = fs.lookup(vers.ino, b"docs").unwrap();
+    let vf = fs.lookup(vd.ino, b"note").unwrap();
+    assert_eq!(vf.kind, Kind::Dir);
+    let names: Vec<Vec<u8>> = fs
+        .readdir(vf.ino, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            b".".to_vec(),
+            b"..".to_vec(),
+            b"1".to_vec(),
+            b"2".to_vec(),
+            b"3".to_vec()
+        ]
+    );
+    let v2 = fs.lookup(vf.ino, b"2").unwrap();
+    assert_eq!((v2.kind, v2.size, v2.perm), (Kind::File, 14, 0o440));
+    assert_eq!(read_version(&fs, v2.ino), b"second, longer");
+    // Read-only: no writes, no new names, no removal; its name is taken.
+    assert!(matches!(
+        fs.open_as(0, v2.ino, libc::O_RDWR),
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        fs.create(CTX, vf.ino, b"x", 0o644, libc::O_WRONLY),
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(fs.unlink(vf.ino, b"2"), Err(FsError::ReadOnly)));
+    assert!(fs.mkdir(CTX, ROOT, b".meshfs", 0o755).is_err());
+
+    // Restore version 1: it becomes version 4, same bytes, same hash.
+    let r = fs.restore(b"docs/note", Some(VersionId(1)), None).unwrap();
+    assert_eq!(
+        (r.resource, r.from.0, r.version.0, r.undeleted),
+        (ino, 1, 4, false)
+    );
+    assert_eq!(read_all(&fs, ino), b"first");
+    let h = fs.versions(b"/docs/note").unwrap();
+    assert_eq!(h[0].versions.last().unwrap().hash, h[0].versions[0].hash);
+    assert!(
+        fs.restore(b"/docs/note", Some(VersionId(4)), None).is_err(),
+        "already current"
+    );
+    assert!(fs
+        .restore(b"/docs/note", Some(VersionId(99)), None)
+        .is_err());
+
+    // Removed: the trash lists it, restore brings it back at its path,
+    // with the directory made again.
+    fs.unlink(d.ino, b"note").unwrap();
+    fs.forget(ino, 1);
+    fs.rmdir(ROOT, b"docs").unwrap();
+    let h = fs.versions(b"/docs/note").unwrap();
+    assert_eq!(h.len(), 1);
+    assert!(h[0].deleted.is_some());
+    assert_eq!(h[0].versions.len(), 4);
+    let r = fs.restore(b"/docs/note", Some(VersionId(2)), None).unwrap();
+    assert!(r.undeleted);
+    assert_ne!(r.resource, ino);
+    let back = fs
+        .lookup(fs.lookup(ROOT, b"docs").unwrap().ino, b"note")
+        .unwrap();
+    assert_eq!(back.perm, 0o640);
+    assert_eq!(read_all(&fs, back.ino), b"second, longer");
+    // Now a file is there again: the old one is listed after it.
+    let h = fs.versions(b"/docs/note").unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(h[0].resource, back.ino);
+    assert_eq!(h[1].resource, ino);
+    assert!(matches!(
+        fs.restore(b"/docs/note", None, Some(ino)),
+        Err(FsError::Meta(MetaError::Exists))
+    ));
 }

@@ -1,9 +1,11 @@
 //! The namespace as a deterministic state machine: `apply(FsCommand)` with no
-//! I/O. It owns inodes, directory entries, content versions and the chunk
-//! reference deltas that follow from them. Storage persists the changes one
-//! command at a time (one write batch); Raft will later replicate exactly
+//! I/O. It owns inodes, directory entries, content versions (the current
+//! one and the old ones kept for history), the trash of removed files and
+//! the chunk reference deltas that follow from them. Storage persists the
+//! changes one command at a time (one write batch); Raft replicates exactly
 //! these commands.
 
+pub mod retention;
 mod types;
 
 #[cfg(test)]
@@ -92,6 +94,10 @@ pub struct Changes {
     pub chunk_deltas: BTreeMap<ChunkHash, i64>,
     /// The inode allocator, when it changed.
     pub space: Option<InoSpace>,
+    /// Old versions to write or delete.
+    pub versions: Vec<((ResourceId, VersionId), Option<OldVersion>)>,
+    /// Trash records to write or delete.
+    pub trash: Vec<(ResourceId, Option<Trashed>)>,
 }
 
 /// Values an authority produced, to be shown by another device before
@@ -121,6 +127,8 @@ pub struct Snapshot {
     pub inodes: Vec<Inode>,
     pub entries: Vec<(ResourceId, Name, Entry)>,
     pub space: InoSpace,
+    pub versions: Vec<((ResourceId, VersionId), OldVersion)>,
+    pub trash: Vec<(ResourceId, Trashed)>,
 }
 
 /// `MetaState::snapshot_view`: the state serialized in `Snapshot`'s format.
@@ -152,10 +160,18 @@ impl Serialize for SnapshotView<'_> {
                 seq.end()
             }
         }
-        let mut st = s.serialize_struct("Snapshot", 3)?;
+        struct Pairs<'a, K, V>(&'a BTreeMap<K, V>);
+        impl<K: Serialize, V: Serialize> Serialize for Pairs<'_, K, V> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.iter())
+            }
+        }
+        let mut st = s.serialize_struct("Snapshot", 5)?;
         st.serialize_field("inodes", &Inodes(&self.0.inodes))?;
         st.serialize_field("entries", &Entries(&self.0.dirs))?;
         st.serialize_field("space", &self.0.space)?;
+        st.serialize_field("versions", &Pairs(&self.0.versions))?;
+        st.serialize_field("trash", &Pairs(&self.0.trash))?;
         st.end()
     }
 }
@@ -166,9 +182,15 @@ pub struct MetaState {
     inodes: BTreeMap<ResourceId, Inode>,
     dirs: BTreeMap<ResourceId, DirEntries>,
     space: InoSpace,
+    /// Versions replaced by newer ones (of live and of trashed files).
+    versions: BTreeMap<(ResourceId, VersionId), OldVersion>,
+    /// Files whose last name went, by their old inode number.
+    trash: BTreeMap<ResourceId, Trashed>,
     dirty_space: bool,
     dirty_inodes: BTreeSet<ResourceId>,
     dirty_entries: BTreeSet<(ResourceId, Name)>,
+    dirty_versions: BTreeSet<(ResourceId, VersionId)>,
+    dirty_trash: BTreeSet<ResourceId>,
     chunk_deltas: BTreeMap<ChunkHash, i64>,
     undo: Undo,
 }
@@ -181,6 +203,8 @@ struct Undo {
     entries: BTreeMap<(ResourceId, Name), Option<Entry>>,
     dirs: BTreeMap<ResourceId, Option<DirEntries>>,
     space: Option<InoSpace>,
+    versions: BTreeMap<(ResourceId, VersionId), Option<OldVersion>>,
+    trash: BTreeMap<ResourceId, Option<Trashed>>,
 }
 
 /// The undo record of the changes applied before a `MetaState::savepoint`
@@ -201,6 +225,12 @@ impl Undo {
         for (k, v) in later.dirs {
             self.dirs.entry(k).or_insert(v);
         }
+        for (k, v) in later.versions {
+            self.versions.entry(k).or_insert(v);
+        }
+        for (k, v) in later.trash {
+            self.trash.entry(k).or_insert(v);
+        }
         if self.space.is_none() {
             self.space = later.space;
         }
@@ -211,6 +241,8 @@ impl Undo {
             && self.entries.is_empty()
             && self.dirs.is_empty()
             && self.space.is_none()
+            && self.versions.is_empty()
+            && self.trash.is_empty()
     }
 }
 
@@ -254,9 +286,13 @@ impl MetaState {
             inodes: BTreeMap::new(),
             dirs: BTreeMap::new(),
             space,
+            versions: BTreeMap::new(),
+            trash: BTreeMap::new(),
             dirty_space: true,
             dirty_inodes: BTreeSet::new(),
             dirty_entries: BTreeSet::new(),
+            dirty_versions: BTreeSet::new(),
+            dirty_trash: BTreeSet::new(),
             chunk_deltas: BTreeMap::new(),
             undo: Undo::default(),
         };
@@ -272,9 +308,13 @@ impl MetaState {
             inodes: BTreeMap::new(),
             dirs: BTreeMap::new(),
             space: snap.space,
+            versions: snap.versions.into_iter().collect(),
+            trash: snap.trash.into_iter().collect(),
             dirty_space: false,
             dirty_inodes: BTreeSet::new(),
             dirty_entries: BTreeSet::new(),
+            dirty_versions: BTreeSet::new(),
+            dirty_trash: BTreeSet::new(),
             chunk_deltas: BTreeMap::new(),
             undo: Undo::default(),
         };
@@ -316,6 +356,8 @@ impl MetaState {
             inodes: self.inodes.values().cloned().collect(),
             entries,
             space: self.space.clone(),
+            versions: self.versions.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            trash: self.trash.iter().map(|(k, v)| (*k, v.clone())).collect(),
         }
     }
 
@@ -350,11 +392,21 @@ impl MetaState {
         let mut chunk_deltas = std::mem::take(&mut self.chunk_deltas);
         chunk_deltas.retain(|_, d| *d != 0);
         let space = std::mem::take(&mut self.dirty_space).then(|| self.space.clone());
+        let versions = std::mem::take(&mut self.dirty_versions)
+            .into_iter()
+            .map(|k| (k, self.versions.get(&k).cloned()))
+            .collect();
+        let trash = std::mem::take(&mut self.dirty_trash)
+            .into_iter()
+            .map(|k| (k, self.trash.get(&k).cloned()))
+            .collect();
         Changes {
             inodes,
             entries,
             chunk_deltas,
             space,
+            versions,
+            trash,
         }
     }
 
@@ -400,12 +452,26 @@ impl MetaState {
         if let Some(n) = undo.space {
             self.space = n;
         }
+        for (k, old) in undo.versions {
+            match old {
+                Some(v) => self.versions.insert(k, v),
+                None => self.versions.remove(&k),
+            };
+        }
+        for (k, old) in undo.trash {
+            match old {
+                Some(t) => self.trash.insert(k, t),
+                None => self.trash.remove(&k),
+            };
+        }
         self.clear_dirty();
     }
 
     fn clear_dirty(&mut self) {
         self.dirty_inodes.clear();
         self.dirty_entries.clear();
+        self.dirty_versions.clear();
+        self.dirty_trash.clear();
         self.chunk_deltas.clear();
         self.dirty_space = false;
     }
@@ -501,6 +567,26 @@ impl MetaState {
                 .copied();
             self.undo.entries.insert(key, old);
         }
+    }
+
+    /// Writes (or with `None` deletes) an old version, recorded for undo.
+    fn put_version(&mut self, key: (ResourceId, VersionId), v: Option<OldVersion>) {
+        let old = match v {
+            Some(v) => self.versions.insert(key, v),
+            None => self.versions.remove(&key),
+        };
+        self.undo.versions.entry(key).or_insert(old);
+        self.dirty_versions.insert(key);
+    }
+
+    /// Writes (or with `None` deletes) a trash record, recorded for undo.
+    fn put_trash(&mut self, ino: ResourceId, t: Option<Trashed>) {
+        let old = match t {
+            Some(t) => self.trash.insert(ino, t),
+            None => self.trash.remove(&ino),
+        };
+        self.undo.trash.entry(ino).or_insert(old);
+        self.dirty_trash.insert(ino);
     }
 
     fn save_dir(&mut self, id: ResourceId) {
@@ -629,7 +715,9 @@ impl MetaState {
                 None => Governance::Anyone,
             },
             FsCommand::ReclaimOrphans => Governance::Anyone,
-            FsCommand::ReserveInodes { .. } | FsCommand::SetAuthority { .. } => Governance::Cluster,
+            FsCommand::ReserveInodes { .. }
+            | FsCommand::SetAuthority { .. }
+            | FsCommand::DropVersions { .. } => Governance::Cluster,
         })
     }
 
@@ -695,14 +783,38 @@ impl MetaState {
     /// Every chunk referenced by the namespace, with its expected count.
     pub fn chunk_references(&self) -> BTreeMap<ChunkHash, u64> {
         let mut refs = BTreeMap::new();
-        for inode in self.inodes.values() {
-            if let Some(c) = &inode.content {
-                for ch in c.chunks.iter().filter(|c| !c.hash.is_zero_run()) {
-                    *refs.entry(ch.hash).or_insert(0) += 1;
-                }
+        let old = self.versions.values().map(|v| &v.content);
+        for c in self
+            .inodes
+            .values()
+            .filter_map(|i| i.content.as_ref())
+            .chain(old)
+        {
+            for ch in c.stored_chunks() {
+                *refs.entry(ch.hash).or_insert(0) += 1;
             }
         }
         refs
+    }
+
+    /// The kept old versions of `ino`, oldest first.
+    pub fn old_versions(
+        &self,
+        ino: ResourceId,
+    ) -> impl DoubleEndedIterator<Item = (&VersionId, &OldVersion)> {
+        self.versions
+            .range((ino, VersionId(0))..=(ino, VersionId(u64::MAX)))
+            .map(|((_, v), o)| (v, o))
+    }
+
+    /// Every kept old version, by (file, version).
+    pub fn all_old_versions(&self) -> &BTreeMap<(ResourceId, VersionId), OldVersion> {
+        &self.versions
+    }
+
+    /// Every trashed file, by its old inode number.
+    pub fn trash(&self) -> &BTreeMap<ResourceId, Trashed> {
+        &self.trash
     }
 
     /// Unlinked inodes still present (kept for open handles).
@@ -749,8 +861,8 @@ impl MetaState {
                 name,
                 now,
             } => self.link(ino, parent, name, now),
-            FsCommand::Unlink { parent, name, now } => self.remove(parent, name, false, now),
-            FsCommand::Rmdir { parent, name, now } => self.remove(parent, name, true, now),
+            FsCommand::Unlink { parent, name, now } => self.remove(by, parent, name, false, now),
+            FsCommand::Rmdir { parent, name, now } => self.remove(by, parent, name, true, now),
             FsCommand::Rename {
                 parent,
                 name,
@@ -758,7 +870,7 @@ impl MetaState {
                 new_name,
                 mode,
                 now,
-            } => self.rename(parent, name, new_parent, new_name, mode, now),
+            } => self.rename(by, parent, name, new_parent, new_name, mode, now),
             FsCommand::SetAttr {
                 ino,
                 perm,
@@ -841,17 +953,20 @@ impl MetaState {
                 }
                 check_chunk_list(&chunks, size)?;
                 let old = inode.content.take().unwrap_or_default();
-                for c in old.chunks.iter().filter(|c| !c.hash.is_zero_run()) {
-                    *self.chunk_deltas.entry(c.hash).or_insert(0) -= 1;
-                }
+                let version = VersionId(old.version.0 + 1);
+                // The replaced version is kept (its chunks stay referenced)
+                // until the retention policy drops it; the empty version 0
+                // of a new file is nothing to keep.
+                self.keep_version(ino, old, inode.mtime, now);
                 for c in chunks.iter().filter(|c| !c.hash.is_zero_run()) {
                     *self.chunk_deltas.entry(c.hash).or_insert(0) += 1;
                 }
                 inode.content = Some(Content {
-                    version: VersionId(old.version.0 + 1),
+                    version,
                     size,
                     chunks: Arc::new(chunks),
                     author: Some(author),
+                    committed: now,
                 });
                 inode.mtime = mtime;
                 inode.ctime = now;
@@ -872,6 +987,25 @@ impl MetaState {
             }
             FsCommand::ReserveInodes { device } => {
                 self.reserve_block(device);
+                Ok(Outcome::Done)
+            }
+            FsCommand::DropVersions { versions, trash } => {
+                for key in versions {
+                    self.drop_version(key);
+                }
+                for ino in trash {
+                    if self.trash.contains_key(&ino) {
+                        self.put_trash(ino, None);
+                        let keys: Vec<_> = self
+                            .versions
+                            .range((ino, VersionId(0))..=(ino, VersionId(u64::MAX)))
+                            .map(|(k, _)| *k)
+                            .collect();
+                        for key in keys {
+                            self.drop_version(key);
+                        }
+                    }
+                }
                 Ok(Outcome::Done)
             }
             FsCommand::SetAuthority { moves } => {
@@ -1119,7 +1253,14 @@ impl MetaState {
         Ok(Outcome::Inode(Box::new(inode)))
     }
 
-    fn remove(&mut self, parent: ResourceId, name: Name, dir: bool, now: Timestamp) -> R<Outcome> {
+    fn remove(
+        &mut self,
+        by: By,
+        parent: ResourceId,
+        name: Name,
+        dir: bool,
+        now: Timestamp,
+    ) -> R<Outcome> {
         check_name(&name)?;
         let target = self.lookup(parent, &name)?.clone();
         match (dir, target.kind == Kind::Dir) {
@@ -1134,12 +1275,15 @@ impl MetaState {
         }
         self.remove_entry(parent, &name);
         self.unref_inode(target.id, now)?;
+        self.trash_if_gone(by, target.id, parent, &name, now);
         self.touch_dir(parent, now)?;
         Ok(Outcome::Done)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn rename(
         &mut self,
+        by: By,
         parent: ResourceId,
         name: Name,
         new_parent: ResourceId,
@@ -1205,6 +1349,7 @@ impl MetaState {
                     }
                     self.remove_entry(new_parent, &new_name);
                     self.unref_inode(dst.ino, now)?;
+                    self.trash_if_gone(by, dst.ino, new_parent, &new_name, now);
                 }
                 self.remove_entry(parent, &name);
                 self.insert_entry(new_parent, new_name, src.ino, src.kind);
@@ -1257,14 +1402,111 @@ impl MetaState {
         self.save_inode(ino);
         self.save_dir(ino);
         if let Some(inode) = self.inodes.remove(&ino) {
-            if let Some(c) = &inode.content {
-                for ch in c.chunks.iter().filter(|c| !c.hash.is_zero_run()) {
-                    *self.chunk_deltas.entry(ch.hash).or_insert(0) -= 1;
+            if let Some(c) = inode.content {
+                // A trashed file's last version joins its old ones (the
+                // references move with it); otherwise its chunks go.
+                if self.trash.contains_key(&ino) {
+                    let at = self.trash.get(&ino).map_or(inode.ctime, |t| t.deleted);
+                    self.keep_version(ino, c, inode.mtime, at);
+                } else {
+                    for ch in c.stored_chunks() {
+                        *self.chunk_deltas.entry(ch.hash).or_insert(0) -= 1;
+                    }
                 }
             }
             self.dirs.remove(&ino);
             self.dirty_inodes.insert(ino);
         }
+    }
+
+    /// Keeps `content`, replaced at `at`, as an old version of `ino` (its
+    /// chunk references stay). Version 0 (a new file's empty content) is
+    /// not kept.
+    fn keep_version(&mut self, ino: ResourceId, content: Content, mtime: Timestamp, at: Timestamp) {
+        if content.version.0 == 0 {
+            for ch in content.stored_chunks() {
+                *self.chunk_deltas.entry(ch.hash).or_insert(0) -= 1;
+            }
+            return;
+        }
+        let key = (ino, content.version);
+        self.put_version(
+            key,
+            Some(OldVersion {
+                content,
+                mtime,
+                superseded: at,
+            }),
+        );
+    }
+
+    /// Forgets one old version and releases its chunks.
+    fn drop_version(&mut self, key: (ResourceId, VersionId)) {
+        if let Some(v) = self.versions.get(&key) {
+            for ch in v.content.stored_chunks() {
+                *self.chunk_deltas.entry(ch.hash).or_insert(0) -= 1;
+            }
+            self.put_version(key, None);
+        }
+    }
+
+    /// Puts a regular file whose last name just went (`unlink`, or a
+    /// rename over it) in the trash, as it was at `name` in `dir`.
+    fn trash_if_gone(
+        &mut self,
+        by: By,
+        ino: ResourceId,
+        dir: ResourceId,
+        name: &[u8],
+        now: Timestamp,
+    ) {
+        let Some(i) = self.inodes.get(&ino) else {
+            return;
+        };
+        if i.kind != Kind::File || i.nlink > 0 {
+            return;
+        }
+        let t = Trashed {
+            path: self.path_in(dir, name),
+            deleted: now,
+            by: by.origin,
+            perm: i.perm,
+            uid: i.uid,
+            gid: i.gid,
+        };
+        self.put_trash(ino, Some(t));
+    }
+
+    /// The path from the root of `name` in directory `dir`, found by
+    /// walking up the directories' parents ("/a/b/name"). A directory's
+    /// name is found by a scan of its parent's entries.
+    pub fn path_in(&self, dir: ResourceId, name: &[u8]) -> Vec<u8> {
+        let mut parts: Vec<&[u8]> = vec![name];
+        let mut d = dir;
+        // Bounded by the depth of the tree; the bound guards against a
+        // damaged parent chain.
+        for _ in 0..4096 {
+            if d == ResourceId::ROOT {
+                break;
+            }
+            let Some(i) = self.inodes.get(&d) else { break };
+            let Some(n) = self
+                .dirs
+                .get(&i.parent)
+                .and_then(|p| p.by_name.iter().find(|(_, e)| e.ino == d))
+                .map(|(n, _)| n.as_slice())
+            else {
+                break;
+            };
+            parts.push(n);
+            d = i.parent;
+        }
+        let mut out = Vec::new();
+        for p in parts.iter().rev() {
+            out.push(b'/');
+            out.extend_from_slice(p);
+        }
+        out
     }
 
     fn insert_entry(&mut self, parent: ResourceId, name: Name, ino: ResourceId, kind: Kind) {

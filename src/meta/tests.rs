@@ -444,7 +444,8 @@ fn commit_version_counts_chunk_references() {
     // A gap or a wrong total is refused.
     assert!(commit(&mut s, vec![c2], 3).is_err());
     assert!(commit(&mut s, vec![c1], 4).is_err());
-    // Replacing c2 by c1 twice: h2 loses its reference, h1 gains one.
+    // Replacing c2 by c1 twice: h1 gains a reference, and version 1 is
+    // kept as an old version (its references stay: h2 keeps its one).
     commit(
         &mut s,
         vec![
@@ -459,13 +460,17 @@ fn commit_version_counts_chunk_references() {
     )
     .unwrap();
     let ch = s.take_changes();
-    assert_eq!(ch.chunk_deltas.get(&h1), Some(&1));
-    assert_eq!(ch.chunk_deltas.get(&h2), Some(&-1));
+    assert_eq!(ch.chunk_deltas.get(&h1), Some(&2));
+    assert_eq!(ch.chunk_deltas.get(&h2), None);
+    assert_eq!(ch.versions.len(), 1);
     assert_eq!(
         s.get(f.id).unwrap().content.as_ref().unwrap().chunk_at(4),
         Some(1)
     );
-    // Unlink then reclaim releases the rest.
+    let refs = s.chunk_references();
+    assert_eq!((refs[&h1], refs[&h2]), (3, 1));
+    // Unlink then reclaim: the file goes to the trash, its last version
+    // joins the old ones, and no reference is released.
     s.apply(FsCommand::Unlink {
         parent: ROOT,
         name: b"f".to_vec(),
@@ -474,8 +479,64 @@ fn commit_version_counts_chunk_references() {
     .unwrap();
     s.apply(FsCommand::Reclaim { ino: f.id }).unwrap();
     let ch = s.take_changes();
-    assert_eq!(ch.chunk_deltas.get(&h1), Some(&-2));
+    assert!(ch.chunk_deltas.is_empty(), "{:?}", ch.chunk_deltas);
     assert!(ch.inodes.iter().any(|(id, v)| *id == f.id && v.is_none()));
+    assert_eq!(s.trash()[&f.id].path, b"/f".to_vec());
+    let kept: Vec<_> = s.old_versions(f.id).map(|(v, _)| v.0).collect();
+    assert_eq!(kept, vec![1, 2]);
+    // Dropping the trash releases every reference at last.
+    s.apply(FsCommand::DropVersions {
+        versions: vec![],
+        trash: vec![f.id],
+    })
+    .unwrap();
+    let ch = s.take_changes();
+    assert_eq!(ch.chunk_deltas.get(&h1), Some(&-3));
+    assert_eq!(ch.chunk_deltas.get(&h2), Some(&-1));
+    assert!(s.chunk_references().is_empty());
+    assert!(s.trash().is_empty());
+}
+
+#[test]
+fn a_rename_over_a_file_trashes_it_at_its_path_and_undo_takes_it_back() {
+    let mut s = fresh();
+    let d = mk(&mut s, ROOT, "docs", NewNode::Dir, 2);
+    let old = mk(&mut s, d.id, "report", NewNode::File, 2);
+    let new = mk(&mut s, d.id, "report.tmp", NewNode::File, 2);
+    let h = ChunkHash::of(b"old words");
+    s.apply(FsCommand::CommitVersion {
+        ino: old.id,
+        size: 9,
+        chunks: vec![ChunkRef {
+            hash: h,
+            offset: 0,
+            len: 9,
+        }],
+        mtime: t(3),
+        author: DeviceId([1; 16]),
+        now: t(3),
+    })
+    .unwrap();
+    s.take_changes();
+    // An editor's save: write the new file, rename it over the old one.
+    let sp = s.savepoint();
+    s.apply(FsCommand::Rename {
+        parent: d.id,
+        name: b"report.tmp".to_vec(),
+        new_parent: d.id,
+        new_name: b"report".to_vec(),
+        mode: RenameMode::Replace,
+        now: t(4),
+    })
+    .unwrap();
+    assert_eq!(s.lookup(d.id, b"report").unwrap().id, new.id);
+    let tr = &s.trash()[&old.id];
+    assert_eq!(tr.path, b"/docs/report".to_vec());
+    assert_eq!(tr.deleted, t(4));
+    // Taken back (a speculative change refused): no trash record left.
+    s.undo_to(sp);
+    assert!(s.trash().is_empty());
+    assert_eq!(s.lookup(d.id, b"report").unwrap().id, old.id);
 }
 
 #[test]

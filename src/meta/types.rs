@@ -97,6 +97,59 @@ pub struct Content {
     pub chunks: Arc<Vec<ChunkRef>>,
     /// The device that committed this version (authority follows it later).
     pub author: Option<DeviceId>,
+    /// When it was committed (the command's time): what version listings
+    /// show, which `touch` or `utimes` on the file does not change.
+    pub committed: Timestamp,
+}
+
+impl Content {
+    /// One hash of the whole content: BLAKE3 over the size and the chunk
+    /// hashes in order (a hole counts as its zero-run hash). Two versions
+    /// with equal bytes cut at equal points have equal hashes, which is
+    /// what listings need to show that a restore brought the same bytes
+    /// back; it is not the BLAKE3 of the bytes themselves.
+    pub fn digest(&self) -> ChunkHash {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.size.to_le_bytes());
+        for c in self.chunks.iter() {
+            h.update(c.hash.as_bytes());
+            h.update(&c.len.to_le_bytes());
+        }
+        ChunkHash::from_bytes(*h.finalize().as_bytes())
+    }
+
+    /// The chunks that hold bytes (holes excepted): what references count.
+    pub fn stored_chunks(&self) -> impl Iterator<Item = &ChunkRef> {
+        self.chunks.iter().filter(|c| !c.hash.is_zero_run())
+    }
+}
+
+/// A version of a file that a newer one replaced, kept for the retention
+/// period (Config `versions_*`); its chunks stay referenced while it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OldVersion {
+    pub content: Content,
+    /// The file's modification time while this version was current.
+    pub mtime: Timestamp,
+    /// When a newer version (or the file's removal) replaced it: what the
+    /// age limit counts from.
+    pub superseded: Timestamp,
+}
+
+/// A regular file whose last name went away (unlink, or a rename over it),
+/// kept restorable for the retention period. Its content stays in the
+/// version store under its old inode number, which is never handed out
+/// again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trashed {
+    /// Where it was, from the root ("/dir/name"), when it went.
+    pub path: Vec<u8>,
+    pub deleted: Timestamp,
+    /// The device whose program removed it.
+    pub by: DeviceId,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl Content {
@@ -331,6 +384,14 @@ pub enum FsCommand {
     /// is not above the resource's current one, or whose resource is gone,
     /// is skipped: a late, stale decision cannot undo a newer one.
     SetAuthority { moves: Vec<Move> },
+    /// Forgets old versions and trashed files the retention policy no
+    /// longer keeps (cluster-wide, through Raft: the leader decides, see
+    /// `meta::retention`), releasing their chunks. Ones already gone are
+    /// skipped.
+    DropVersions {
+        versions: Vec<(ResourceId, VersionId)>,
+        trash: Vec<ResourceId>,
+    },
 }
 
 /// One authority move: `ino` is governed by `device` from `epoch` on.
@@ -368,7 +429,8 @@ impl FsCommand {
             | FsCommand::Reclaim { ino } => vec![*ino],
             FsCommand::ReclaimOrphans
             | FsCommand::ReserveInodes { .. }
-            | FsCommand::SetAuthority { .. } => vec![],
+            | FsCommand::SetAuthority { .. }
+            | FsCommand::DropVersions { .. } => vec![],
         }
     }
 }

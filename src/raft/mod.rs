@@ -74,6 +74,9 @@ pub struct RaftSettings {
     /// Most changes in one batch (one log entry).
     pub batch_max: usize,
     pub policy: PolicySettings,
+    /// What version history keeps, and how often the leader applies it.
+    pub retention: crate::meta::retention::Retention,
+    pub prune_every: Duration,
 }
 
 /// Most bytes of changes in one batch: with `MAX_PAYLOAD_ENTRIES` of them
@@ -222,6 +225,7 @@ pub async fn start(
     tokio::spawn(membership::follow_members(replica.clone()));
     tokio::spawn(reserve_at_start(replica.clone()));
     tokio::spawn(authority::run(replica.clone()));
+    tokio::spawn(prune_versions(replica.clone()));
     Ok(replica)
 }
 
@@ -303,6 +307,38 @@ async fn reserve_at_start(replica: Replica) {
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Applies the retention policy while this device leads: what it no
+/// longer keeps is dropped by one command through Raft, so that every
+/// device forgets the same old versions and releases the same chunks.
+async fn prune_versions(replica: Replica) {
+    loop {
+        tokio::time::sleep(replica.settings.prune_every).await;
+        if !replica.shared.has_state() || replica.leader_device() != Some(replica.device) {
+            continue;
+        }
+        let meta = replica.shared.meta.clone();
+        let policy = replica.settings.retention;
+        let now = crate::meta::Timestamp::now();
+        let found = tokio::task::spawn_blocking(move || {
+            crate::meta::retention::expired(&read_meta(&meta), &policy, now)
+        })
+        .await;
+        let Ok(expired) = found else { return };
+        if expired.is_empty() {
+            continue;
+        }
+        let (versions, trash) = (expired.versions.len(), expired.trash.len());
+        let cmd = FsCommand::DropVersions {
+            versions: expired.versions,
+            trash: expired.trash,
+        };
+        match replica.propose(Op::Fs(cmd)).await {
+            Ok(_) => tracing::info!(versions, trash, "retention dropped old versions"),
+            Err(e) => tracing::debug!(error = %e, "dropping old versions; retried later"),
+        }
     }
 }
 

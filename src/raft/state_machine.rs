@@ -1140,6 +1140,8 @@ fn without_deltas(c: &Changes) -> Changes {
         entries: c.entries.clone(),
         chunk_deltas: BTreeMap::new(),
         space: None,
+        versions: Vec::new(),
+        trash: Vec::new(),
     }
 }
 
@@ -1179,7 +1181,9 @@ fn named_by(cmd: &FsCommand) -> Changes {
         | FsCommand::CommitVersion { ino, .. }
         | FsCommand::Reclaim { ino } => vec![*ino],
         FsCommand::SetAuthority { moves } => moves.iter().map(|m| m.ino).collect(),
-        FsCommand::ReclaimOrphans | FsCommand::ReserveInodes { .. } => vec![],
+        FsCommand::ReclaimOrphans
+        | FsCommand::ReserveInodes { .. }
+        | FsCommand::DropVersions { .. } => vec![],
     };
     c.inodes = inos.into_iter().map(|i| (i, None)).collect();
     c
@@ -1312,6 +1316,7 @@ fn tentative_of_refused(
             | FsCommand::ReclaimOrphans
             | FsCommand::ReserveInodes { .. }
             | FsCommand::SetAuthority { .. }
+            | FsCommand::DropVersions { .. }
     ) {
         return None;
     }
@@ -1457,6 +1462,8 @@ fn merge(into: &mut Changes, from: Changes) {
     if from.space.is_some() {
         into.space = from.space;
     }
+    into.versions.extend(from.versions);
+    into.trash.extend(from.trash);
 }
 
 /// A reply's inode without its chunk list and xattrs: callers want its

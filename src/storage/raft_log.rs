@@ -10,7 +10,10 @@
 
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
 
-use super::{db_err, encode, RocksStore, CF_META, CF_REFS, PREFIX_ENTRY, PREFIX_INODE};
+use super::{
+    db_err, encode, RocksStore, CF_META, CF_REFS, PREFIX_ENTRY, PREFIX_INODE, PREFIX_TRASH,
+    PREFIX_VERSION,
+};
 use crate::meta::{Changes, MetaState, Snapshot};
 use crate::storage::StorageError;
 use std::sync::atomic::Ordering;
@@ -242,7 +245,7 @@ impl RocksStore {
         let meta = self.cf(CF_META);
         let refs = self.cf(CF_REFS);
         let mut batch = WriteBatch::default();
-        for prefix in [PREFIX_INODE, PREFIX_ENTRY] {
+        for prefix in [PREFIX_INODE, PREFIX_ENTRY, PREFIX_VERSION, PREFIX_TRASH] {
             batch.delete_range_cf(meta, [prefix], [prefix + 1]);
         }
         batch.delete_range_cf(refs, &[0u8; 1][..], &[0xffu8; 33][..]);
@@ -255,6 +258,12 @@ impl RocksStore {
             batch.put_cf(meta, super::entry_key(*parent, name), encode(e)?);
         }
         batch.put_cf(meta, super::KEY_SPACE, encode(&snap.space)?);
+        for ((ino, ver), v) in &snap.versions {
+            batch.put_cf(meta, super::version_key(*ino, *ver), encode(v)?);
+        }
+        for (ino, t) in &snap.trash {
+            batch.put_cf(meta, super::trash_key(*ino), encode(t)?);
+        }
         for (h, n) in state.chunk_references() {
             batch.put_cf(refs, h.as_bytes(), n.to_le_bytes());
         }

@@ -18,8 +18,8 @@ use rocksdb::{
 use crate::lock;
 
 use super::{verify, ChunkStore, Pins, StorageError, StoreStats};
-use crate::ids::{ChunkHash, ResourceId};
-use crate::meta::{Changes, Entry, Inode, MetaState, Snapshot};
+use crate::ids::{ChunkHash, ResourceId, VersionId};
+use crate::meta::{Changes, Entry, Inode, MetaState, OldVersion, Snapshot, Trashed};
 
 #[path = "access_log.rs"]
 mod access_log;
@@ -78,6 +78,10 @@ const KEY_STATS: &[u8] = b"c/stats";
 const KEY_PRESENT_EXACT: &[u8] = b"c/present_exact";
 const PREFIX_INODE: u8 = b'i';
 const PREFIX_ENTRY: u8 = b'e';
+/// Old versions of files, by inode and version number.
+const PREFIX_VERSION: u8 = b'v';
+/// Trashed files, by their old inode number.
+const PREFIX_TRASH: u8 = b't';
 
 /// Bytes RocksDB holds in memory (see `RocksStore::memory_usage`).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -149,6 +153,29 @@ fn inode_key(ino: ResourceId) -> [u8; 9] {
     k[0] = PREFIX_INODE;
     k[1..].copy_from_slice(&ino.0.to_be_bytes());
     k
+}
+
+fn version_key(ino: ResourceId, ver: VersionId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = PREFIX_VERSION;
+    k[1..9].copy_from_slice(&ino.0.to_be_bytes());
+    k[9..].copy_from_slice(&ver.0.to_be_bytes());
+    k
+}
+
+fn trash_key(ino: ResourceId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = PREFIX_TRASH;
+    k[1..].copy_from_slice(&ino.0.to_be_bytes());
+    k
+}
+
+/// A big-endian u64 from a key part the caller cut to 8 bytes.
+fn u64_of_be(b: &[u8]) -> Result<u64, StorageError> {
+    let arr: [u8; 8] = b
+        .try_into()
+        .map_err(|_| StorageError::Decode("key part is not 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(arr))
 }
 
 fn entry_key(parent: ResourceId, name: &[u8]) -> Vec<u8> {
@@ -358,10 +385,21 @@ impl RocksStore {
         };
         let mut inodes = Vec::new();
         let mut entries = Vec::new();
+        let mut versions = Vec::new();
+        let mut trash = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(db_err)?;
             match k.first() {
                 Some(&PREFIX_INODE) => inodes.push(decode::<Inode>(&v, "inode")?),
+                Some(&PREFIX_VERSION) if k.len() == 17 => {
+                    let ino = ResourceId(u64_of_be(&k[1..9])?);
+                    let ver = VersionId(u64_of_be(&k[9..17])?);
+                    versions.push(((ino, ver), decode::<OldVersion>(&v, "old version")?));
+                }
+                Some(&PREFIX_TRASH) if k.len() == 9 => {
+                    let ino = ResourceId(u64_of_be(&k[1..9])?);
+                    trash.push((ino, decode::<Trashed>(&v, "trash record")?));
+                }
                 Some(&PREFIX_ENTRY) if k.len() > 9 => {
                     let mut p = [0u8; 8];
                     p.copy_from_slice(&k[1..9]);
@@ -375,6 +413,8 @@ impl RocksStore {
             inodes,
             entries,
             space,
+            versions,
+            trash,
         }))
     }
 
@@ -408,6 +448,18 @@ impl RocksStore {
         }
         if let Some(space) = &changes.space {
             batch.put_cf(meta, KEY_SPACE, encode(space)?);
+        }
+        for ((ino, ver), v) in &changes.versions {
+            match v {
+                Some(v) => batch.put_cf(meta, version_key(*ino, *ver), encode(v)?),
+                None => batch.delete_cf(meta, version_key(*ino, *ver)),
+            }
+        }
+        for (ino, t) in &changes.trash {
+            match t {
+                Some(t) => batch.put_cf(meta, trash_key(*ino), encode(t)?),
+                None => batch.delete_cf(meta, trash_key(*ino)),
+            }
         }
         for (k, v) in extra {
             match v {
