@@ -15,7 +15,12 @@ use common::{bytes, flip_in_db, Device};
 #[test]
 fn corrupted_chunk_gives_eio_and_names_the_chunk() {
     require_root!();
-    let mut d = Device::start("alice");
+    // No history kept past a second, so that the deleted file leaves the
+    // trash (and the store) at the next retention round.
+    let mut d = Device::init("alice");
+    d.set_config("versions_max_age_days", "0");
+    d.set_config("versions_prune_s", "1");
+    d.mount();
     let victim = bytes(1 << 20, 11);
     let other = bytes(1 << 20, 12);
     fs::write(d.path("victim"), &victim).unwrap();
@@ -53,9 +58,10 @@ fn corrupted_chunk_gives_eio_and_names_the_chunk() {
     assert!(!o.status.success());
     // The damaged file can still be deleted, which leaves the store clean
     // once the kernel lets go of the inode (dropping its caches makes it
-    // send the FORGET now rather than at some later eviction).
+    // send the FORGET now rather than at some later eviction) and the
+    // trash lets go of its content.
     fs::remove_file(d.path("victim")).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let _ = fs::write("/proc/sys/vm/drop_caches", "2");
         let o = common::meshfs(&["check", "--data-dir", dd.to_str().unwrap()]);
@@ -145,8 +151,10 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
 
     // What was stored before is intact, now and after a restart.
     assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep);
-    // Deleting gives the space back (at the latest once the daemon restarts
-    // and compacts what it could not reclaim before).
+    // Deleting gives the space back: the removed file goes to the trash,
+    // which gives way (the oldest history is dropped) while the disk is
+    // short of space; at the latest once the daemon restarts and compacts
+    // what it could not reclaim before.
     fs::remove_file(mnt.join("big")).unwrap();
     let pid: i32 = fs::read_to_string(dd.join("meshfs.pid"))
         .unwrap()
@@ -163,6 +171,12 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
         common::stderr(&o)
     );
     assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fs::write(mnt.join("after"), b"space again").is_err()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     if let Err(e) = fs::write(mnt.join("after"), b"space again") {
         let diag = Command::new("sh")
             .arg("-c")

@@ -459,7 +459,12 @@ fn xattrs_set_get_list_remove() {
 #[test]
 fn open_unlinked_file_stays_readable_until_close() {
     require_root!();
-    let d = Device::start("alice");
+    // No history kept past a second: the removed file leaves the trash at
+    // the next retention round (once a second here).
+    let mut d = Device::init("alice");
+    d.set_config("versions_max_age_days", "0");
+    d.set_config("versions_prune_s", "1");
+    d.mount();
     let p = d.path("tmp");
     let data = bytes(300_000, 7);
     fs::write(&p, &data).unwrap();
@@ -470,10 +475,26 @@ fn open_unlinked_file_stays_readable_until_close() {
     f.read_to_end(&mut got).unwrap();
     assert_eq!(got, data);
     drop(f);
-    // Its content is collected once nothing holds it.
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let s = d.status_json();
-    assert_eq!(s["cache_bytes"], 0, "unlinked content not collected: {s}");
+    // It is in the trash, then, once it expires, its content is collected.
+    let dp = d.path("tmp");
+    let o = common::meshfs(&["versions", dp.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert!(
+        v["files"][0]["deleted"].is_object(),
+        "not in the trash: {v}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = d.status_json();
+        if s["cache_bytes"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired content not collected: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -81,12 +81,7 @@ pub fn expired(meta: &MetaState, policy: &Retention, now: Timestamp) -> Expired 
     }
     // The byte limit: count each chunk once, and only those no current
     // file holds; drop the longest-replaced versions first.
-    let live: HashSet<ChunkHash> = meta
-        .files()
-        .into_iter()
-        .filter_map(|(i, _)| i.content.as_ref())
-        .flat_map(|c| c.stored_chunks().map(|r| r.hash))
-        .collect();
+    let live = live_chunks(meta);
     let mut held: HashMap<ChunkHash, (usize, u64)> = HashMap::new();
     let mut kept: Vec<(&(ResourceId, VersionId), &OldVersion)> = meta
         .all_old_versions()
@@ -123,6 +118,31 @@ pub fn expired(meta: &MetaState, policy: &Retention, now: Timestamp) -> Expired 
     out.trash.truncate(DROP_MAX);
     out.versions.truncate(DROP_MAX);
     out
+}
+
+/// Bytes that only old versions and trashed files hold (each chunk once;
+/// chunks a current file shares are not counted).
+pub fn history_bytes(meta: &MetaState) -> u64 {
+    let live = live_chunks(meta);
+    let mut seen: HashSet<ChunkHash> = HashSet::new();
+    let mut bytes = 0u64;
+    for old in meta.all_old_versions().values() {
+        for r in old.content.stored_chunks() {
+            if !live.contains(&r.hash) && seen.insert(r.hash) {
+                bytes += r.len as u64;
+            }
+        }
+    }
+    bytes
+}
+
+/// The chunks current files hold.
+fn live_chunks(meta: &MetaState) -> HashSet<ChunkHash> {
+    meta.files()
+        .into_iter()
+        .filter_map(|(i, _)| i.content.as_ref())
+        .flat_map(|c| c.stored_chunks().map(|r| r.hash))
+        .collect()
 }
 
 #[cfg(test)]
@@ -272,5 +292,6 @@ mod tests {
             ..Retention::default()
         };
         assert!(expired(&s, &roomy, t(10)).is_empty());
+        assert_eq!(history_bytes(&s), 300);
     }
 }

@@ -312,18 +312,39 @@ async fn reserve_at_start(replica: Replica) {
 
 /// Applies the retention policy while this device leads: what it no
 /// longer keeps is dropped by one command through Raft, so that every
-/// device forgets the same old versions and releases the same chunks.
+/// device forgets the same old versions and releases the same chunks. Any
+/// device whose data dir's disk is short of space (below the reserve
+/// every writer leaves) drops the older half of the history at once, and
+/// again every second while it stays short: history gives way to new data.
 async fn prune_versions(replica: Replica) {
+    let every = replica.settings.prune_every;
+    let mut last = Instant::now();
     loop {
-        tokio::time::sleep(replica.settings.prune_every).await;
-        if !replica.shared.has_state() || replica.leader_device() != Some(replica.device) {
+        tokio::time::sleep(every.min(Duration::from_secs(1))).await;
+        if !replica.shared.has_state() {
             continue;
         }
+        let dir = replica.settings.data_dir.clone();
+        let short = tokio::task::spawn_blocking(move || !crate::storage::has_space(&dir, 0))
+            .await
+            .unwrap_or(false);
+        let due = replica.leader_device() == Some(replica.device) && last.elapsed() >= every;
+        if !short && !due {
+            continue;
+        }
+        if due {
+            last = Instant::now();
+        }
         let meta = replica.shared.meta.clone();
-        let policy = replica.settings.retention;
+        let mut policy = replica.settings.retention;
         let now = crate::meta::Timestamp::now();
         let found = tokio::task::spawn_blocking(move || {
-            crate::meta::retention::expired(&read_meta(&meta), &policy, now)
+            let meta = read_meta(&meta);
+            if short {
+                let held = crate::meta::retention::history_bytes(&meta);
+                policy.max_bytes = policy.max_bytes.min(held / 2);
+            }
+            crate::meta::retention::expired(&meta, &policy, now)
         })
         .await;
         let Ok(expired) = found else { return };
@@ -336,6 +357,11 @@ async fn prune_versions(replica: Replica) {
             trash: expired.trash,
         };
         match replica.propose(Op::Fs(cmd)).await {
+            Ok(_) if short => tracing::warn!(
+                versions,
+                trash,
+                "the data dir's disk is short of space: dropped the oldest kept versions"
+            ),
             Ok(_) => tracing::info!(versions, trash, "retention dropped old versions"),
             Err(e) => tracing::debug!(error = %e, "dropping old versions; retried later"),
         }
