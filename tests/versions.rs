@@ -17,10 +17,19 @@ use common::{bytes, Device};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
+/// Saves `data` as `rel` (one version) from a child process: a file
+/// opened in this process is also closed by every fork of it (the other
+/// tests' commands), which commits a version at each such close.
 fn save(d: &Device, rel: &str, data: &[u8]) {
-    let mut f = fs::File::create(d.path(rel)).unwrap();
-    f.write_all(data).unwrap();
-    f.sync_all().unwrap();
+    let mut src = tempfile::NamedTempFile::new().unwrap();
+    src.write_all(data).unwrap();
+    src.flush().unwrap();
+    let st = std::process::Command::new("cp")
+        .arg(src.path())
+        .arg(d.path(rel))
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp to {rel} on {}", d.name);
 }
 
 /// `meshfs versions --json` of `rel` on `d`, or the error line.

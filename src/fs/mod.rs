@@ -573,6 +573,9 @@ impl Fs {
 
     /// Records a lookup the kernel made through readdirplus.
     pub fn note_lookup(&self, ino: ResourceId) {
+        if history::is_virtual(ino) {
+            return;
+        }
         self.note_lookup_of(ino);
     }
 

@@ -660,11 +660,36 @@ fn snapshot_view_serializes_like_a_snapshot() {
         })
         .unwrap();
     }
+    // History too: an old version, and a trashed file with its versions.
+    let f = mk(&mut m, ROOT, "f", NewNode::File, 4);
+    for n in 0..3u8 {
+        m.apply(FsCommand::CommitVersion {
+            ino: f.id,
+            size: 1,
+            chunks: vec![ChunkRef {
+                hash: ChunkHash::of(&[n]),
+                offset: 0,
+                len: 1,
+            }],
+            mtime: now,
+            author: DeviceId([1; 16]),
+            now,
+        })
+        .unwrap();
+    }
+    mk(&mut m, ROOT, "g", NewNode::File, 5);
+    rename(&mut m, ROOT, "g", ROOT, "f", RenameMode::Replace).unwrap();
+    m.apply(FsCommand::Reclaim { ino: f.id }).unwrap();
+    assert_eq!(m.old_versions(f.id).count(), 3);
+    assert_eq!(m.trash().len(), 1);
     let copied = postcard::to_stdvec(&m.snapshot()).unwrap();
     let viewed = postcard::to_stdvec(&m.snapshot_view()).unwrap();
     assert_eq!(copied, viewed);
     let back: Snapshot = postcard::from_bytes(&viewed).unwrap();
     assert_eq!(back, m.snapshot());
+    let again = MetaState::restore(back).unwrap();
+    assert_eq!(again.chunk_references(), m.chunk_references());
+    assert_eq!(again.trash(), m.trash());
 }
 
 // ---- ownership, inode blocks, the speculative layer ----
