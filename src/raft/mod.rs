@@ -894,7 +894,28 @@ impl Replica {
                             remote.push(*d);
                             seq
                         };
-                        self.wait_shipped(*d, seq, deadline).await?;
+                        if !reintegrating || *d == self.device {
+                            self.wait_shipped(*d, seq, deadline).await?;
+                            continue;
+                        }
+                        // A tentative change waits for another authority a
+                        // bounded time: that authority's own changes may
+                        // wait behind its own tentative changes, which may
+                        // wait for this one (devices cut off in turn, each
+                        // renaming across the others' directories,
+                        // deadlocked so). What it was made on is checked
+                        // when it is applied, so going first is at worst a
+                        // conflict, kept. This device's own earlier changes
+                        // (the creation of what it renames) never wait for
+                        // it: they are waited for.
+                        let soon = deadline.min(Instant::now() + self.settings.offline_after);
+                        if self.wait_shipped(*d, seq, soon).await.is_err() {
+                            tracing::debug!(
+                                authority = %d,
+                                seq,
+                                "reintegrating without waiting for the authority's outbox"
+                            );
+                        }
                     }
                     self.counters.through_raft.fetch_add(1, Ordering::Relaxed);
                     self.propose_request(req(cmd), deadline).await

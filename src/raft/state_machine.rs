@@ -571,9 +571,19 @@ impl Shared {
     pub fn tentative_ready(&self) -> Option<(u64, journal::TentativeChange)> {
         let outbox = lock(&self.outbox);
         let t = outbox.tentative.front()?;
-        // Own changes made before it that touch what it touches (it may
-        // depend on them); the rest ship on their own.
-        let mine = outbox::touched(&t.t.change.cmd);
+        // Own changes made before it that touch what it touches or what it
+        // expects (a removal expects the file's version: this device's
+        // save of it, in the outbox, must be committed first, or the
+        // removal reads as a conflict with a change elsewhere); the rest
+        // ship on their own.
+        let mut mine = outbox::touched(&t.t.change.cmd);
+        for e in &t.t.expect {
+            match e {
+                journal::Expect::Version { ino, .. } => mine.push(*ino),
+                journal::Expect::Entry { ino: Some(ino), .. } => mine.push(*ino),
+                journal::Expect::Entry { ino: None, .. } => {}
+            }
+        }
         let earlier_own = outbox.entries.iter().any(|p| {
             p.order < t.order
                 && outbox::touched(&p.change.cmd)
