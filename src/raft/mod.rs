@@ -500,6 +500,13 @@ impl Replica {
             .map(|a| a.device)
     }
 
+    /// The last log index applied here (0 before any).
+    fn applied_index(&self) -> u64 {
+        let m = self.raft.metrics();
+        let idx = m.borrow().last_applied.map_or(0, |l| l.index);
+        idx
+    }
+
     fn leader_device(&self) -> Option<DeviceId> {
         self.leader().map(|(_, d)| d)
     }
@@ -1087,8 +1094,15 @@ impl Replica {
                 id,
                 cmd,
                 expect,
+                applied,
                 ..
-            } => self.apply_forwarded(origin, id, cmd, expect).await,
+            } => {
+                let until = Instant::now() + self.settings.read_wait / 2;
+                if self.wait_applied(applied, until).await.is_err() {
+                    tracing::debug!(applied, "reintegrating before catching up with its origin");
+                }
+                self.apply_forwarded(origin, id, cmd, expect).await
+            }
             Rpc::Lookup { parent, name } => match self.shared.answer_lookup(parent, &name) {
                 Ok((found, seq)) => Reply::Looked { found, seq },
                 Err(()) => Reply::NotAuthority,

@@ -102,6 +102,11 @@ pub enum Rpc {
         cmd: FsCommand,
         expect: Vec<super::journal::Expect>,
         expires_ms: u64,
+        /// The origin's last applied log index: the receiver catches up to
+        /// it (boundedly) before checking `expect`, so that what the origin
+        /// committed through Raft just before (a save of the file this
+        /// change removes) is not taken for a change made elsewhere.
+        applied: u64,
     },
 }
 

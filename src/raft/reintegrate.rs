@@ -285,6 +285,7 @@ impl Replica {
                     cmd,
                     expect,
                     expires_ms: network::unix_ms() + wait.as_millis() as u64,
+                    applied: self.applied_index(),
                 };
                 let reply = call(&self.mesh, d, &rpc, wait).await;
                 match reply {
