@@ -1,6 +1,6 @@
-//! `meshfs`, the command line people and scripts run. `status` and `stat`
-//! are answered here from the running daemon's control socket. Every other
-//! command, and these two whenever the quick way does not apply (no daemon,
+//! `meshfs`, the command line people and scripts run. `status`, `stat` and
+//! `versions` are answered here from the running daemon's control socket.
+//! Every other command, and these whenever the quick way does not apply (no daemon,
 //! other arguments, any error), runs in `meshfsd`, the full program, with
 //! the same arguments, in this process (exec). This binary links nothing of
 //! the meshfs library: `meshfsd` loads libtorch when it starts (0.33 s
@@ -42,7 +42,7 @@ fn full(args: &[OsString]) -> ! {
     std::process::exit(1)
 }
 
-/// `status` or `stat` answered here; `None` leaves the command to `meshfsd`
+/// `status`, `stat` or `versions` answered here; `None` leaves the command to `meshfsd`
 /// (which also prints the errors, so they read the same either way).
 fn quick(args: &[OsString]) -> Option<i32> {
     let args: Vec<&str> = args.iter().map(|a| a.to_str()).collect::<Option<_>>()?;
@@ -77,6 +77,22 @@ fn quick(args: &[OsString]) -> Option<i32> {
                 println!("{v}");
             } else {
                 view::print_stat(Path::new(path), &v);
+            }
+            Some(0)
+        }
+        "versions" => {
+            let [path] = rest.as_slice() else {
+                return None;
+            };
+            if path.starts_with('-') {
+                return None;
+            }
+            let (dir, rel) = mountinfo::mesh_path_of(Path::new(path)).ok()?;
+            let v = request(&dir, serde_json::json!({ "cmd": "versions", "path": rel }))?;
+            if json {
+                println!("{v}");
+            } else {
+                view::print_versions(&v);
             }
             Some(0)
         }

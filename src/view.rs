@@ -199,7 +199,6 @@ pub fn print_conflicts(v: &serde_json::Value) {
 }
 
 /// `meshfs versions`: the file there now, then the removed ones.
-#[allow(dead_code)] // `meshfsd` prints it; the thin `meshfs` does not.
 pub fn print_versions(v: &serde_json::Value) {
     let path = v["path"].as_str().unwrap_or("?");
     for f in v["files"].as_array().cloned().unwrap_or_default() {
