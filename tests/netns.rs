@@ -357,12 +357,11 @@ impl Rng {
     }
 }
 
-// Not yet reliable: seeds 5, 7, 13 pass; seed 11 passes some runs, and in
-// others ends with devices waiting on each other's tentative renames
-// across directories, or with a file its device removed while cut off
-// kept as a delete/edit conflict (its version expectation did not hold
-// at the authority); see the disconnected-operation issue's note. Run it
-// by hand:
+// Not yet reliable: seeds 5, 7, 13 pass; seed 11 passes about half the
+// runs, and in the others a file its device saved and then removed while
+// cut off is kept as a delete/edit conflict (the removal reached the
+// directory's authority before the save was applied there); see the
+// disconnected-operation issue's note. Run it by hand:
 // `cargo test --release --test netns -- --ignored random_changes`
 // (MESHFS_SEED=n to replay a seed).
 #[test]

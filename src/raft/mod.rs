@@ -901,20 +901,22 @@ impl Replica {
                             remote.push(*d);
                             seq
                         };
-                        if !reintegrating || *d == self.device {
+                        if !reintegrating {
                             self.wait_shipped(*d, seq, deadline).await?;
                             continue;
                         }
-                        // A tentative change waits for another authority a
-                        // bounded time: that authority's own changes may
-                        // wait behind its own tentative changes, which may
-                        // wait for this one (devices cut off in turn, each
-                        // renaming across the others' directories,
-                        // deadlocked so). What it was made on is checked
-                        // when it is applied, so going first is at worst a
-                        // conflict, kept. This device's own earlier changes
-                        // (the creation of what it renames) never wait for
-                        // it: they are waited for.
+                        // A tentative change waits for an authority's
+                        // outbox a bounded time: that authority's own
+                        // changes may wait behind its own tentative changes,
+                        // which may wait for this one (devices cut off in
+                        // turn, each renaming across the others'
+                        // directories, deadlocked so), and this device's
+                        // later changes to the same directories wait behind
+                        // this one. What it was made on is checked when it
+                        // is applied, so going first is at worst a conflict,
+                        // kept; this device's earlier changes to what it
+                        // touches or expects are committed before it starts
+                        // (`tentative_ready`).
                         let soon = deadline.min(Instant::now() + self.settings.offline_after);
                         if self.wait_shipped(*d, seq, soon).await.is_err() {
                             tracing::debug!(
@@ -1097,9 +1099,15 @@ impl Replica {
                 applied,
                 ..
             } => {
+                // Checked only once this device has applied what the
+                // origin had: else the origin's own save of a file it then
+                // removed reads as a change made elsewhere. Not caught up
+                // in time: the origin asks again later.
                 let until = Instant::now() + self.settings.read_wait / 2;
                 if self.wait_applied(applied, until).await.is_err() {
-                    tracing::debug!(applied, "reintegrating before catching up with its origin");
+                    return Reply::Failed(format!(
+                        "not caught up with the origin's log (index {applied}) yet"
+                    ));
                 }
                 self.apply_forwarded(origin, id, cmd, expect).await
             }
@@ -1246,7 +1254,19 @@ impl Replica {
                 Local::Refused(e) => (0, Err(e), None),
                 Local::NotMine(_) | Local::Sealed => return Reply::NotAuthority,
                 Local::Changed(journal::Failure::Changed { expect, absent }) => {
-                    return Reply::Changed { expect, absent }
+                    if let journal::Expect::Version { ino, version } = &expect {
+                        let found = read_meta(&self.shared.meta)
+                            .get(*ino)
+                            .map(|i| (i.version(), i.nlink));
+                        tracing::info!(
+                            %origin,
+                            resource = ino.0,
+                            expected = version.0,
+                            ?found,
+                            "a reintegrated change was made on another version"
+                        );
+                    }
+                    return Reply::Changed { expect, absent };
                 }
                 Local::Changed(journal::Failure::Error(e)) => (0, Err(e), None),
             };

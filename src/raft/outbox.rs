@@ -103,8 +103,20 @@ impl Outbox {
     /// Appends change `seq` (applied here, on disk); returns the chunks
     /// its new version references, for the caller to pin.
     pub fn push(&mut self, seq: u64, change: LocalChange, bytes: usize) -> Vec<ChunkHash> {
-        let pins = chunks_of(&change.cmd);
         let order = self.take_order();
+        self.push_at(seq, change, bytes, order)
+    }
+
+    /// `push` keeping the place `order` the change was first made at (a
+    /// change queued again after it was refused at commit).
+    pub fn push_at(
+        &mut self,
+        seq: u64,
+        change: LocalChange,
+        bytes: usize,
+        order: u64,
+    ) -> Vec<ChunkHash> {
+        let pins = chunks_of(&change.cmd);
         self.next_seq = seq + 1;
         self.entries.push_back(Pending {
             order,

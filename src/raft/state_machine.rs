@@ -1651,7 +1651,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         let again = outbox.next_seq;
                         let bytes = enc(&Stored::V1(p.change.clone()))?;
                         extra.push((RocksStore::outbox_key(again), Some(bytes.clone())));
-                        requeued_pins.extend(outbox.push(again, p.change.clone(), bytes.len()));
+                        // It keeps its place among tentative changes: one
+                        // made after it (a removal of what it saved) must
+                        // still wait for it.
+                        requeued_pins.extend(outbox.push_at(
+                            again,
+                            p.change.clone(),
+                            bytes.len(),
+                            p.order,
+                        ));
                         tracing::debug!(
                             seq,
                             again,
