@@ -241,16 +241,6 @@ fn devices_killed_mid_burst_catch_up_and_lose_no_acknowledged_write() {
     }
 }
 
-fn own_holdings(d: &Device) -> u64 {
-    let s = d.status_json();
-    s["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["name"] == d.name.as_str())
-        .map_or(0, |x| x["holdings"].as_u64().unwrap_or(0))
-}
-
 #[test]
 fn content_is_replicated_so_a_dead_author_loses_nothing() {
     require_root!();
@@ -299,7 +289,7 @@ fn check_finds_chunks_that_no_live_device_holds() {
     wait_held(&[&a, &b], 1);
     let (ok, _) = check(&a);
     assert!(ok);
-    let (mut keeper, other) = if own_holdings(&a) > 0 { (a, b) } else { (b, a) };
+    let (mut keeper, other) = if a.own_holdings() > 0 { (a, b) } else { (b, a) };
     c.kill9();
     keeper.kill9();
     let (ok, report) = check(&other);
@@ -315,7 +305,7 @@ fn check_finds_chunks_that_no_live_device_holds() {
 fn wait_held(devs: &[&Device], n: u64) {
     let deadline = Instant::now() + LIMIT;
     loop {
-        let held: u64 = devs.iter().map(|d| own_holdings(d)).sum();
+        let held: u64 = devs.iter().map(|d| d.own_holdings()).sum();
         if held >= n {
             return;
         }

@@ -261,11 +261,11 @@ fn retention_drops_the_oldest_everywhere_and_kept_versions_survive_eviction_and_
     // bravo and charlie; the other only caches what it reads. That one
     // reads every kept version (1.2 MB), then gets a 1 MiB cache.
     let deadline = Instant::now() + LIMIT;
-    while own_holdings(&b) + own_holdings(&c) == 0 {
+    while b.own_holdings() + c.own_holdings() == 0 {
         assert!(Instant::now() < deadline, "no second copy placed");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (mut cacher, placed) = if own_holdings(&b) > 0 { (c, b) } else { (b, c) };
+    let (mut cacher, placed) = if b.own_holdings() > 0 { (c, b) } else { (b, c) };
     for (n, data) in [(3, &v[2]), (4, &v[3]), (5, &v[4])] {
         let p = cacher.path(&format!(".meshfs/versions/big/{n}"));
         assert_eq!(&fs::read(&p).unwrap(), data, "version {n}");
@@ -297,14 +297,4 @@ fn retention_drops_the_oldest_everywhere_and_kept_versions_survive_eviction_and_
             assert_eq!(&fs::read(&p).unwrap(), data, "version {n} on {}", dev.name);
         }
     }
-}
-
-fn own_holdings(d: &Device) -> u64 {
-    let s = d.status_json();
-    s["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["name"] == d.name.as_str())
-        .map_or(0, |x| x["holdings"].as_u64().unwrap_or(0))
 }

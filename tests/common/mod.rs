@@ -281,6 +281,17 @@ impl Device {
         wait_exit(pid, Duration::from_secs(10));
     }
 
+    /// Files this device holds completely, as it announces them.
+    pub fn own_holdings(&self) -> u64 {
+        let s = self.status_json();
+        s["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == self.name.as_str())
+            .map_or(0, |x| x["holdings"].as_u64().unwrap_or(0))
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         let dd = self.data_dir();
         let o = meshfs(&["status", "--data-dir", dd.to_str().unwrap(), "--json"]);
