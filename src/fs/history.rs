@@ -572,6 +572,11 @@ impl Fs {
         Some(read_content(&*self.store, &cache, &c, offset, &mut out).map(|_| out))
     }
 
+    /// The content of an open version; `None` when `fh` is not one.
+    pub(super) fn virtual_content(&self, fh: u64) -> Option<Content> {
+        lock(&self.virt).handles.get(&fh).map(|(c, _)| c.clone())
+    }
+
     /// Closes an open version; false when `fh` is not one.
     pub(super) fn virtual_release(&self, fh: u64) -> bool {
         lock(&self.virt).handles.remove(&fh).is_some()

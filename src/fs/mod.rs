@@ -1334,6 +1334,9 @@ impl Fs {
     /// lseek(2) with SEEK_DATA (`hole` false) or SEEK_HOLE (`hole` true);
     /// the kernel answers the other whences itself. `None` is ENXIO.
     pub fn seek_data_or_hole(&self, fh: u64, offset: u64, hole: bool) -> Result<Option<u64>> {
+        if let Some(c) = self.virtual_content(fh) {
+            return Ok(content::seek_content(&c, offset, hole));
+        }
         let h = self.handle(fh)?;
         let f = lock(&h.file);
         if let Some(s) = f.spill.as_ref() {

@@ -860,6 +860,12 @@ fn versions_are_listed_readable_in_the_hidden_tree_and_restored() {
     let v2 = fs.lookup(vf.ino, b"2").unwrap();
     assert_eq!((v2.kind, v2.size, v2.perm), (Kind::File, 14, 0o440));
     assert_eq!(read_version(&fs, v2.ino), b"second, longer");
+    // lseek(SEEK_DATA/SEEK_HOLE) on an open version: data from 0, the
+    // hole at its end.
+    let o = fs.open_as(0, v2.ino, libc::O_RDONLY).unwrap();
+    assert_eq!(fs.seek_data_or_hole(o.fh, 0, false).unwrap(), Some(0));
+    assert_eq!(fs.seek_data_or_hole(o.fh, 0, true).unwrap(), Some(14));
+    fs.release(o.fh).unwrap();
     // Read-only: no writes, no new names, no removal; its name is taken.
     assert!(matches!(
         fs.open_as(0, v2.ino, libc::O_RDWR),
