@@ -247,12 +247,20 @@ impl Fs {
             if live.is_some() {
                 return Err(MetaError::Exists.into());
             }
-            let content = pick(gone)?;
+            // A file removed empty has no version kept: it comes back
+            // empty.
+            let content = match pick(gone) {
+                Err(_) if version.is_none() && versions_of(&self.read_meta(), gone).is_empty() => {
+                    Content::default()
+                }
+                other => other?,
+            };
             let ctx = Ctx {
                 uid: t.uid,
                 gid: t.gid,
             };
-            let (parent, name) = self.make_parents(ctx, &t.path)?;
+            // At the path asked for (where `meshfs versions` listed it).
+            let (parent, name) = self.make_parents(ctx, &path)?;
             let out = self.mutate(FsCommand::Create {
                 parent,
                 name: name.clone(),
@@ -265,7 +273,11 @@ impl Fs {
             })?;
             let ino = self.inode_attr(out)?.ino;
             self.invalidate_entry(parent, &name);
-            let version = self.commit_restored(ino, &content, now)?;
+            let version = if content.version.0 == 0 {
+                VersionId(0)
+            } else {
+                self.commit_restored(ino, &content, now)?
+            };
             return Ok(Restored {
                 resource: ino,
                 from: content.version,

@@ -921,4 +921,15 @@ fn versions_are_listed_readable_in_the_hidden_tree_and_restored() {
         fs.restore(b"/docs/note", None, Some(ino)),
         Err(FsError::Meta(MetaError::Exists))
     ));
+    // A file removed empty comes back empty.
+    let (e, o) = fs
+        .create(CTX, ROOT, b"empty", 0o600, libc::O_WRONLY)
+        .unwrap();
+    fs.release(o.fh).unwrap();
+    fs.unlink(ROOT, b"empty").unwrap();
+    fs.forget(e.ino, 1);
+    let r = fs.restore(b"/empty", None, None).unwrap();
+    assert!(r.undeleted);
+    let back = fs.lookup(ROOT, b"empty").unwrap();
+    assert_eq!((back.size, back.perm), (0, 0o600));
 }
