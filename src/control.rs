@@ -166,10 +166,7 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
 
 fn chunks(node: &Node, path: &str) -> serde_json::Value {
     let found = node.fs.with_meta(|m| {
-        let mut ino = crate::ids::ResourceId::ROOT;
-        for part in path.split('/').filter(|p| !p.is_empty()) {
-            ino = m.lookup(ino, part.as_bytes()).ok()?.id;
-        }
+        let ino = m.resolve(path.as_bytes())?;
         let i = m.get(ino)?;
         let c = i.content.as_ref()?;
         Some((ino, c.size, c.chunks.clone()))

@@ -357,6 +357,14 @@ impl Rng {
     }
 }
 
+/// The files `dev` created that are still there, by name.
+fn mine(own: &std::collections::BTreeMap<String, Option<Vec<u8>>>, dev: &str) -> Vec<String> {
+    own.iter()
+        .filter(|(k, v)| v.is_some() && k.contains(&format!("/{dev}-own-")))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 // Not yet reliable: seeds 5, 7, 13 pass; seed 11 passes about half the
 // runs, and in the others a file its device saved and then removed while
 // cut off is kept as a delete/edit conflict (the removal reached the
@@ -451,11 +459,7 @@ fn random_changes_under_random_partitions_converge_and_keep_every_acknowledged_w
             3 => {
                 // Rename one of this device's files (it may have moved
                 // since on this device only: its own view decides).
-                let mine: Vec<String> = own
-                    .iter()
-                    .filter(|(k, v)| v.is_some() && k.contains(&format!("/{dev}-own-")))
-                    .map(|(k, _)| k.clone())
-                    .collect();
+                let mine = mine(&own, dev);
                 if let Some(from) = mine.get(rng.below(mine.len().max(1) as u64) as usize) {
                     let to = format!("d{}/{dev}-own-{n}", rng.below(3));
                     if let Err(e) = std::fs::rename(net.mnt(dev, from), net.mnt(dev, &to)) {
@@ -466,11 +470,7 @@ fn random_changes_under_random_partitions_converge_and_keep_every_acknowledged_w
                 }
             }
             _ => {
-                let mine: Vec<String> = own
-                    .iter()
-                    .filter(|(k, v)| v.is_some() && k.contains(&format!("/{dev}-own-")))
-                    .map(|(k, _)| k.clone())
-                    .collect();
+                let mine = mine(&own, dev);
                 if let Some(gone) = mine.get(rng.below(mine.len().max(1) as u64) as usize) {
                     if let Err(e) = std::fs::remove_file(net.mnt(dev, gone)) {
                         panic!("{dev} removing {gone} (cut: {cut:?}): {e}");

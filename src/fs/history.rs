@@ -98,15 +98,6 @@ pub struct Restored {
     pub undeleted: bool,
 }
 
-/// The file at `path` ("/a/b"), symlinks not followed.
-fn resolve(meta: &MetaState, path: &[u8]) -> Option<ResourceId> {
-    let mut ino = ResourceId::ROOT;
-    for part in path.split(|b| *b == b'/').filter(|p| !p.is_empty()) {
-        ino = meta.lookup(ino, part).ok()?.id;
-    }
-    Some(ino)
-}
-
 fn row(c: &Content, current: bool) -> VersionRow {
     VersionRow {
         version: c.version,
@@ -159,7 +150,7 @@ impl Fs {
         let path = normal(path)?;
         let meta = self.read_meta();
         let mut out = Vec::new();
-        if let Some(ino) = resolve(&meta, &path) {
+        if let Some(ino) = meta.resolve(&path) {
             let i = meta.get(ino).ok_or(MetaError::NotFound)?;
             if i.kind != Kind::File {
                 return Err(MetaError::Invalid("only regular files have versions".into()).into());
@@ -213,7 +204,7 @@ impl Fs {
         let path = normal(path)?;
         let (live, trashed) = {
             let meta = self.read_meta();
-            let live = resolve(&meta, &path);
+            let live = meta.resolve(&path);
             let trashed = match deleted {
                 Some(d) => match meta.trash().get(&d) {
                     Some(t) => Some((d, t.clone())),
@@ -415,18 +406,8 @@ impl Fs {
             match self.vnode(parent)? {
                 VNode::Top if name == VERSIONS_DIR => VNode::Versions,
                 VNode::Top => return Err(MetaError::NotFound.into()),
-                VNode::Versions | VNode::Dir(_) => {
-                    let dir = match self.vnode(parent)? {
-                        VNode::Dir(d) => d,
-                        _ => ResourceId::ROOT,
-                    };
-                    let i = meta.lookup(dir, name)?;
-                    match i.kind {
-                        Kind::Dir => VNode::Dir(i.id),
-                        Kind::File => VNode::File(i.id),
-                        _ => return Err(MetaError::NotFound.into()),
-                    }
-                }
+                VNode::Versions => Self::mirror_lookup(&meta, ResourceId::ROOT, name)?,
+                VNode::Dir(d) => Self::mirror_lookup(&meta, d, name)?,
                 VNode::File(f) => {
                     let n: u64 = std::str::from_utf8(name)
                         .ok()
@@ -442,6 +423,17 @@ impl Fs {
         };
         let ino = lock(&self.virt).ino_of(node);
         self.virtual_attr(ino)
+    }
+
+    /// The node mirroring `name` in the real directory `dir`: a directory
+    /// for a directory, a directory of versions for a regular file.
+    fn mirror_lookup(meta: &MetaState, dir: ResourceId, name: &[u8]) -> Result<VNode> {
+        let i = meta.lookup(dir, name)?;
+        match i.kind {
+            Kind::Dir => Ok(VNode::Dir(i.id)),
+            Kind::File => Ok(VNode::File(i.id)),
+            _ => Err(MetaError::NotFound.into()),
+        }
     }
 
     /// Attributes of a virtual node: directories read-only (0555) and owned

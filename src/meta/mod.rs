@@ -1466,8 +1466,15 @@ impl MetaState {
         if i.kind != Kind::File || i.nlink > 0 {
             return;
         }
+        // `dir` just lost an entry, so it is reachable; the bare name is a
+        // fallback for a damaged parent chain.
+        let path = self.path_in(dir, name).unwrap_or_else(|| {
+            let mut p = b"/".to_vec();
+            p.extend_from_slice(name);
+            p
+        });
         let t = Trashed {
-            path: self.path_in(dir, name),
+            path,
             deleted: now,
             by: by.origin,
             perm: i.perm,
@@ -1477,36 +1484,37 @@ impl MetaState {
         self.put_trash(ino, Some(t));
     }
 
-    /// The path from the root of `name` in directory `dir`, found by
-    /// walking up the directories' parents ("/a/b/name"). A directory's
-    /// name is found by a scan of its parent's entries.
-    pub fn path_in(&self, dir: ResourceId, name: &[u8]) -> Vec<u8> {
-        let mut parts: Vec<&[u8]> = vec![name];
+    /// The path from the root of `name` in directory `dir` ("/a/b/name"),
+    /// found by walking up the directories' parents (`name_of` each);
+    /// `None` when `dir` is not reachable from the root.
+    pub fn path_in(&self, dir: ResourceId, name: &[u8]) -> Option<Vec<u8>> {
+        let mut parts: Vec<Name> = vec![name.to_vec()];
         let mut d = dir;
         // Bounded by the depth of the tree; the bound guards against a
         // damaged parent chain.
         for _ in 0..4096 {
             if d == ResourceId::ROOT {
-                break;
+                let mut out = Vec::new();
+                for p in parts.iter().rev() {
+                    out.push(b'/');
+                    out.extend_from_slice(p);
+                }
+                return Some(out);
             }
-            let Some(i) = self.inodes.get(&d) else { break };
-            let Some(n) = self
-                .dirs
-                .get(&i.parent)
-                .and_then(|p| p.by_name.iter().find(|(_, e)| e.ino == d))
-                .map(|(n, _)| n.as_slice())
-            else {
-                break;
-            };
+            let (parent, n) = self.name_of(d)?;
             parts.push(n);
-            d = i.parent;
+            d = parent;
         }
-        let mut out = Vec::new();
-        for p in parts.iter().rev() {
-            out.push(b'/');
-            out.extend_from_slice(p);
+        None
+    }
+
+    /// The inode at `path` ("/a/b", from the root), symlinks not followed.
+    pub fn resolve(&self, path: &[u8]) -> Option<ResourceId> {
+        let mut ino = ResourceId::ROOT;
+        for part in path.split(|b| *b == b'/').filter(|p| !p.is_empty()) {
+            ino = self.lookup(ino, part).ok()?.id;
         }
-        out
+        Some(ino)
     }
 
     fn insert_entry(&mut self, parent: ResourceId, name: Name, ino: ResourceId, kind: Kind) {

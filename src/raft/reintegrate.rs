@@ -241,18 +241,17 @@ impl Replica {
     /// (the directory's path when the change was made) names a directory
     /// that is gone now.
     fn path_in(&self, parent: ResourceId, name: &[u8], path: &[journal::PathStep]) -> String {
-        let paths = read_meta(&self.shared.meta).paths();
-        let dir = paths.get(&parent).cloned().unwrap_or_else(|| {
-            match path.iter().position(|s| s.dir == parent) {
-                Some(i) => path[..=i]
-                    .iter()
-                    .map(|s| format!("/{}", String::from_utf8_lossy(&s.name)))
-                    .collect(),
-                None => format!("(directory {parent})"),
-            }
-        });
-        let sep = if dir.ends_with('/') { "" } else { "/" };
-        format!("{dir}{sep}{}", String::from_utf8_lossy(name))
+        if let Some(p) = read_meta(&self.shared.meta).path_in(parent, name) {
+            return String::from_utf8_lossy(&p).into_owned();
+        }
+        let dir: String = match path.iter().position(|s| s.dir == parent) {
+            Some(i) => path[..=i]
+                .iter()
+                .map(|s| format!("/{}", String::from_utf8_lossy(&s.name)))
+                .collect(),
+            None => format!("(directory {parent})"),
+        };
+        format!("{dir}/{}", String::from_utf8_lossy(name))
     }
 
     /// One attempt at the first tentative change `t` (journal record `jseq`).
