@@ -530,3 +530,94 @@ fn readdir_lists_large_directories_with_stable_offsets() {
     assert_eq!(now, 3000 - 750);
     assert!(seen.len() >= now);
 }
+
+/// Every operation that takes a name refuses a component longer than 255
+/// bytes with ENAMETOOLONG, as ext4 does (the kernel hands names of up to
+/// 1,024 bytes to FUSE and looks the name up before unlinking, renaming or
+/// changing it); a path longer than PATH_MAX is the kernel's ENAMETOOLONG.
+#[test]
+fn names_over_255_bytes_are_enametoolong_for_every_operation() {
+    require_root!();
+    let d = Device::start("alice");
+    let m = d.mountpoint().to_path_buf();
+    fs::write(m.join("f"), b"x").unwrap();
+    fs::create_dir(m.join("dir")).unwrap();
+    let long = m.join("n".repeat(256));
+    let deep = m.join("dir").join("n".repeat(300));
+    let ok255 = m.join("y".repeat(255));
+    let (lc, dc) = (c(&long), c(&deep));
+    let libc_call = |r: i32| {
+        if r == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        }
+    };
+    let cases: Vec<(&str, i32)> = vec![
+        ("stat", errno_of(fs::metadata(&long))),
+        ("lstat", errno_of(fs::symlink_metadata(&deep))),
+        ("open", errno_of(File::open(&long))),
+        ("create", errno_of(File::create(&long))),
+        ("mkdir", errno_of(fs::create_dir(&long))),
+        ("rmdir", errno_of(fs::remove_dir(&long))),
+        ("unlink", errno_of(fs::remove_file(&deep))),
+        ("rename from", errno_of(fs::rename(&long, m.join("g")))),
+        ("rename to", errno_of(fs::rename(m.join("f"), &long))),
+        ("link", errno_of(fs::hard_link(m.join("f"), &long))),
+        ("symlink", errno_of(std::os::unix::fs::symlink("f", &long))),
+        ("readlink", errno_of(fs::read_link(&long))),
+        (
+            "chmod",
+            errno_of(fs::set_permissions(
+                &long,
+                fs::Permissions::from_mode(0o600),
+            )),
+        ),
+        (
+            "chown",
+            libc_call(unsafe { libc::chown(lc.as_ptr(), 1, 1) }),
+        ),
+        (
+            "truncate",
+            libc_call(unsafe { libc::truncate(dc.as_ptr(), 0) }),
+        ),
+        (
+            "utimes",
+            libc_call(unsafe { libc::utimes(lc.as_ptr(), std::ptr::null()) }),
+        ),
+        (
+            "mknod",
+            libc_call(unsafe { libc::mknod(lc.as_ptr(), libc::S_IFIFO | 0o644, 0) }),
+        ),
+        (
+            "setxattr",
+            libc_call(unsafe {
+                libc::setxattr(lc.as_ptr(), c"user.a".as_ptr(), b"v".as_ptr().cast(), 1, 0)
+            }),
+        ),
+        (
+            "access",
+            libc_call(unsafe { libc::access(lc.as_ptr(), libc::R_OK) }),
+        ),
+        (
+            "path over PATH_MAX",
+            errno_of(fs::metadata(m.join("a/".repeat(2100)).join("f"))),
+        ),
+    ];
+    let wrong: Vec<_> = cases
+        .iter()
+        .filter(|(_, e)| *e != libc::ENAMETOOLONG)
+        .collect();
+    assert!(wrong.is_empty(), "not ENAMETOOLONG: {wrong:?}");
+    // Nothing was made or changed, and 255 bytes is a name.
+    assert_eq!(fs::read(m.join("f")).unwrap(), b"x");
+    assert_eq!(fs::metadata(m.join("f")).unwrap().mode() & 0o777, 0o644);
+    fs::write(&ok255, b"255").unwrap();
+    assert_eq!(fs::read(&ok255).unwrap(), b"255");
+    let mut names: Vec<_> = fs::read_dir(&m)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().len())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec![1, 3, 255]);
+}

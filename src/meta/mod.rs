@@ -601,6 +601,12 @@ impl MetaState {
     }
 
     pub fn lookup(&self, parent: ResourceId, name: &[u8]) -> R<&Inode> {
+        // The kernel looks a name up before it unlinks, renames, links or
+        // changes the attributes of what it names: a name no directory can
+        // hold is ENAMETOOLONG there too, not ENOENT.
+        if name.len() > NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
         let dir = self.dir(parent)?;
         let e = dir.by_name.get(name).ok_or(MetaError::NotFound)?;
         self.inodes.get(&e.ino).ok_or(MetaError::NotFound)
