@@ -261,6 +261,11 @@ impl Config {
     }
 
     pub fn load(data_dir: &Path) -> Result<Self, Error> {
+        // The format first: nothing of a data dir this build cannot read is
+        // read (`datadir`).
+        if crate::datadir::check(data_dir)?.is_none() {
+            return Err(Error::NotInitialized(data_dir.to_path_buf()));
+        }
         let path = Self::path(data_dir);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -283,11 +288,20 @@ impl Config {
             path: path.clone(),
             msg: e.to_string(),
         })?;
+        // Written whole, synced, renamed over the old one, and the rename
+        // synced: a crash leaves the old config or the new one, never a
+        // torn or empty file.
         let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, text)
-            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
+            f.sync_all()
+        };
+        write().map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
         std::fs::rename(&tmp, &path)
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        crate::datadir::sync_parent(&path)
+            .map_err(|e| Error::io(format!("syncing {}", data_dir.display()), e))
     }
 
     /// The version retention policy these settings describe.

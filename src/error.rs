@@ -27,6 +27,8 @@ pub enum Error {
     Mount(String),
     #[error("bad mount option: {0}")]
     BadOption(String),
+    #[error("data dir {dir}: {msg}")]
+    Format { dir: PathBuf, msg: String },
     #[error("config {path}: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("no meshfs daemon is running for {0}")]

@@ -21,6 +21,7 @@ pub mod authority;
 pub mod civil;
 pub mod config;
 pub mod control;
+pub mod datadir;
 pub mod error;
 pub mod fs;
 pub mod fuse;

@@ -114,6 +114,7 @@ fn prepare_data_dir(data_dir: &Path, device: DeviceId) -> Result<DirLock, Error>
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::io(format!("securing {}", data_dir.display()), e))?;
     let lock = DirLock::acquire(data_dir, Duration::ZERO)?;
+    crate::datadir::write(data_dir, crate::datadir::FORMAT)?;
     let store = RocksStore::open(&data_dir.join(DB_DIR))?;
     if store.load_meta()?.is_none() {
         // SAFETY: getuid/getgid have no preconditions.
@@ -129,7 +130,7 @@ fn prepare_data_dir(data_dir: &Path, device: DeviceId) -> Result<DirLock, Error>
 /// did not exist before).
 fn undo_data_dir(data_dir: &Path, existed: bool) {
     if existed {
-        for name in [DB_DIR, LOCK_FILE] {
+        for name in [DB_DIR, LOCK_FILE, crate::datadir::FORMAT_FILE] {
             let p = data_dir.join(name);
             let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
         }
@@ -429,6 +430,7 @@ type Started = (
 fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Started, Error> {
     let cfg = Config::load(data_dir)?;
     let lock = DirLock::acquire(data_dir, LOCK_WAIT)?;
+    crate::datadir::migrate(data_dir)?;
     let mesh_state = if MeshState::exists(data_dir) {
         MeshState::load(data_dir)?
     } else {

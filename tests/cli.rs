@@ -266,3 +266,50 @@ fn the_command_line_is_thin_and_answers_like_the_full_program() {
     let o = meshfs(&["--version"]);
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("meshfs "));
 }
+
+/// A data dir records its format: one made before the `FORMAT` file
+/// existed (format 0) is migrated when it is mounted and keeps its files;
+/// one of a newer format is refused by every command with one line naming
+/// both formats, before anything in it is read.
+#[test]
+fn the_data_dir_format_is_checked_and_an_old_one_migrated() {
+    require_root!();
+    let mut d = Device::start("alpha");
+    fs::write(d.path("kept"), b"from format 0").unwrap();
+    d.unmount();
+    let format = d.data_dir().join("FORMAT");
+    assert_eq!(
+        fs::read_to_string(&format).unwrap(),
+        format!("meshfs data dir format {}\n", meshfs::datadir::FORMAT)
+    );
+    // As a data dir made by the build before this one.
+    fs::remove_file(&format).unwrap();
+    d.mount();
+    assert_eq!(fs::read(d.path("kept")).unwrap(), b"from format 0");
+    assert!(fs::read_to_string(&format)
+        .unwrap()
+        .ends_with(&format!(" {}\n", meshfs::datadir::FORMAT)));
+    d.unmount();
+    // A newer build's data dir.
+    let newer = meshfs::datadir::FORMAT + 1;
+    fs::write(&format, format!("meshfs data dir format {newer}\n")).unwrap();
+    let dd = d.data_dir();
+    let dds = dd.to_str().unwrap();
+    for args in [
+        vec!["status", "--data-dir", dds],
+        vec!["check", "--data-dir", dds],
+        vec!["mount", "--data-dir", dds, d.mountpoint().to_str().unwrap()],
+    ] {
+        let e = one_line_error(&meshfs(&args));
+        assert!(
+            e.contains(&format!("format {newer}"))
+                && e.contains(&format!("format {}", meshfs::datadir::FORMAT)),
+            "{args:?}: {e}"
+        );
+    }
+    assert!(!common::is_mounted(d.mountpoint()));
+    // Nothing was changed: the right build still finds its data.
+    fs::write(&format, "meshfs data dir format 1\n").unwrap();
+    d.mount();
+    assert_eq!(fs::read(d.path("kept")).unwrap(), b"from format 0");
+}

@@ -153,7 +153,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), MeshError> {
         .map_err(ctx)?;
     f.write_all(bytes).map_err(ctx)?;
     f.sync_all().map_err(ctx)?;
-    std::fs::rename(&tmp, path).map_err(ctx)
+    std::fs::rename(&tmp, path).map_err(ctx)?;
+    crate::datadir::sync_parent(path).map_err(ctx)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Raft's log and vote in RocksDB (through `storage::RocksStore`), encoded
-//! with postcard.
+//! with postcard, and the group commit that makes appended entries durable
+//! before Raft counts them (`Syncer`).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -18,11 +19,59 @@ const KEY_PURGED: &str = "purged";
 #[derive(Clone)]
 pub struct LogStore {
     store: Arc<RocksStore>,
+    syncer: Arc<Syncer>,
+}
+
+/// Appended entries waiting for the sync that makes them durable.
+const SYNC_QUEUE: usize = 1024;
+
+/// Group commit: Raft may count an appended entry towards a majority only
+/// once it survives a power cut (else a mesh-wide power cut could lose an
+/// entry a majority acknowledged, and a new leader truncate the copy that
+/// was synced elsewhere). `append` writes the WAL and queues its callback;
+/// this thread syncs the WAL once for every callback queued meanwhile, then
+/// answers them in order. While one sync runs, the next appends gather.
+struct Syncer {
+    tx: std::sync::mpsc::SyncSender<LogFlushed<TypeConfig>>,
+}
+
+impl Syncer {
+    fn start(store: Arc<RocksStore>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<LogFlushed<TypeConfig>>(SYNC_QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || {
+                // Ends when every LogStore clone (the sender) is gone.
+                while let Ok(first) = rx.recv() {
+                    let mut waiting = vec![first];
+                    waiting.extend(rx.try_iter());
+                    let synced = crate::storage::MetaStore::sync(&*store);
+                    if let Err(e) = &synced {
+                        tracing::error!(error = %e, "syncing the Raft log failed");
+                    }
+                    for cb in waiting {
+                        cb.log_io_completed(
+                            synced
+                                .as_ref()
+                                .map(|_| ())
+                                .map_err(|e| std::io::Error::other(e.to_string())),
+                        );
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the thread every append fails (its callback is
+            // dropped, which Raft reads as an I/O error): loud, not silent.
+            tracing::error!(error = %e, "could not start the Raft log sync thread");
+        }
+        Syncer { tx }
+    }
 }
 
 impl LogStore {
     pub fn new(store: Arc<RocksStore>) -> Self {
-        LogStore { store }
+        let syncer = Arc::new(Syncer::start(store.clone()));
+        LogStore { store, syncer }
     }
 
     fn get<T: serde::de::DeserializeOwned>(
@@ -149,12 +198,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             rows.push((e.log_id.index, encode(&e)?));
         }
         let res = self.store.raft_append(&rows);
-        // The WAL write is done (not fsynced: see storage/raft_log.rs).
-        callback.log_io_completed(
-            res.as_ref()
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string())),
-        );
+        if let Err(e) = &res {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+        } else if let Err(e) = self.syncer.tx.send(callback) {
+            // The sync thread is gone: the entries are not durable.
+            e.0.log_io_completed(Err(std::io::Error::other(
+                "the Raft log sync thread stopped",
+            )));
+        }
         res.map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }

@@ -3,10 +3,11 @@
 //! a batch of commands and recording how far the log was applied is one
 //! atomic write. Storage sees opaque bytes: `raft/` owns their encoding.
 //!
-//! Log writes go to the WAL without an fsync, like every namespace change
-//! (survives `kill -9`, not a power cut; `fsync(2)` and the periodic sync
-//! make them durable). The vote is synced: a device must never vote twice in
-//! one term, even across a power cut.
+//! Log writes go to the WAL without an fsync here; the Raft log store syncs
+//! them (one sync for every append made meanwhile) before Raft counts them,
+//! and chunks written without the WAL are flushed before an append, since
+//! its entries may reference them. The vote is synced: a device must never
+//! vote twice in one term, even across a power cut.
 
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
 
@@ -41,6 +42,7 @@ fn raft_key(name: &str) -> Vec<u8> {
 impl RocksStore {
     /// Appends log entries `(index, bytes)` in one batch.
     pub fn raft_append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
+        self.flush_bulk()?;
         let cf = self.cf(CF_RAFT_LOG);
         let mut batch = WriteBatch::default();
         for (i, b) in entries {
