@@ -502,9 +502,7 @@ impl Replica {
 
     /// The last log index applied here (0 before any).
     fn applied_index(&self) -> u64 {
-        let m = self.raft.metrics();
-        let idx = m.borrow().last_applied.map_or(0, |l| l.index);
-        idx
+        self.shared.applied_index()
     }
 
     fn leader_device(&self) -> Option<DeviceId> {

@@ -260,9 +260,21 @@ impl Replica {
         let mut expect = t.expect.clone();
         journal::remap(&mut cmd, &mut expect, &lock(&self.reint.remap));
         let id = t.change.id;
-        let gov = read_meta(&self.shared.meta).governance(&cmd);
+        let live = read_meta(&self.shared.meta).governance(&cmd);
+        let gov = match live {
+            // Not in the live view: a later tentative change may have
+            // removed it (a save, then the removal of the file saved).
+            Err(MetaError::NotFound) => self
+                .shared
+                .before_tentative(jseq, |m| m.governance(&cmd))
+                .unwrap_or(Err(MetaError::NotFound)),
+            other => other,
+        };
         match gov {
-            Err(e) => Step::Failed(Failure::Error(e)),
+            Err(e) => {
+                tracing::debug!(change = ?cmd, error = %e, "no authority for a tentative change here");
+                Step::Failed(Failure::Error(e))
+            }
             // It is this device's to decide now (the authority moved
             // here): through Raft, so that it commits before the changes
             // made here after it (they wait behind it), not after them as
@@ -398,10 +410,13 @@ impl Replica {
                 .unwrap_or(*parent),
             _ => return false,
         };
-        let shown = read_meta(&self.shared.meta)
-            .get(target)
-            .is_some_and(|i| i.nlink > 0);
+        let shown_in = |m: &crate::meta::MetaState| m.get(target).is_some_and(|i| i.nlink > 0);
+        // As this device showed it when the change was made (a later
+        // tentative change may have removed it since).
+        let shown = shown_in(&read_meta(&self.shared.meta))
+            || self.shared.before_tentative(jseq, shown_in) == Some(true);
         if !shown {
+            tracing::debug!(%target, "tentative change fails: what it changes is not shown here either");
             return false;
         }
         let mut waits = lock(&self.reint.not_yet);
@@ -856,7 +871,10 @@ pub(super) async fn run(r: Replica) {
             continue;
         };
         let progressed = match r.reintegrate_step(jseq, &t).await {
-            Step::Progress => true,
+            Step::Progress => {
+                tracing::debug!(jseq, change = ?t.change.cmd, "a tentative change is reintegrated");
+                true
+            }
             Step::Wait => false,
             Step::Failed(f) if r.not_yet(jseq, &t, &f) => false,
             Step::Failed(f) => r.resolve_failure(jseq, &t, f).await,

@@ -191,6 +191,14 @@ impl Shared {
         lock(&self.applied).0.is_some()
     }
 
+    /// The last log index applied here (0 before any). Read from the state
+    /// machine, not from Raft's metrics: those are updated only after
+    /// `apply` returns, and a change seen leaving the outbox (committed)
+    /// must come with an index that covers it.
+    pub fn applied_index(&self) -> u64 {
+        lock(&self.applied).0.map_or(0, |l| l.index)
+    }
+
     /// The last sequence of `device`'s outbox applied here.
     pub fn shipped(&self, device: DeviceId) -> u64 {
         lock(&self.shipped).get(&device).copied().unwrap_or(0)
@@ -781,6 +789,23 @@ impl Shared {
         Some(checked)
     }
 
+    /// `f` on this device's view as it was when tentative change `jseq`
+    /// was made: the committed state with only what was made before it.
+    /// Later tentative changes are left out: the live view has already
+    /// removed the file a save waiting in the journal saved, so there the
+    /// save finds no file and no authority. `None`: no such change.
+    pub fn before_tentative<T>(&self, jseq: u64, f: impl FnOnce(&MetaState) -> T) -> Option<T> {
+        let mut meta = write(&self.meta);
+        let mut outbox = lock(&self.outbox);
+        let order = outbox.tentative.iter().find(|t| t.jseq == jseq)?.order;
+        meta.rollback();
+        replay_before(&mut meta, &mut outbox, self.me, order);
+        let out = f(&meta);
+        meta.rollback();
+        replay(&mut meta, &mut outbox, self.me);
+        Some(out)
+    }
+
     /// Journal records of reintegrated changes whose authority's entry is
     /// applied here now: no longer needed.
     pub fn forget_reintegrated(&self, jseqs: &[u64]) {
@@ -815,6 +840,11 @@ impl Shared {
 /// left to be refused when it commits. A tentative change that does not
 /// apply is not shown until reintegration decides it.
 fn replay(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId) {
+    replay_before(meta, outbox, me, u64::MAX)
+}
+
+/// `replay` of only what was made before `order`.
+fn replay_before(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId, order: u64) {
     // (order, which queue, index): 0 own, 1 tentative, 2 foreign.
     let mut items: Vec<(u64, u8, usize)> =
         Vec::with_capacity(outbox.entries.len() + outbox.tentative.len() + outbox.foreign.len());
@@ -839,6 +869,7 @@ fn replay(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId) {
             .enumerate()
             .map(|(i, f)| (f.order, 2, i)),
     );
+    items.retain(|(o, _, _)| *o < order);
     items.sort_unstable();
     for (_, queue, i) in items {
         match queue {
@@ -1308,6 +1339,35 @@ fn load_journal(
     Ok(())
 }
 
+/// Puts tentative change `t` (journal record `jseq`) into the journal at
+/// its place `order` among the others.
+fn journal_at_order(
+    outbox: &mut Outbox,
+    order: u64,
+    jseq: u64,
+    t: journal::TentativeChange,
+    pins: Vec<crate::ids::ChunkHash>,
+) {
+    if outbox.tentative_since.is_none() {
+        outbox.tentative_since = Some(t.at);
+    }
+    let at = outbox
+        .tentative
+        .iter()
+        .position(|x| x.order > order)
+        .unwrap_or(outbox.tentative.len());
+    outbox.tentative.insert(
+        at,
+        journal::Tentative {
+            order,
+            jseq,
+            t,
+            pins,
+            applies: true,
+        },
+    );
+}
+
 /// An own change the log refused (its authority moved meanwhile, or it no
 /// longer applied) as a tentative change to reintegrate, made on the
 /// committed state `meta`; `None` for bookkeeping that is simply dropped.
@@ -1563,6 +1623,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             drop(meta);
             w.get_ref().sync_all()?;
             std::fs::rename(&tmp, &path)?;
+            crate::datadir::sync_parent(&path)?;
             Ok(smeta)
         })
         .await
@@ -1642,7 +1703,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     if resp.is_ok() && tries > 0 {
                         outbox.requeued.remove(&key);
                     }
-                    if matches!(resp, Err(MetaError::NotFound)) && tries < outbox::REQUEUE_MAX {
+                    // A tentative change made after it may need it (the
+                    // removal of the file it saved): queued again at the
+                    // end of the outbox, it could sit behind a change that
+                    // waits for that tentative change, which waits for it.
+                    // It joins the journal at its place instead, and is
+                    // reintegrated before what was made after it.
+                    let later_tentative = outbox.tentative.iter().any(|t| t.order > p.order);
+                    let not_yet = matches!(resp, Err(MetaError::NotFound));
+                    let journaled = if not_yet && later_tentative {
+                        tentative_of_refused(&meta, &p.change, p.seq, shared.me)
+                    } else {
+                        None
+                    };
+                    if let Some(t) = journaled {
+                        outbox.requeued.remove(&key);
+                        tracing::debug!(
+                            seq,
+                            change = ?p.change.cmd,
+                            "a change came before what it changes, with tentative changes made after it; it joins the journal in its place"
+                        );
+                        let jseq = outbox.next_jseq;
+                        outbox.next_jseq += 1;
+                        extra.push((
+                            RocksStore::journal_key(jseq),
+                            Some(enc(&StoredTentative::V1(t.clone()))?),
+                        ));
+                        journal_at_order(&mut outbox, p.order, jseq, t, std::mem::take(&mut pins));
+                    } else if not_yet && tries < outbox::REQUEUE_MAX {
                         // What it changes is not committed yet (its
                         // creation is in another authority's batch, which
                         // a wait given up on let this one overtake): it
@@ -1684,23 +1772,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 RocksStore::journal_key(jseq),
                                 Some(enc(&StoredTentative::V1(t.clone()))?),
                             ));
-                            if outbox.tentative_since.is_none() {
-                                outbox.tentative_since = Some(t.at);
-                            }
-                            let at = outbox
-                                .tentative
-                                .iter()
-                                .position(|x| x.order > p.order)
-                                .unwrap_or(outbox.tentative.len());
-                            outbox.tentative.insert(
-                                at,
-                                journal::Tentative {
-                                    order: p.order,
-                                    jseq,
-                                    t,
-                                    pins: std::mem::take(&mut pins),
-                                    applies: true,
-                                },
+                            journal_at_order(
+                                &mut outbox,
+                                p.order,
+                                jseq,
+                                t,
+                                std::mem::take(&mut pins),
                             );
                         } else {
                             tracing::warn!(
@@ -1876,7 +1953,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut out = std::fs::File::create(&tmp)?;
             std::io::copy(&mut file, &mut out)?;
             out.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &path)?;
+            crate::datadir::sync_parent(&path)
         })
         .await
         .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
