@@ -26,7 +26,10 @@ const PREFIX: &str = "meshfs data dir format ";
 /// daemon runs those a data dir needs when it starts (`migrate`), and
 /// commands that only read a data dir accept any format it can migrate.
 /// 0 to 1 changes no data: it only writes the `FORMAT` file.
-const MIGRATIONS: [fn(&Path) -> Result<(), Error>; FORMAT as usize] = [|_| Ok(())];
+const MIGRATIONS: [Migration; FORMAT as usize] = [|_| Ok(())];
+
+/// One step of `MIGRATIONS`: rewrites the data dir in place.
+type Migration = fn(&Path) -> Result<(), Error>;
 
 /// The data dir's format: refuses an unreadable or newer one. A data dir
 /// without the file but with a config is format 0; one with neither is not
