@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -205,8 +207,37 @@ pub async fn call<T: Transport>(
     timeout: Duration,
 ) -> Result<Reply, Msg> {
     let bytes = postcard::to_stdvec(rpc).map_err(|e| Msg(format!("encoding: {e}")))?;
+    call_encoded(transport, device, bytes, timeout).await
+}
+
+/// `call` with the RPC already encoded.
+async fn call_encoded<T: Transport>(
+    transport: &T,
+    device: DeviceId,
+    bytes: Vec<u8>,
+    timeout: Duration,
+) -> Result<Reply, Msg> {
     let answer = transport.send_frame(device, bytes, timeout).await?;
     postcard::from_bytes(&answer).map_err(|e| Msg(format!("malformed raft reply: {e}")))
+}
+
+/// Largest encoded append sent: the mesh's Raft frame, less room for its
+/// own framing.
+pub const MAX_APPEND_BYTES: usize = crate::mesh::protocol::MAX_RAFT_FRAME as usize - (64 << 10);
+
+/// What to do with an append of `entries` entries encoded in `bytes`
+/// bytes: send it, or ask openraft for fewer entries (it retries at once
+/// with at most the number returned). Appends are bounded in bytes as well
+/// as in entries: a few large batches (a big file's chunk list) made an
+/// append over the frame limit, refused and retried forever, and the
+/// follower never caught up.
+pub fn append_fits(entries: u64, bytes: usize) -> Result<(), u64> {
+    if bytes <= MAX_APPEND_BYTES || entries <= 1 {
+        return Ok(());
+    }
+    // In proportion, and at least halved so that it converges.
+    let by_size = (entries as u128 * MAX_APPEND_BYTES as u128 / bytes as u128) as u64;
+    Err(by_size.min(entries / 2).max(1))
 }
 
 /// Builds a client per peer.
@@ -241,7 +272,17 @@ impl<T: Transport> Conn<T> {
         rpc: Rpc,
         opt: &RPCOption,
     ) -> Result<Reply, RpcErr<E>> {
-        match call(&self.transport, self.device, &rpc, opt.hard_ttl()).await {
+        let bytes = postcard::to_stdvec(&rpc)
+            .map_err(|e| RPCError::Network(NetworkError::new(&Msg(format!("encoding: {e}")))))?;
+        self.send_encoded(bytes, opt).await
+    }
+
+    async fn send_encoded<E: std::error::Error>(
+        &self,
+        bytes: Vec<u8>,
+        opt: &RPCOption,
+    ) -> Result<Reply, RpcErr<E>> {
+        match call_encoded(&self.transport, self.device, bytes, opt.hard_ttl()).await {
             Ok(Reply::Failed(m)) => Err(RPCError::Network(NetworkError::new(&Msg(m)))),
             Ok(r) => Ok(r),
             // Not connected, timed out or gone: openraft backs off and
@@ -263,7 +304,21 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Conn<T> {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        match self.send(Rpc::Append(rpc), &option).await? {
+        let entries = rpc.entries.len() as u64;
+        let bytes = postcard::to_stdvec(&Rpc::Append(rpc))
+            .map_err(|e| RPCError::Network(NetworkError::new(&Msg(format!("encoding: {e}")))))?;
+        if let Err(hint) = append_fits(entries, bytes.len()) {
+            tracing::debug!(
+                entries,
+                bytes = bytes.len(),
+                hint,
+                "an append is over the frame limit; sent in smaller ones"
+            );
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        match self.send_encoded(bytes, &option).await? {
             Reply::Append(r) => Ok(r),
             r => Err(unexpected(self.target, r)),
         }
@@ -370,4 +425,22 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_over_the_frame_ask_for_fewer_entries_until_one() {
+        assert_eq!(append_fits(16, 1 << 20), Ok(()));
+        assert_eq!(append_fits(16, MAX_APPEND_BYTES), Ok(()));
+        // In proportion to the excess, and at least halved.
+        assert_eq!(append_fits(8, MAX_APPEND_BYTES * 4), Err(2));
+        assert_eq!(append_fits(8, MAX_APPEND_BYTES + 1), Err(4));
+        assert_eq!(append_fits(3, MAX_APPEND_BYTES * 100), Err(1));
+        // One entry is sent whatever its size: there is nothing to split
+        // (a chunk list that big needs to go out of line).
+        assert_eq!(append_fits(1, MAX_APPEND_BYTES * 2), Ok(()));
+    }
 }

@@ -220,6 +220,13 @@ mod cluster {
                 self.nodes.lock().unwrap().get(&device).cloned()
             };
             let raft = raft.ok_or_else(|| Msg("unknown device".into()))?;
+            // As the mesh's codec: a frame over the limit is not sent.
+            if bytes.len() > crate::mesh::protocol::MAX_RAFT_FRAME as usize {
+                return Err(Msg(format!(
+                    "frame of {} bytes over the limit",
+                    bytes.len()
+                )));
+            }
             let reply = tokio::time::timeout(timeout, answer_frame(&raft, &bytes))
                 .await
                 .map_err(|_| Msg("timeout".into()))?;
@@ -495,6 +502,83 @@ mod cluster {
         let why = survivor.shared.verify_against_log().unwrap();
         assert!(why.is_some_and(|w| w.contains("namespace")));
         for n in rest.iter().chain([&&late_node]) {
+            let _ = n.raft.shutdown().await;
+        }
+    }
+
+    /// Appends are bounded in bytes: a follower that was away while the
+    /// leader logged several big entries (a large file's chunk list, 3 MiB
+    /// each: together over the 16 MiB frame) still catches up, in smaller
+    /// appends. Before, the one append over the limit failed and was
+    /// retried forever, and the follower never caught up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_catches_up_through_appends_bounded_in_bytes() {
+        use crate::ids::ChunkHash;
+        use crate::meta::ChunkRef;
+        let router = Router::default();
+        let nodes = [
+            node(&router, 1).await,
+            node(&router, 2).await,
+            node(&router, 3).await,
+        ];
+        let members: BTreeMap<u64, RaftNode> =
+            (1..=3).map(|n| (node_id(dev(n)), rnode(n))).collect();
+        nodes[0].raft.initialize(members).await.unwrap();
+        let lid = leader_among(&nodes.iter().collect::<Vec<_>>()).await;
+        let li = (0..3).find(|i| node_id(dev(*i as u8 + 1)) == lid).unwrap();
+        let away = (li + 1) % 3;
+        let r = nodes[li]
+            .raft
+            .client_write(create(li as u8 + 1, "big"))
+            .await
+            .unwrap();
+        let Ok(Outcome::Inode(file)) = r.data else {
+            panic!("create: {:?}", r.data)
+        };
+        router.down.lock().unwrap().insert(dev(away as u8 + 1));
+        let versions = 8u64;
+        let per = 70_000u64;
+        for v in 0..versions {
+            let chunks: Vec<ChunkRef> = (0..per)
+                .map(|i| ChunkRef {
+                    hash: ChunkHash::of(&(v * per + i).to_le_bytes()),
+                    offset: i << 16,
+                    len: 1 << 16,
+                })
+                .collect();
+            let req = Request {
+                origin: dev(li as u8 + 1),
+                id: 1000 + v,
+                op: Op::Fs(FsCommand::CommitVersion {
+                    ino: file.id,
+                    size: per << 16,
+                    chunks,
+                    mtime: Timestamp { secs: 3, nanos: 0 },
+                    author: dev(li as u8 + 1),
+                    now: Timestamp { secs: 3, nanos: 0 },
+                }),
+            };
+            let r = nodes[li].raft.client_write(req).await.unwrap();
+            assert!(r.data.is_ok(), "{:?}", r.data);
+        }
+        let last = nodes[li].raft.metrics().borrow().last_applied.unwrap();
+        router.down.lock().unwrap().clear();
+        nodes[away]
+            .raft
+            .wait(Some(Duration::from_secs(60)))
+            .applied_index_at_least(Some(last.index), "caught up")
+            .await
+            .expect("the follower caught up");
+        let i = nodes[away]
+            .meta
+            .read()
+            .unwrap()
+            .get(file.id)
+            .unwrap()
+            .clone();
+        assert_eq!(i.version().0, versions);
+        assert_eq!(i.content.as_ref().unwrap().chunks.len() as u64, per);
+        for n in &nodes {
             let _ = n.raft.shutdown().await;
         }
     }
