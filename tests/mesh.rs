@@ -472,7 +472,11 @@ mod rogue {
 
     pub type Swarm = libp2p::Swarm<request_response::Behaviour<Garbage>>;
 
-    pub fn swarm(identity: libp2p::identity::Keypair, mesh_key: [u8; 32]) -> Swarm {
+    pub fn swarm(
+        identity: libp2p::identity::Keypair,
+        mesh_key: [u8; 32],
+        protocol: &'static str,
+    ) -> Swarm {
         let psk = libp2p::pnet::PreSharedKey::new(mesh_key);
         libp2p::SwarmBuilder::with_existing_identity(identity)
             .with_tokio()
@@ -491,10 +495,7 @@ mod rogue {
             .with_behaviour(|_| {
                 request_response::Behaviour::with_codec(
                     Garbage,
-                    [(
-                        StreamProtocol::new("/meshfs/chunk/2"),
-                        ProtocolSupport::Outbound,
-                    )],
+                    [(StreamProtocol::new(protocol), ProtocolSupport::Outbound)],
                     request_response::Config::default()
                         .with_request_timeout(std::time::Duration::from_secs(10)),
                 )
@@ -525,7 +526,7 @@ fn malformed_messages_from_a_member_are_refused_not_fatal() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let outcomes = rt.block_on(async {
-        let mut sw = rogue::swarm(keys.identity.clone(), keys.mesh_key);
+        let mut sw = rogue::swarm(keys.identity.clone(), keys.mesh_key, "/meshfs/chunk/2");
         let hash = hex_bytes(&hashes[0]);
         // A frame claiming 4 GiB; a frame whose body is not a request; a
         // request cut off mid-hash; and, last, a well-formed one.
@@ -656,4 +657,124 @@ fn chunks_larger_than_a_piece_and_over_budget_batches_arrive_whole() {
         b.log().contains("pieces deferred"),
         "no batch was over budget"
     );
+}
+
+/// A member that forges Raft messages (a real libp2p peer built here with
+/// a member's keys): a vote request for another candidate, an append from
+/// another leader, both with a far higher term, and a write in another
+/// device's name. Each is refused and counted; the term, the leader and
+/// the namespace do not change.
+#[test]
+fn raft_messages_forged_by_a_member_are_refused() {
+    require_root!();
+    use futures::StreamExt;
+    use libp2p::request_response::Event;
+    use libp2p::swarm::SwarmEvent;
+    use meshfs::ids::{DeviceId, ResourceId};
+    use meshfs::meta::{FsCommand, NewNode, Timestamp};
+    use meshfs::raft::{node_id, Op, Reply, Rpc};
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use openraft::Vote;
+
+    let a = Device::start("alpha");
+    let r = Device::join("rogue", &a.invite("10m"));
+    let keys = meshfs::mesh::MeshState::load(&r.data_dir()).unwrap();
+    let before = a.status_json();
+    let term = before["term"].as_u64().unwrap();
+    let alpha = DeviceId::parse_hex(before["id"].as_str().unwrap()).unwrap();
+    let alpha_peer: libp2p::PeerId = before["peer"].as_str().unwrap().parse().unwrap();
+    let alpha_addr: libp2p::Multiaddr = before["listen"][0].as_str().unwrap().parse().unwrap();
+    let stranger = node_id(DeviceId([7; 16]));
+    let forged = vec![
+        Rpc::Vote(VoteRequest {
+            vote: Vote::new(term + 50, stranger),
+            last_log_id: None,
+        }),
+        Rpc::Append(AppendEntriesRequest {
+            vote: Vote::new_committed(term + 50, stranger),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        }),
+        Rpc::Write {
+            req: meshfs::raft::Request {
+                origin: alpha,
+                id: 1,
+                op: Op::Fs(FsCommand::Create {
+                    parent: ResourceId::ROOT,
+                    name: b"planted".to_vec(),
+                    ino: ResourceId(0),
+                    node: NewNode::File,
+                    perm: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    now: Timestamp { secs: 1, nanos: 0 },
+                }),
+            },
+            expires_ms: u64::MAX,
+        },
+    ];
+    // The mesh's Raft frame: a length, then postcard of the request's bytes.
+    let frame = |rpc: &Rpc| {
+        let inner = postcard::to_stdvec(rpc).unwrap();
+        let body = postcard::to_stdvec(&inner).unwrap();
+        [(body.len() as u32).to_be_bytes().to_vec(), body].concat()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let replies: Vec<Reply> = rt.block_on(async {
+        let mut sw = rogue::swarm(keys.identity.clone(), keys.mesh_key, "/meshfs/raft/1");
+        let mut ids = Vec::new();
+        for rpc in &forged {
+            ids.push(sw.behaviour_mut().send_request_with_addresses(
+                &alpha_peer,
+                frame(rpc),
+                vec![alpha_addr.clone()],
+            ));
+        }
+        let mut out: Vec<Option<Reply>> = (0..ids.len()).map(|_| None).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while out.iter().any(Option::is_none) {
+            let ev = tokio::time::timeout_at(deadline, sw.select_next_some())
+                .await
+                .expect("the daemon did not answer");
+            let SwarmEvent::Behaviour(Event::Message {
+                message:
+                    libp2p::request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            }) = ev
+            else {
+                if let SwarmEvent::Behaviour(Event::OutboundFailure { error, .. }) = ev {
+                    panic!("a forged request got no answer: {error}");
+                }
+                continue;
+            };
+            let body = &response[4..];
+            let inner: Vec<u8> = postcard::from_bytes(body).unwrap();
+            let reply: Reply = postcard::from_bytes(&inner).unwrap();
+            if let Some(i) = ids.iter().position(|x| *x == request_id) {
+                out[i] = Some(reply);
+            }
+        }
+        out.into_iter().map(Option::unwrap).collect()
+    });
+    for (rpc, reply) in forged.iter().zip(&replies) {
+        assert!(
+            matches!(reply, Reply::Failed(m) if m.starts_with("refused")),
+            "{rpc:?} was answered {reply:?}"
+        );
+    }
+    let after = a.status_json();
+    assert_eq!(after["raft"]["refused_forged"], 3, "{after}");
+    assert_eq!(after["term"].as_u64().unwrap(), term);
+    assert_eq!(after["leader"], "alpha");
+    assert!(!a.path("planted").exists());
+    assert!(a
+        .log()
+        .contains("refused a raft message claiming another sender"));
+    // Alpha still commits its own changes.
+    std::fs::write(a.path("after"), b"ok").unwrap();
+    assert_eq!(std::fs::read(a.path("after")).unwrap(), b"ok");
 }

@@ -43,10 +43,11 @@ use crate::meta::{FsCommand, Governance, MetaError, MetaState, Outcome};
 use crate::storage::{ChunkStore, RocksStore};
 
 pub use authority::{PolicySettings, ResourceStat};
+pub use network::{Reply, Rpc};
 pub use state_machine::{AppliedBatch, ApplyHook, Local};
 pub use types::{node_id, LocalChange, NodeId, Op, RaftNode, Request, Response, TypeConfig};
 
-use network::{call, Reply, Rpc};
+use network::call;
 use types::Raft;
 
 /// Timings and limits from Config.
@@ -287,6 +288,8 @@ struct Counters {
     batches: std::sync::atomic::AtomicU64,
     /// Bytes of named files served to other devices.
     served: std::sync::atomic::AtomicU64,
+    /// Raft messages refused for claiming another sender.
+    forged: std::sync::atomic::AtomicU64,
 }
 
 /// Gives this device a block of inode numbers as soon as it has the
@@ -1185,7 +1188,16 @@ impl Replica {
                     Err(e) => Reply::Failed(e.to_string()),
                 }
             }
-            other => network::answer(&self.raft, other).await,
+            other => {
+                if let Some(why) = network::forged(from, &other) {
+                    self.counters
+                        .forged
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(%from, why, "refused a raft message claiming another sender");
+                    return Reply::Failed(format!("refused: {why}"));
+                }
+                network::answer(&self.raft, other).await
+            }
         }
     }
 
@@ -1507,6 +1519,10 @@ impl Replica {
             learners,
             degraded,
             stale_reads: self.stale_reads.load(std::sync::atomic::Ordering::Relaxed),
+            refused_forged: self
+                .counters
+                .forged
+                .load(std::sync::atomic::Ordering::Relaxed),
             inode_block: read_meta(&self.shared.meta)
                 .space()
                 .block_of(self.device)
@@ -1566,6 +1582,11 @@ pub struct RaftStatus {
     /// Opens and lookups whose authority did not answer in time, which
     /// read the local replica.
     pub stale_reads: u64,
+    /// Raft messages refused because they claimed a sender other than the
+    /// authenticated device that sent them (a vote for another candidate,
+    /// an append or snapshot from another leader, a write for another
+    /// origin).
+    pub refused_forged: u64,
     /// Whether this device has inode numbers reserved (through Raft, when
     /// it starts): it needs them to create anything while cut off.
     pub inode_block: bool,

@@ -362,6 +362,29 @@ pub async fn answer_frame(raft: &Raft, bytes: &[u8]) -> Reply {
     }
 }
 
+/// Why `rpc`, sent by the authenticated device `from`, is forged: Raft's
+/// own messages name their sender (a vote request its candidate, an append
+/// or snapshot its leader, a forwarded write its origin), and a member
+/// must not speak for another (claim another leader id, inject entries,
+/// replace a device's namespace with a snapshot). `None`: it is what it
+/// says.
+pub fn forged(from: DeviceId, rpc: &Rpc) -> Option<&'static str> {
+    let me = Some(super::types::node_id(from));
+    match rpc {
+        Rpc::Vote(r) if r.vote.leader_id().voted_for() != me => {
+            Some("a vote request for another candidate")
+        }
+        Rpc::Append(r) if r.vote.leader_id().voted_for() != me => {
+            Some("an append from another leader")
+        }
+        Rpc::Snapshot(r) if r.vote.leader_id().voted_for() != me => {
+            Some("a snapshot from another leader")
+        }
+        Rpc::Write { req, .. } if req.origin != from => Some("a write for another origin"),
+        _ => None,
+    }
+}
+
 /// Answers one Raft request with this device's Raft (the authority's own
 /// requests are answered by `Replica::answer`).
 pub async fn answer(raft: &Raft, rpc: Rpc) -> Reply {
@@ -430,6 +453,63 @@ pub fn unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raft_messages_must_come_from_the_sender_they_name() {
+        use openraft::{CommittedLeaderId, LogId, Vote};
+        let (a, b) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        let (na, nb) = (
+            super::super::types::node_id(a),
+            super::super::types::node_id(b),
+        );
+        let vote = |n| Vote::new(3, n);
+        let v = |n| {
+            Rpc::Vote(VoteRequest {
+                vote: vote(n),
+                last_log_id: None,
+            })
+        };
+        assert_eq!(forged(a, &v(na)), None);
+        assert_eq!(forged(b, &v(nb)), None);
+        assert!(forged(b, &v(na)).is_some());
+        assert!(forged(a, &v(nb)).is_some());
+        let append = |n| {
+            Rpc::Append(AppendEntriesRequest {
+                vote: Vote::new_committed(3, n),
+                prev_log_id: Some(LogId::new(CommittedLeaderId::new(3, n), 1)),
+                entries: Vec::new(),
+                leader_commit: None,
+            })
+        };
+        assert_eq!(forged(a, &append(na)), None);
+        assert_eq!(
+            forged(b, &append(na)),
+            Some("an append from another leader")
+        );
+        let snapshot = |n| {
+            Rpc::Snapshot(InstallSnapshotRequest {
+                vote: Vote::new_committed(3, n),
+                meta: Default::default(),
+                offset: 0,
+                data: Vec::new(),
+                done: false,
+            })
+        };
+        assert_eq!(forged(a, &snapshot(na)), None);
+        assert!(forged(b, &snapshot(na)).is_some());
+        let write = |origin| Rpc::Write {
+            req: Request {
+                origin,
+                id: 1,
+                op: super::super::types::Op::Fs(FsCommand::ReclaimOrphans),
+            },
+            expires_ms: 0,
+        };
+        assert_eq!(forged(a, &write(a)), None);
+        assert_eq!(forged(b, &write(a)), Some("a write for another origin"));
+        // What is not Raft's own is checked where it is answered.
+        assert_eq!(forged(b, &Rpc::ReadIndex), None);
+    }
 
     #[test]
     fn appends_over_the_frame_ask_for_fewer_entries_until_one() {
