@@ -109,10 +109,23 @@ pub fn encode_digest(digest: &[(DeviceId, u64)]) -> Vec<u8> {
 /// large, or speaks for another device is refused whole: a device reports
 /// only its own opens.
 pub fn decode_msg(bytes: &[u8], sender: DeviceId) -> Result<AccessMsg, String> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    decode_msg_at(bytes, sender, now_ms)
+}
+
+/// Events stamped further ahead of this device's clock than this are
+/// refused: trimming goes by age, so an event from the future would stay.
+pub const MAX_CLOCK_AHEAD_MS: u64 = 10 * 60 * 1000;
+
+/// `decode_msg` with this device's clock reading `now_ms`.
+pub fn decode_msg_at(bytes: &[u8], sender: DeviceId, now_ms: u64) -> Result<AccessMsg, String> {
+    let check = |events| check_batch(events, sender, now_ms);
     match postcard::from_bytes(bytes).map_err(|e| format!("malformed access message: {e}"))? {
-        AccessMsg::Events(events) => Ok(AccessMsg::Events(check_batch(events, sender)?)),
+        AccessMsg::Events(events) => Ok(AccessMsg::Events(check(events)?)),
         AccessMsg::Resend { after, events } => {
-            let events = check_batch(events, sender)?;
+            let events = check(events)?;
             if events.windows(2).any(|w| w[0].seq >= w[1].seq)
                 || events.first().is_some_and(|e| e.seq <= after)
             {
@@ -136,7 +149,11 @@ pub fn decode_batch(bytes: &[u8], sender: DeviceId) -> Result<Vec<AccessEvent>, 
     }
 }
 
-fn check_batch(events: Vec<AccessEvent>, sender: DeviceId) -> Result<Vec<AccessEvent>, String> {
+fn check_batch(
+    events: Vec<AccessEvent>,
+    sender: DeviceId,
+    now_ms: u64,
+) -> Result<Vec<AccessEvent>, String> {
     if events.len() > MAX_BATCH {
         return Err(format!(
             "access batch of {} events (at most {MAX_BATCH})",
@@ -151,6 +168,12 @@ fn check_batch(events: Vec<AccessEvent>, sender: DeviceId) -> Result<Vec<AccessE
     }
     if events.iter().any(|e| e.ts_ms % COARSE_MS != 0) {
         return Err("access batch with uncoarsened times".into());
+    }
+    if events
+        .iter()
+        .any(|e| e.ts_ms > now_ms.saturating_add(MAX_CLOCK_AHEAD_MS))
+    {
+        return Err("access batch with events from the future".into());
     }
     Ok(events)
 }
@@ -225,6 +248,18 @@ mod tests {
         assert!(decode_msg(&encode_resend(4, &[e1.clone(), e2.clone()]), a).is_ok());
         assert!(decode_msg(&encode_resend(5, &[e1.clone(), e2.clone()]), a).is_err());
         assert!(decode_msg(&encode_resend(4, &[e2, e1]), a).is_err());
+        // Stamped from the future (past the clock slack): refused, as
+        // trimming by age would never drop it.
+        let now = 1_800_000_000_000;
+        let soon = encode_batch(&[ev(a, coarse(now + MAX_CLOCK_AHEAD_MS))]);
+        assert!(decode_msg_at(&soon, a, now).is_ok());
+        let later = encode_batch(&[ev(a, coarse(now + MAX_CLOCK_AHEAD_MS) + COARSE_MS)]);
+        assert!(decode_msg_at(&later, a, now)
+            .unwrap_err()
+            .contains("future"));
+        let far = encode_batch(&[ev(a, coarse(u64::MAX))]);
+        assert!(decode_msg_at(&far, a, u64::MAX - 1).is_ok());
+        assert!(decode_msg_at(&far, a, now).is_err());
     }
 
     #[test]
@@ -277,17 +312,26 @@ impl Received {
     }
 
     /// Every number up to `seq` is accounted for (a resend said so).
+    /// Sequence numbers come from other devices: checked arithmetic, so
+    /// that u64::MAX settles everything instead of overflowing (it panicked
+    /// the prefetch thread, overflow checks being on in release builds).
     pub fn settle(&mut self, seq: u64) {
         if seq > self.frontier {
             self.frontier = seq;
-            self.ahead = self.ahead.split_off(&(seq + 1));
+            self.ahead = match seq.checked_add(1) {
+                Some(next) => self.ahead.split_off(&next),
+                None => Default::default(),
+            };
             self.advance();
         }
     }
 
     fn advance(&mut self) {
-        while self.ahead.remove(&(self.frontier + 1)) {
-            self.frontier += 1;
+        while let Some(next) = self.frontier.checked_add(1) {
+            if !self.ahead.remove(&next) {
+                break;
+            }
+            self.frontier = next;
         }
     }
 }
@@ -295,6 +339,23 @@ impl Received {
 #[cfg(test)]
 mod received_tests {
     use super::Received;
+
+    #[test]
+    fn the_largest_sequence_numbers_settle_without_overflow() {
+        let mut r = Received::default();
+        assert!(r.accept(u64::MAX));
+        assert!(r.accept(u64::MAX - 1));
+        r.settle(u64::MAX);
+        assert_eq!(r.frontier, u64::MAX);
+        assert_eq!(r.latest(), u64::MAX);
+        assert!(!r.accept(u64::MAX));
+        assert!(!r.accept(5));
+        let mut r = Received::default();
+        assert!(r.accept(1));
+        assert!(r.accept(u64::MAX));
+        r.settle(u64::MAX - 1);
+        assert_eq!(r.frontier, u64::MAX);
+    }
 
     #[test]
     fn frontier_moves_over_gaps_once_filled_or_settled() {
