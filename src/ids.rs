@@ -11,25 +11,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DeviceId(pub [u8; 16]);
 
-/// Random bytes for ids, keys and secrets: the OS random source, mixed
-/// through BLAKE3 with the time and pid so that no extra crate is needed.
+/// Random bytes for ids, keys and secrets (the mesh key, invite secrets,
+/// device ids) from the kernel's CSPRNG (getrandom(2)). It fails only on a
+/// broken system, and then this panics, saying so: nothing guessable (the
+/// time, the pid) stands in for it.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut seed = [0u8; 32];
-    // /dev/urandom is the primary source; time and pid are a fallback only.
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut seed);
-    }
-    let mut h = blake3::Hasher::new();
-    h.update(&seed);
-    h.update(&std::process::id().to_le_bytes());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.update(&now.to_le_bytes());
     let mut out = [0u8; N];
-    h.finalize_xof().fill(&mut out);
+    if let Err(e) = getrandom::getrandom(&mut out) {
+        panic!(
+            "the kernel's random number generator failed ({e}): meshfs makes no key, secret or id without it"
+        );
+    }
     out
 }
 
@@ -186,6 +178,16 @@ pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_bytes_are_fresh_every_time() {
+        let keys: std::collections::HashSet<[u8; 32]> = (0..1000).map(|_| random_bytes()).collect();
+        assert_eq!(keys.len(), 1000);
+        assert!(!keys.contains(&[0u8; 32]));
+        // Not derived from the clock or the pid: two at once still differ.
+        let (a, b): ([u8; 16], [u8; 16]) = (random_bytes(), random_bytes());
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn device_id_hex_round_trip() {
