@@ -27,6 +27,9 @@ pub enum Error {
     Mount(String),
     #[error("bad mount option: {0}")]
     BadOption(String),
+    /// A command given what it cannot use (the message says what).
+    #[error("{0}")]
+    Usage(String),
     #[error("data dir {dir}: {msg}")]
     Format { dir: PathBuf, msg: String },
     #[error("config {path}: {msg}")]

@@ -78,7 +78,14 @@ enum Cmd {
     },
     /// Join the mesh that printed CODE, creating this device's data dir.
     Join {
-        code: String,
+        /// The invite code; `-` reads it from standard input. A code on
+        /// the command line is visible to other users (`ps`) while it runs:
+        /// prefer `-` or `--code-file` on a shared machine.
+        #[arg(required_unless_present = "code_file", conflicts_with = "code_file")]
+        code: Option<String>,
+        /// Read the invite code from this file.
+        #[arg(long)]
+        code_file: Option<PathBuf>,
         #[command(flatten)]
         new: NewDevice,
     },
@@ -283,6 +290,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Join {
             code,
+            code_file,
             new:
                 NewDevice {
                     data_dir,
@@ -291,6 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             init_cli_log();
+            let code = invite_code(code, code_file)?;
             let cfg = node::join(&code, &data_dir, name, listen)?;
             println!(
                 "joined the mesh as device '{}' ({}); data dir {}",
@@ -547,6 +556,32 @@ fn init_cli_log() {
 }
 
 /// Parses 90, 90s, 10m, 2h, 1d.
+/// The invite code `meshfs join` was given: on the command line, from
+/// standard input (`-`), or from `--code-file`; its first line, trimmed.
+fn invite_code(code: Option<String>, file: Option<PathBuf>) -> Result<String, Error> {
+    let (text, from) = match (code.as_deref(), file) {
+        (Some("-"), _) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| Error::io("reading the invite code from standard input", e))?;
+            (line, "standard input".to_string())
+        }
+        (Some(c), _) => (c.to_string(), "the command line".to_string()),
+        (None, Some(f)) => (
+            std::fs::read_to_string(&f).map_err(|e| {
+                Error::io(format!("reading the invite code from {}", f.display()), e)
+            })?,
+            f.display().to_string(),
+        ),
+        (None, None) => (String::new(), "nowhere".to_string()),
+    };
+    match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(code) => Ok(code.to_string()),
+        None => Err(Error::Usage(format!("no invite code in {from}"))),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));

@@ -212,6 +212,78 @@ fn invite_codes_are_single_use_expire_and_need_the_secret() {
     assert_eq!(member_count(&a), 2);
 }
 
+/// `meshfs join` takes the code from standard input (`-`) or a file as
+/// well as from its arguments (visible to every user in `ps`).
+#[test]
+fn join_reads_the_code_from_stdin_or_a_file() {
+    require_root!();
+    let a = Device::start("alpha");
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let piped = |args: &[&str], input: &str| {
+        let mut c = std::process::Command::new(common::MESHFS)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let code = a.invite("10m");
+    let o = piped(
+        &["join", "-", "--data-dir", &dd("b"), "--name", "bravo"],
+        &format!("{code}\n"),
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(member_count(&a), 2);
+    let file = tmp.path().join("code.txt");
+    std::fs::write(&file, format!("\n  {}  \n", a.invite("10m"))).unwrap();
+    let o = common::meshfs(&[
+        "join",
+        "--code-file",
+        file.to_str().unwrap(),
+        "--data-dir",
+        &dd("c"),
+        "--name",
+        "charlie",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(member_count(&a), 3);
+    // No code, a missing file, or both ways at once: one clear line each,
+    // and no data dir left behind.
+    let o = piped(&["join", "-", "--data-dir", &dd("d")], "");
+    assert!(!o.status.success());
+    assert!(common::stderr(&o).contains("no invite code in standard input"));
+    let o = common::meshfs(&[
+        "join",
+        "--code-file",
+        "/nonexistent",
+        "--data-dir",
+        &dd("e"),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        common::stderr(&o).contains("/nonexistent"),
+        "{}",
+        common::stderr(&o)
+    );
+    let o = common::meshfs(&[
+        "join",
+        &code,
+        "--code-file",
+        file.to_str().unwrap(),
+        "--data-dir",
+        &dd("f"),
+    ]);
+    assert!(!o.status.success());
+    for n in ["d", "e", "f"] {
+        assert!(!tmp.path().join(n).exists(), "join left {n} behind");
+    }
+    assert_eq!(member_count(&a), 3);
+}
+
 #[test]
 fn wrong_mesh_key_and_removed_devices_are_kept_out() {
     require_root!();
