@@ -165,13 +165,34 @@ fn invite_codes_are_single_use_expire_and_need_the_secret() {
     assert!(!o.status.success());
     assert!(!dd.exists(), "a refused join left {}", dd.display());
 
-    // Garbage sent to the join listener is refused and the code still works.
-    let addr = wrong.addrs[0];
-    if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-        let _ = s.write_all(b"\x01\xff\xffnot noise at all");
+    // Junk from another address neither blocks nor closes the invite: 10
+    // connections that say nothing (each could hold a serial listener for
+    // its whole 10 s conversation) and 30 that send garbage (20 failures
+    // used to close it), all from 127.0.0.2; the real joiner comes from
+    // 127.0.0.1 and gets in at once.
+    let addr = *wrong
+        .addrs
+        .iter()
+        .find(|a| a.ip().is_loopback())
+        .expect("a loopback address in the code");
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.extend(connect_from_127_0_0_2(addr));
     }
+    for _ in 0..30 {
+        if let Some(mut s) = connect_from_127_0_0_2(addr) {
+            let _ = s.write_all(b"\x01\xff\xffnot noise at all");
+        }
+    }
+    let t = Instant::now();
     let _b = Device::join("bravo", &code);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "join took {:?}",
+        t.elapsed()
+    );
     assert_eq!(member_count(&a), 2);
+    drop(idle);
 
     // Used once: a second use gets a clear refusal.
     let e = Device::try_join("charlie", &code).err().unwrap();
@@ -849,4 +870,38 @@ fn raft_messages_forged_by_a_member_are_refused() {
     // Alpha still commits its own changes.
     std::fs::write(a.path("after"), b"ok").unwrap();
     assert_eq!(std::fs::read(a.path("after")).unwrap(), b"ok");
+}
+
+/// A TCP connection to `to` from 127.0.0.2 (another loopback address than
+/// the joiner's), or `None` when the listener refused it.
+fn connect_from_127_0_0_2(to: std::net::SocketAddr) -> Option<std::net::TcpStream> {
+    // std cannot bind before connecting; libc can.
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("expected an IPv4 address: {to}")
+    };
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let sa = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let me = sa(std::net::Ipv4Addr::new(127, 0, 0, 2), 0);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, (&me as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        let there = sa(*to.ip(), to.port());
+        if libc::connect(fd, (&there as *const libc::sockaddr_in).cast(), len) != 0 {
+            libc::close(fd);
+            return None;
+        }
+        Some(std::net::TcpStream::from_raw_fd(fd))
+    }
 }

@@ -25,8 +25,15 @@ use super::{MeshClient, MeshError};
 
 /// How long one join conversation may take.
 const CONVERSATION: Duration = Duration::from_secs(10);
-/// Failed handshakes after which an invite's listener closes.
-const MAX_BAD_ATTEMPTS: u32 = 20;
+/// Conversations served at once by one invite's listener, in all and from
+/// one address: a connection that says nothing holds a slot until
+/// `CONVERSATION` ends, and neither it nor junk from one address may keep a
+/// real joiner waiting.
+const MAX_CONVERSATIONS: usize = 32;
+const MAX_CONVERSATIONS_PER_ADDRESS: u32 = 2;
+/// Failed conversations after which an address is no longer answered by
+/// this invite (others still are: junk from one address does not close it).
+const MAX_FAILURES_PER_ADDRESS: u32 = 10;
 const NOISE_MAX: usize = 65535;
 
 fn noise_builder(psk: &[u8; 32]) -> Result<snow::Builder<'_>, snow::Error> {
@@ -76,45 +83,92 @@ pub async fn invite(client: &MeshClient, ttl: Duration) -> Result<InviteCode, Me
         secret: crate::ids::random_bytes(),
         expires: now_unix() + ttl.as_secs(),
     };
-    let serve_code = code.clone();
+    let serve_code = std::sync::Arc::new(code.clone());
     let client = client.clone();
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + ttl;
-        let mut used = false;
-        let mut bad = 0;
+        // Set by the conversation that adds its device (one per code).
+        let used = std::sync::Arc::new(tokio::sync::Mutex::new(false));
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONVERSATIONS));
+        let by_address: std::sync::Arc<std::sync::Mutex<ByAddress>> = Default::default();
         loop {
             let accepted = tokio::time::timeout_at(deadline, listener.accept()).await;
-            let Ok(Ok((stream, from))) = accepted else {
-                break;
-            };
-            let r = tokio::time::timeout(
-                CONVERSATION,
-                serve_one(stream, &serve_code, &client, &mut used),
-            )
-            .await
-            .unwrap_or(Err(MeshError::Timeout(CONVERSATION)));
-            match r {
-                Ok(name) => tracing::info!(device = %name, %from, "invite used: device joined"),
-                Err(e) => {
-                    tracing::warn!(%from, error = %e, "join attempt refused");
-                    bad += 1;
-                    if bad >= MAX_BAD_ATTEMPTS {
-                        tracing::warn!("too many failed join attempts; closing the invite");
-                        break;
-                    }
+            let (stream, from) = match accepted {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    // A transient accept error (out of descriptors) must
+                    // not close the invite.
+                    tracing::debug!(error = %e, "join listener accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
+                Err(_) => break,
+            };
+            let ip = from.ip();
+            if !crate::lock(&by_address).admit(ip) {
+                tracing::debug!(%from, "join connection refused: too many from this address");
+                continue;
             }
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                crate::lock(&by_address).done(ip, false);
+                tracing::debug!(%from, "join connection refused: the listener is busy");
+                continue;
+            };
+            let (code, client, used, by_address) = (
+                serve_code.clone(),
+                client.clone(),
+                used.clone(),
+                by_address.clone(),
+            );
+            tokio::spawn(async move {
+                let r =
+                    tokio::time::timeout(CONVERSATION, serve_one(stream, &code, &client, &used))
+                        .await
+                        .unwrap_or(Err(MeshError::Timeout(CONVERSATION)));
+                crate::lock(&by_address).done(ip, r.is_ok());
+                drop(slot);
+                match r {
+                    Ok(name) => tracing::info!(device = %name, %from, "invite used: device joined"),
+                    Err(e) => tracing::warn!(%from, error = %e, "join attempt refused"),
+                }
+            });
         }
         tracing::debug!(port, "join listener closed");
     });
     Ok(code)
 }
 
+/// Per address: conversations in flight, and how many failed.
+#[derive(Default)]
+struct ByAddress(std::collections::HashMap<IpAddr, (u32, u32)>);
+
+impl ByAddress {
+    /// Whether a new connection from `ip` is served (and counts it).
+    fn admit(&mut self, ip: IpAddr) -> bool {
+        let (in_flight, failed) = self.0.entry(ip).or_default();
+        if *in_flight >= MAX_CONVERSATIONS_PER_ADDRESS || *failed >= MAX_FAILURES_PER_ADDRESS {
+            return false;
+        }
+        *in_flight += 1;
+        true
+    }
+
+    /// A conversation from `ip` ended.
+    fn done(&mut self, ip: IpAddr, ok: bool) {
+        if let Some((in_flight, failed)) = self.0.get_mut(&ip) {
+            *in_flight = in_flight.saturating_sub(1);
+            if !ok {
+                *failed += 1;
+            }
+        }
+    }
+}
+
 async fn serve_one(
     mut s: tokio::net::TcpStream,
     code: &InviteCode,
     client: &MeshClient,
-    used: &mut bool,
+    used: &tokio::sync::Mutex<bool>,
 ) -> Result<String, MeshError> {
     let io = |e| MeshError::io("join conversation", e);
     let version = s.read_u8().await.map_err(io)?;
@@ -140,6 +194,9 @@ async fn serve_one(
     let req: JoinRequest =
         protocol::decode(&out[..n]).map_err(|e| MeshError::Join(e.to_string()))?;
     let peer_ip = s.peer_addr().map_err(io)?.ip();
+    // Held while the device is added: two joiners with one code cannot
+    // both get in.
+    let mut used = used.lock().await;
     let reply = if *used {
         JoinReply::Rejected("this invite code was already used; ask for a new one".into())
     } else if now_unix() > code.expires {
@@ -160,6 +217,7 @@ async fn serve_one(
             },
         }
     };
+    drop(used);
     let payload = protocol::encode(&reply);
     if payload.len() > NOISE_MAX - 16 {
         return Err(MeshError::Join(
@@ -303,6 +361,27 @@ async fn read_noise_async(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, Mesh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn junk_from_one_address_is_limited_there_only() {
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut by = ByAddress::default();
+        // At most two at once from one address.
+        assert!(by.admit(a) && by.admit(a));
+        assert!(!by.admit(a));
+        assert!(by.admit(b));
+        by.done(a, false);
+        assert!(by.admit(a));
+        // Failures add up per address; past the limit it is not answered,
+        // while another address still is.
+        for _ in 0..MAX_FAILURES_PER_ADDRESS {
+            by.done(a, false);
+            let _ = by.admit(a);
+        }
+        assert!(!by.admit(a));
+        by.done(b, true);
+        assert!(by.admit(b));
+    }
 
     #[test]
     fn join_requests_are_checked() {
