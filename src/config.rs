@@ -144,7 +144,8 @@ pub struct Config {
     pub access_learn: bool,
     /// Share this device's access events with the other members (they are
     /// anonymized: resource ids, a keyed hash of the mesh user name, times
-    /// coarsened to 10 s; never paths). Off: the log stays on this device.
+    /// coarsened to 10 s; never paths). Off: the log stays on this device,
+    /// and the others' events are not kept here either.
     pub access_share: bool,
     /// Local user name -> mesh user name, so that one person is one user on
     /// every device even where local names or uids differ. A local user not

@@ -479,7 +479,10 @@ impl Engine {
     }
 
     fn on_remote(&mut self, from: DeviceId, bytes: &[u8]) {
-        if !self.cfg.learn {
+        // A device that keeps its own log to itself (`access_share =
+        // false`) does not keep the others' either: it neither sends nor
+        // stores anyone's events.
+        if !self.cfg.learn || !self.cfg.share {
             return;
         }
         let (events, settle) = match log::decode_msg(bytes, from) {
@@ -905,12 +908,23 @@ mod tests {
         std::thread::JoinHandle<()>,
         tokio::sync::mpsc::Receiver<Plan>,
     ) {
+        engine_sharing(dir, false)
+    }
+
+    fn engine_sharing(
+        dir: &std::path::Path,
+        share: bool,
+    ) -> (
+        EngineHandle,
+        std::thread::JoinHandle<()>,
+        tokio::sync::mpsc::Receiver<Plan>,
+    ) {
         let store = Arc::new(RocksStore::open(&dir.join("db")).expect("store"));
         let (plans, rx) = tokio::sync::mpsc::channel(1024);
         let cfg = EngineConfig {
             me: DeviceId([1; 16]),
             learn: true,
-            share: false,
+            share,
             prefetch: true,
             user_key: [0; 32],
             users: Default::default(),
@@ -939,6 +953,56 @@ mod tests {
                 "the engine did not take the opens"
             );
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Another device's events are taken only by a device that shares its
+    /// own (`access_share`); one that does not neither sends nor keeps
+    /// anyone's.
+    #[test]
+    fn a_device_that_does_not_share_keeps_no_one_elses_events() {
+        let other = DeviceId([2; 16]);
+        let now = log::coarse(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+        );
+        let batch: Vec<log::AccessEvent> = (1..=5)
+            .map(|seq| log::AccessEvent {
+                resource: ResourceId(seq + 10),
+                device: other,
+                seq,
+                user: log::UserHash([3; 16]),
+                ts_ms: now,
+                size: 1,
+            })
+            .collect();
+        for share in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (h, thread, _plans) = engine_sharing(dir.path(), share);
+            h.remote(other, log::encode_batch(&batch));
+            // An own open after it: once it is counted, the batch before it
+            // has been handled too (one thread, in order).
+            h.opened(ResourceId(1), 0, 1);
+            wait_for_events(&h, 1);
+            let taken = h.stats.remote_events.load(Ordering::Relaxed);
+            h.stop(thread);
+            let store = RocksStore::open(&dir.path().join("db")).expect("store");
+            let mut kept = 0;
+            store
+                .access_scan_newest(|b| {
+                    if log::decode(b).is_ok_and(|e| e.device == other) {
+                        kept += 1;
+                    }
+                    true
+                })
+                .expect("scan");
+            if share {
+                assert_eq!((taken, kept), (5, 5));
+            } else {
+                assert_eq!((taken, kept), (0, 0));
+            }
         }
     }
 
