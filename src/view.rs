@@ -115,6 +115,10 @@ pub fn print_status(v: &serde_json::Value) {
                 ""
             }
         );
+        if let Some(why) = r["stopped"].as_str() {
+            println!("            RAFT STOPPED on this device: {why}");
+            println!("            changes are refused (EIO); fix the cause and restart the daemon");
+        }
         let c = &r["changes"];
         if c.is_object() {
             println!(

@@ -206,3 +206,68 @@ fn full_disk_gives_enospc_and_keeps_stored_data() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// A Raft log entry that cannot be read (damaged, or written by another
+/// build) stops Raft on that device, never silently: the log says so, `meshfs
+/// status` says why, changes are refused with EIO, what is there stays
+/// readable; restarted without the cause, the device goes on and nothing
+/// it acknowledged is lost. The damage is the test hook
+/// `MESHFS_FAULT=raft-log-unreadable-from=N`.
+#[test]
+fn an_unreadable_raft_log_entry_stops_raft_loudly_and_a_restart_resumes() {
+    require_root!();
+    let mut d = Device::start("alice");
+    fs::write(d.path("before"), b"kept").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let last = d.status_json()["raft"]["last_log_index"].as_u64().unwrap();
+    d.unmount();
+    let fault = format!("raft-log-unreadable-from={}", last + 2);
+    let o = d.try_mount_env(&[], &[("MESHFS_FAULT", &fault)]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    // Changes made here are applied at once and committed in batches; the
+    // first batch past the damage stops Raft.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut acknowledged = Vec::new();
+    let why = loop {
+        assert!(std::time::Instant::now() < deadline, "raft never stopped");
+        let name = format!("f{}", acknowledged.len());
+        match fs::write(d.path(&name), name.as_bytes()) {
+            Ok(()) => acknowledged.push(name),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+        }
+        if let Some(w) = d.status_json()["raft"]["stopped"].as_str() {
+            break w.to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(why.contains("could not be decoded"), "{why}");
+    assert!(
+        d.log().contains("raft stopped on this device"),
+        "{}",
+        d.log()
+    );
+    let text = common::meshfs(&["status", "--data-dir", d.data_dir().to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("RAFT STOPPED"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+    // Changes are refused; what is here reads.
+    let e = fs::write(d.path("after-stop"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(fs::read(d.path("before")).unwrap(), b"kept");
+    assert!(common::alive(d.pid().unwrap()));
+    // Restarted without the damage: it goes on, and every change it
+    // acknowledged before it stopped is there and commits.
+    d.unmount();
+    d.mount();
+    assert!(d.status_json()["raft"]["stopped"].is_null());
+    for name in &acknowledged {
+        assert_eq!(fs::read(d.path(name)).unwrap(), name.as_bytes(), "{name}");
+    }
+    assert!(!d.path("after-stop").exists());
+    fs::write(d.path("after-restart"), b"ok").unwrap();
+    d.unmount();
+    let o = common::meshfs(&["check", "--data-dir", d.data_dir().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}

@@ -20,6 +20,10 @@ const KEY_PURGED: &str = "purged";
 pub struct LogStore {
     store: Arc<RocksStore>,
     syncer: Arc<Syncer>,
+    /// Test hook (`MESHFS_FAULT=raft-log-unreadable-from=N`): entries from
+    /// index N on read as undecodable, as a damaged log or one written by
+    /// an incompatible build would.
+    unreadable_from: Option<u64>,
 }
 
 /// Appended entries waiting for the sync that makes them durable.
@@ -71,7 +75,15 @@ impl Syncer {
 impl LogStore {
     pub fn new(store: Arc<RocksStore>) -> Self {
         let syncer = Arc::new(Syncer::start(store.clone()));
-        LogStore { store, syncer }
+        let unreadable_from = std::env::var("MESHFS_FAULT").ok().and_then(|v| {
+            v.strip_prefix("raft-log-unreadable-from=")
+                .and_then(|n| n.parse().ok())
+        });
+        LogStore {
+            store,
+            syncer,
+            unreadable_from,
+        }
     }
 
     fn get<T: serde::de::DeserializeOwned>(
@@ -127,8 +139,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .raft_entries(from, to)
             .map_err(|e| StorageIOError::read_logs(&e))?;
         let mut out = Vec::with_capacity(rows.len());
-        for (_, b) in rows {
-            out.push(decode_entry(&b)?);
+        for (i, b) in rows {
+            let unreadable = self.unreadable_from.is_some_and(|n| i >= n);
+            out.push(decode_entry(if unreadable { &[] } else { &b })?);
         }
         Ok(out)
     }

@@ -92,6 +92,8 @@ pub enum RaftError {
     Raft(String),
     #[error("no leader could commit the change within {0:?} (is a majority of voters up?)")]
     NoQuorum(Duration),
+    #[error("raft stopped on this device: {0}")]
+    Stopped(String),
 }
 
 /// Entries a leader sends in one append: each may be a batch of many
@@ -224,6 +226,7 @@ pub async fn start(
         replica.bootstrap().await?;
     }
     tokio::spawn(membership::follow_members(replica.clone()));
+    tokio::spawn(watch_stop(replica.clone()));
     tokio::spawn(reserve_at_start(replica.clone()));
     tokio::spawn(authority::run(replica.clone()));
     tokio::spawn(prune_versions(replica.clone()));
@@ -290,6 +293,32 @@ struct Counters {
     served: std::sync::atomic::AtomicU64,
     /// Raft messages refused for claiming another sender.
     forged: std::sync::atomic::AtomicU64,
+}
+
+/// Says once, loudly, when Raft stops on this device (openraft stops for
+/// good on a storage error, such as a log entry it cannot read): from then
+/// on changes are refused (`Replica::change`), `meshfs status` says why,
+/// and what is here stays readable.
+async fn watch_stop(replica: Replica) {
+    let mut metrics = replica.raft.metrics();
+    loop {
+        let stopped = metrics
+            .borrow()
+            .running_state
+            .as_ref()
+            .err()
+            .map(|e| e.to_string());
+        if let Some(why) = stopped {
+            tracing::error!(
+                error = %why,
+                "raft stopped on this device: changes are refused (EIO) and what is here stays readable; fix the cause and restart the daemon"
+            );
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Gives this device a block of inode numbers as soon as it has the
@@ -676,6 +705,12 @@ impl Replica {
     /// copies and directories made again, pass false).
     fn change_as(&self, cmd: FsCommand, journal_first: bool) -> Result<Response, RaftError> {
         use std::sync::atomic::Ordering;
+        // Raft stopped on an error (a log entry that could not be read):
+        // nothing made here could ever commit, so it is refused now (EIO)
+        // rather than kept as if it would.
+        if let Some(why) = self.stopped() {
+            return Err(RaftError::Stopped(why));
+        }
         let deadline = Instant::now() + self.settings.write_timeout;
         let sealed_until = Instant::now() + self.settings.offline_after;
         let id = self.next_id();
@@ -1492,6 +1527,18 @@ impl Replica {
     }
 
     /// What `meshfs status` shows about consensus.
+    /// Why Raft stopped on this device (a storage error it cannot go on
+    /// from), if it did.
+    pub fn stopped(&self) -> Option<String> {
+        self.raft
+            .metrics()
+            .borrow()
+            .running_state
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+    }
+
     pub fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
@@ -1523,6 +1570,7 @@ impl Replica {
                 .counters
                 .forged
                 .load(std::sync::atomic::Ordering::Relaxed),
+            stopped: m.running_state.as_ref().err().map(|e| e.to_string()),
             inode_block: read_meta(&self.shared.meta)
                 .space()
                 .block_of(self.device)
@@ -1587,6 +1635,10 @@ pub struct RaftStatus {
     /// an append or snapshot from another leader, a write for another
     /// origin).
     pub refused_forged: u64,
+    /// Why Raft stopped on this device, when it did: changes are refused
+    /// (EIO) and what is here stays readable; restart the daemon once the
+    /// cause is fixed.
+    pub stopped: Option<String>,
     /// Whether this device has inode numbers reserved (through Raft, when
     /// it starts): it needs them to create anything while cut off.
     pub inode_block: bool,
@@ -1643,6 +1695,8 @@ impl crate::fs::Replicator for Replica {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) => Err(e.into()),
             Err(RaftError::Storage(e)) => Err(e.into()),
+            // Said once, when it stopped (`watch_stop`).
+            Err(e @ RaftError::Stopped(_)) => Err(crate::fs::FsError::Unavailable(e.to_string())),
             Err(e) => {
                 tracing::warn!(error = %e, "a namespace change could not be made");
                 Err(crate::fs::FsError::Unavailable(e.to_string()))
