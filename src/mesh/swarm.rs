@@ -928,7 +928,11 @@ impl Actor {
             tracing::warn!(%source, "availability announcement for another device; ignored");
             return;
         }
-        if self.view.apply(&a, Instant::now()) == Applied::NeedSnapshot {
+        let applied = self.view.apply(&a, Instant::now());
+        if applied == Applied::Refused {
+            tracing::warn!(%source, changes = a.added.len() + a.removed.len(), "availability announcement over the limits; ignored");
+        }
+        if applied == Applied::NeedSnapshot {
             let id = self
                 .swarm
                 .behaviour_mut()

@@ -132,7 +132,16 @@ pub enum Applied {
     Stale,
     /// Deltas were missed: ask the device for a snapshot from the start.
     NeedSnapshot,
+    /// Larger than any device sends (`MAX_DELTA` changes), or past
+    /// `MAX_HOLDINGS`: ignored.
+    Refused,
 }
+
+/// Most files one other device is known to hold. What a member announces
+/// is kept in memory here; past this, its further additions are ignored
+/// (a device listing millions of files is misbehaving, or should be told
+/// about by its own reads).
+pub const MAX_HOLDINGS: usize = 2_000_000;
 
 /// Every other device's availability.
 #[derive(Debug, Default)]
@@ -142,6 +151,10 @@ pub struct View {
 
 impl View {
     pub fn apply(&mut self, a: &Announcement, now: Instant) -> Applied {
+        // Sizes a member controls are bounded on receipt.
+        if a.added.len() + a.removed.len() > MAX_DELTA {
+            return Applied::Refused;
+        }
         let r = self.devices.entry(a.device).or_default();
         r.load = a.load;
         r.updated = Some(now);
@@ -158,11 +171,20 @@ impl View {
         for id in &a.removed {
             r.holdings.remove(id);
         }
+        let mut refused = false;
         for h in &a.added {
+            if r.holdings.len() >= MAX_HOLDINGS && !r.holdings.contains_key(&h.resource) {
+                refused = true;
+                continue;
+            }
             r.holdings.insert(h.resource, h.clone());
         }
         r.seq = a.seq;
-        Applied::Applied
+        if refused {
+            Applied::Refused
+        } else {
+            Applied::Applied
+        }
     }
 
     /// Applies one snapshot page; returns where to ask next, or `None`
@@ -180,6 +202,13 @@ impl View {
         }
         for h in page.holdings {
             sync.holdings.insert(h.resource, h);
+        }
+        if sync.holdings.len() > MAX_HOLDINGS {
+            // A snapshot that never ends: given up (the next announcement
+            // asks again; a device that keeps doing it is only ignored).
+            r.syncing = None;
+            r.seq = 0;
+            return None;
         }
         if page.next.is_some() {
             return page.next;
@@ -262,6 +291,43 @@ mod tests {
         assert_eq!(view.devices[&dev].holdings, next);
         assert!(out.next(dev, &next, Load::default(), false).is_none());
         assert!(out.next(dev, &next, Load::default(), true).is_some());
+    }
+
+    #[test]
+    fn sizes_a_member_controls_are_bounded_on_receipt() {
+        let dev = DeviceId([3; 16]);
+        let mut view = View::default();
+        let now = Instant::now();
+        let too_many = Announcement {
+            device: dev,
+            base: 0,
+            seq: 1,
+            added: state(0..MAX_DELTA as u64 + 1).into_values().collect(),
+            removed: Vec::new(),
+            load: Load::default(),
+        };
+        assert_eq!(view.apply(&too_many, now), Applied::Refused);
+        assert!(view.devices.get(&dev).is_none_or(|r| r.holdings.is_empty()));
+        // A snapshot that pages on past MAX_HOLDINGS is given up.
+        let mut after = 0u64;
+        let mut pages = 0;
+        loop {
+            let page = AvailResponse {
+                seq: 7,
+                holdings: state(after..after + MAX_AVAIL_PAGE as u64)
+                    .into_values()
+                    .collect(),
+                next: Some(ResourceId(after + MAX_AVAIL_PAGE as u64)),
+            };
+            after += MAX_AVAIL_PAGE as u64;
+            pages += 1;
+            if view.apply_page(dev, page).is_none() {
+                break;
+            }
+            assert!(pages <= MAX_HOLDINGS / MAX_AVAIL_PAGE + 1, "never given up");
+        }
+        assert!(view.devices[&dev].holdings.is_empty());
+        assert_eq!(view.devices[&dev].seq, 0);
     }
 
     #[test]
