@@ -1339,15 +1339,21 @@ fn load_journal(
     Ok(())
 }
 
-/// Puts tentative change `t` (journal record `jseq`) into the journal at
-/// its place `order` among the others.
+/// Puts tentative change `t` into the journal at its place `order` among
+/// the others, its record written with `extra` (the applied batch).
 fn journal_at_order(
     outbox: &mut Outbox,
+    extra: &mut Vec<Extra>,
     order: u64,
-    jseq: u64,
     t: journal::TentativeChange,
     pins: Vec<crate::ids::ChunkHash>,
-) {
+) -> Result<(), StorageError<NodeId>> {
+    let jseq = outbox.next_jseq;
+    outbox.next_jseq += 1;
+    extra.push((
+        RocksStore::journal_key(jseq),
+        Some(enc(&StoredTentative::V1(t.clone()))?),
+    ));
     if outbox.tentative_since.is_none() {
         outbox.tentative_since = Some(t.at);
     }
@@ -1366,6 +1372,7 @@ fn journal_at_order(
             applies: true,
         },
     );
+    Ok(())
 }
 
 /// An own change the log refused (its authority moved meanwhile, or it no
@@ -1723,13 +1730,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             change = ?p.change.cmd,
                             "a change came before what it changes, with tentative changes made after it; it joins the journal in its place"
                         );
-                        let jseq = outbox.next_jseq;
-                        outbox.next_jseq += 1;
-                        extra.push((
-                            RocksStore::journal_key(jseq),
-                            Some(enc(&StoredTentative::V1(t.clone()))?),
-                        ));
-                        journal_at_order(&mut outbox, p.order, jseq, t, std::mem::take(&mut pins));
+                        journal_at_order(
+                            &mut outbox,
+                            &mut extra,
+                            p.order,
+                            t,
+                            std::mem::take(&mut pins),
+                        )?;
                     } else if not_yet && tries < outbox::REQUEUE_MAX {
                         // What it changes is not committed yet (its
                         // creation is in another authority's batch, which
@@ -1766,19 +1773,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 error = %e,
                                 "a change applied here was refused when it committed (its authority moved, or it came before a change it needs); it is reintegrated as a tentative change"
                             );
-                            let jseq = outbox.next_jseq;
-                            outbox.next_jseq += 1;
-                            extra.push((
-                                RocksStore::journal_key(jseq),
-                                Some(enc(&StoredTentative::V1(t.clone()))?),
-                            ));
                             journal_at_order(
                                 &mut outbox,
+                                &mut extra,
                                 p.order,
-                                jseq,
                                 t,
                                 std::mem::take(&mut pins),
-                            );
+                            )?;
                         } else {
                             tracing::warn!(
                                 seq,

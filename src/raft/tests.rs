@@ -328,8 +328,8 @@ mod cluster {
         panic!("no leader elected");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn three_nodes_over_the_adapter_replicate_forward_fail_over_and_snapshot() {
+    /// Three nodes over the router, initialized; and which one leads.
+    async fn three_nodes() -> (Router, [Node; 3], usize) {
         let router = Router::default();
         let nodes = [
             node(&router, 1).await,
@@ -341,6 +341,13 @@ mod cluster {
         nodes[0].raft.initialize(members).await.unwrap();
         let lid = leader_among(&nodes.iter().collect::<Vec<_>>()).await;
         let li = (0..3).find(|i| node_id(dev(*i as u8 + 1)) == lid).unwrap();
+        (router, nodes, li)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_nodes_over_the_adapter_replicate_forward_fail_over_and_snapshot() {
+        let (router, nodes, li) = three_nodes().await;
+        let lid = node_id(dev(li as u8 + 1));
         let fi = (li + 1) % 3;
 
         // A write on the leader reaches every replica.
@@ -515,17 +522,7 @@ mod cluster {
     async fn a_follower_catches_up_through_appends_bounded_in_bytes() {
         use crate::ids::ChunkHash;
         use crate::meta::ChunkRef;
-        let router = Router::default();
-        let nodes = [
-            node(&router, 1).await,
-            node(&router, 2).await,
-            node(&router, 3).await,
-        ];
-        let members: BTreeMap<u64, RaftNode> =
-            (1..=3).map(|n| (node_id(dev(n)), rnode(n))).collect();
-        nodes[0].raft.initialize(members).await.unwrap();
-        let lid = leader_among(&nodes.iter().collect::<Vec<_>>()).await;
-        let li = (0..3).find(|i| node_id(dev(*i as u8 + 1)) == lid).unwrap();
+        let (router, nodes, li) = three_nodes().await;
         let away = (li + 1) % 3;
         let r = nodes[li]
             .raft
