@@ -254,12 +254,36 @@ impl Replica {
         format!("{dir}/{}", String::from_utf8_lossy(name))
     }
 
+    /// The request id of this attempt at tentative change `jseq` (made as
+    /// request `id`). An authority, and the Raft log, answer a request id
+    /// they saw again with its first result, so that a retry after a lost
+    /// reply applies nothing twice. An attempt after a definitive answer
+    /// (the change waited for what it changes, or was replaced by a
+    /// conflict resolution) is a new request: with the same id it got the
+    /// first refusal back forever, and a save joined to the journal after
+    /// its file's creation overtook it waited until the end of time.
+    fn attempt_id(&self, jseq: u64, id: u64) -> u64 {
+        let waits = lock(&self.reint.not_yet).get(&jseq).copied().unwrap_or(0);
+        let tries = lock(&self.reint.attempts).get(&jseq).copied().unwrap_or(0);
+        if waits == 0 && tries == 0 {
+            return id;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"meshfs reintegration attempt");
+        h.update(&id.to_le_bytes());
+        h.update(&waits.to_le_bytes());
+        h.update(&tries.to_le_bytes());
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        u64::from_le_bytes(out)
+    }
+
     /// One attempt at the first tentative change `t` (journal record `jseq`).
     async fn reintegrate_step(&self, jseq: u64, t: &TentativeChange) -> Step {
         let mut cmd = t.change.cmd.clone();
         let mut expect = t.expect.clone();
         journal::remap(&mut cmd, &mut expect, &lock(&self.reint.remap));
-        let id = t.change.id;
+        let id = self.attempt_id(jseq, t.change.id);
         let live = read_meta(&self.shared.meta).governance(&cmd);
         let gov = match live {
             // Not in the live view: a later tentative change may have
