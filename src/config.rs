@@ -256,6 +256,26 @@ fn default_name() -> String {
         .unwrap_or_else(|| "device".into())
 }
 
+/// A TOML error's message with the key it is about: the parser's message
+/// for a wrong value ("invalid type: string, expected u64") does not name
+/// the key, and a config has dozens.
+fn keyed_message(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !msg.contains(key.trim()) => {
+            format!("{}: {msg}", key.trim())
+        }
+        _ => msg,
+    }
+}
+
 impl Config {
     pub fn path(data_dir: &Path) -> PathBuf {
         data_dir.join(CONFIG_FILE)
@@ -275,12 +295,40 @@ impl Config {
             }
             Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
         };
-        let cfg: Config = toml::from_str(&text).map_err(|e| Error::Config {
-            path: path.clone(),
-            msg: e.message().to_string(),
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and validates the text of a config file (`path` names it in
+    /// errors, which name the key at fault: `meshfs config check`).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
+        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: keyed_message(text, &e),
         })?;
-        cfg.validate().map_err(|msg| Error::Config { path, msg })?;
+        cfg.validate().map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
         Ok(cfg)
+    }
+
+    /// The effective config as TOML (`meshfs config show`): every key with
+    /// its value, defaults included; keys left unset are listed first as
+    /// comments saying what unset means.
+    pub fn show(&self) -> Result<String, Error> {
+        let body = toml::to_string_pretty(self).map_err(|e| Error::Config {
+            path: PathBuf::from(CONFIG_FILE),
+            msg: e.to_string(),
+        })?;
+        let mut out = String::new();
+        if self.allow_other.is_none() {
+            out.push_str("# allow_other: unset (on when the daemon runs as root)\n");
+        }
+        if self.cache_limit_mb.is_none() {
+            out.push_str("# cache_limit_mb: unset (half of the data dir's disk)\n");
+        }
+        out.push_str(&body);
+        Ok(out)
     }
 
     pub fn save(&self, data_dir: &Path) -> Result<(), Error> {
@@ -443,6 +491,29 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_the_key_and_show_lists_every_key() {
+        let p = Path::new("c.toml");
+        let id = format!("device_id = \"{}\"\n", "ab".repeat(16));
+        let bad = |line: &str| {
+            Config::parse(&format!("{id}{line}\n"), p)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad("replicas = \"two\"");
+        assert!(e.contains("replicas") && !e.contains('\n'), "{e}");
+        assert!(bad("bogus = 1").contains("bogus"));
+        assert!(bad("access_log_days = 0").contains("access_log_days"));
+        let cfg = Config {
+            device_id: "ab".repeat(16),
+            ..Config::default()
+        };
+        let shown = cfg.show().unwrap();
+        assert!(shown.starts_with("# allow_other: unset"), "{shown}");
+        assert!(shown.contains("versions_keep = 100"), "{shown}");
+        assert_eq!(Config::parse(&shown, p).unwrap(), cfg);
+    }
 
     #[test]
     fn defaults_round_trip_and_validate() {

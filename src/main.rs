@@ -152,6 +152,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show the effective config, or check a config file.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Access traces: export this mesh's log, or generate a synthetic one.
     Trace {
         #[command(subcommand)]
@@ -179,6 +184,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the data dir's effective config as TOML: every key, defaults
+    /// included.
+    Show {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Check a config file: "ok", or one line naming the key at fault.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -462,6 +479,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Show { data_dir },
+        } => {
+            print!("{}", Config::load(&data_dir)?.show()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+            Config::parse(&text, &file)?;
+            println!("{}: ok", file.display());
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Trace { cmd } => trace_cmd(cmd),
         Cmd::PrefetchEval {

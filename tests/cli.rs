@@ -313,3 +313,45 @@ fn the_data_dir_format_is_checked_and_an_old_one_migrated() {
     d.mount();
     assert_eq!(fs::read(d.path("kept")).unwrap(), b"from format 0");
 }
+
+/// `meshfs config show` prints the effective config, every key with its
+/// value, as TOML that reads back; `meshfs config check` says ok, or names
+/// the key at fault in one line.
+#[test]
+fn config_show_and_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = tmp.path().join("d");
+    let dds = dd.to_str().unwrap();
+    assert!(meshfs(&["init", "--data-dir", dds, "--name", "x"])
+        .status
+        .success());
+    let o = meshfs(&["config", "show", "--data-dir", dds]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown = String::from_utf8(o.stdout).unwrap();
+    for line in [
+        "name = \"x\"",
+        "replicas = 2",
+        "versions_keep = 100",
+        "sync_on_close = false",
+        "# cache_limit_mb: unset",
+    ] {
+        assert!(shown.contains(line), "{line} missing from:\n{shown}");
+    }
+    let copy = tmp.path().join("shown.toml");
+    fs::write(&copy, &shown).unwrap();
+    let o = meshfs(&["config", "check", copy.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(": ok"));
+    for (bad, key) in [
+        ("replicas = \"two\"", "replicas"),
+        ("versions_kept = 3", "versions_kept"),
+        ("versions_prune_s = 0", "versions_prune_s"),
+    ] {
+        let f = tmp.path().join("bad.toml");
+        fs::write(&f, shown.replace("replicas = 2", bad)).unwrap();
+        let e = one_line_error(&meshfs(&["config", "check", f.to_str().unwrap()]));
+        assert!(e.contains(key) && e.contains("bad.toml"), "{bad}: {e}");
+    }
+    let e = one_line_error(&meshfs(&["config", "check", "/nonexistent.toml"]));
+    assert!(e.contains("/nonexistent.toml"), "{e}");
+}
