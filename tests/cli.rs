@@ -355,3 +355,30 @@ fn config_show_and_check() {
     let e = one_line_error(&meshfs(&["config", "check", "/nonexistent.toml"]));
     assert!(e.contains("/nonexistent.toml"), "{e}");
 }
+
+/// The systemd unit shipped in the repository (and installed by
+/// scripts/install) passes `systemd-analyze verify`, with this build's
+/// `meshfs` in its command lines.
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/systemd/meshfs@.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("After=network-online.target"));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("meshfs@mesh.service");
+    fs::write(&path, unit.replace("/usr/local/bin/meshfs", common::MESHFS)).unwrap();
+    let o = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package) runs");
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+}
