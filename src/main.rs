@@ -152,6 +152,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish,
+    /// powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (meshfs.1 and one per command) into DIR.
+    Man {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Show the effective config, or check a config file.
     Config {
         #[command(subcommand)]
@@ -493,6 +501,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
             Config::parse(&text, &file)?;
             println!("{}: ok", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "meshfs", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .map_err(|e| Error::io(format!("writing man pages to {}", dir.display()), e))?;
+            println!("man pages written to {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Trace { cmd } => trace_cmd(cmd),

@@ -382,3 +382,44 @@ fn the_systemd_unit_verifies() {
         stderr(&o)
     );
 }
+
+/// Shell completions for bash, zsh and fish name every command, and the
+/// man pages (one per command) are written where asked.
+#[test]
+fn completions_and_man_pages() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = meshfs(&["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout);
+        for cmd in [
+            "mount",
+            "join",
+            "versions",
+            "restore",
+            "conflicts",
+            "config",
+        ] {
+            assert!(text.contains(cmd), "{shell} completions lack {cmd}");
+        }
+    }
+    // A usage error, as clap reports them (with the shells it knows).
+    let o = meshfs(&["completions", "tcsh"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("tcsh") && stderr(&o).contains("bash"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("man1");
+    let o = meshfs(&["man", "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for page in [
+        "meshfs.1",
+        "meshfs-mount.1",
+        "meshfs-restore.1",
+        "meshfs-config-check.1",
+    ] {
+        let text = fs::read_to_string(dir.join(page)).unwrap();
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text}"
+        );
+    }
+}
