@@ -445,17 +445,15 @@ impl Shared {
     ) -> Result<Local, crate::storage::StorageError> {
         let mut meta = write(&self.meta);
         let mut outbox = lock(&self.outbox);
-        // The versions the authority last saw of files already changed
-        // here tentatively.
-        let mut bases = std::collections::HashMap::new();
-        for t in &outbox.tentative {
-            for e in &t.t.expect {
-                if let Expect::Version { ino, version } = e {
-                    bases.entry(*ino).or_insert(*version);
-                }
-            }
-        }
-        let mut expect = journal::expectations(&meta, &cmd, &bases);
+        // Made on this view: the tentative changes before it are
+        // reintegrated first, in order, and leave its authority where they
+        // left this view (versions count up alike there). Only a save
+        // that supersedes earlier ones takes what the first of them was
+        // made on (below). Taking that for every later change made a
+        // removal after a save, or a save after the save being sent,
+        // expect the version before the first save: each then conflicted
+        // with this device's own save, and the removed file came back.
+        let mut expect = journal::expectations(&meta, &cmd, &Default::default());
         let mut place = match &cmd {
             FsCommand::CommitVersion { ino, .. } => meta.name_of(*ino),
             _ => None,
@@ -773,17 +771,22 @@ impl Shared {
 
     /// Checks what tentative change `jseq` was made on against this
     /// device's view without it (its own effect would hide a name it
-    /// created), atomically for programs: it is out of the view only
-    /// inside the locks. `None` when it is gone.
+    /// created) and without the tentative changes made after it (the
+    /// authorities have not seen them: a later removal of the file a
+    /// waiting save saved made the save a conflict with itself, and the
+    /// removal then one with the copy, so the removed file came back),
+    /// atomically for programs: they are out of the view only inside the
+    /// locks. `None` when it is gone.
     pub fn tentative_check(&self, jseq: u64, expect: &[Expect]) -> Option<Result<(), Failure>> {
         let mut meta = write(&self.meta);
         let mut outbox = lock(&self.outbox);
         let i = outbox.tentative.iter().position(|t| t.jseq == jseq)?;
-        let t = outbox.tentative.remove(i)?;
+        // Kept in order of `order`: from `i` on is it and what came after.
+        let later = outbox.tentative.split_off(i);
         meta.rollback();
         replay(&mut meta, &mut outbox, self.me);
         let checked = journal::check(&meta, expect);
-        outbox.tentative.insert(i, t);
+        outbox.tentative.extend(later);
         meta.rollback();
         replay(&mut meta, &mut outbox, self.me);
         Some(checked)
@@ -925,7 +928,7 @@ fn replay_before(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId, order:
                     }
                 }
             }
-            _ => install(meta, &outbox.foreign[i].effects),
+            _ => install(meta, &outbox.foreign[i].effects, me),
         }
     }
 }
@@ -941,9 +944,18 @@ fn committed_copy(meta: &MetaState) -> Option<MetaState> {
     })
 }
 
-fn install(meta: &mut MetaState, fx: &Effects) {
+/// Shows foreign effects `fx`. Inode numbers of this device's blocks in
+/// them stay taken: a tentative create reintegrated is shown by its
+/// authority's effects until that authority's batch arrives, and without
+/// its create replayed here the next create here was handed the same
+/// number (which its authority then refused as taken, and the file made
+/// here vanished).
+fn install(meta: &mut MetaState, fx: &Effects, me: DeviceId) {
     let sp = meta.savepoint();
     meta.install(fx);
+    for (ino, _) in &fx.inodes {
+        meta.hold_ino(me, *ino);
+    }
     meta.keep(sp);
 }
 
@@ -1991,5 +2003,54 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: file,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{NewNode, Timestamp};
+
+    const ME: DeviceId = DeviceId([1; 16]);
+
+    fn create(parent: ResourceId, name: &str) -> FsCommand {
+        FsCommand::Create {
+            parent,
+            name: name.as_bytes().to_vec(),
+            ino: ResourceId(0),
+            node: NewNode::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            now: Timestamp::default(),
+        }
+    }
+
+    fn made(o: Outcome) -> ResourceId {
+        match o {
+            Outcome::Inode(i) => i.id,
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    #[test]
+    fn a_number_shown_only_by_a_foreign_effect_is_not_handed_out_again() {
+        let mut here = MetaState::new(0, 0, Timestamp::default(), ME);
+        // The authority applied this device's create (numbered from this
+        // device's block) and reported it; its batch is not here yet.
+        let mut there = here.clone();
+        let f = made(there.apply(create(ResourceId::ROOT, "f")).unwrap());
+        let fx = Effects {
+            inodes: vec![(f, there.get(f).cloned())],
+            entries: vec![(
+                ResourceId::ROOT,
+                b"f".to_vec(),
+                there.entry(ResourceId::ROOT, b"f"),
+            )],
+        };
+        install(&mut here, &fx, ME);
+        assert!(here.entry(ResourceId::ROOT, b"f").is_some());
+        let g = made(here.apply(create(ResourceId::ROOT, "g")).unwrap());
+        assert_ne!(g, f, "f's number stays f's");
     }
 }

@@ -309,6 +309,28 @@ fn expectations_of_a_file_changed_here_before_use_the_version_the_authority_saw(
 }
 
 #[test]
+fn a_removal_after_a_tentative_save_expects_the_saved_version() {
+    // The authority has f at its first version; cut off, this device saves
+    // f and then removes it. Reintegrated in order, both apply.
+    let (authority, f) = base_with_file();
+    let mut view = authority.clone();
+    let save = version(f.id, 2);
+    let save_expects = expectations(&view, &save, &HashMap::new());
+    view.apply(save.clone()).unwrap();
+    let removal = unlink(ROOT, "f");
+    let removal_expects = expectations(&view, &removal, &HashMap::new());
+    let mut at = authority.clone();
+    assert_eq!(check(&at, &save_expects), Ok(()));
+    at.apply(save).unwrap();
+    assert_eq!(check(&at, &removal_expects), Ok(()));
+    // What it expected before (the version before this device's first
+    // tentative save) made it a conflict with that very save.
+    let before = authority.get(f.id).unwrap().version();
+    let old = expectations(&view, &removal, &HashMap::from([(f.id, before)]));
+    assert!(check(&at, &old).is_err());
+}
+
+#[test]
 fn only_two_versions_of_one_file_in_a_row_collapse() {
     let a = ResourceId(10);
     let b = ResourceId(11);
