@@ -96,9 +96,10 @@ pub struct Tentative {
 }
 
 /// What the expectations of `cmd` are on `meta` (this device's view, just
-/// before it applies `cmd` tentatively). `bases` holds, for files this
-/// device already changed tentatively, the version they had before: the
-/// authority never saw the tentative versions in between.
+/// before it applies `cmd` tentatively). `bases` overrides the version of
+/// a file where `cmd` was made on another than `meta` shows: an own change
+/// the log refused expects the committed version if this device wrote it
+/// last, and none that can hold otherwise (`tentative_of_refused`).
 pub fn expectations(
     meta: &MetaState,
     cmd: &FsCommand,
