@@ -329,6 +329,33 @@ mod cluster {
     }
 
     /// Three nodes over the router, initialized; and which one leads.
+    /// Writes `req` through the leader, `li` first: a node that answers
+    /// ForwardToLeader names the one to ask (`li` follows it). A busy
+    /// machine can delay heartbeats past the election timeout, and then
+    /// another node leads.
+    async fn write_via_leader(
+        nodes: &[Node; 3],
+        li: &mut usize,
+        req: Request,
+    ) -> openraft::raft::ClientWriteResponse<super::super::types::TypeConfig> {
+        for _ in 0..50 {
+            match nodes[*li].raft.client_write(req.clone()).await {
+                Ok(r) => return r,
+                Err(e) => {
+                    let next = e
+                        .forward_to_leader()
+                        .and_then(|f| f.leader_id)
+                        .and_then(|id| (0..3).find(|i| node_id(dev(*i as u8 + 1)) == id));
+                    match next {
+                        Some(n) => *li = n,
+                        None => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            }
+        }
+        panic!("no leader took the write");
+    }
+
     async fn three_nodes() -> (Router, [Node; 3], usize) {
         let router = Router::default();
         let nodes = [
@@ -522,13 +549,10 @@ mod cluster {
     async fn a_follower_catches_up_through_appends_bounded_in_bytes() {
         use crate::ids::ChunkHash;
         use crate::meta::ChunkRef;
-        let (router, nodes, li) = three_nodes().await;
+        let (router, nodes, mut li) = three_nodes().await;
         let away = (li + 1) % 3;
-        let r = nodes[li]
-            .raft
-            .client_write(create(li as u8 + 1, "big"))
-            .await
-            .unwrap();
+        let origin = li as u8 + 1;
+        let r = write_via_leader(&nodes, &mut li, create(origin, "big")).await;
         let Ok(Outcome::Inode(file)) = r.data else {
             panic!("create: {:?}", r.data)
         };
@@ -544,18 +568,18 @@ mod cluster {
                 })
                 .collect();
             let req = Request {
-                origin: dev(li as u8 + 1),
+                origin: dev(origin),
                 id: 1000 + v,
                 op: Op::Fs(FsCommand::CommitVersion {
                     ino: file.id,
                     size: per << 16,
                     chunks,
                     mtime: Timestamp { secs: 3, nanos: 0 },
-                    author: dev(li as u8 + 1),
+                    author: dev(origin),
                     now: Timestamp { secs: 3, nanos: 0 },
                 }),
             };
-            let r = nodes[li].raft.client_write(req).await.unwrap();
+            let r = write_via_leader(&nodes, &mut li, req).await;
             assert!(r.data.is_ok(), "{:?}", r.data);
         }
         let last = nodes[li].raft.metrics().borrow().last_applied.unwrap();
