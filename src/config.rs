@@ -27,7 +27,8 @@ pub struct Config {
     /// Longest wait for one piece of a chunk from one device before the next
     /// holder is tried, in milliseconds.
     pub fetch_timeout_ms: u64,
-    /// Pieces in flight per fetch.
+    /// Chunks in flight per fetch, and the most fetched ahead of a reader
+    /// of a file that is not here.
     pub fetch_window: usize,
     /// Period of availability and load announcements, in milliseconds
     /// (changes are announced at once as well).

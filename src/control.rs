@@ -401,6 +401,7 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
             "rocksdb": node.store.memory_usage(),
         },
         "prefetch": prefetch_status(node),
+        "reads": node.reads.json(),
     })
 }
 

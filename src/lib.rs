@@ -11,6 +11,8 @@
 //! - `fuse`: the thin kernel adapter (the only user of fuser) and mounting.
 //! - `mesh`: libp2p (its only user): the swarm actor, invite/join, chunk
 //!   transfer, availability; `MeshClient` is its handle.
+//! - `readahead`: streamed remote reads (the window ahead of a sequential
+//!   reader, chunks in flight) behind the FUSE read path.
 //! - `prefetch`: access log, predictors (the GRU in `prefetch/rnn.rs` is
 //!   the only user of tch), temperature, the evaluation harness.
 //! - `control`: the daemon's control socket and its client.
@@ -32,6 +34,7 @@ pub mod mountinfo;
 pub mod node;
 pub mod prefetch;
 pub mod raft;
+pub mod readahead;
 pub mod replicate;
 pub mod storage;
 

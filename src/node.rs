@@ -267,6 +267,8 @@ pub struct Node {
     /// The access log, predictors and prefetch ledger (None with
     /// `access_learn = false`).
     pub prefetch: Option<Prefetch>,
+    /// Reads of chunks that are not here (the readahead window).
+    pub reads: Arc<crate::readahead::Readahead>,
 }
 
 pub struct Prefetch {
@@ -475,7 +477,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         control::bind(&data_dir.join(SOCKET_FILE))?
     };
     let bootstrap = mesh_state.members.len() == 1;
-    let (mesh, replica, prefetch) = {
+    let (mesh, replica, prefetch, reads) = {
         let _in_runtime = rt.enter();
         let holdings_fs = fs.clone();
         let holdings_store = store.clone();
@@ -560,12 +562,17 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
             serde_json::to_value(st).ok()
         }));
         let ledger = Arc::new(crate::prefetch::fetch::Ledger::default());
-        fs.set_remote(Arc::new(MeshChunks {
-            mesh: mesh.clone(),
-            replica: replica.clone(),
-            rt: rt.handle().clone(),
-            ledger: ledger.clone(),
-        }));
+        let authority_of = replica.clone();
+        let reads = Arc::new(crate::readahead::Readahead::new(
+            mesh.clone(),
+            Box::new(move |ino| authority_of.authority(ino)),
+            store.clone(),
+            rt.handle().clone(),
+            ledger.clone(),
+            cfg.fetch_window,
+            Duration::from_millis(cfg.fetch_timeout_ms),
+        ));
+        fs.set_remote(reads.clone());
         let prefetch = if cfg.access_learn {
             Some(start_prefetch(
                 &cfg, data_dir, &store, &fs, &mesh, &replica, ledger,
@@ -573,7 +580,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         } else {
             None
         };
-        (mesh, replica, prefetch)
+        (mesh, replica, prefetch, reads)
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -617,6 +624,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         mountpoint,
         started: Instant::now(),
         prefetch,
+        reads,
     });
     Ok((node, mounted, lock, rt, listener))
 }
@@ -627,35 +635,6 @@ fn cache_limit(cfg: &Config, data_dir: &Path) -> u64 {
     match cfg.cache_limit_mb {
         Some(mb) => mb.saturating_mul(1 << 20),
         None => crate::storage::disk_size(data_dir).map_or(u64::MAX, |t| t / 2),
-    }
-}
-
-/// Reads of chunks missing or damaged here go to the file's authority
-/// first, then to the other members, nearest first.
-struct MeshChunks {
-    mesh: MeshClient,
-    replica: Replica,
-    rt: tokio::runtime::Handle,
-    /// Told of every read that waits on the network (prefetch yields).
-    ledger: Arc<crate::prefetch::fetch::Ledger>,
-}
-
-impl crate::fs::RemoteChunks for MeshChunks {
-    fn fetch(&self, ino: ResourceId, hash: &crate::ids::ChunkHash) -> Result<Vec<u8>, String> {
-        // Kernel request threads block here; a runtime thread must not.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err("remote fetch requested from inside the runtime".into());
-        }
-        let (mesh, hash) = (self.mesh.clone(), *hash);
-        let authority = self.replica.authority(ino);
-        let _waiting = self.ledger.foreground();
-        self.rt.block_on(async move {
-            let nearest = mesh.nearest_devices().await.map_err(|e| e.to_string())?;
-            let holders = crate::replicate::authority_first(nearest, authority, mesh.device());
-            mesh.fetch_chunk(hash, &holders, Some(ino))
-                .await
-                .map_err(|e| e.to_string())
-        })
     }
 }
 

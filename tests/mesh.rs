@@ -1,15 +1,16 @@
 //! Devices forming a mesh: separate `meshfs` processes on loopback, each
 //! with its own data dir, port and mount point. Invite and join, chunk
-//! exchange through `MeshClient` (driven over the control socket), the
-//! private network and the member list keeping others out, corrupt peers,
-//! and peers dying mid-transfer.
+//! exchange through `MeshClient` (driven over the control socket) and
+//! through another device's mount (the readahead window), the mesh key and
+//! the member list keeping others out, corrupt peers, and peers dying
+//! mid-transfer.
 
 mod common;
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::{bytes, flip_in_db, Device};
+use common::{bytes, flip_in_db, mesh, Device};
 use meshfs::control::Request;
 use meshfs::mesh::protocol::InviteCode;
 
@@ -314,8 +315,8 @@ fn wrong_mesh_key_and_removed_devices_are_kept_out() {
     let mut b = Device::join("bravo", &a.invite("10m"));
 
     // A clone of bravo holding a different mesh key: it knows alpha's
-    // address and is on alpha's list, but cannot get past the private
-    // network layer.
+    // address and is on alpha's list, but cannot complete the Noise
+    // handshake, whose prologue is derived from the mesh key.
     let mut x = Device::copy_of(&b, "bravo-clone");
     let stranger = Device::init("stranger");
     std::fs::copy(
@@ -466,6 +467,110 @@ fn a_200_mib_file_streams_and_a_dying_peer_is_skipped() {
         "took {:?}",
         t.elapsed()
     );
+}
+
+/// bravo's readahead counters (`meshfs status --json`, `reads`).
+fn reads(d: &Device) -> (u64, u64) {
+    let r = &d.status_json()["reads"];
+    (
+        r["ahead_chunks"].as_u64().unwrap(),
+        r["on_demand_chunks"].as_u64().unwrap(),
+    )
+}
+
+fn wait_for_size(d: &Device, rel: &str, size: u64) {
+    let t = Instant::now();
+    while std::fs::metadata(d.path(rel)).map_or(0, |m| m.len()) != size {
+        assert!(t.elapsed() < CONNECT, "{rel} never reached {size} bytes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn reads_through_another_devices_mount_stream_ahead_and_survive_a_dying_holder() {
+    require_root!();
+    // One copy of everything and no prefetch: every byte bravo reads comes
+    // over the mesh when the read asks for it.
+    let cfg: &[(&str, &str)] = &[
+        ("replicas", "1"),
+        ("prefetch", "false"),
+        ("access_learn", "false"),
+    ];
+    let mut devs = mesh(CONNECT, &[("alpha", cfg), ("bravo", cfg), ("charlie", cfg)]);
+    let (seq, rnd, big) = (
+        bytes(48 << 20, 11),
+        bytes(16 << 20, 12),
+        bytes(64 << 20, 13),
+    );
+    for (name, data) in [("seq.bin", &seq), ("rnd.bin", &rnd), ("big.bin", &big)] {
+        std::fs::write(devs[0].path(name), data).unwrap();
+        for d in &devs[1..] {
+            wait_for_size(d, name, data.len() as u64);
+        }
+    }
+
+    // A sequential reader: the bytes are right, and nearly every chunk was
+    // asked for ahead of the read that needed it.
+    let (ahead0, demand0) = reads(&devs[1]);
+    assert_eq!(std::fs::read(devs[1].path("seq.bin")).unwrap(), seq);
+    let (ahead, demand) = reads(&devs[1]);
+    let (ahead, demand) = (ahead - ahead0, demand - demand0);
+    eprintln!("48 MiB read on bravo: {ahead} chunks ahead, {demand} on demand");
+    assert!(
+        ahead >= 3 * (ahead + demand) / 4 && ahead + demand >= 300,
+        "{ahead} ahead, {demand} on demand"
+    );
+
+    // Random access asks for what is read and nothing more: 4 KiB from the
+    // middle of every 8th chunk, backwards, each read within one chunk
+    // (a read that crossed into the next chunk would start a run).
+    let middles: Vec<u64> = devs[0]
+        .control(&Request::Chunks {
+            path: "rnd.bin".into(),
+        })
+        .expect("chunks")["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["offset"].as_u64().unwrap(), c["len"].as_u64().unwrap()))
+        .filter(|(_, len)| *len >= 16 << 10)
+        .step_by(8)
+        .map(|(off, len)| (off + len / 2) & !4095)
+        .take(8)
+        .collect();
+    assert_eq!(middles.len(), 8);
+    {
+        use std::os::unix::fs::FileExt;
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::File::open(devs[1].path("rnd.bin")).unwrap();
+        // SAFETY: a valid open descriptor; advice only.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        assert_eq!(rc, 0);
+        let (ahead0, demand0) = reads(&devs[1]);
+        let mut buf = [0u8; 4096];
+        for &at in middles.iter().rev() {
+            f.read_exact_at(&mut buf, at).unwrap();
+            assert_eq!(&buf[..], &rnd[at as usize..at as usize + 4096]);
+        }
+        let (ahead, demand) = reads(&devs[1]);
+        assert_eq!(ahead, ahead0, "random reads fetched ahead");
+        assert_eq!(demand - demand0, 8, "chunks on demand for 8 reads");
+    }
+
+    // charlie holds big.bin too; bravo starts reading it from alpha (its
+    // authority), alpha dies a quarter of the way in, and the rest comes
+    // from charlie.
+    assert_eq!(std::fs::read(devs[2].path("big.bin")).unwrap(), big);
+    let t = Instant::now();
+    let mut f = std::fs::File::open(devs[1].path("big.bin")).unwrap();
+    let mut got = vec![0u8; 16 << 20];
+    std::io::Read::read_exact(&mut f, &mut got).unwrap();
+    devs[0].kill9();
+    std::io::Read::read_to_end(&mut f, &mut got).unwrap();
+    let took = t.elapsed();
+    eprintln!("64 MiB on bravo with alpha killed a quarter in: {took:?}");
+    assert!(got == big, "bytes differ after the holder died");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
 }
 
 #[test]

@@ -146,13 +146,16 @@ pub struct ChunkSizes {
 /// that straddle chunk boundaries do not fetch and verify a chunk twice. It
 /// locks only around lookups, never while fetching, so that the kernel's
 /// parallel readahead requests for one file are served in parallel.
-#[derive(Default)]
 pub struct ChunkCache {
     slots: std::sync::Mutex<Vec<(ChunkHash, std::sync::Arc<Vec<u8>>)>>,
     /// Where a chunk missing or damaged here is fetched from (the mesh).
     remote: Option<std::sync::Arc<dyn super::RemoteChunks>>,
     /// The file whose chunks these are (the mesh asks its authority first).
     ino: ResourceId,
+    /// A read of this chunk index or beyond that finds its chunk here tells
+    /// the remote source (a sequential reader nears the end of what was
+    /// fetched ahead). `usize::MAX` until a read misses.
+    check_at: std::sync::atomic::AtomicUsize,
 }
 
 const CACHE_SLOTS: usize = 4;
@@ -166,6 +169,12 @@ impl std::fmt::Debug for ChunkCache {
     }
 }
 
+impl Default for ChunkCache {
+    fn default() -> Self {
+        ChunkCache::with_remote(None, ResourceId::default())
+    }
+}
+
 impl ChunkCache {
     pub fn with_remote(
         remote: Option<std::sync::Arc<dyn super::RemoteChunks>>,
@@ -174,7 +183,8 @@ impl ChunkCache {
         ChunkCache {
             remote,
             ino,
-            ..ChunkCache::default()
+            slots: Default::default(),
+            check_at: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -182,20 +192,41 @@ impl ChunkCache {
         crate::lock(&self.slots)
     }
 
+    /// The bytes of chunk `at` of `content`: from this cache, the store, or
+    /// the remote source.
     pub fn get(
         &self,
         store: &dyn ChunkStore,
-        hash: &ChunkHash,
+        content: &Content,
+        at: usize,
     ) -> Result<std::sync::Arc<Vec<u8>>, FsError> {
+        use std::sync::atomic::Ordering;
+        let Some(c) = content.chunks.get(at) else {
+            return Err(FsError::Io(std::io::Error::other(
+                "chunk index beyond the version's chunk list",
+            )));
+        };
+        let hash = &c.hash;
         if let Some((_, data)) = self.slots().iter().find(|(h, _)| h == hash) {
             return Ok(data.clone());
         }
+        let want = || super::Want {
+            ino: self.ino,
+            at,
+            hash: *hash,
+            next: &content.chunks[at + 1..],
+        };
         let local = match store.get(hash) {
             Ok(Some(d)) => Ok(d),
             Ok(None) => Err(FsError::MissingChunk(*hash)),
             Err(e) => Err(FsError::from(e)),
         };
         let data = match (local, &self.remote) {
+            (Ok(d), Some(remote)) if at >= self.check_at.load(Ordering::Relaxed) => {
+                self.check_at
+                    .store(remote.read_ahead(&want()), Ordering::Relaxed);
+                d
+            }
             (Ok(d), _) => d,
             // Missing or damaged here: another device's copy (verified, and
             // stored over the damaged one) serves the read instead.
@@ -204,8 +235,9 @@ impl ChunkCache {
                     e @ (FsError::MissingChunk(_) | FsError::Storage(StorageError::Corrupt { .. })),
                 ),
                 Some(remote),
-            ) => match remote.fetch(self.ino, hash) {
-                Ok(d) => {
+            ) => match remote.fetch(&want()) {
+                Ok((d, check_at)) => {
+                    self.check_at.store(check_at, Ordering::Relaxed);
                     // A missing chunk is the normal case of a file written
                     // elsewhere; a damaged one is worth a line in the log.
                     if matches!(e, FsError::MissingChunk(_)) {
@@ -253,7 +285,7 @@ pub fn read_content(
         if c.hash.is_zero_run() {
             out[o..o + n].fill(0);
         } else {
-            let data = cache.get(store, &c.hash)?;
+            let data = cache.get(store, content, idx)?;
             if data.len() != c.len as usize {
                 tracing::error!(chunk = %c.hash, "chunk length differs from the version's record");
                 return Err(FsError::MissingChunk(c.hash));

@@ -280,12 +280,29 @@ pub trait Replicator: Send + Sync {
     fn reclaim(&self, ino: ResourceId);
 }
 
+/// A read of chunk `at` of a committed version of file `ino`, with the
+/// chunks after it (what a readahead may ask for).
+#[derive(Debug, Clone, Copy)]
+pub struct Want<'a> {
+    pub ino: ResourceId,
+    pub at: usize,
+    pub hash: ChunkHash,
+    /// The version's chunks after `at`.
+    pub next: &'a [crate::meta::ChunkRef],
+}
+
 /// A source of chunks beyond the local store (the mesh). Blocking: it is
 /// called from the kernel request threads.
 pub trait RemoteChunks: Send + Sync {
-    /// The bytes of chunk `hash` of file `ino`, verified against `hash` and
-    /// stored locally.
-    fn fetch(&self, ino: ResourceId, hash: &ChunkHash) -> std::result::Result<Vec<u8>, String>;
+    /// The bytes of chunk `want.hash`, verified against it and stored
+    /// locally. May start fetching the chunks after it too. Also returns
+    /// the index whose read should call [`RemoteChunks::read_ahead`] even
+    /// when it finds its chunk here (`usize::MAX`: none).
+    fn fetch(&self, want: &Want) -> std::result::Result<(Vec<u8>, usize), String>;
+    /// A read found chunk `want.at` here at the index [`RemoteChunks::fetch`]
+    /// or an earlier call named: a sequential reader is about to run out of
+    /// what was fetched ahead. Returns the next such index.
+    fn read_ahead(&self, want: &Want) -> usize;
 }
 
 impl Fs {

@@ -19,8 +19,8 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, Respons
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{DialError, ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    allow_block_list, gossipsub, identify, kad, mdns, noise, ping, pnet, tcp, yamux, Multiaddr,
-    PeerId, StreamProtocol, Swarm, Transport,
+    allow_block_list, gossipsub, identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId,
+    StreamProtocol, Swarm, Transport,
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -186,6 +186,13 @@ pub(crate) struct Actor {
     topic_members: gossipsub::IdentTopic,
 }
 
+/// The Noise prologue of every mesh connection: derived from the mesh key,
+/// so the handshake of a peer without it fails (both sides must hash in
+/// the same prologue), and useless for anything else.
+pub(crate) fn noise_prologue(mesh_key: &[u8; 32]) -> Vec<u8> {
+    blake3::derive_key("meshfs 2026-12 noise prologue v1", mesh_key).to_vec()
+}
+
 impl Actor {
     /// Builds the swarm and starts listening; errors (a bad or busy listen
     /// address) are reported here, before the daemon says it is ready.
@@ -199,7 +206,7 @@ impl Actor {
         cmd_tx: mpsc::Sender<Command>,
     ) -> Result<Self, MeshError> {
         let peer_id = state.peer_id();
-        let psk = pnet::PreSharedKey::new(state.mesh_key);
+        let prologue = noise_prologue(&state.mesh_key);
         let delay = super::delay::from_env();
         if !delay.is_zero() {
             tracing::warn!(
@@ -210,20 +217,21 @@ impl Actor {
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(state.identity.clone())
             .with_tokio()
             .with_other_transport(|key| {
+                // Noise's handshake hashes in a value only members can
+                // derive: without the mesh key no handshake completes, so
+                // Noise alone keeps strangers out and every byte is
+                // encrypted once (the private-network layer that used to
+                // wrap the socket encrypted it a second time).
                 let noise = noise::Config::new(key)
-                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?
+                    .with_prologue(prologue);
                 let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-                // The private network wraps the raw socket: without the
-                // mesh key nothing else (not even Noise) is reachable.
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    tcp.and_then(move |socket, _| {
-                        pnet::PnetConfig::new(psk)
-                            .handshake(super::delay::Delayed::new(socket, delay))
-                    })
-                    .upgrade(Version::V1Lazy)
-                    .authenticate(noise)
-                    .multiplex(yamux::Config::default())
-                    .timeout(Duration::from_secs(20)),
+                    tcp.map(move |socket, _| super::delay::Delayed::new(socket, delay))
+                        .upgrade(Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default())
+                        .timeout(Duration::from_secs(20)),
                 )
             })
             .map_err(|e| MeshError::Transport(e.to_string()))?
