@@ -13,7 +13,7 @@
 //! The window is a pure decision ([`Window::step`]); [`Readahead`] does the
 //! I/O on the daemon's runtime.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -106,13 +106,53 @@ impl Window {
 struct Flights {
     chunks: Mutex<HashSet<ChunkHash>>,
     landed: Condvar,
+    /// Chunks fetched ahead (verified, and stored), kept in memory until
+    /// their read takes them: the read then skips reading and verifying
+    /// them from the store again. At most [`KEPT`] chunks; older ones are
+    /// dropped (the store has them).
+    kept: Mutex<Kept>,
 }
+
+/// Chunks fetched ahead, in memory, oldest first.
+#[derive(Default)]
+struct Kept {
+    chunks: HashMap<ChunkHash, Vec<u8>>,
+    order: VecDeque<ChunkHash>,
+}
+
+/// Chunks fetched ahead kept in memory for their reads (8 MiB at the
+/// default chunk size).
+const KEPT: usize = 128;
 
 impl Flights {
     /// Records those of `hashes` not already in flight; returns them.
     fn claim(&self, hashes: impl IntoIterator<Item = ChunkHash>) -> Vec<ChunkHash> {
         let mut set = crate::lock(&self.chunks);
         hashes.into_iter().filter(|h| set.insert(*h)).collect()
+    }
+
+    /// Keeps a chunk that arrived for a read still to come.
+    fn keep(&self, hash: ChunkHash, data: Vec<u8>) {
+        let mut kept = crate::lock(&self.kept);
+        let Kept { chunks: map, order } = &mut *kept;
+        if map.insert(hash, data).is_none() {
+            order.push_back(hash);
+        }
+        while order.len() > KEPT {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    fn take(&self, hash: &ChunkHash) -> Option<Vec<u8>> {
+        let mut kept = crate::lock(&self.kept);
+        let Kept { chunks: map, order } = &mut *kept;
+        let data = map.remove(hash)?;
+        if let Some(i) = order.iter().position(|h| h == hash) {
+            order.remove(i);
+        }
+        Some(data)
     }
 
     fn land(&self, hashes: &[ChunkHash]) {
@@ -277,13 +317,22 @@ impl Readahead {
                 Err(_) => return,
             };
             let flights = claim.flights.clone();
+            // The reader streams already: the whole step in flight at once.
+            let window = claim.hashes.len();
             let r = mesh
-                .fetch_stream(claim.hashes.clone(), holders, Some(ino), |i, _| {
-                    if let Some(h) = claim.hashes.get(i) {
-                        flights.land(std::slice::from_ref(h));
-                    }
-                    Ok(())
-                })
+                .fetch_stream_from(
+                    window,
+                    claim.hashes.clone(),
+                    holders,
+                    Some(ino),
+                    |i, data| {
+                        if let Some(h) = claim.hashes.get(i) {
+                            flights.keep(*h, data);
+                            flights.land(std::slice::from_ref(h));
+                        }
+                        Ok(())
+                    },
+                )
                 .await;
             if let Err(e) = r {
                 tracing::debug!(%ino, error = %e, "readahead stopped; reads fetch what they need");
@@ -325,6 +374,9 @@ impl RemoteChunks for Readahead {
         // is asked for again.
         if self.flights.wait(&want.hash, self.wait_limit) {
             self.stats.waited.fetch_add(1, Ordering::Relaxed);
+            if let Some(d) = self.flights.take(&want.hash) {
+                return Ok((d, check_at));
+            }
             if let Ok(Some(d)) = self.store.get(&want.hash) {
                 return Ok((d, check_at));
             }
@@ -335,6 +387,10 @@ impl RemoteChunks for Readahead {
 
     fn read_ahead(&self, want: &Want) -> usize {
         self.step(want)
+    }
+
+    fn fetched_ahead(&self, hash: &ChunkHash) -> Option<Vec<u8>> {
+        self.flights.take(hash)
     }
 }
 
@@ -393,6 +449,44 @@ mod tests {
         let s = w.step(2, 1000, 64);
         assert!(s.fetch.start >= 13, "nothing asked twice: {s:?}");
         assert!(w.size > 0);
+    }
+
+    #[test]
+    fn a_read_waits_for_a_chunk_in_flight_and_takes_it_from_memory() {
+        let flights = Arc::new(Flights::default());
+        let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
+        assert_eq!(flights.claim([a, b]), vec![a, b]);
+        assert!(flights.claim([a]).is_empty(), "claimed twice");
+        let f = flights.clone();
+        let arrive = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            f.keep(a, b"a".to_vec());
+            f.land(&[a]);
+        });
+        let t = Instant::now();
+        assert!(flights.wait(&a, Duration::from_secs(10)));
+        assert!(t.elapsed() >= Duration::from_millis(40));
+        assert_eq!(flights.take(&a).as_deref(), Some(&b"a"[..]));
+        assert_eq!(flights.take(&a), None, "taken once");
+        arrive.join().unwrap();
+        // Not in flight: no wait. In flight and never landing: bounded.
+        assert!(!flights.wait(&ChunkHash::of(b"c"), Duration::from_secs(10)));
+        assert!(flights.wait(&b, Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn chunks_kept_in_memory_are_bounded_oldest_first() {
+        let flights = Flights::default();
+        let hashes: Vec<ChunkHash> = (0..KEPT as u32 + 10)
+            .map(|i| ChunkHash::of(&i.to_le_bytes()))
+            .collect();
+        for h in &hashes {
+            flights.keep(*h, vec![1]);
+        }
+        assert_eq!(flights.take(&hashes[0]), None);
+        assert_eq!(flights.take(&hashes[9]), None);
+        assert!(flights.take(&hashes[10]).is_some());
+        assert!(flights.take(&hashes[KEPT + 9]).is_some());
     }
 
     #[test]

@@ -675,15 +675,14 @@ mod rogue {
         mesh_key: [u8; 32],
         protocol: &'static str,
     ) -> Swarm {
-        let psk = libp2p::pnet::PreSharedKey::new(mesh_key);
         libp2p::SwarmBuilder::with_existing_identity(identity)
             .with_tokio()
             .with_other_transport(|key| {
                 let noise = libp2p::noise::Config::new(key)
-                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?
+                    .with_prologue(meshfs::mesh::noise_prologue(&mesh_key));
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                     libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default())
-                        .and_then(move |s, _| libp2p::pnet::PnetConfig::new(psk).handshake(s))
                         .upgrade(libp2p::core::upgrade::Version::V1)
                         .authenticate(noise)
                         .multiplex(libp2p::yamux::Config::default()),

@@ -216,7 +216,8 @@ impl ChunkCache {
             hash: *hash,
             next: &content.chunks[at + 1..],
         };
-        let local = match store.get(hash) {
+        let ahead = self.remote.as_ref().and_then(|r| r.fetched_ahead(hash));
+        let local = match ahead.map_or_else(|| store.get(hash), |d| Ok(Some(d))) {
             Ok(Some(d)) => Ok(d),
             Ok(None) => Err(FsError::MissingChunk(*hash)),
             Err(e) => Err(FsError::from(e)),

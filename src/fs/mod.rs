@@ -303,6 +303,9 @@ pub trait RemoteChunks: Send + Sync {
     /// or an earlier call named: a sequential reader is about to run out of
     /// what was fetched ahead. Returns the next such index.
     fn read_ahead(&self, want: &Want) -> usize;
+    /// Chunk `hash` if it was fetched ahead and is still held in memory
+    /// (verified): taken, so the read skips the store.
+    fn fetched_ahead(&self, hash: &ChunkHash) -> Option<Vec<u8>>;
 }
 
 impl Fs {

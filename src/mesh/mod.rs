@@ -1,7 +1,8 @@
 //! The mesh: devices talking over libp2p (the only module that imports it).
 //! One actor task owns the Swarm (`swarm`); `MeshClient` is its cloneable
-//! handle. Transport: TCP, wrapped in the private-network layer keyed by the
-//! mesh key, then Noise XX (device identity) and Yamux. Behaviours: an
+//! handle. Transport: TCP, then Noise XX (device identity; its prologue is
+//! derived from the mesh key, so only members complete a handshake) and
+//! Yamux. Behaviours: an
 //! allow list that follows the member list, identify, ping (RTT per peer),
 //! mDNS, Kademlia (provider records per resource), the chunk and
 //! availability request-response protocols, and gossipsub (availability and
@@ -28,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::ids::{ChunkHash, DeviceId, ResourceId};
 use crate::storage::ChunkStore;
 use protocol::{ChunkRequest, Load, Member, Piece, PieceRequest, MAX_PIECE};
-pub use state::MeshState;
+pub use state::{noise_prologue, MeshState};
 pub use swarm::HoldingsFn;
 
 /// Largest chunk accepted from a peer: the largest chunk_max Config allows.
@@ -717,6 +718,21 @@ impl MeshClient {
         hashes: Vec<ChunkHash>,
         holders: Vec<DeviceId>,
         resource: Option<ResourceId>,
+        sink: impl FnMut(usize, Vec<u8>) -> Result<(), MeshError>,
+    ) -> Result<FetchReport, MeshError> {
+        self.fetch_stream_from(2, hashes, holders, resource, sink)
+            .await
+    }
+
+    /// [`MeshClient::fetch_stream`] with `window` chunks in flight from the
+    /// start: for a reader already streaming the file (readahead), whose
+    /// first bytes are not waited on.
+    pub async fn fetch_stream_from(
+        &self,
+        window: usize,
+        hashes: Vec<ChunkHash>,
+        holders: Vec<DeviceId>,
+        resource: Option<ResourceId>,
         mut sink: impl FnMut(usize, Vec<u8>) -> Result<(), MeshError>,
     ) -> Result<FetchReport, MeshError> {
         const SHORT_RTT_MS: f64 = 5.0;
@@ -724,7 +740,7 @@ impl MeshClient {
         let mut first = None;
         let mut bytes = 0u64;
         let max = self.settings.fetch_window.max(1);
-        let mut window = 2.min(max);
+        let mut window = window.clamp(1, max);
         let rtt = match (holders.iter().find(|d| **d != self.me), self.status().await) {
             (Some(d), Ok(st)) => st
                 .devices

@@ -1,8 +1,8 @@
 //! A device's mesh credentials and device list on disk, under
 //! `DATA_DIR/mesh/` (directory 0700, files 0600):
 //! - `identity`: the libp2p ed25519 keypair (protobuf encoding);
-//! - `mesh.key`: the 32-byte private-network key, in libp2p's swarm.key
-//!   text format;
+//! - `mesh.key`: the 32-byte mesh key (bound into every Noise handshake,
+//!   see [`noise_prologue`]), in libp2p's swarm.key text format;
 //! - `members.json`: the device list (see `members`).
 //!
 //! Files are replaced atomically (write, fsync, rename) so that a crash
@@ -155,6 +155,13 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), MeshError> {
     f.sync_all().map_err(ctx)?;
     std::fs::rename(&tmp, path).map_err(ctx)?;
     crate::datadir::sync_parent(path).map_err(ctx)
+}
+
+/// The Noise prologue of every mesh connection: derived from the mesh key,
+/// so the handshake of a peer without it fails (both sides must hash in
+/// the same prologue), and useless for anything else.
+pub fn noise_prologue(mesh_key: &[u8; 32]) -> Vec<u8> {
+    blake3::derive_key("meshfs 2026-12 noise prologue v1", mesh_key).to_vec()
 }
 
 #[cfg(test)]

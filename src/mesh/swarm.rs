@@ -186,13 +186,6 @@ pub(crate) struct Actor {
     topic_members: gossipsub::IdentTopic,
 }
 
-/// The Noise prologue of every mesh connection: derived from the mesh key,
-/// so the handshake of a peer without it fails (both sides must hash in
-/// the same prologue), and useless for anything else.
-pub(crate) fn noise_prologue(mesh_key: &[u8; 32]) -> Vec<u8> {
-    blake3::derive_key("meshfs 2026-12 noise prologue v1", mesh_key).to_vec()
-}
-
 impl Actor {
     /// Builds the swarm and starts listening; errors (a bad or busy listen
     /// address) are reported here, before the daemon says it is ready.
@@ -206,7 +199,7 @@ impl Actor {
         cmd_tx: mpsc::Sender<Command>,
     ) -> Result<Self, MeshError> {
         let peer_id = state.peer_id();
-        let prologue = noise_prologue(&state.mesh_key);
+        let prologue = super::state::noise_prologue(&state.mesh_key);
         let delay = super::delay::from_env();
         if !delay.is_zero() {
             tracing::warn!(
