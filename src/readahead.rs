@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,45 @@ impl Window {
             check_at,
         }
     }
+}
+
+/// Whom step `n` of a readahead asks, in order. The devices the
+/// availability view names as holding the file (`holding`), among the
+/// connected ones (`nearest`: by RTT in ms, nearest first) and within
+/// twice the nearest holder's RTT plus 1 ms, take turns step by step, so a
+/// long read is spread over them; then the file's authority; then every
+/// other connected device, nearest first (one may hold the file before
+/// the view says so). A chunk the first cannot supply goes to the next.
+pub fn holder_order(
+    nearest: &[(DeviceId, f64)],
+    holding: &[DeviceId],
+    authority: Option<DeviceId>,
+    n: usize,
+) -> Vec<DeviceId> {
+    let held: Vec<(DeviceId, f64)> = nearest
+        .iter()
+        .filter(|(d, _)| holding.contains(d))
+        .copied()
+        .collect();
+    let mut out: Vec<DeviceId> = match held.first() {
+        Some(&(_, best)) => {
+            let mut close: Vec<DeviceId> = held
+                .iter()
+                .filter(|(_, rtt)| *rtt <= best * 2.0 + 1.0)
+                .map(|(d, _)| *d)
+                .collect();
+            let k = n % close.len();
+            close.rotate_left(k);
+            close
+        }
+        None => Vec::new(),
+    };
+    for d in authority.into_iter().chain(nearest.iter().map(|(d, _)| *d)) {
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    out
 }
 
 /// Chunks asked for and not yet here; reads that need one wait on it.
@@ -217,6 +256,8 @@ pub struct Readahead {
     windows: Mutex<HashMap<ResourceId, Window>>,
     flights: Arc<Flights>,
     stats: Stats,
+    /// Streams started: which holder's turn it is.
+    streams: AtomicUsize,
 }
 
 /// Counters for `meshfs status` (`reads`).
@@ -251,6 +292,7 @@ impl Readahead {
             windows: Mutex::new(HashMap::new()),
             flights: Arc::default(),
             stats: Stats::default(),
+            streams: AtomicUsize::new(0),
         }
     }
 
@@ -309,13 +351,20 @@ impl Readahead {
             .ahead
             .fetch_add(claim.hashes.len() as u64, Ordering::Relaxed);
         let (mesh, ledger) = (self.mesh.clone(), self.ledger.clone());
-        let authority = (self.authority)(ino);
+        let authority = (self.authority)(ino).filter(|a| *a != mesh.device());
+        let turn = self.streams.fetch_add(1, Ordering::Relaxed);
         self.rt.spawn(async move {
             let _waiting = ledger.foreground();
-            let holders = match mesh.nearest_devices().await {
-                Ok(n) => crate::replicate::authority_first(n, authority, mesh.device()),
-                Err(_) => return,
+            let Ok(nearest) = mesh.nearest_with_rtt().await else {
+                return;
             };
+            let holding = mesh
+                .holders(vec![ino])
+                .await
+                .ok()
+                .and_then(|mut h| h.pop())
+                .unwrap_or_default();
+            let holders = holder_order(&nearest, &holding, authority, turn);
             let flights = claim.flights.clone();
             // The reader streams already: the whole step in flight at once.
             let window = claim.hashes.len();
@@ -487,6 +536,30 @@ mod tests {
         assert_eq!(flights.take(&hashes[9]), None);
         assert!(flights.take(&hashes[10]).is_some());
         assert!(flights.take(&hashes[KEPT + 9]).is_some());
+    }
+
+    #[test]
+    fn steps_take_turns_among_close_holders_then_authority_then_the_rest() {
+        let d = |i: u8| DeviceId([i; 16]);
+        let nearest = [(d(1), 0.2), (d(2), 0.3), (d(3), 0.5), (d(4), 40.0)];
+        // d2 and d3 hold the file, d4 too but far away; d1 governs it.
+        let holding = [d(3), d(2), d(4)];
+        assert_eq!(
+            holder_order(&nearest, &holding, Some(d(1)), 0),
+            vec![d(2), d(3), d(1), d(4)]
+        );
+        assert_eq!(
+            holder_order(&nearest, &holding, Some(d(1)), 1),
+            vec![d(3), d(2), d(1), d(4)]
+        );
+        assert_eq!(holder_order(&nearest, &holding, Some(d(1)), 2)[0], d(2));
+        // Nobody known to hold it: the authority, then by RTT (even one not
+        // connected, since it governs the file).
+        assert_eq!(
+            holder_order(&nearest, &[], Some(d(9)), 5),
+            vec![d(9), d(1), d(2), d(3), d(4)]
+        );
+        assert_eq!(holder_order(&[], &[], None, 0), vec![]);
     }
 
     #[test]

@@ -502,7 +502,13 @@ fn reads_through_another_devices_mount_stream_ahead_and_survive_a_dying_holder()
         bytes(16 << 20, 12),
         bytes(64 << 20, 13),
     );
-    for (name, data) in [("seq.bin", &seq), ("rnd.bin", &rnd), ("big.bin", &big)] {
+    let spread = bytes(32 << 20, 14);
+    for (name, data) in [
+        ("seq.bin", &seq),
+        ("rnd.bin", &rnd),
+        ("big.bin", &big),
+        ("spread.bin", &spread),
+    ] {
         std::fs::write(devs[0].path(name), data).unwrap();
         for d in &devs[1..] {
             wait_for_size(d, name, data.len() as u64);
@@ -557,10 +563,35 @@ fn reads_through_another_devices_mount_stream_ahead_and_survive_a_dying_holder()
         assert_eq!(demand - demand0, 8, "chunks on demand for 8 reads");
     }
 
-    // charlie holds big.bin too; bravo starts reading it from alpha (its
-    // authority), alpha dies a quarter of the way in, and the rest comes
-    // from charlie.
+    // charlie reads spread.bin and big.bin, so two devices hold them.
+    assert_eq!(std::fs::read(devs[2].path("spread.bin")).unwrap(), spread);
     assert_eq!(std::fs::read(devs[2].path("big.bin")).unwrap(), big);
+    let t = Instant::now();
+    while device_field(&devs[1], "charlie", "holdings").as_u64() < Some(2) {
+        assert!(
+            t.elapsed() < CONNECT,
+            "bravo never heard what charlie holds"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A long read on bravo takes turns between the two.
+    let received = |name: &str| {
+        device_field(&devs[1], name, "received_bytes")
+            .as_u64()
+            .unwrap()
+    };
+    let (a0, c0) = (received("alpha"), received("charlie"));
+    assert_eq!(std::fs::read(devs[1].path("spread.bin")).unwrap(), spread);
+    let (from_a, from_c) = (received("alpha") - a0, received("charlie") - c0);
+    eprintln!("32 MiB on bravo: {from_a} bytes from alpha, {from_c} from charlie");
+    let fifth = spread.len() as u64 / 5;
+    assert!(
+        from_a >= fifth && from_c >= fifth,
+        "{from_a} bytes from alpha, {from_c} from charlie"
+    );
+
+    // bravo starts reading big.bin, alpha dies a quarter of the way in, and
+    // the rest comes from charlie.
     let t = Instant::now();
     let mut f = std::fs::File::open(devs[1].path("big.bin")).unwrap();
     let mut got = vec![0u8; 16 << 20];

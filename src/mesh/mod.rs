@@ -174,6 +174,8 @@ pub struct DeviceStatus {
     pub throughput_mib_s: Option<f64>,
     /// Chunk requests to it that failed (timeouts, refusals, cut-offs).
     pub failed_requests: u64,
+    /// Bytes of chunks it sent here since this daemon started.
+    pub received_bytes: u64,
     pub holdings: usize,
     pub held_bytes: u64,
     pub load: Load,
@@ -395,17 +397,26 @@ impl MeshClient {
     /// Other members that are connected, nearest (lowest RTT) first: whom
     /// to ask for a chunk when nothing better is known.
     pub async fn nearest_devices(&self) -> Result<Vec<DeviceId>, MeshError> {
+        Ok(self
+            .nearest_with_rtt()
+            .await?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect())
+    }
+
+    /// [`MeshClient::nearest_devices`] with each one's smoothed RTT in
+    /// milliseconds (`f64::MAX` where none is measured yet).
+    pub async fn nearest_with_rtt(&self) -> Result<Vec<(DeviceId, f64)>, MeshError> {
         let st = self.status().await?;
-        let mut up: Vec<&DeviceStatus> = st
+        let mut up: Vec<(DeviceId, f64)> = st
             .devices
             .iter()
             .filter(|d| d.up && d.id != self.me)
+            .map(|d| (d.id, d.rtt_ms.unwrap_or(f64::MAX)))
             .collect();
-        up.sort_by(|a, b| {
-            let (x, y) = (a.rtt_ms.unwrap_or(f64::MAX), b.rtt_ms.unwrap_or(f64::MAX));
-            x.total_cmp(&y)
-        });
-        Ok(up.into_iter().map(|d| d.id).collect())
+        up.sort_by(|a, b| a.1.total_cmp(&b.1));
+        Ok(up)
     }
 
     /// For each of `resources`, the other devices whose availability

@@ -117,6 +117,8 @@ struct Peer {
     throughput: Option<f64>,
     /// Chunk requests to it that failed: timed out, refused, cut off.
     failed_requests: u64,
+    /// Bytes of chunks it sent here.
+    received: u64,
 }
 
 /// Answers smaller than this say more about the round trip than about the
@@ -129,6 +131,7 @@ impl Peer {
             self.failed_requests += 1;
             return;
         }
+        self.received += bytes;
         if bytes < THROUGHPUT_MIN_BYTES {
             return;
         }
@@ -681,6 +684,7 @@ impl Actor {
                         .and_then(|i| i.throughput)
                         .map(|b| b / f64::from(1u32 << 20)),
                     failed_requests: info.map_or(0, |i| i.failed_requests),
+                    received_bytes: info.map_or(0, |i| i.received),
                     holdings: if me {
                         self.outbox.held()
                     } else {
