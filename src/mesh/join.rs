@@ -1,8 +1,8 @@
 //! Invite and join. A joiner has no mesh key yet, so it cannot complete a
-//! handshake on the libp2p port (the mesh key is in Noise's prologue there);
-//! instead the inviting daemon opens a
-//! short-lived TCP listener for one code, and the two run a Noise NNpsk0
-//! handshake (crate snow) keyed by the code's 128-bit secret. A wrong code
+//! handshake on the libp2p port (the mesh key is in Noise's prologue
+//! there); instead the inviting daemon opens a short-lived TCP listener
+//! for one code, and the two run a Noise NNpsk0 handshake (crate snow)
+//! keyed by the code's 128-bit secret. A wrong code
 //! fails the handshake's first message; the joiner then sends who it is,
 //! and the inviter answers with the mesh key and the member list (which
 //! carries everyone's addresses, for bootstrapping).

@@ -2,11 +2,10 @@
 //! One actor task owns the Swarm (`swarm`); `MeshClient` is its cloneable
 //! handle. Transport: TCP, then Noise XX (device identity; its prologue is
 //! derived from the mesh key, so only members complete a handshake) and
-//! Yamux. Behaviours: an
-//! allow list that follows the member list, identify, ping (RTT per peer),
-//! mDNS, Kademlia (provider records per resource), the chunk and
-//! availability request-response protocols, and gossipsub (availability and
-//! member list). Joining a mesh runs outside libp2p (`join`), over a Noise
+//! Yamux. Behaviours: an allow list that follows the member list,
+//! identify, ping (RTT per peer), mDNS, Kademlia (provider records per
+//! resource), the chunk and availability request-response protocols, and
+//! gossipsub (availability and member list). Joining a mesh runs outside libp2p (`join`), over a Noise
 //! handshake keyed by the invite code. Every wire message is in `protocol`.
 
 mod codec;
