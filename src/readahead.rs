@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::fs::{RemoteChunks, Want};
 use crate::ids::{ChunkHash, DeviceId, ResourceId};
-use crate::mesh::MeshClient;
+use crate::mesh::{MeshClient, Nearby};
 use crate::storage::ChunkStore;
 
 /// Chunks fetched ahead at the first sequential step (256 KiB at the
@@ -103,28 +103,29 @@ impl Window {
 
 /// Whom step `n` of a readahead asks, in order. The devices the
 /// availability view names as holding the file (`holding`), among the
-/// connected ones (`nearest`: by RTT in ms, nearest first) and within
-/// twice the nearest holder's RTT plus 1 ms, take turns step by step, so a
-/// long read is spread over them; then the file's authority; then every
-/// other connected device, nearest first (one may hold the file before
-/// the view says so). A chunk the first cannot supply goes to the next.
+/// connected ones (`nearest`, nearest first), within twice the nearest
+/// holder's RTT plus 1 ms and never caught sending bad bytes, take turns
+/// step by step, so a long read is spread over them; then the file's
+/// authority; then every other connected device, nearest first (one may
+/// hold the file before the view says so; one that sent bad bytes comes
+/// last). A chunk the first cannot supply goes to the next.
 pub fn holder_order(
-    nearest: &[(DeviceId, f64)],
+    nearest: &[Nearby],
     holding: &[DeviceId],
     authority: Option<DeviceId>,
     n: usize,
 ) -> Vec<DeviceId> {
-    let held: Vec<(DeviceId, f64)> = nearest
+    let held: Vec<&Nearby> = nearest
         .iter()
-        .filter(|(d, _)| holding.contains(d))
-        .copied()
+        .filter(|d| holding.contains(&d.device) && d.bad_chunks == 0)
         .collect();
     let mut out: Vec<DeviceId> = match held.first() {
-        Some(&(_, best)) => {
+        Some(best) => {
+            let limit = best.rtt_ms * 2.0 + 1.0;
             let mut close: Vec<DeviceId> = held
                 .iter()
-                .filter(|(_, rtt)| *rtt <= best * 2.0 + 1.0)
-                .map(|(d, _)| *d)
+                .filter(|d| d.rtt_ms <= limit)
+                .map(|d| d.device)
                 .collect();
             let k = n % close.len();
             close.rotate_left(k);
@@ -132,7 +133,12 @@ pub fn holder_order(
         }
         None => Vec::new(),
     };
-    for d in authority.into_iter().chain(nearest.iter().map(|(d, _)| *d)) {
+    let good = nearest.iter().filter(|d| d.bad_chunks == 0);
+    let bad = nearest.iter().filter(|d| d.bad_chunks > 0);
+    for d in authority
+        .into_iter()
+        .chain(good.chain(bad).map(|d| d.device))
+    {
         if !out.contains(&d) {
             out.push(d);
         }
@@ -355,7 +361,7 @@ impl Readahead {
         let turn = self.streams.fetch_add(1, Ordering::Relaxed);
         self.rt.spawn(async move {
             let _waiting = ledger.foreground();
-            let Ok(nearest) = mesh.nearest_with_rtt().await else {
+            let Ok(nearest) = mesh.nearby().await else {
                 return;
             };
             let holding = mesh
@@ -541,7 +547,12 @@ mod tests {
     #[test]
     fn steps_take_turns_among_close_holders_then_authority_then_the_rest() {
         let d = |i: u8| DeviceId([i; 16]);
-        let nearest = [(d(1), 0.2), (d(2), 0.3), (d(3), 0.5), (d(4), 40.0)];
+        let near = |i: u8, rtt_ms: f64| Nearby {
+            device: d(i),
+            rtt_ms,
+            bad_chunks: 0,
+        };
+        let mut nearest = [near(1, 0.2), near(2, 0.3), near(3, 0.5), near(4, 40.0)];
         // d2 and d3 hold the file, d4 too but far away; d1 governs it.
         let holding = [d(3), d(2), d(4)];
         assert_eq!(
@@ -560,6 +571,14 @@ mod tests {
             vec![d(9), d(1), d(2), d(3), d(4)]
         );
         assert_eq!(holder_order(&[], &[], None, 0), vec![]);
+        // A holder caught sending bad bytes leaves the turns and goes last.
+        nearest[1].bad_chunks = 3;
+        for n in 0..3 {
+            assert_eq!(
+                holder_order(&nearest, &holding, Some(d(1)), n),
+                vec![d(3), d(1), d(4), d(2)]
+            );
+        }
     }
 
     #[test]

@@ -375,6 +375,8 @@ fn corrupt_peers_are_rejected_and_another_holder_used() {
     // hostile member would.
     let o = b.try_mount_env(&[], &[("MESHFS_FAULT", "corrupt-serve")]);
     assert!(o.status.success(), "{}", common::stderr(&o));
+    // charlie keeps no copies of its own: what it reads comes over the mesh.
+    c.set_config("replicas", "1");
     c.mount();
     c.wait_connected(&["alpha", "bravo"], CONNECT);
 
@@ -407,6 +409,31 @@ fn corrupt_peers_are_rejected_and_another_holder_used() {
     }
     let (r, _) = fetch(&c, &["alpha"], &hashes[..1]);
     r.expect("alpha still serves after garbage");
+
+    // Reading through the mount: bravo holds movie.bin too, so charlie's
+    // readahead would take turns between it and alpha. bravo's bad bytes
+    // are rejected, each chunk is taken from alpha instead, and bravo,
+    // caught already, is asked only after everyone else.
+    let movie = bytes(16 << 20, 10);
+    let movie_hashes = put_file(&a, "movie.bin", &movie);
+    let (r, _) = fetch(&b, &["alpha"], &movie_hashes);
+    r.expect("bravo copies movie.bin");
+    let t = Instant::now();
+    while device_field(&c, "bravo", "holdings").as_u64() < Some(2) {
+        assert!(
+            t.elapsed() < CONNECT,
+            "charlie never heard what bravo holds"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read(c.path("movie.bin")).unwrap(), movie);
+    let bad_after = device_field(&c, "bravo", "bad_chunks").as_u64().unwrap();
+    assert!(
+        bad_after - bad < movie_hashes.len() as u64 / 4,
+        "{} of {} chunks asked of bravo after it was caught",
+        bad_after - bad,
+        movie_hashes.len()
+    );
 }
 
 #[test]

@@ -186,6 +186,16 @@ fn hex_id<S: serde::Serializer>(id: &DeviceId, s: S) -> Result<S::Ok, S::Error> 
     s.serialize_str(&id.to_hex())
 }
 
+/// A connected member, as source choice sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Nearby {
+    pub device: DeviceId,
+    /// Smoothed RTT in milliseconds (`f64::MAX` where none is measured).
+    pub rtt_ms: f64,
+    /// Chunks it sent that failed verification.
+    pub bad_chunks: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct MeshStatus {
     pub peer: String,
@@ -396,25 +406,23 @@ impl MeshClient {
     /// Other members that are connected, nearest (lowest RTT) first: whom
     /// to ask for a chunk when nothing better is known.
     pub async fn nearest_devices(&self) -> Result<Vec<DeviceId>, MeshError> {
-        Ok(self
-            .nearest_with_rtt()
-            .await?
-            .into_iter()
-            .map(|(d, _)| d)
-            .collect())
+        Ok(self.nearby().await?.into_iter().map(|n| n.device).collect())
     }
 
-    /// [`MeshClient::nearest_devices`] with each one's smoothed RTT in
-    /// milliseconds (`f64::MAX` where none is measured yet).
-    pub async fn nearest_with_rtt(&self) -> Result<Vec<(DeviceId, f64)>, MeshError> {
+    /// [`MeshClient::nearest_devices`] with what source choice weighs.
+    pub async fn nearby(&self) -> Result<Vec<Nearby>, MeshError> {
         let st = self.status().await?;
-        let mut up: Vec<(DeviceId, f64)> = st
+        let mut up: Vec<Nearby> = st
             .devices
             .iter()
             .filter(|d| d.up && d.id != self.me)
-            .map(|d| (d.id, d.rtt_ms.unwrap_or(f64::MAX)))
+            .map(|d| Nearby {
+                device: d.id,
+                rtt_ms: d.rtt_ms.unwrap_or(f64::MAX),
+                bad_chunks: d.bad_chunks,
+            })
             .collect();
-        up.sort_by(|a, b| a.1.total_cmp(&b.1));
+        up.sort_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms));
         Ok(up)
     }
 
