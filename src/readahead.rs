@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::fs::{RemoteChunks, Want};
-use crate::ids::{ChunkHash, DeviceId, ResourceId};
+use crate::ids::{ChunkHash, DeviceId, ResourceId, VersionId};
 use crate::mesh::{MeshClient, Nearby};
 use crate::storage::ChunkStore;
 
@@ -102,7 +102,7 @@ impl Window {
 }
 
 /// Whom step `n` of a readahead asks, in order. The devices the
-/// availability view names as holding the file (`holding`), among the
+/// availability view names as holding the version read (`holding`), among the
 /// connected ones (`nearest`, nearest first), within twice the nearest
 /// holder's RTT plus 1 ms and never caught sending bad bytes, take turns
 /// step by step, so a long read is spread over them; then the file's
@@ -337,13 +337,13 @@ impl Readahead {
             .filter(|h| !self.store.contains(h).unwrap_or(false))
             .collect();
         if !ahead.is_empty() {
-            self.stream(want.ino, ahead);
+            self.stream(want.ino, want.version, ahead);
         }
         step.check_at
     }
 
     /// Fetches `hashes` in the background, in order, into the store.
-    fn stream(&self, ino: ResourceId, hashes: Vec<ChunkHash>) {
+    fn stream(&self, ino: ResourceId, version: VersionId, hashes: Vec<ChunkHash>) {
         let mut seen = HashSet::new();
         let hashes: Vec<ChunkHash> = hashes.into_iter().filter(|h| seen.insert(*h)).collect();
         let claim = Claim {
@@ -364,12 +364,7 @@ impl Readahead {
             let Ok(nearest) = mesh.nearby().await else {
                 return;
             };
-            let holding = mesh
-                .holders(vec![ino])
-                .await
-                .ok()
-                .and_then(|mut h| h.pop())
-                .unwrap_or_default();
+            let holding = mesh.holders_at(ino, version).await.unwrap_or_default();
             let holders = holder_order(&nearest, &holding, authority, turn);
             let flights = claim.flights.clone();
             // The reader streams already: the whole step in flight at once.

@@ -212,6 +212,7 @@ impl ChunkCache {
         }
         let want = || super::Want {
             ino: self.ino,
+            version: content.version,
             at,
             hash: *hash,
             next: &content.chunks[at + 1..],

@@ -285,6 +285,8 @@ pub trait Replicator: Send + Sync {
 #[derive(Debug, Clone, Copy)]
 pub struct Want<'a> {
     pub ino: ResourceId,
+    /// The version being read (holders of another version lack chunks).
+    pub version: crate::ids::VersionId,
     pub at: usize,
     pub hash: ChunkHash,
     /// The version's chunks after `at`.

@@ -25,7 +25,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::ids::{ChunkHash, DeviceId, ResourceId};
+use crate::ids::{ChunkHash, DeviceId, ResourceId, VersionId};
 use crate::storage::ChunkStore;
 use protocol::{ChunkRequest, Load, Member, Piece, PieceRequest, MAX_PIECE};
 pub use state::{noise_prologue, MeshState};
@@ -433,6 +433,17 @@ impl MeshClient {
         resources: Vec<ResourceId>,
     ) -> Result<Vec<Vec<DeviceId>>, MeshError> {
         self.ask(|r| swarm::Command::Holders(resources, r)).await
+    }
+
+    /// The other devices whose availability announcements say they hold a
+    /// complete copy of `version` of `resource`.
+    pub async fn holders_at(
+        &self,
+        resource: ResourceId,
+        version: VersionId,
+    ) -> Result<Vec<DeviceId>, MeshError> {
+        self.ask(|r| swarm::Command::HoldersAt(resource, version, r))
+            .await
     }
 
     /// Devices that announced a provider record for `resource` (Kademlia).

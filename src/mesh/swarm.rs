@@ -32,7 +32,7 @@ use super::protocol::{
 use super::state::MeshState;
 use super::view::{Applied, Outbox, View};
 use super::{DeviceStatus, MeshError, MeshSettings, MeshStatus, RaftInbound};
-use crate::ids::{DeviceId, ResourceId};
+use crate::ids::{DeviceId, ResourceId, VersionId};
 use crate::storage::ChunkStore;
 
 /// Chunk requests served at once; more wait in a queue of `MAX_QUEUE`,
@@ -78,6 +78,7 @@ pub(crate) enum Command {
     /// For each resource, the other devices whose announcements say they
     /// hold all of it.
     Holders(Vec<ResourceId>, oneshot::Sender<Vec<Vec<DeviceId>>>),
+    HoldersAt(ResourceId, VersionId, oneshot::Sender<Vec<DeviceId>>),
     RaftCall {
         device: DeviceId,
         bytes: Vec<u8>,
@@ -477,6 +478,9 @@ impl Actor {
             }
             Command::Holders(resources, reply) => {
                 let _ = reply.send(resources.iter().map(|r| self.view.holders(*r)).collect());
+            }
+            Command::HoldersAt(resource, version, reply) => {
+                let _ = reply.send(self.view.holders_at(resource, version));
             }
             Command::FindHolders(resource, reply) => {
                 let id = self

@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::protocol::{
     Announcement, AvailRequest, AvailResponse, Holding, Load, MAX_AVAIL_PAGE, MAX_DELTA,
 };
-use crate::ids::{DeviceId, ResourceId};
+use crate::ids::{DeviceId, ResourceId, VersionId};
 
 /// This device's announced state.
 #[derive(Debug, Default)]
@@ -234,10 +234,19 @@ impl View {
 
     /// Devices holding `resource`, least loaded first.
     pub fn holders(&self, resource: ResourceId) -> Vec<DeviceId> {
+        self.holders_where(resource, |_| true)
+    }
+
+    /// Devices holding `version` of `resource`, least loaded first.
+    pub fn holders_at(&self, resource: ResourceId, version: VersionId) -> Vec<DeviceId> {
+        self.holders_where(resource, |h| h.version == version)
+    }
+
+    fn holders_where(&self, resource: ResourceId, ok: impl Fn(&Holding) -> bool) -> Vec<DeviceId> {
         let mut v: Vec<(u32, DeviceId)> = self
             .devices
             .iter()
-            .filter(|(_, r)| r.holdings.contains_key(&resource))
+            .filter(|(_, r)| r.holdings.get(&resource).is_some_and(&ok))
             .map(|(d, r)| (r.load.active_transfers + r.load.queue_depth, *d))
             .collect();
         v.sort();
@@ -291,6 +300,31 @@ mod tests {
         assert_eq!(view.devices[&dev].holdings, next);
         assert!(out.next(dev, &next, Load::default(), false).is_none());
         assert!(out.next(dev, &next, Load::default(), true).is_some());
+    }
+
+    #[test]
+    fn holders_of_a_version_leave_out_those_with_another() {
+        let (a, b) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        let mut view = View::default();
+        let now = Instant::now();
+        for (dev, version) in [(a, 1), (b, 2)] {
+            let mut h = holding(7, 10);
+            h.version = crate::ids::VersionId(version);
+            let ann = Announcement {
+                device: dev,
+                base: 0,
+                seq: 1,
+                added: vec![h],
+                removed: Vec::new(),
+                load: Load::default(),
+            };
+            assert_eq!(view.apply(&ann, now), Applied::Applied);
+        }
+        assert_eq!(view.holders(ResourceId(7)).len(), 2);
+        assert_eq!(view.holders_at(ResourceId(7), VersionId(2)), vec![b]);
+        assert_eq!(view.holders_at(ResourceId(7), VersionId(1)), vec![a]);
+        assert!(view.holders_at(ResourceId(7), VersionId(3)).is_empty());
+        assert!(view.holders_at(ResourceId(8), VersionId(1)).is_empty());
     }
 
     #[test]
