@@ -101,10 +101,14 @@ impl Window {
     }
 }
 
+/// Milliseconds of RTT beyond twice the nearest holder's within which
+/// another holder still takes turns.
+pub const CLOSE_MS: f64 = 5.0;
+
 /// Whom step `n` of a readahead asks, in order. The devices the
 /// availability view names as holding the version read (`holding`), among the
 /// connected ones (`nearest`, nearest first), within twice the nearest
-/// holder's RTT plus 1 ms and never caught sending bad bytes, take turns
+/// holder's RTT plus [`CLOSE_MS`] and never caught sending bad bytes, take turns
 /// step by step, so a long read is spread over them; then the file's
 /// authority; then every other connected device, nearest first (one may
 /// hold the file before the view says so; one that sent bad bytes comes
@@ -121,7 +125,9 @@ pub fn holder_order(
         .collect();
     let mut out: Vec<DeviceId> = match held.first() {
         Some(best) => {
-            let limit = best.rtt_ms * 2.0 + 1.0;
+            // Loose enough for the jitter of a busy LAN (and loopback),
+            // tight enough to keep a holder across a WAN out.
+            let limit = best.rtt_ms * 2.0 + CLOSE_MS;
             let mut close: Vec<DeviceId> = held
                 .iter()
                 .filter(|d| d.rtt_ms <= limit)

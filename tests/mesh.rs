@@ -614,7 +614,9 @@ fn reads_through_another_devices_mount_stream_ahead_and_survive_a_dying_holder()
     let fifth = spread.len() as u64 / 5;
     assert!(
         from_a >= fifth && from_c >= fifth,
-        "{from_a} bytes from alpha, {from_c} from charlie"
+        "{from_a} bytes from alpha, {from_c} from charlie; RTT alpha {}, charlie {}",
+        device_field(&devs[1], "alpha", "rtt_ms"),
+        device_field(&devs[1], "charlie", "rtt_ms")
     );
 
     // bravo starts reading big.bin, alpha dies a quarter of the way in, and
