@@ -176,7 +176,8 @@ struct Kept {
 const KEPT: usize = 128;
 
 impl Flights {
-    /// Records those of `hashes` not already in flight; returns them.
+    /// Records those of `hashes` not already in flight (each once);
+    /// returns them.
     fn claim(&self, hashes: impl IntoIterator<Item = ChunkHash>) -> Vec<ChunkHash> {
         let mut set = crate::lock(&self.chunks);
         hashes.into_iter().filter(|h| set.insert(*h)).collect()
@@ -250,13 +251,16 @@ impl Drop for Claim {
     }
 }
 
+/// The authority of a file, as this device knows it.
+pub type AuthorityFn = Box<dyn Fn(ResourceId) -> Option<DeviceId> + Send + Sync>;
+
 /// Reads of chunks missing or damaged here: the file's authority first,
 /// then the other members, nearest first; chunks ahead of a sequential
 /// reader are streamed in the background.
 pub struct Readahead {
     mesh: MeshClient,
     /// Who governs each file (asked first).
-    authority: Box<dyn Fn(ResourceId) -> Option<DeviceId> + Send + Sync>,
+    authority: AuthorityFn,
     store: Arc<dyn ChunkStore>,
     rt: tokio::runtime::Handle,
     /// Told of every read that waits on the network (prefetch yields).
@@ -286,7 +290,7 @@ struct Stats {
 impl Readahead {
     pub fn new(
         mesh: MeshClient,
-        authority: Box<dyn Fn(ResourceId) -> Option<DeviceId> + Send + Sync>,
+        authority: AuthorityFn,
         store: Arc<dyn ChunkStore>,
         rt: tokio::runtime::Handle,
         ledger: Arc<crate::prefetch::fetch::Ledger>,
@@ -350,8 +354,7 @@ impl Readahead {
 
     /// Fetches `hashes` in the background, in order, into the store.
     fn stream(&self, ino: ResourceId, version: VersionId, hashes: Vec<ChunkHash>) {
-        let mut seen = HashSet::new();
-        let hashes: Vec<ChunkHash> = hashes.into_iter().filter(|h| seen.insert(*h)).collect();
+        // Claiming also drops a hash repeated within `hashes`.
         let claim = Claim {
             hashes: self.flights.claim(hashes),
             flights: self.flights.clone(),
@@ -513,6 +516,9 @@ mod tests {
         let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
         assert_eq!(flights.claim([a, b]), vec![a, b]);
         assert!(flights.claim([a]).is_empty(), "claimed twice");
+        let c = ChunkHash::of(b"c");
+        assert_eq!(flights.claim([c, c]), vec![c], "a repeat within one claim");
+        flights.land(&[c]);
         let f = flights.clone();
         let arrive = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
