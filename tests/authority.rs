@@ -114,6 +114,15 @@ fn the_authority_applies_at_once_ships_batches_and_others_forward() {
         "{applied} changes took {entries} log entries: not batched"
     );
     for d in [&a, &c] {
+        // Listed first, before any lookup asks bravo: opendir waits until
+        // what bravo acknowledged is applied here (committed on bravo is not
+        // yet applied on the others).
+        assert_eq!(
+            fs::read_dir(d.path("work")).unwrap().count(),
+            300,
+            "{} lists bravo's directory",
+            d.name
+        );
         for i in (0..300).step_by(37) {
             assert_eq!(
                 fs::read(d.path(&format!("work/f{i}"))).unwrap(),
@@ -122,7 +131,6 @@ fn the_authority_applies_at_once_ships_batches_and_others_forward() {
                 d.name
             );
         }
-        assert_eq!(fs::read_dir(d.path("work")).unwrap().count(), 300);
     }
     // Alpha and charlie race to create one name in bravo's directory, 20
     // times: both are forwarded, one wins, the other gets EEXIST.

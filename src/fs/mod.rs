@@ -270,6 +270,11 @@ pub trait Replicator: Send + Sync {
     /// the authority is another device (whose changes the kernel here may
     /// not know yet).
     fn open_barrier(&self, ino: ResourceId) -> bool;
+    /// Before a listing of directory `dir` (opendir): waits (boundedly)
+    /// until every change its authority acknowledged is applied here, so
+    /// that names made elsewhere and closed are listed (close-to-open for
+    /// directories). Never counts as use of `dir`.
+    fn list_barrier(&self, dir: ResourceId);
     /// A lookup of `name` in `parent` found nothing: asks the directory's
     /// authority if that is another device. True when the lookup should be
     /// tried again.
@@ -647,6 +652,21 @@ impl Fs {
     /// handle is open (an unlinked file stays until neither does).
     pub fn in_use(&self, ino: ResourceId) -> bool {
         lock(&self.lookups).contains_key(&ino) || lock(&self.open).contains_key(&ino)
+    }
+
+    /// Opens directory `ino` for listing: after the cross-device barrier,
+    /// `readdir` shows every name its authority acknowledged.
+    pub fn opendir(&self, ino: ResourceId) -> Result<()> {
+        let kind = self.getattr(ino)?.kind;
+        if kind != Kind::Dir {
+            return Err(MetaError::NotDir.into());
+        }
+        if !history::is_virtual(ino) {
+            if let Some(r) = self.replica.get() {
+                r.list_barrier(ino);
+            }
+        }
+        Ok(())
     }
 
     pub fn getattr(&self, ino: ResourceId) -> Result<Attr> {

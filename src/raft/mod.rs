@@ -1722,6 +1722,14 @@ impl crate::fs::Replicator for Replica {
         true
     }
 
+    fn list_barrier(&self, dir: ResourceId) {
+        let Some(authority) = self.authority(dir).filter(|a| *a != self.device) else {
+            return;
+        };
+        let r = self.clone();
+        block_on(&self.rt, async move { r.read_barrier(authority).await });
+    }
+
     fn reclaim(&self, ino: ResourceId) {
         self.reclaim_unused(ino);
     }
