@@ -139,6 +139,17 @@ pub struct Config {
     /// `replicas` copies) and open files are never evicted. Unset: half of
     /// the data dir's disk.
     pub cache_limit_mb: Option<u64>,
+    /// Read complete local files with FUSE passthrough: the kernel reads a
+    /// backing copy in the data dir (`backing/`) without asking the daemon.
+    /// Needs root (CAP_SYS_ADMIN) and a kernel with passthrough (6.9+);
+    /// without them files are read through the daemon as before.
+    pub passthrough: bool,
+    /// Most MiB of backing copies kept (least recently opened go first).
+    /// They are copies: the disk holds such a file twice.
+    pub passthrough_cache_mb: u64,
+    /// Files smaller than this many KiB are always read through the daemon
+    /// (the page cache serves them well; a copy each would cost more).
+    pub passthrough_min_kb: u64,
     /// Record opens through the mount in the access log and learn from the
     /// mesh's log (predictors and the GRU). Off: nothing is recorded or
     /// learned here, and nothing is prefetched.
@@ -235,6 +246,9 @@ impl Default for Config {
             max_voters: 5,
             replicas: 2,
             cache_limit_mb: None,
+            passthrough: true,
+            passthrough_cache_mb: 4096,
+            passthrough_min_kb: 1024,
             access_learn: true,
             access_share: true,
             users: Default::default(),
@@ -405,6 +419,12 @@ impl Config {
         }
         if !(100..=600_000).contains(&self.fetch_timeout_ms) {
             return Err("fetch_timeout_ms must be 100..=600000".into());
+        }
+        if self.passthrough && self.passthrough_cache_mb == 0 {
+            return Err(
+                "passthrough_cache_mb must be at least 1 (turn passthrough off with passthrough = false)"
+                    .into(),
+            );
         }
         if !(1..=1024).contains(&self.fetch_window) {
             return Err("fetch_window must be 1..=1024".into());

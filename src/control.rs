@@ -396,6 +396,7 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
         "commits": fs.commits,
         "rechunked_bytes": fs.rechunked_bytes,
         "open_files": fs.open_files,
+        "passthrough": fs.passthrough,
         "memory": {
             "rss_bytes": rss_bytes(),
             "rocksdb": node.store.memory_usage(),

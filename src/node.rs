@@ -28,6 +28,7 @@ pub const LOG_FILE: &str = "meshfs.log";
 const LOCK_FILE: &str = "lock";
 const DB_DIR: &str = "db";
 const SPILL_DIR: &str = "spill";
+const BACKING_DIR: &str = "backing";
 
 /// How long `mount` waits for a previous daemon to let go of the data dir.
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -457,6 +458,11 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
             sync_on_close: cfg.sync_on_close,
             read_only: opts.read_only,
             replicated: true,
+            passthrough: cfg.passthrough.then(|| crate::fs::passthrough::Options {
+                dir: data_dir.join(BACKING_DIR),
+                budget_bytes: cfg.passthrough_cache_mb << 20,
+                min_bytes: cfg.passthrough_min_kb << 10,
+            }),
         },
     )?);
     // After Fs::new's garbage collection: what it deleted counts too.

@@ -93,6 +93,21 @@ pub fn print_status(v: &serde_json::Value) {
         "cache:      {} bytes in {} chunks",
         v["cache_bytes"], v["chunks"]
     );
+    let p = &v["passthrough"];
+    if p.is_object() {
+        println!(
+            "passthrough: {}; {} copies, {} bytes; {} opens by passthrough, {} through the daemon",
+            if p["enabled"].as_bool().unwrap_or(false) {
+                "on"
+            } else {
+                "off"
+            },
+            p["backing_files"],
+            p["backing_bytes"],
+            p["opens_passthrough"],
+            p["opens_cached"]
+        );
+    }
     let r = &v["raft"];
     if r.is_object() {
         let names = |k: &str| {

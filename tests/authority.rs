@@ -554,3 +554,35 @@ fn random_concurrent_changes_on_three_devices_converge() {
         assert!(o.status.success(), "{}: {}", d.name, common::stderr(&o));
     }
 }
+
+#[test]
+fn a_passthrough_reader_sees_a_version_committed_elsewhere_at_the_next_open() {
+    require_root!();
+    let (a, b, _c) = three(&[]);
+    let v1 = common::bytes(3 << 20, 31);
+    write_file(&a.path("doc"), &v1, false).unwrap();
+    assert!(
+        fs::read(b.path("doc")).unwrap() == v1,
+        "bravo reads alpha's file"
+    );
+    // Complete on bravo now: its next opens are passthrough.
+    b.wait_passthrough("doc");
+    let reader = fs::File::open(b.path("doc")).unwrap();
+    // Alpha, the file's authority, saves a new version while bravo's
+    // reader stays open (so bravo's opens must join its backing file).
+    let v2 = common::bytes(2 << 20, 32);
+    write_file(&a.path("doc"), &v2, false).unwrap();
+    let again = fs::read(b.path("doc")).unwrap();
+    assert!(
+        again.len() == v2.len() && again == v2,
+        "close-to-open on bravo"
+    );
+    let mut head = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&reader, &mut head, 0).unwrap();
+    assert!(
+        head == v2[..4096],
+        "the open reader reads the new version too"
+    );
+    drop(reader);
+    assert!(fs::read(b.path("doc")).unwrap() == v2);
+}

@@ -621,3 +621,110 @@ fn names_over_255_bytes_are_enametoolong_for_every_operation() {
     names.sort();
     assert_eq!(names, vec![1, 3, 255]);
 }
+
+fn pt(d: &Device, what: &str) -> u64 {
+    d.passthrough(what)
+}
+
+#[test]
+fn complete_files_are_read_by_passthrough_and_readers_see_local_writes() {
+    require_root!();
+    let mut d = Device::start("pat");
+    assert_eq!(d.status_json()["passthrough"]["enabled"], true);
+    let v1 = bytes(4 << 20, 11);
+    fs::write(d.path("big"), &v1).unwrap();
+    // Below passthrough_min_kb: never a backing file.
+    fs::write(d.path("small"), b"small file").unwrap();
+    assert_eq!(fs::read(d.path("small")).unwrap(), b"small file");
+    // The first open reads through the daemon and asks for a copy.
+    assert_eq!(fs::read(d.path("big")).unwrap(), v1);
+    assert_eq!(pt(&d, "opens_passthrough"), 0);
+    d.wait_passthrough("big");
+    assert_eq!(pt(&d, "backing_files"), 1);
+
+    // A reader is answered with passthrough (the kernel accepted it: the
+    // open succeeded) and reads the version.
+    let pt0 = pt(&d, "opens_passthrough");
+    let r1 = File::open(d.path("big")).unwrap();
+    assert_eq!(pt(&d, "opens_passthrough"), pt0 + 1);
+    let mut got = vec![0u8; v1.len()];
+    r1.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == v1, "passthrough read differs");
+
+    // A writer while it is open joins it (the kernel allows nothing else)
+    // and writes into the backing file: the reader sees each write at once
+    // (POSIX on one device), an extension included.
+    let w = OpenOptions::new().write(true).open(d.path("big")).unwrap();
+    assert_eq!(pt(&d, "opens_passthrough"), pt0 + 2);
+    let patch = bytes(1 << 20, 12);
+    w.write_all_at(&patch, 1 << 20).unwrap();
+    w.write_all_at(b"tail", 4 << 20).unwrap();
+    let mut seen = vec![0u8; 1 << 20];
+    r1.read_exact_at(&mut seen, 1 << 20).unwrap();
+    assert!(seen == patch, "the passthrough reader missed a write");
+    let mut tail = [0u8; 4];
+    r1.read_exact_at(&mut tail, 4 << 20).unwrap();
+    assert_eq!(&tail, b"tail");
+    assert_eq!(fs::metadata(d.path("big")).unwrap().len(), (4 << 20) + 4);
+    drop(w);
+    let mut v2 = v1.clone();
+    v2[1 << 20..2 << 20].copy_from_slice(&patch);
+    v2.extend_from_slice(b"tail");
+    // The writer's close committed the file from the backing file.
+    assert_eq!(pt(&d, "commits_from_backing"), 1);
+    let r2 = File::open(d.path("big")).unwrap();
+    let mut got = Vec::new();
+    (&r2).read_to_end(&mut got).unwrap();
+    assert!(got == v2, "second reader");
+    // A writer that writes nothing makes no version.
+    let versions = || fs::read_dir(d.path(".meshfs/versions/big")).map_or(0, |r| r.count());
+    let before = versions();
+    drop(OpenOptions::new().write(true).open(d.path("big")).unwrap());
+    assert_eq!(pt(&d, "commits_from_backing"), 1);
+    assert_eq!(versions(), before);
+    drop((r1, r2));
+    // Closed everywhere: what another program reads is the new version.
+    assert!(fs::read(d.path("big")).unwrap() == v2, "after close");
+
+    // A new version replaces the copy; a reader never gets an older one.
+    fs::write(d.path("big"), &v1).unwrap();
+    assert_eq!(fs::read(d.path("big")).unwrap(), v1);
+    d.wait_passthrough("big");
+    assert_eq!(fs::read(d.path("big")).unwrap(), v1);
+    let trunc = OpenOptions::new().write(true).open(d.path("big")).unwrap();
+    trunc.set_len(3 << 20).unwrap();
+    drop(trunc);
+    assert!(
+        fs::read(d.path("big")).unwrap() == v1[..3 << 20],
+        "after truncate"
+    );
+
+    // Copies outlive the daemon; one of the wrong size is not used.
+    fs::write(d.path("big"), &v1).unwrap();
+    d.wait_passthrough("big");
+    fs::copy(d.path("big"), d.path("big2")).unwrap();
+    d.wait_passthrough("big2");
+    d.unmount();
+    let backing = d.data_dir().join("backing");
+    let mut copies: Vec<_> = fs::read_dir(&backing)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    copies.sort();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    // Damage one of the two (which one does not matter: both hold v1).
+    OpenOptions::new()
+        .write(true)
+        .open(&copies[0])
+        .unwrap()
+        .set_len(1)
+        .unwrap();
+    d.mount();
+    for name in ["big", "big2"] {
+        assert!(
+            fs::read(d.path(name)).unwrap() == v1,
+            "{name} after remount"
+        );
+    }
+    assert_eq!(pt(&d, "opens_passthrough"), 1, "the intact copy only");
+}

@@ -562,10 +562,7 @@ impl Fs {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cache = Arc::new(ChunkCache::with_remote(self.remote.get().cloned(), f));
         lock(&self.virt).handles.insert(fh, (c, cache));
-        Ok(Opened {
-            fh,
-            keep_cache: true,
-        })
+        Ok(Opened::cached(fh, true))
     }
 
     /// Reads an open version; `None` when `fh` is not one.

@@ -8,6 +8,7 @@
 mod content;
 mod cutter;
 pub mod history;
+pub mod passthrough;
 mod spill;
 
 #[cfg(test)]
@@ -157,14 +158,30 @@ pub struct FsOptions {
     /// The namespace is replicated: changes go through a `Replicator`
     /// (authority and Raft), and nothing is changed locally at start-up.
     pub replicated: bool,
+    /// Where backing files for FUSE passthrough go; `None`: no passthrough.
+    pub passthrough: Option<passthrough::Options>,
 }
 
 /// What `open` tells the kernel.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Opened {
     pub fh: u64,
     /// The kernel's cached pages of this file are still the current version.
     pub keep_cache: bool,
+    /// Read (and written) straight from this backing file (FUSE
+    /// passthrough).
+    pub passthrough: Option<Arc<passthrough::Backing>>,
+}
+
+impl Opened {
+    /// A handle read through the daemon and the page cache.
+    pub fn cached(fh: u64, keep_cache: bool) -> Self {
+        Opened {
+            fh,
+            keep_cache,
+            passthrough: None,
+        }
+    }
 }
 
 /// Counters for `meshfs status`.
@@ -173,6 +190,7 @@ pub struct FsStats {
     pub commits: u64,
     pub rechunked_bytes: u64,
     pub open_files: u64,
+    pub passthrough: passthrough::Stats,
 }
 
 #[derive(Debug)]
@@ -180,6 +198,9 @@ struct OpenFile {
     handles: usize,
     spill: Option<Spill>,
     cache: Arc<ChunkCache>,
+    /// How the kernel has the file open (passthrough and page cache never
+    /// at once).
+    io: passthrough::IoState,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +209,7 @@ struct Handle {
     file: Arc<Mutex<OpenFile>>,
     append: bool,
     writable: bool,
+    mode: passthrough::Mode,
     /// Set until the handle's first read, which reports whether the file was
     /// already here (the prefetcher's hit or miss).
     unread: Arc<std::sync::atomic::AtomicBool>,
@@ -228,6 +250,8 @@ pub struct Fs {
     access: std::sync::OnceLock<Arc<dyn AccessSink>>,
     /// What the read-only `user.meshfs.*` xattrs show (`meshfs stat`).
     stat: std::sync::OnceLock<StatFn>,
+    /// Backing files for passthrough, when the options ask for them.
+    backings: Option<Arc<passthrough::Backings>>,
 }
 
 /// A resource's `meshfs stat` as JSON, if it exists.
@@ -324,6 +348,24 @@ impl Fs {
         for e in std::fs::read_dir(&opts.spill_dir)?.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
+        let backings = match &opts.passthrough {
+            Some(p) => {
+                let store = store.clone();
+                let read: passthrough::ReadFn = Arc::new(move |content, at, out| {
+                    read_content(&*store, &ChunkCache::default(), content, at, out)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                });
+                let b = passthrough::Backings::start(p.clone(), read)?;
+                // Versions replaced while the daemon was down.
+                b.retain(|ino, digest| {
+                    meta.get(ino)
+                        .and_then(|i| i.content.as_ref())
+                        .is_some_and(|c| c.digest() == digest)
+                });
+                Some(b)
+            }
+            None => None,
+        };
         let fs = Fs {
             store,
             chunkers: Default::default(),
@@ -346,6 +388,7 @@ impl Fs {
             last_open: Mutex::new(HashMap::new()),
             access: std::sync::OnceLock::new(),
             stat: std::sync::OnceLock::new(),
+            backings,
         };
         // With a replicated namespace, orphans are not ours to drop at
         // start-up: another device may hold them open.
@@ -564,11 +607,24 @@ impl Fs {
         }
         let file = lock(&self.open).get(&attr.ino).cloned();
         if let Some(f) = file {
-            if let Some(s) = &lock(&f).spill {
+            let f = lock(&f);
+            if let Some(s) = &f.spill {
                 attr.size = s.size;
                 attr.blocks = s.size.div_ceil(512);
                 attr.mtime = s.mtime;
                 attr.ctime = attr.ctime.max(s.mtime);
+            } else if let Some(pt) = f.io.pt.as_ref().filter(|p| p.holds.is_none()) {
+                // Passthrough writers' bytes not committed yet: the backing
+                // file says how long it is and when it changed.
+                if let Ok(m) = pt.backing.file.metadata() {
+                    attr.size = m.len();
+                    attr.blocks = m.len().div_ceil(512);
+                    if let Ok(t) = m.modified() {
+                        let t = Timestamp::from_system(t);
+                        attr.mtime = attr.mtime.max(t);
+                        attr.ctime = attr.ctime.max(t);
+                    }
+                }
             }
         }
         attr
@@ -696,6 +752,17 @@ impl Fs {
             let file = self.open_file(ino);
             let res = (|| {
                 let mut f = lock(&file);
+                if let Some(pt) = f.io.pt.as_mut() {
+                    // Passthrough handles read and write the backing file:
+                    // the new size is made there, and committed from it.
+                    pt.holds = None;
+                    let b = pt.backing.clone();
+                    b.file.set_len(size)?;
+                    if fh.is_none() {
+                        self.commit_backing(ino, &mut f, &b, self.opts.sync_on_close)?;
+                    }
+                    return Ok(());
+                }
                 self.ensure_spill(ino, &mut f)?;
                 if let Some(s) = f.spill.as_mut() {
                     s.set_size(size, Timestamp::now())?;
@@ -1094,6 +1161,7 @@ impl Fs {
             .or_insert_with(|| {
                 Arc::new(Mutex::new(OpenFile {
                     handles: 0,
+                    io: Default::default(),
                     spill: None,
                     cache: Arc::new(ChunkCache::with_remote(self.remote.get().cloned(), ino)),
                 }))
@@ -1130,19 +1198,91 @@ impl Fs {
     }
 
     pub fn open(&self, ino: ResourceId, flags: i32) -> Result<Opened> {
-        self.open_with(ino, flags, true)
+        self.open_with(ino, flags, true, true)
+    }
+
+    /// How the kernel is to read a new handle of `ino` (`passthrough`), and
+    /// the backing file when it starts the file's passthrough. Asks for a
+    /// backing file of a complete version that has none yet.
+    fn io_mode(
+        &self,
+        ino: ResourceId,
+        f: &OpenFile,
+        read_only: bool,
+        content: Option<&crate::meta::Content>,
+    ) -> (
+        passthrough::Mode,
+        Option<Arc<passthrough::Backing>>,
+        ChunkHash,
+    ) {
+        let backings = self.backings.as_ref().filter(|b| b.enabled());
+        let clean = f.spill.is_none();
+        let eligible = match (backings, content) {
+            (Some(b), Some(c)) => read_only && clean && c.size > 0 && c.size >= b.min_bytes(),
+            _ => false,
+        };
+        let digest = match content {
+            Some(c) if eligible || f.io.pt.is_some() => c.digest(),
+            _ => ChunkHash::from_bytes([0; 32]),
+        };
+        let mut backing = None;
+        if let (true, Some(b), Some(c), None) = (eligible, backings, content, &f.io.pt) {
+            backing = b.ready(ino, digest, c.size);
+            if backing.is_none() && !b.known(ino, digest) && self.all_local(c) {
+                b.want(ino, digest, c);
+            }
+        }
+        let ask = passthrough::Ask {
+            read_only: eligible,
+            clean,
+            digest,
+            ready: backing.is_some(),
+        };
+        (passthrough::choose(&f.io, ask), backing, digest)
+    }
+
+    /// Whether the mount should ask the kernel for passthrough.
+    pub fn passthrough_wanted(&self) -> bool {
+        self.backings.as_ref().is_some_and(|b| b.enabled())
+    }
+
+    /// Turns passthrough off for this run (the kernel lacks it).
+    pub fn passthrough_off(&self, why: &str) {
+        if let Some(b) = &self.backings {
+            b.disable(why);
+        }
+    }
+
+    /// The FUSE layer could not hand the backing file to the kernel (no
+    /// passthrough in this kernel, or no right to it): the handle is read
+    /// through the daemon instead, and no later open tries again.
+    pub fn passthrough_refused(&self, fh: u64, why: &str) {
+        if let Some(b) = &self.backings {
+            b.disable(why);
+        }
+        let Ok(h) = self.handle(fh) else { return };
+        if h.mode != passthrough::Mode::Passthrough {
+            return;
+        }
+        {
+            let mut f = lock(&h.file);
+            f.io.remove(passthrough::Mode::Passthrough, h.writable);
+            f.io.cached += 1;
+        }
+        if let Some(e) = lock(&self.handles).get_mut(&fh) {
+            e.mode = passthrough::Mode::Cached;
+        }
+        // Its pages may be another version's: it is opened without them.
+        lock(&self.kernel_versions).remove(&h.ino);
     }
 
     /// `open`; `barrier` false skips the cross-device read barrier (for a
-    /// file this call just created: the creation is the open's moment).
-    fn open_with(&self, ino: ResourceId, flags: i32, barrier: bool) -> Result<Opened> {
+    /// file this call just created: the creation is the open's moment);
+    /// `pt_ok` false keeps the handle off passthrough (a create's reply).
+    fn open_with(&self, ino: ResourceId, flags: i32, barrier: bool, pt_ok: bool) -> Result<Opened> {
         let acc = flags & libc::O_ACCMODE;
         let writable = acc == libc::O_WRONLY || acc == libc::O_RDWR;
-        let (kind, version) = {
-            let meta = self.read_meta();
-            let i = meta.get(ino).ok_or(MetaError::NotFound)?;
-            (i.kind, i.version())
-        };
+        let kind = self.read_meta().get(ino).ok_or(MetaError::NotFound)?.kind;
         if kind == Kind::Dir {
             return Err(MetaError::IsDir.into());
         }
@@ -1151,16 +1291,14 @@ impl Fs {
         }
         // Close-to-open across devices: wait until everything the file's
         // authority acknowledged is applied here, then look again.
-        let (version, elsewhere) = match self.replica.get().filter(|_| barrier) {
-            Some(r) => {
-                let elsewhere = r.open_barrier(ino);
-                let meta = self.read_meta();
-                (
-                    meta.get(ino).ok_or(MetaError::NotFound)?.version(),
-                    elsewhere,
-                )
-            }
-            None => (version, false),
+        let elsewhere = match self.replica.get().filter(|_| barrier) {
+            Some(r) => r.open_barrier(ino),
+            None => false,
+        };
+        let (version, content) = {
+            let meta = self.read_meta();
+            let i = meta.get(ino).ok_or(MetaError::NotFound)?;
+            (i.version(), i.content.clone())
         };
         {
             let mut last = lock(&self.last_open);
@@ -1173,10 +1311,31 @@ impl Fs {
             }
         }
         let file = self.open_file(ino);
-        {
+        let (mode, passthrough) = {
             let mut f = lock(&file);
+            if let Some(c) = &content {
+                self.refresh_backing(&mut f, c);
+            }
+            let read_only = !writable && pt_ok && kind == Kind::File;
+            let (mode, backing, digest) = self.io_mode(ino, &f, read_only, content.as_ref());
+            f.io.add(mode, writable, backing, digest);
             f.handles += 1;
-            if flags & libc::O_TRUNC != 0 && writable && kind == Kind::File {
+            if let (true, Some(pt), Some(b)) = (writable, &f.io.pt, &self.backings) {
+                // Its name no longer says what it holds.
+                b.forget(ino, pt.backing.digest);
+            }
+            let trunc = flags & libc::O_TRUNC != 0 && writable && kind == Kind::File;
+            if let (true, Some(pt)) = (trunc, &f.io.pt) {
+                // The kernel writes this handle's bytes into the backing
+                // file: the truncation goes there too.
+                if let Err(e) = pt.backing.file.set_len(0) {
+                    f.handles -= 1;
+                    f.io.remove(mode, writable);
+                    drop(f);
+                    self.release_open_file(ino, &file);
+                    return Err(e.into());
+                }
+            } else if trunc {
                 if let Err(e) =
                     self.ensure_spill(ino, &mut f)
                         .and_then(|_| match f.spill.as_mut() {
@@ -1185,10 +1344,31 @@ impl Fs {
                         })
                 {
                     f.handles -= 1;
+                    f.io.remove(mode, writable);
                     drop(f);
                     self.release_open_file(ino, &file);
                     return Err(e);
                 }
+            }
+            let pt = match mode {
+                passthrough::Mode::Passthrough => f.io.pt.as_ref().map(|p| p.backing.clone()),
+                _ => None,
+            };
+            (mode, pt)
+        };
+        if let Some(b) = &self.backings {
+            match mode {
+                passthrough::Mode::Passthrough => &b.opens_passthrough,
+                passthrough::Mode::Cached => &b.opens_cached,
+            }
+            .fetch_add(1, Ordering::Relaxed);
+        }
+        // A passthrough handle's reads never reach the daemon: its first
+        // read is now, and the file is all here.
+        let unread = mode != passthrough::Mode::Passthrough;
+        if !unread {
+            if let Some(sink) = self.access.get() {
+                sink.first_read(ino, true);
             }
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -1199,10 +1379,12 @@ impl Fs {
                 file,
                 append: flags & libc::O_APPEND != 0,
                 writable,
-                unread: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                mode,
+                unread: Arc::new(std::sync::atomic::AtomicBool::new(unread)),
             },
         );
-        let keep_cache = {
+        // Only a cached handle fills the kernel's page cache.
+        let keep_cache = mode == passthrough::Mode::Cached && {
             let mut kv = lock(&self.kernel_versions);
             kv.insert(ino, version) == Some(version)
         };
@@ -1216,7 +1398,11 @@ impl Fs {
                 f(ino);
             }
         }
-        Ok(Opened { fh, keep_cache })
+        Ok(Opened {
+            fh,
+            keep_cache,
+            passthrough,
+        })
     }
 
     pub fn create(
@@ -1238,7 +1424,7 @@ impl Fs {
             Err(e) => return Err(e),
         };
         // O_TRUNC on a brand-new file is a no-op; opening must not fail on it.
-        let opened = self.open_with(attr.ino, flags & !libc::O_TRUNC, false)?;
+        let opened = self.open_with(attr.ino, flags & !libc::O_TRUNC, false, false)?;
         self.report_open(ctx.uid, attr.ino);
         Ok((attr, opened))
     }
@@ -1270,7 +1456,7 @@ impl Fs {
         if let Err(e) = self.access(ctx, attr.ino, mask) {
             return refuse(e);
         }
-        match self.open_with(attr.ino, flags, true) {
+        match self.open_with(attr.ino, flags, true, false) {
             Ok(opened) => {
                 self.report_open(ctx.uid, attr.ino);
                 Ok((self.getattr(attr.ino)?, opened))
@@ -1332,6 +1518,19 @@ impl Fs {
             return Err(StorageError::NoSpace.into());
         }
         let mut f = lock(&h.file);
+        if let (passthrough::Mode::Passthrough, Some(pt)) = (h.mode, f.io.pt.as_mut()) {
+            // The kernel writes a passthrough handle's bytes itself; this
+            // is a handle it sent here anyway: into the backing file too.
+            pt.holds = None;
+            let file = &pt.backing.file;
+            let at = if h.append {
+                file.metadata()?.len()
+            } else {
+                offset
+            };
+            std::os::unix::fs::FileExt::write_all_at(file, data, at)?;
+            return Ok(data.len() as u32);
+        }
         self.ensure_spill(h.ino, &mut f)?;
         let s = f.spill.as_mut().ok_or(FsError::BadHandle)?;
         let at = if h.append { s.size } else { offset };
@@ -1370,6 +1569,12 @@ impl Fs {
         if f.spill.as_ref().is_some_and(|s| s.size == 0) {
             return Ok(());
         }
+        if let Some(b) = self.backing_to_commit(&f, &h) {
+            if b.file.metadata().is_ok_and(|m| m.len() == 0) {
+                return Ok(());
+            }
+            return self.commit_backing(h.ino, &mut f, &b, self.opts.sync_on_close);
+        }
         self.commit_locked(h.ino, &mut f, self.opts.sync_on_close)
     }
 
@@ -1383,6 +1588,15 @@ impl Fs {
         let f = lock(&h.file);
         if let Some(s) = f.spill.as_ref() {
             return Ok(content::seek_spill(s, offset, hole));
+        }
+        if let Some(pt) = f.io.pt.as_ref().filter(|p| p.holds.is_none()) {
+            // Not committed yet: all data, which POSIX allows.
+            let size = pt.backing.file.metadata()?.len();
+            return Ok(match (offset < size, hole) {
+                (false, _) => None,
+                (true, false) => Some(offset),
+                (true, true) => Some(size),
+            });
         }
         let meta = self.read_meta();
         let i = meta.get(h.ino).ok_or(MetaError::NotFound)?;
@@ -1413,6 +1627,17 @@ impl Fs {
             .filter(|e| *e <= i64::MAX as u64)
             .ok_or(FsError::TooBig)?;
         let mut f = lock(&h.file);
+        if let Some(pt) = f.io.pt.as_mut() {
+            let len = pt.backing.file.metadata()?.len();
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > len {
+                if !crate::storage::has_space(&self.opts.spill_dir, end - len) {
+                    return Err(StorageError::NoSpace.into());
+                }
+                pt.holds = None;
+                pt.backing.file.set_len(end)?;
+            }
+            return Ok(());
+        }
         let size = match f.spill.as_ref() {
             Some(s) => s.size,
             None => self
@@ -1441,7 +1666,10 @@ impl Fs {
         }
         let h = self.handle(fh)?;
         let mut f = lock(&h.file);
-        self.commit_locked(h.ino, &mut f, false)?;
+        match self.backing_to_commit(&f, &h) {
+            Some(b) => self.commit_backing(h.ino, &mut f, &b, false)?,
+            None => self.commit_locked(h.ino, &mut f, false)?,
+        }
         self.sync_changes()
     }
 
@@ -1466,7 +1694,12 @@ impl Fs {
         let h = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
         let result = {
             let mut f = lock(&h.file);
-            let r = self.commit_locked(h.ino, &mut f, self.opts.sync_on_close);
+            let backing = self.backing_to_commit(&f, &h);
+            f.io.remove(h.mode, h.writable);
+            let r = match backing {
+                Some(b) => self.commit_backing(h.ino, &mut f, &b, self.opts.sync_on_close),
+                None => self.commit_locked(h.ino, &mut f, self.opts.sync_on_close),
+            };
             f.handles = f.handles.saturating_sub(1);
             if f.handles == 0 && r.is_err() {
                 // Nobody can retry a commit of a released file; the writes
@@ -1492,6 +1725,18 @@ impl Fs {
     /// Turns a file's uncommitted writes into a new version. On failure the
     /// writes stay in the spill, so a later flush or fsync can retry.
     fn commit_locked(&self, ino: ResourceId, f: &mut OpenFile, sync: bool) -> Result<()> {
+        self.commit_spill(ino, f, sync, false)
+    }
+
+    /// `commit_locked`; `skip_same`: content equal to the current version's
+    /// makes no new version (a passthrough writer that wrote nothing).
+    fn commit_spill(
+        &self,
+        ino: ResourceId,
+        f: &mut OpenFile,
+        sync: bool,
+        skip_same: bool,
+    ) -> Result<()> {
         let Some(spill) = f.spill.as_mut() else {
             return Ok(());
         };
@@ -1509,6 +1754,11 @@ impl Fs {
         let started = std::time::Instant::now();
         let new = content::rechunk(&*self.store, spill, self.opts.chunk_sizes)?;
         let chunked = started.elapsed();
+        if skip_same && spill.size == spill.base.size && new.chunks[..] == spill.base.chunks[..] {
+            self.store.unpin(&new.pinned);
+            self.discard_spill(f);
+            return Ok(());
+        }
         let cmd = FsCommand::CommitVersion {
             ino,
             size: spill.size,
@@ -1521,9 +1771,15 @@ impl Fs {
         self.store.unpin(&new.pinned);
         let out = res?;
         if let Outcome::Inode(i) = out {
-            // Our own writes went through the kernel's page cache, so the
-            // pages it holds are this version.
-            lock(&self.kernel_versions).insert(ino, i.version());
+            let mut kv = lock(&self.kernel_versions);
+            if f.io.pt.is_none() {
+                // Our own writes went through the kernel's page cache, so
+                // the pages it holds are this version.
+                kv.insert(ino, i.version());
+            } else {
+                // Passthrough writes bypassed it: what it holds is older.
+                kv.remove(&ino);
+            }
         }
         tracing::debug!(
             %ino,
@@ -1538,6 +1794,108 @@ impl Fs {
             .fetch_add(new.rechunked_bytes, Ordering::Relaxed);
         self.discard_spill(f);
         Ok(())
+    }
+
+    /// Commits what passthrough writers left in the backing file `b` of
+    /// `ino`: the whole file goes through the chunker again (only new
+    /// chunks are stored), as a copy into the mount would; bytes equal to
+    /// the current version make no new version. On failure the bytes stay
+    /// in the backing file, and the next close or sync tries again.
+    fn commit_backing(
+        &self,
+        ino: ResourceId,
+        f: &mut OpenFile,
+        b: &passthrough::Backing,
+        sync: bool,
+    ) -> Result<()> {
+        let size = b.file.metadata()?.len();
+        let digest = || {
+            self.read_meta()
+                .get(ino)
+                .and_then(|i| i.content.as_ref().map(|c| c.digest()))
+        };
+        let before = digest();
+        self.ensure_spill(ino, f)?;
+        let streamed = (|| {
+            let s = f.spill.as_mut().ok_or(FsError::BadHandle)?;
+            // From scratch, as `>` then a write of every byte would.
+            s.set_size(0, Timestamp::now())?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            while at < size {
+                let n = (size - at).min(buf.len() as u64) as usize;
+                std::os::unix::fs::FileExt::read_exact_at(&b.file, &mut buf[..n], at)?;
+                s.write(at, &buf[..n], Timestamp::now())?;
+                content::stream_cut(&self.store, s, self.opts.chunk_sizes, &self.chunkers)?;
+                at += n as u64;
+            }
+            Ok::<(), FsError>(())
+        })();
+        if let Err(e) = streamed.and_then(|_| self.commit_spill(ino, f, sync, true)) {
+            self.discard_spill(f);
+            return Err(e);
+        }
+        let after = digest();
+        if let (Some(b), true) = (&self.backings, after != before) {
+            b.commits_from_backing.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(pt) = f.io.pt.as_mut() {
+            // With writers still there, the next byte they write is not
+            // in this version.
+            pt.holds = if pt.writers == 0 { after } else { None };
+        }
+        Ok(())
+    }
+
+    /// The backing file a passthrough handle's close or sync commits from:
+    /// a writer's, or any handle's while what it holds is not committed (a
+    /// commit that failed, a truncate).
+    fn backing_to_commit(&self, f: &OpenFile, h: &Handle) -> Option<Arc<passthrough::Backing>> {
+        let pt = f.io.pt.as_ref()?;
+        let ours = h.mode == passthrough::Mode::Passthrough;
+        (ours && (h.writable || pt.holds.is_none())).then(|| pt.backing.clone())
+    }
+
+    /// Passthrough handles of a file hold its backing file, which still has
+    /// an older version than the one just applied here (committed on
+    /// another device): the new version is written over it, so that opens
+    /// from now on, which must join those handles, read it (close-to-open).
+    /// Its chunks are fetched first, so that a failure leaves the older
+    /// version whole. Left as it is (and logged) while writers have it open.
+    fn refresh_backing(&self, f: &mut OpenFile, content: &crate::meta::Content) {
+        let Some(pt) = f.io.pt.as_mut() else { return };
+        let Some(held) = pt.holds else { return };
+        let digest = content.digest();
+        if held == digest || pt.writers > 0 {
+            return;
+        }
+        let ino = pt.backing.ino;
+        let store = self.store.clone();
+        let cache = Arc::new(ChunkCache::with_remote(self.remote.get().cloned(), ino));
+        let read: passthrough::ReadFn = Arc::new(move |c, at, out| {
+            read_content(&*store, &cache, c, at, out)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        });
+        // Every chunk first, so that a fetch that fails leaves the older
+        // version whole.
+        let mut buf = vec![0u8; 4 << 20];
+        let mut at = 0;
+        while at < content.size {
+            let n = (content.size - at).min(buf.len() as u64) as usize;
+            if let Err(e) = read(content, at, &mut buf[..n]) {
+                tracing::warn!(%ino, error = %e, "a file open here by passthrough changed elsewhere and its new version could not be fetched; until it is closed here, opens here see the older version");
+                return;
+            }
+            at += n as u64;
+        }
+        // `holds` stays the older digest if this fails: the next open tries
+        // again, and no commit is ever made from a half-written copy.
+        match passthrough::fill(&pt.backing.file, content, &read) {
+            Ok(()) => pt.holds = Some(digest),
+            Err(e) => {
+                tracing::error!(%ino, error = %e, "could not write a new version over a passthrough file; its readers here may see a mix of versions until the next open retries")
+            }
+        }
     }
 
     /// Drops a file's spill and the pins its streamed chunks held.
@@ -1574,6 +1932,11 @@ impl Fs {
             commits: self.commits.load(Ordering::Relaxed),
             rechunked_bytes: self.rechunked.load(Ordering::Relaxed),
             open_files: lock(&self.open).len() as u64,
+            passthrough: self
+                .backings
+                .as_ref()
+                .map(|b| b.stats())
+                .unwrap_or_default(),
         }
     }
 

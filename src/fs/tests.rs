@@ -27,6 +27,7 @@ fn setup() -> (Arc<MemChunkStore>, Fs, tempfile::TempDir) {
             sync_on_close: false,
             read_only: false,
             replicated: false,
+            passthrough: None,
         },
     )
     .unwrap();
@@ -238,6 +239,7 @@ fn read_only_refuses_changes() {
             sync_on_close: false,
             read_only: true,
             replicated: false,
+            passthrough: None,
         },
     )
     .unwrap();
@@ -369,6 +371,7 @@ fn setup_with<S: crate::storage::Store + 'static>(store: Arc<S>) -> (Fs, tempfil
             sync_on_close: false,
             read_only: false,
             replicated: false,
+            passthrough: None,
         },
     )
     .unwrap();

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BackgroundSession, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow,
-    WriteFlags,
+    AccessFlags, BackgroundSession, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{Attr, Ctx, Fs, FsError, SetAttr};
@@ -142,6 +142,15 @@ impl Adapter {
     }
 }
 
+/// The flags of a handle read through the daemon.
+fn fopen_flags(o: &crate::fs::Opened) -> FopenFlags {
+    if o.keep_cache {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 fn empty(r: crate::fs::Result<()>, reply: ReplyEmpty) {
     match r {
         Ok(()) => reply.ok(),
@@ -162,6 +171,18 @@ impl Filesystem for Adapter {
             InitFlags::FUSE_ATOMIC_O_TRUNC,
         ] {
             let _ = config.add_capabilities(cap);
+        }
+        if self.fs.passthrough_wanted() {
+            // Depth 1: backing files on an ordinary filesystem, and this
+            // mount may still be a lower layer of an overlay.
+            let asked = config
+                .set_max_stack_depth(1)
+                .ok()
+                .and_then(|_| config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).ok());
+            if asked.is_none() {
+                self.fs
+                    .passthrough_off("this kernel has no FUSE passthrough");
+            }
         }
         Ok(())
     }
@@ -334,12 +355,25 @@ impl Filesystem for Adapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open_as(req.uid(), rid(ino), flags.0) {
             Ok(o) => {
-                let f = if o.keep_cache {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(o.fh), f)
+                if let Some(b) = &o.passthrough {
+                    // One kernel registration per backing file, kept as
+                    // long as it is (while passthrough handles are open).
+                    let mut slot = b.slot.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.is_none() {
+                        match reply.open_backing(&b.file) {
+                            Ok(id) => *slot = Some(Box::new(id)),
+                            Err(e) => {
+                                drop(slot);
+                                self.fs.passthrough_refused(o.fh, &e.to_string());
+                                return reply.opened(FileHandle(o.fh), FopenFlags::empty());
+                            }
+                        }
+                    }
+                    if let Some(id) = slot.as_ref().and_then(|s| s.downcast_ref::<BackingId>()) {
+                        return reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id);
+                    }
+                }
+                reply.opened(FileHandle(o.fh), fopen_flags(&o))
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -596,7 +630,7 @@ impl Filesystem for Adapter {
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(o.fh),
-                FopenFlags::empty(),
+                fopen_flags(&o),
             ),
             Err(e) => reply.error(errno(&e)),
         }

@@ -292,6 +292,35 @@ impl Device {
             .map_or(0, |x| x["holdings"].as_u64().unwrap_or(0))
     }
 
+    /// `meshfs status`'s passthrough counter `what`.
+    #[allow(dead_code)]
+    pub fn passthrough(&self, what: &str) -> u64 {
+        self.status_json()["passthrough"][what]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no passthrough.{what} in status"))
+    }
+
+    /// Opens `rel` for reading until the open is answered with passthrough
+    /// (its backing copy is made in the background after a first open).
+    #[allow(dead_code)]
+    pub fn wait_passthrough(&self, rel: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let before = self.passthrough("opens_passthrough");
+            drop(std::fs::File::open(self.path(rel)).unwrap());
+            if self.passthrough("opens_passthrough") > before {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{rel} never opened by passthrough on {}: {}",
+                self.name,
+                self.status_json()["passthrough"]
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         let dd = self.data_dir();
         let o = meshfs(&["status", "--data-dir", dd.to_str().unwrap(), "--json"]);
