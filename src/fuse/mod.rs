@@ -134,6 +134,30 @@ impl Adapter {
         Adapter { fs, ttl }
     }
 
+    /// Registers a passthrough handle's backing file with the kernel at its
+    /// first use (`open` is the reply's `open_backing`); the id is kept in
+    /// the `Backing`, which lives as long as the file's passthrough
+    /// handles. When the kernel refuses, the handle is read through the
+    /// daemon instead (and passthrough is off for the run).
+    fn register_backing(
+        &self,
+        o: &crate::fs::Opened,
+        open: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) {
+        let Some(b) = &o.passthrough else { return };
+        let mut slot = b.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        match open(&b.file) {
+            Ok(id) => *slot = Some(Box::new(id)),
+            Err(e) => {
+                drop(slot);
+                self.fs.passthrough_refused(o.fh, &e.to_string());
+            }
+        }
+    }
+
     fn entry(&self, r: crate::fs::Result<Attr>, reply: ReplyEntry) {
         match r {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
@@ -355,20 +379,9 @@ impl Filesystem for Adapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open_as(req.uid(), rid(ino), flags.0) {
             Ok(o) => {
+                self.register_backing(&o, |f| reply.open_backing(f));
                 if let Some(b) = &o.passthrough {
-                    // One kernel registration per backing file, kept as
-                    // long as it is (while passthrough handles are open).
-                    let mut slot = b.slot.lock().unwrap_or_else(|p| p.into_inner());
-                    if slot.is_none() {
-                        match reply.open_backing(&b.file) {
-                            Ok(id) => *slot = Some(Box::new(id)),
-                            Err(e) => {
-                                drop(slot);
-                                self.fs.passthrough_refused(o.fh, &e.to_string());
-                                return reply.opened(FileHandle(o.fh), FopenFlags::empty());
-                            }
-                        }
-                    }
+                    let slot = b.slot.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(id) = slot.as_ref().and_then(|s| s.downcast_ref::<BackingId>()) {
                         return reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id);
                     }
@@ -625,13 +638,31 @@ impl Filesystem for Adapter {
             .fs
             .create(ctx(req), rid(parent), name.as_bytes(), mode, flags)
         {
-            Ok((a, o)) => reply.created(
-                &self.ttl,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(o.fh),
-                fopen_flags(&o),
-            ),
+            Ok((a, o)) => {
+                // An existing file opened by create(2) joins the
+                // passthrough handles it has open, if any.
+                self.register_backing(&o, |f| reply.open_backing(f));
+                if let Some(b) = &o.passthrough {
+                    let slot = b.slot.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(id) = slot.as_ref().and_then(|s| s.downcast_ref::<BackingId>()) {
+                        return reply.created_passthrough(
+                            &self.ttl,
+                            &file_attr(&a),
+                            Generation(0),
+                            FileHandle(o.fh),
+                            FopenFlags::empty(),
+                            id,
+                        );
+                    }
+                }
+                reply.created(
+                    &self.ttl,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(o.fh),
+                    fopen_flags(&o),
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
