@@ -56,6 +56,10 @@ pub struct Config {
     pub chunk_max: u32,
     /// Default tracing filter for the daemon's log (MESHFS_LOG overrides).
     pub log: String,
+    /// The log file (`meshfs.log`) is rotated past this many MiB...
+    pub log_max_mb: u64,
+    /// ...keeping this many older files (`meshfs.log.1` is the newest).
+    pub log_keep: usize,
     /// Raft leader heartbeat period, in milliseconds.
     pub raft_heartbeat_ms: u64,
     /// A follower that hears no heartbeat for a random time in
@@ -220,6 +224,8 @@ impl Default for Config {
             chunk_avg: 64 * 1024,
             chunk_max: 256 * 1024,
             log: "info".into(),
+            log_max_mb: 16,
+            log_keep: 3,
             raft_heartbeat_ms: 40,
             raft_election_min_ms: 120,
             raft_election_max_ms: 200,
@@ -425,6 +431,9 @@ impl Config {
                 "passthrough_cache_mb must be at least 1 (turn passthrough off with passthrough = false)"
                     .into(),
             );
+        }
+        if !(1..=100_000).contains(&self.log_max_mb) || self.log_keep > 100 {
+            return Err("log_max_mb must be 1..=100000 and log_keep 0..=100".into());
         }
         if !(1..=1024).contains(&self.fetch_window) {
             return Err("fetch_window must be 1..=1024".into());

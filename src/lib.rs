@@ -28,6 +28,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod ids;
+pub mod logfile;
 pub mod mesh;
 pub mod meta;
 pub mod mountinfo;

@@ -718,35 +718,41 @@ fn mount(
         .read(true)
         .write(true)
         .open("/dev/null");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path);
+    // Also points stdout and stderr at the log (and at each new one after
+    // a rotation).
+    let log = meshfs::logfile::RotatingLog::open(
+        &log_path,
+        cfg.log_max_mb.saturating_mul(1 << 20),
+        cfg.log_keep,
+        true,
+    );
     {
         use std::os::unix::io::AsRawFd;
         // Whatever happens, the parent's stdout/stderr must be let go, or a
         // caller waiting for them to close (mount -a, a test) would hang.
-        let out = log
-            .as_ref()
-            .ok()
-            .map(|f| f.as_raw_fd())
-            .or(devnull.as_ref().ok().map(|f| f.as_raw_fd()));
         // SAFETY: dup2 onto the standard descriptors with fds we own.
         unsafe {
             if let Ok(null) = &devnull {
                 libc::dup2(null.as_raw_fd(), 0);
-            }
-            if let Some(fd) = out {
-                libc::dup2(fd, 1);
-                libc::dup2(fd, 2);
+                if log.is_err() {
+                    libc::dup2(null.as_raw_fd(), 1);
+                    libc::dup2(null.as_raw_fd(), 2);
+                }
             }
         }
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(log_filter(&cfg.log))
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = match log {
+        Ok(log) => tracing_subscriber::fmt()
+            .with_env_filter(log_filter(&cfg.log))
+            .with_ansi(false)
+            .with_writer(log)
+            .try_init(),
+        Err(_) => tracing_subscriber::fmt()
+            .with_env_filter(log_filter(&cfg.log))
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .try_init(),
+    };
     let mut wr = Some(std::fs::File::from(wr));
     let r = node::run_daemon(&data_dir, &mountpoint, &opts, |res| {
         if let Some(mut w) = wr.take() {

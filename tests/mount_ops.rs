@@ -728,3 +728,42 @@ fn complete_files_are_read_by_passthrough_and_readers_see_local_writes() {
     }
     assert_eq!(pt(&d, "opens_passthrough"), 1, "the intact copy only");
 }
+
+#[test]
+fn the_daemon_log_is_rotated_by_size() {
+    require_root!();
+    let mut d = Device::init("logger");
+    d.set_config("log_max_mb", "1");
+    d.set_config("log_keep", "1");
+    // Trace level: Raft heartbeats and the mesh fill a MiB in seconds.
+    let o = d.try_mount_env(&[], &[("MESHFS_LOG", "trace")]);
+    assert!(o.status.success(), "mount: {}", common::stderr(&o));
+    let log = d.data_dir().join("meshfs.log");
+    let old = d.data_dir().join("meshfs.log.1");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !old.exists() {
+        fs::write(d.path("f"), b"activity").unwrap();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never rotated: {} bytes",
+            fs::metadata(&log).map_or(0, |m| m.len())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Keep going past a second rotation: still one older file, each at
+    // most the limit (plus the line that crossed it).
+    let first = fs::read(&old).unwrap();
+    while fs::read(&old).unwrap() == first {
+        fs::write(d.path("f"), b"activity").unwrap();
+        assert!(std::time::Instant::now() < deadline, "no second rotation");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!d.data_dir().join("meshfs.log.2").exists());
+    for p in [&log, &old] {
+        let len = fs::metadata(p).unwrap().len();
+        assert!(len <= (1 << 20) + 65536, "{}: {len}", p.display());
+    }
+    // The daemon still logs to the current file.
+    assert!(fs::metadata(&log).unwrap().len() > 0);
+    d.unmount();
+}
