@@ -675,6 +675,24 @@ fn holdings(
         .collect()
 }
 
+/// A mount with no other device of the mesh in reach (a boot with the
+/// network down) works from what is here; the log says so once, so that
+/// an operator reading it knows why nothing new arrives.
+async fn say_if_alone(node: Arc<Node>) {
+    tokio::time::sleep(Duration::from_millis(node.cfg.offline_after_ms)).await;
+    let Ok(s) = node.mesh.status().await else {
+        return;
+    };
+    let me = node.cfg.device_id();
+    let others = s.devices.iter().filter(|d| d.id != me).count();
+    if others > 0 && !s.devices.iter().any(|d| d.id != me && d.up) {
+        tracing::warn!(
+            others,
+            "no other device of the mesh is reachable: serving what is cached here; changes made here are kept and sent when a device returns"
+        );
+    }
+}
+
 /// Serves the control socket and waits for the end: an unmount from outside,
 /// SIGTERM/SIGINT, or a shutdown request on the socket.
 fn serve(
@@ -696,6 +714,7 @@ fn serve(
     let result = rt.block_on(async {
         let server = tokio::spawn(control::serve(listener, node.clone()));
         let syncer = tokio::spawn(sync_periodically(node.clone()));
+        tokio::spawn(say_if_alone(node.clone()));
         let trimmer = tokio::spawn(trim_memory_periodically());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| Error::io("installing SIGTERM handler", e))?;

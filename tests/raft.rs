@@ -491,3 +491,51 @@ fn losing_a_device_for_good_restores_the_copy_count() {
         assert_eq!(&fs::read(b.path(name)).unwrap(), data, "{name}");
     }
 }
+
+#[test]
+fn a_device_booting_with_no_other_reachable_mounts_with_its_cache_and_says_so() {
+    require_root!();
+    let short = [("read_wait_ms", "300"), ("offline_after_ms", "500")];
+    let mut d = common::mesh(LIMIT, &[("alpha", &[]), ("bravo", &short)]);
+    let (mut b, mut a) = (d.pop().unwrap(), d.pop().unwrap());
+    wait_voters(&a, 2);
+    let data = bytes(200_000, 9);
+    write(&a, "cached", &data);
+    assert_eq!(fs::read(b.path("cached")).unwrap(), data);
+    // A device creates offline from its own block of inode numbers, which
+    // it reserves through Raft once it has joined.
+    let deadline = Instant::now() + LIMIT;
+    while !b.log().contains("inode numbers reserved") {
+        assert!(
+            Instant::now() < deadline,
+            "bravo never reserved inode numbers"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.unmount();
+    a.unmount();
+    // A boot with the network down: only bravo starts.
+    let t = Instant::now();
+    b.mount();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(20), "mount took {took:?}");
+    assert_eq!(fs::read(b.path("cached")).unwrap(), data);
+    fs::write(b.path("offline"), b"made at boot").unwrap();
+    assert_eq!(fs::read(b.path("offline")).unwrap(), b"made at boot");
+    // The log says why nothing new arrives (after offline_after_ms).
+    let deadline = Instant::now() + LIMIT;
+    while !b.log().contains("no other device of the mesh is reachable") {
+        assert!(
+            Instant::now() < deadline,
+            "the log does not say the mount is offline"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Alpha comes back: bravo's change reaches it.
+    a.mount();
+    let deadline = Instant::now() + LIMIT;
+    while fs::read(a.path("offline")).ok().as_deref() != Some(&b"made at boot"[..]) {
+        assert!(Instant::now() < deadline, "never reached alpha");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

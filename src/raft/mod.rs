@@ -334,7 +334,12 @@ async fn reserve_at_start(replica: Replica) {
                 return;
             }
             match replica.reserve_inodes().await {
-                Ok(()) => return,
+                Ok(()) => {
+                    tracing::info!(
+                        "inode numbers reserved: this device can create files while cut off"
+                    );
+                    return;
+                }
                 Err(e) => tracing::debug!(error = %e, "reserving inode numbers; retrying"),
             }
         }
