@@ -348,6 +348,7 @@ impl Fs {
         for e in std::fs::read_dir(&opts.spill_dir)?.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
+        let meta = Arc::new(RwLock::new(meta));
         let backings = match &opts.passthrough {
             Some(p) => {
                 let store = store.clone();
@@ -355,21 +356,26 @@ impl Fs {
                     read_content(&*store, &ChunkCache::default(), content, at, out)
                         .map_err(|e| std::io::Error::other(e.to_string()))
                 });
-                let b = passthrough::Backings::start(p.clone(), read)?;
-                // Versions replaced while the daemon was down.
-                b.retain(|ino, digest| {
-                    meta.get(ino)
+                // Copies of files deleted or replaced (meanwhile, or while
+                // the daemon was down) go.
+                let names = Arc::downgrade(&meta);
+                let keep: passthrough::KeepFn = Arc::new(move |ino, digest| {
+                    let Some(m) = names.upgrade() else {
+                        return true;
+                    };
+                    let m = m.read().unwrap_or_else(|p| p.into_inner());
+                    m.get(ino)
                         .and_then(|i| i.content.as_ref())
                         .is_some_and(|c| c.digest() == digest)
                 });
-                Some(b)
+                Some(passthrough::Backings::start(p.clone(), read, keep)?)
             }
             None => None,
         };
         let fs = Fs {
             store,
             chunkers: Default::default(),
-            meta: Arc::new(RwLock::new(meta)),
+            meta,
             opts,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),

@@ -181,6 +181,10 @@ pub struct Stats {
 /// path, which verifies every chunk).
 pub type ReadFn = Arc<dyn Fn(&Content, u64, &mut [u8]) -> std::io::Result<()> + Send + Sync>;
 
+/// Whether a copy is still worth keeping: its file exists and the version
+/// it holds is the current one.
+pub type KeepFn = Arc<dyn Fn(ResourceId, ChunkHash) -> bool + Send + Sync>;
+
 struct Entry {
     size: u64,
     used: u64,
@@ -232,9 +236,10 @@ const QUEUE: usize = 64;
 
 impl Backings {
     /// Opens the backing directory (made if missing), drops what a crash
-    /// left half made, and starts the worker that makes backing files with
-    /// `read`.
-    pub fn start(opts: Options, read: ReadFn) -> std::io::Result<Arc<Self>> {
+    /// left half made and what `keep` says no to, and starts the worker
+    /// that makes backing files with `read` (and, after each, drops the
+    /// copies of files deleted or replaced meanwhile).
+    pub fn start(opts: Options, read: ReadFn, keep: KeepFn) -> std::io::Result<Arc<Self>> {
         std::fs::create_dir_all(&opts.dir)?;
         let mut index = Index::default();
         for e in std::fs::read_dir(&opts.dir)? {
@@ -272,6 +277,7 @@ impl Backings {
             opens_passthrough: AtomicU64::new(0),
             commits_from_backing: AtomicU64::new(0),
         });
+        me.retain(|i, d| keep(i, d));
         let weak = Arc::downgrade(&me);
         std::thread::Builder::new()
             .name("backing".into())
@@ -279,6 +285,7 @@ impl Backings {
                 while let Ok((ino, digest, content)) = rx.recv() {
                     let Some(me) = weak.upgrade() else { return };
                     me.make(ino, digest, &content, &read);
+                    me.retain(|i, d| keep(i, d));
                 }
             })?;
         Ok(me)
@@ -385,15 +392,12 @@ impl Backings {
     /// Drops every backing file `keep` says no to (versions no longer
     /// current, files gone).
     pub fn retain(&self, keep: impl Fn(ResourceId, ChunkHash) -> bool) {
-        let gone: Vec<_> = self
-            .index()
-            .files
-            .keys()
-            .filter(|(i, v)| !keep(*i, *v))
-            .copied()
-            .collect();
-        for (i, v) in gone {
-            self.forget(i, v);
+        // Asked without the index locked: `keep` reads the namespace.
+        let all: Vec<Key> = self.index().files.keys().copied().collect();
+        for (i, d) in all {
+            if !keep(i, d) {
+                self.forget(i, d);
+            }
         }
     }
 
@@ -597,6 +601,8 @@ mod tests {
             }
             Ok(())
         });
+        // Ino 9's file is gone: its copies go after each one made.
+        let keep: KeepFn = Arc::new(|ino: ResourceId, _| ino != ResourceId(9));
         let b = Backings::start(
             Options {
                 dir: dir.path().into(),
@@ -604,6 +610,7 @@ mod tests {
                 min_bytes: 0,
             },
             read,
+            keep,
         )
         .unwrap();
         assert!(!torn.exists());
@@ -635,8 +642,13 @@ mod tests {
         assert!(known(&b, 8, 1));
         assert!(!known(&b, 6, 1));
         // Larger than the whole budget: never made.
-        want(&b, 9, 1, 11 << 20);
+        want(&b, 10, 1, 11 << 20);
         std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!known(&b, 10, 1));
+        // A copy of a file deleted meanwhile is dropped.
+        want(&b, 9, 1, 1 << 20);
+        wait_made(&b, 6);
+        std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!known(&b, 9, 1));
     }
 }
