@@ -399,19 +399,27 @@ impl Readahead {
         });
     }
 
-    /// One chunk now, from the holders, on the calling (kernel request)
-    /// thread.
-    fn fetch_now(&self, ino: ResourceId, hash: ChunkHash) -> Result<Vec<u8>, String> {
+    /// One chunk now, on the calling (kernel request) thread, from the
+    /// holders in the order a stream would ask them (`holder_order`: the
+    /// nearest holder of the version first, one caught sending bad bytes
+    /// last).
+    fn fetch_now(
+        &self,
+        ino: ResourceId,
+        version: VersionId,
+        hash: ChunkHash,
+    ) -> Result<Vec<u8>, String> {
         let claim = Claim {
             hashes: self.flights.claim([hash]),
             flights: self.flights.clone(),
         };
-        let authority = (self.authority)(ino);
         let mesh = self.mesh.clone();
+        let authority = (self.authority)(ino).filter(|a| *a != mesh.device());
         let _waiting = self.ledger.foreground();
         let r = self.rt.block_on(async move {
-            let nearest = mesh.nearest_devices().await.map_err(|e| e.to_string())?;
-            let holders = crate::replicate::authority_first(nearest, authority, mesh.device());
+            let nearest = mesh.nearby().await.map_err(|e| e.to_string())?;
+            let holding = mesh.holders_at(ino, version).await.unwrap_or_default();
+            let holders = holder_order(&nearest, &holding, authority, 0);
             mesh.fetch_chunk(hash, &holders, Some(ino))
                 .await
                 .map_err(|e| e.to_string())
@@ -441,7 +449,7 @@ impl RemoteChunks for Readahead {
             }
         }
         self.stats.on_demand.fetch_add(1, Ordering::Relaxed);
-        Ok((self.fetch_now(want.ino, want.hash)?, check_at))
+        Ok((self.fetch_now(want.ino, want.version, want.hash)?, check_at))
     }
 
     fn read_ahead(&self, want: &Want) -> usize {
