@@ -1241,7 +1241,6 @@ impl Fs {
         let ask = passthrough::Ask {
             read_only: eligible,
             clean,
-            digest,
             ready: backing.is_some(),
         };
         (passthrough::choose(&f.io, ask), backing, digest)

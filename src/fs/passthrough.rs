@@ -86,9 +86,7 @@ pub struct Ask {
     pub read_only: bool,
     /// No uncommitted writes: the current version is all there is.
     pub clean: bool,
-    /// The current version's `Content::digest`.
-    pub digest: ChunkHash,
-    /// A backing file of `version` exists here.
+    /// A backing file of the current version exists here.
     pub ready: bool,
 }
 
@@ -515,11 +513,10 @@ mod tests {
         ChunkHash::of(&[n])
     }
 
-    fn ask(read_only: bool, clean: bool, version: u8, ready: bool) -> Ask {
+    fn ask(read_only: bool, clean: bool, ready: bool) -> Ask {
         Ask {
             read_only,
             clean,
-            digest: d(version),
             ready,
         }
     }
@@ -538,21 +535,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = IoState::default();
         // A writer holds the page cache: a reader is cached too.
-        assert_eq!(choose(&s, ask(false, true, 1, true)), Mode::Cached);
+        assert_eq!(choose(&s, ask(false, true, true)), Mode::Cached);
         s.add(Mode::Cached, true, None, d(1));
-        assert_eq!(choose(&s, ask(true, true, 1, true)), Mode::Cached);
+        assert_eq!(choose(&s, ask(true, true, true)), Mode::Cached);
         s.remove(Mode::Cached, true);
         // A dirty file, or no backing file: cached.
-        assert_eq!(choose(&s, ask(true, false, 1, true)), Mode::Cached);
-        assert_eq!(choose(&s, ask(true, true, 1, false)), Mode::Cached);
+        assert_eq!(choose(&s, ask(true, false, true)), Mode::Cached);
+        assert_eq!(choose(&s, ask(true, true, false)), Mode::Cached);
         // Nothing open, backing file there: passthrough.
-        assert_eq!(choose(&s, ask(true, true, 1, true)), Mode::Passthrough);
+        assert_eq!(choose(&s, ask(true, true, true)), Mode::Passthrough);
         s.add(Mode::Passthrough, false, Some(backing(dir.path(), 1)), d(1));
         assert_eq!(s.pt.as_ref().and_then(|p| p.holds), Some(d(1)));
         // While it is open every open joins it, a writer too, which makes
         // what the backing file holds unknown until a commit says.
-        assert_eq!(choose(&s, ask(false, true, 1, false)), Mode::Passthrough);
-        assert_eq!(choose(&s, ask(true, false, 2, false)), Mode::Passthrough);
+        assert_eq!(choose(&s, ask(false, true, false)), Mode::Passthrough);
+        assert_eq!(choose(&s, ask(true, false, false)), Mode::Passthrough);
         s.add(Mode::Passthrough, true, None, d(1));
         let pt = s.pt.as_ref().unwrap();
         assert_eq!((pt.handles, pt.writers, pt.holds), (2, 1, None));
