@@ -427,7 +427,6 @@ impl Backings {
         self.index().queued.remove(&key);
         match made {
             Ok(()) => {
-                self.made.fetch_add(1, Ordering::Relaxed);
                 let stale: Vec<ChunkHash> = {
                     let mut index = self.index();
                     let idx = &mut *index;
@@ -451,6 +450,8 @@ impl Backings {
                     self.forget(ino, d);
                 }
                 self.evict();
+                // Counted last: whoever sees it sees the copy in place.
+                self.made.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => tracing::debug!(%ino, error = %e, "no backing file made"),
         }
