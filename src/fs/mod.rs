@@ -254,6 +254,15 @@ pub struct Fs {
     backings: Option<Arc<passthrough::Backings>>,
 }
 
+/// The daemon's verified read path as a `passthrough::ReadFn` (what
+/// backing copies are made from).
+fn content_reader(store: Arc<dyn Store>, cache: Arc<ChunkCache>) -> passthrough::ReadFn {
+    Arc::new(move |content, at, out| {
+        read_content(&*store, &cache, content, at, out)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
+}
+
 /// A resource's `meshfs stat` as JSON, if it exists.
 pub type StatFn = Arc<dyn Fn(ResourceId) -> Option<serde_json::Value> + Send + Sync>;
 
@@ -351,11 +360,7 @@ impl Fs {
         let meta = Arc::new(RwLock::new(meta));
         let backings = match &opts.passthrough {
             Some(p) => {
-                let store = store.clone();
-                let read: passthrough::ReadFn = Arc::new(move |content, at, out| {
-                    read_content(&*store, &ChunkCache::default(), content, at, out)
-                        .map_err(|e| std::io::Error::other(e.to_string()))
-                });
+                let read = content_reader(store.clone(), Arc::new(ChunkCache::default()));
                 // Copies of files deleted or replaced (meanwhile, or while
                 // the daemon was down) go.
                 let names = Arc::downgrade(&meta);
@@ -1216,23 +1221,16 @@ impl Fs {
         f: &OpenFile,
         read_only: bool,
         content: Option<&crate::meta::Content>,
-    ) -> (
-        passthrough::Mode,
-        Option<Arc<passthrough::Backing>>,
-        ChunkHash,
-    ) {
+    ) -> (passthrough::Mode, Option<Arc<passthrough::Backing>>) {
         let backings = self.backings.as_ref().filter(|b| b.enabled());
         let clean = f.spill.is_none();
         let eligible = match (backings, content) {
             (Some(b), Some(c)) => read_only && clean && c.size > 0 && c.size >= b.min_bytes(),
             _ => false,
         };
-        let digest = match content {
-            Some(c) if eligible || f.io.pt.is_some() => c.digest(),
-            _ => ChunkHash::from_bytes([0; 32]),
-        };
         let mut backing = None;
         if let (true, Some(b), Some(c), None) = (eligible, backings, content, &f.io.pt) {
+            let digest = c.digest();
             backing = b.ready(ino, digest, c.size);
             if backing.is_none() && !b.known(ino, digest) && self.all_local(c) {
                 b.want(ino, digest, c);
@@ -1243,7 +1241,7 @@ impl Fs {
             clean,
             ready: backing.is_some(),
         };
-        (passthrough::choose(&f.io, ask), backing, digest)
+        (passthrough::choose(&f.io, ask), backing)
     }
 
     /// Whether the mount should ask the kernel for passthrough.
@@ -1322,8 +1320,8 @@ impl Fs {
                 self.refresh_backing(&mut f, c);
             }
             let read_only = !writable && pt_ok && kind == Kind::File;
-            let (mode, backing, digest) = self.io_mode(ino, &f, read_only, content.as_ref());
-            f.io.add(mode, writable, backing, digest);
+            let (mode, backing) = self.io_mode(ino, &f, read_only, content.as_ref());
+            f.io.add(mode, writable, backing);
             f.handles += 1;
             if let (true, Some(pt), Some(b)) = (writable, &f.io.pt, &self.backings) {
                 // Its name no longer says what it holds.
@@ -1875,12 +1873,8 @@ impl Fs {
             return;
         }
         let ino = pt.backing.ino;
-        let store = self.store.clone();
-        let cache = Arc::new(ChunkCache::with_remote(self.remote.get().cloned(), ino));
-        let read: passthrough::ReadFn = Arc::new(move |c, at, out| {
-            read_content(&*store, &cache, c, at, out)
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        });
+        let cache = ChunkCache::with_remote(self.remote.get().cloned(), ino);
+        let read = content_reader(self.store.clone(), Arc::new(cache));
         // Every chunk first, so that a fetch that fails leaves the older
         // version whole.
         let mut buf = vec![0u8; 4 << 20];

@@ -104,22 +104,16 @@ pub fn choose(state: &IoState, ask: Ask) -> Mode {
 
 impl IoState {
     /// Counts a handle opened in `mode`; `backing` is used when it starts
-    /// the inode's passthrough (holding the version with `digest`).
-    pub fn add(
-        &mut self,
-        mode: Mode,
-        writable: bool,
-        backing: Option<Arc<Backing>>,
-        digest: ChunkHash,
-    ) {
+    /// the inode's passthrough.
+    pub fn add(&mut self, mode: Mode, writable: bool, backing: Option<Arc<Backing>>) {
         match (mode, &mut self.pt, backing) {
             (Mode::Passthrough, Some(pt), _) => pt.handles += 1,
             (Mode::Passthrough, None, Some(backing)) => {
                 self.pt = Some(Pt {
                     handles: 1,
                     writers: 0,
+                    holds: Some(backing.digest),
                     backing,
-                    holds: Some(digest),
                 })
             }
             // Nothing to pass through: read through the daemon.
@@ -537,7 +531,7 @@ mod tests {
         let mut s = IoState::default();
         // A writer holds the page cache: a reader is cached too.
         assert_eq!(choose(&s, ask(false, true, true)), Mode::Cached);
-        s.add(Mode::Cached, true, None, d(1));
+        s.add(Mode::Cached, true, None);
         assert_eq!(choose(&s, ask(true, true, true)), Mode::Cached);
         s.remove(Mode::Cached, true);
         // A dirty file, or no backing file: cached.
@@ -545,13 +539,13 @@ mod tests {
         assert_eq!(choose(&s, ask(true, true, false)), Mode::Cached);
         // Nothing open, backing file there: passthrough.
         assert_eq!(choose(&s, ask(true, true, true)), Mode::Passthrough);
-        s.add(Mode::Passthrough, false, Some(backing(dir.path(), 1)), d(1));
+        s.add(Mode::Passthrough, false, Some(backing(dir.path(), 1)));
         assert_eq!(s.pt.as_ref().and_then(|p| p.holds), Some(d(1)));
         // While it is open every open joins it, a writer too, which makes
         // what the backing file holds unknown until a commit says.
         assert_eq!(choose(&s, ask(false, true, false)), Mode::Passthrough);
         assert_eq!(choose(&s, ask(true, false, false)), Mode::Passthrough);
-        s.add(Mode::Passthrough, true, None, d(1));
+        s.add(Mode::Passthrough, true, None);
         let pt = s.pt.as_ref().unwrap();
         assert_eq!((pt.handles, pt.writers, pt.holds), (2, 1, None));
         s.remove(Mode::Passthrough, true);
