@@ -154,6 +154,12 @@ pub struct Config {
     /// Files smaller than this many KiB are always read through the daemon
     /// (the page cache serves them well; a copy each would cost more).
     pub passthrough_min_kb: u64,
+    /// Where the daemon serves its Prometheus metrics (`/metrics`) and its
+    /// dashboard, over plain HTTP: a loopback address and port, with port
+    /// `auto` for one derived from the device id (so that several devices
+    /// on one machine do not clash, and Prometheus finds the same port after
+    /// a restart; the next free one if it is taken). `off`: not served.
+    pub http_listen: String,
     /// Record opens through the mount in the access log and learn from the
     /// mesh's log (predictors and the GRU). Off: nothing is recorded or
     /// learned here, and nothing is prefetched.
@@ -255,6 +261,7 @@ impl Default for Config {
             passthrough: true,
             passthrough_cache_mb: 4096,
             passthrough_min_kb: 1024,
+            http_listen: "127.0.0.1:auto".into(),
             access_learn: true,
             access_share: true,
             users: Default::default(),
@@ -383,6 +390,31 @@ impl Config {
         }
     }
 
+    /// Config `http_listen`: None when `off`; a port of 0 stands for `auto`.
+    pub fn http_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let v = self.http_listen.trim();
+        if v == "off" {
+            return Ok(None);
+        }
+        let bad = || {
+            format!("http_listen must be a loopback address and port (port `auto` allowed), or `off`: {v:?}")
+        };
+        let (host, port) = v.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = if port == "auto" {
+            0
+        } else {
+            port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ip: std::net::IpAddr = host.parse().map_err(|_| bad())?;
+        // Metrics and the dashboard say what this mesh holds and who uses
+        // it; they are not authenticated, so they stay on this machine.
+        if !ip.is_loopback() {
+            return Err(bad());
+        }
+        Ok(Some(std::net::SocketAddr::new(ip, port)))
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("name must not be empty".into());
@@ -432,6 +464,7 @@ impl Config {
                     .into(),
             );
         }
+        self.http_addr()?;
         if !(1..=100_000).contains(&self.log_max_mb) || self.log_keep > 100 {
             return Err("log_max_mb must be 1..=100000 and log_keep 0..=100".into());
         }
@@ -535,6 +568,8 @@ mod tests {
         assert!(e.contains("replicas") && !e.contains('\n'), "{e}");
         assert!(bad("bogus = 1").contains("bogus"));
         assert!(bad("access_log_days = 0").contains("access_log_days"));
+        assert!(bad("http_listen = \"0.0.0.0:9000\"").contains("http_listen"));
+        assert!(bad("http_listen = \"127.0.0.1:x\"").contains("http_listen"));
         let cfg = Config {
             device_id: "ab".repeat(16),
             ..Config::default()
@@ -543,6 +578,29 @@ mod tests {
         assert!(shown.starts_with("# allow_other: unset"), "{shown}");
         assert!(shown.contains("versions_keep = 100"), "{shown}");
         assert_eq!(Config::parse(&shown, p).unwrap(), cfg);
+    }
+
+    #[test]
+    fn http_listen_is_loopback_auto_a_port_or_off() {
+        let with = |v: &str| {
+            Config {
+                http_listen: v.into(),
+                ..Config::default()
+            }
+            .http_addr()
+        };
+        assert_eq!(
+            with("127.0.0.1:auto").unwrap(),
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(
+            with("[::1]:9100").unwrap(),
+            Some("[::1]:9100".parse().unwrap())
+        );
+        assert_eq!(with("off").unwrap(), None);
+        assert!(with("192.168.1.2:9100").is_err());
+        assert!(with("127.0.0.1:0").is_err());
+        assert!(with("localhost").is_err());
     }
 
     #[test]

@@ -403,11 +403,12 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
         },
         "prefetch": prefetch_status(node),
         "reads": node.reads.json(),
+        "metrics_url": node.http_addr.map(|a| crate::web::url(a, "/metrics")),
     })
 }
 
 /// This process's resident memory, from /proc (None where unreadable).
-fn rss_bytes() -> Option<u64> {
+pub fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -31,6 +31,7 @@ pub mod ids;
 pub mod logfile;
 pub mod mesh;
 pub mod meta;
+pub mod metrics;
 pub mod mountinfo;
 pub mod node;
 pub mod prefetch;
@@ -38,6 +39,7 @@ pub mod raft;
 pub mod readahead;
 pub mod replicate;
 pub mod storage;
+pub mod web;
 
 /// Locks a mutex even if a thread panicked while holding it: one failed
 /// request must not take the whole mount down with it.

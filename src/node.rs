@@ -270,6 +270,10 @@ pub struct Node {
     pub prefetch: Option<Prefetch>,
     /// Reads of chunks that are not here (the readahead window).
     pub reads: Arc<crate::readahead::Readahead>,
+    /// Kernel request latencies (the mount records them).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where metrics are served (Config `http_listen`; None: nowhere).
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 pub struct Prefetch {
@@ -427,8 +431,11 @@ type Started = (
     fuse::Mounted,
     DirLock,
     tokio::runtime::Runtime,
-    tokio::net::UnixListener,
+    Listeners,
 );
+
+/// The control socket, and the HTTP listener when there is one.
+type Listeners = (tokio::net::UnixListener, Option<std::net::TcpListener>);
 
 fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Started, Error> {
     let cfg = Config::load(data_dir)?;
@@ -482,6 +489,9 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         let _in_runtime = rt.enter();
         control::bind(&data_dir.join(SOCKET_FILE))?
     };
+    let http = crate::web::bind(&cfg);
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let bootstrap = mesh_state.members.len() == 1;
     let (mesh, replica, prefetch, reads) = {
         let _in_runtime = rt.enter();
@@ -600,6 +610,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         noexec: opts.noexec,
         threads: cfg.fuse_threads,
         ttl: Duration::from_millis(cfg.attr_ttl_ms),
+        metrics: metrics.clone(),
     };
     let mounted = fuse::mount(fs.clone(), &mcfg).map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::PermissionDenied && !root {
@@ -631,8 +642,10 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         started: Instant::now(),
         prefetch,
         reads,
+        metrics,
+        http_addr,
     });
-    Ok((node, mounted, lock, rt, listener))
+    Ok((node, mounted, lock, rt, (listener, http)))
 }
 
 /// The store's size limit in bytes: Config `cache_limit_mb`, or half of
@@ -699,7 +712,7 @@ fn serve(
     node: Arc<Node>,
     mounted: fuse::Mounted,
     rt: tokio::runtime::Runtime,
-    listener: tokio::net::UnixListener,
+    (listener, http): Listeners,
 ) -> Result<(), Error> {
     let sock = node.data_dir.join(SOCKET_FILE);
     // The FUSE session ends when the kernel drops the mount (umount).
@@ -713,6 +726,7 @@ fn serve(
         .map_err(|e| Error::io("spawning the session waiter", e))?;
     let result = rt.block_on(async {
         let server = tokio::spawn(control::serve(listener, node.clone()));
+        let web = http.map(|l| tokio::spawn(crate::web::serve(l, node.clone())));
         let syncer = tokio::spawn(sync_periodically(node.clone()));
         tokio::spawn(say_if_alone(node.clone()));
         let trimmer = tokio::spawn(trim_memory_periodically());
@@ -727,6 +741,9 @@ fn serve(
         };
         tracing::info!(reason = why, "shutting down");
         server.abort();
+        if let Some(w) = web {
+            w.abort();
+        }
         syncer.abort();
         trimmer.abort();
         Ok::<&str, Error>(why)

@@ -85,6 +85,9 @@ pub fn print_status(v: &serde_json::Value) {
         v["pid"], v["uptime_s"]
     );
     println!("mountpoint: {}", v["mountpoint"].as_str().unwrap_or("?"));
+    if let Some(u) = v["metrics_url"].as_str() {
+        println!("metrics:    {u}");
+    }
     println!(
         "files:      {} inodes, {} commits",
         v["inodes"], v["commits"]

@@ -156,6 +156,20 @@ pub struct ChunkCache {
     /// the remote source (a sequential reader nears the end of what was
     /// fetched ahead). `usize::MAX` until a read misses.
     check_at: std::sync::atomic::AtomicUsize,
+    /// Where chunk reads are counted (the daemon's metrics).
+    counts: Option<std::sync::Arc<ChunkReads>>,
+}
+
+/// Chunks read by open files, by where they came from (not counting the
+/// re-reads an open file's own few slots answer).
+#[derive(Debug, Default)]
+pub struct ChunkReads {
+    /// From this device's store: a cache hit.
+    pub local: std::sync::atomic::AtomicU64,
+    /// Fetched ahead of the reader, waiting in memory.
+    pub ahead: std::sync::atomic::AtomicU64,
+    /// Fetched from another device while the reader waited: a miss.
+    pub remote: std::sync::atomic::AtomicU64,
 }
 
 const CACHE_SLOTS: usize = 4;
@@ -185,6 +199,19 @@ impl ChunkCache {
             ino,
             slots: Default::default(),
             check_at: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            counts: None,
+        }
+    }
+
+    /// Counts this cache's chunk reads in `counts`.
+    pub fn counted(mut self, counts: std::sync::Arc<ChunkReads>) -> Self {
+        self.counts = Some(counts);
+        self
+    }
+
+    fn count(&self, which: fn(&ChunkReads) -> &std::sync::atomic::AtomicU64) {
+        if let Some(c) = &self.counts {
+            which(c).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -218,8 +245,16 @@ impl ChunkCache {
             next: &content.chunks[at + 1..],
         };
         let ahead = self.remote.as_ref().and_then(|r| r.fetched_ahead(hash));
+        let was_ahead = ahead.is_some();
         let local = match ahead.map_or_else(|| store.get(hash), |d| Ok(Some(d))) {
-            Ok(Some(d)) => Ok(d),
+            Ok(Some(d)) => {
+                self.count(if was_ahead {
+                    |c| &c.ahead
+                } else {
+                    |c| &c.local
+                });
+                Ok(d)
+            }
             Ok(None) => Err(FsError::MissingChunk(*hash)),
             Err(e) => Err(FsError::from(e)),
         };
@@ -239,6 +274,7 @@ impl ChunkCache {
                 Some(remote),
             ) => match remote.fetch(&want()) {
                 Ok((d, check_at)) => {
+                    self.count(|c| &c.remote);
                     self.check_at.store(check_at, Ordering::Relaxed);
                     // A missing chunk is the normal case of a file written
                     // elsewhere; a damaged one is worth a line in the log.

@@ -560,7 +560,7 @@ impl Fs {
         let fh = self
             .next_fh
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let cache = Arc::new(ChunkCache::with_remote(self.remote.get().cloned(), f));
+        let cache = Arc::new(self.read_cache(f));
         lock(&self.virt).handles.insert(fh, (c, cache));
         Ok(Opened::cached(fh, true))
     }

@@ -29,6 +29,7 @@ use crate::meta::{
 };
 use crate::storage::{StorageError, Store};
 
+pub use content::ChunkReads;
 pub use content::ChunkSizes;
 use content::{read_content, read_merged, ChunkCache};
 use spill::Spill;
@@ -188,6 +189,9 @@ impl Opened {
 #[derive(Debug, Default, serde::Serialize, Clone, Copy)]
 pub struct FsStats {
     pub commits: u64,
+    /// Chunks read through the mount: from the store here, fetched ahead,
+    /// fetched while the reader waited.
+    pub chunk_reads: [u64; 3],
     pub rechunked_bytes: u64,
     pub open_files: u64,
     pub passthrough: passthrough::Stats,
@@ -232,6 +236,8 @@ pub struct Fs {
     kernel_versions: Mutex<HashMap<ResourceId, VersionId>>,
     commits: AtomicU64,
     rechunked: AtomicU64,
+    /// Chunks read through the mount, by where they came from.
+    chunk_reads: Arc<ChunkReads>,
     spill_seq: AtomicU64,
     /// Called after every namespace change (the mesh announces holdings).
     on_change: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
@@ -390,6 +396,7 @@ impl Fs {
             kernel_versions: Mutex::new(HashMap::new()),
             commits: AtomicU64::new(0),
             rechunked: AtomicU64::new(0),
+            chunk_reads: Arc::default(),
             spill_seq: AtomicU64::new(0),
             on_change: std::sync::OnceLock::new(),
             remote: std::sync::OnceLock::new(),
@@ -1174,7 +1181,7 @@ impl Fs {
                     handles: 0,
                     io: Default::default(),
                     spill: None,
-                    cache: Arc::new(ChunkCache::with_remote(self.remote.get().cloned(), ino)),
+                    cache: Arc::new(self.read_cache(ino)),
                 }))
             })
             .clone()
@@ -1926,8 +1933,18 @@ impl Fs {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// The chunk cache of a file read through the mount.
+    fn read_cache(&self, ino: ResourceId) -> ChunkCache {
+        ChunkCache::with_remote(self.remote.get().cloned(), ino).counted(self.chunk_reads.clone())
+    }
+
     pub fn stats(&self) -> FsStats {
         FsStats {
+            chunk_reads: [
+                self.chunk_reads.local.load(Ordering::Relaxed),
+                self.chunk_reads.ahead.load(Ordering::Relaxed),
+                self.chunk_reads.remote.load(Ordering::Relaxed),
+            ],
             commits: self.commits.load(Ordering::Relaxed),
             rechunked_bytes: self.rechunked.load(Ordering::Relaxed),
             open_files: lock(&self.open).len() as u64,

@@ -22,6 +22,7 @@ use fuser::{
 use crate::fs::{Attr, Ctx, Fs, FsError, SetAttr};
 use crate::ids::ResourceId;
 use crate::meta::{Kind, MetaError, RenameMode, Timestamp};
+use crate::metrics::Op;
 use crate::storage::StorageError;
 
 /// Largest read and write the kernel sends us.
@@ -127,11 +128,17 @@ fn rid(i: INodeNo) -> ResourceId {
 pub struct Adapter {
     fs: Arc<Fs>,
     ttl: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Adapter {
-    pub fn new(fs: Arc<Fs>, ttl: Duration) -> Self {
-        Adapter { fs, ttl }
+    pub fn new(fs: Arc<Fs>, ttl: Duration, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Adapter { fs, ttl, metrics }
+    }
+
+    /// Times one kernel request until the returned guard drops.
+    fn time(&self, op: Op) -> crate::metrics::OpTimer<'_> {
+        self.metrics.fuse.time(op)
     }
 
     /// Registers a passthrough handle's backing file with the kernel at its
@@ -218,6 +225,7 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _t = self.time(Op::Lookup);
         self.entry(self.fs.lookup(rid(parent), name.as_bytes()), reply)
     }
 
@@ -226,6 +234,7 @@ impl Filesystem for Adapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _t = self.time(Op::Getattr);
         match self.fs.getattr(rid(ino)) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -250,6 +259,7 @@ impl Filesystem for Adapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _t = self.time(Op::Setattr);
         let set = SetAttr {
             mode,
             uid,
@@ -265,6 +275,7 @@ impl Filesystem for Adapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _t = self.time(Op::Readlink);
         match self.fs.readlink(rid(ino)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
@@ -281,6 +292,7 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _t = self.time(Op::Mknod);
         self.entry(
             self.fs
                 .mknod(ctx(req), rid(parent), name.as_bytes(), mode, rdev),
@@ -297,6 +309,7 @@ impl Filesystem for Adapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _t = self.time(Op::Mkdir);
         self.entry(
             self.fs.mkdir(ctx(req), rid(parent), name.as_bytes(), mode),
             reply,
@@ -304,10 +317,12 @@ impl Filesystem for Adapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = self.time(Op::Unlink);
         empty(self.fs.unlink(rid(parent), name.as_bytes()), reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = self.time(Op::Rmdir);
         empty(self.fs.rmdir(rid(parent), name.as_bytes()), reply)
     }
 
@@ -319,6 +334,7 @@ impl Filesystem for Adapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _t = self.time(Op::Symlink);
         self.entry(
             self.fs.symlink(
                 ctx(req),
@@ -340,6 +356,7 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = self.time(Op::Rename);
         let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             RenameMode::Exchange
         } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -370,6 +387,7 @@ impl Filesystem for Adapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _t = self.time(Op::Link);
         self.entry(
             self.fs.link(rid(ino), rid(newparent), newname.as_bytes()),
             reply,
@@ -377,6 +395,7 @@ impl Filesystem for Adapter {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.time(Op::Open);
         match self.fs.open_as(req.uid(), rid(ino), flags.0) {
             Ok(o) => {
                 self.register_backing(&o, |f| reply.open_backing(f));
@@ -403,6 +422,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _t = self.time(Op::Read);
         match self.fs.read(fh.0, offset, size.min(MAX_IO)) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
@@ -421,6 +441,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _t = self.time(Op::Write);
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
@@ -435,6 +456,7 @@ impl Filesystem for Adapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _t = self.time(Op::Flush);
         empty(self.fs.flush(fh.0), reply)
     }
 
@@ -448,6 +470,7 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = self.time(Op::Release);
         empty(self.fs.release(fh.0), reply)
     }
 
@@ -459,10 +482,12 @@ impl Filesystem for Adapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = self.time(Op::Fsync);
         empty(self.fs.fsync(fh.0), reply)
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.time(Op::Opendir);
         match self.fs.opendir(rid(ino)) {
             Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
@@ -477,6 +502,7 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _t = self.time(Op::Readdir);
         match self.fs.readdir(rid(ino), offset, 512) {
             Ok(items) => {
                 for it in items {
@@ -503,6 +529,7 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _t = self.time(Op::Readdir);
         match self.fs.readdir(rid(ino), offset, 256) {
             Ok(items) => {
                 for it in items {
@@ -542,10 +569,12 @@ impl Filesystem for Adapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = self.time(Op::Fsyncdir);
         empty(self.fs.fsyncdir(), reply)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _t = self.time(Op::Statfs);
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
@@ -564,6 +593,7 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _t = self.time(Op::Setxattr);
         empty(
             self.fs.setxattr(rid(ino), name.as_bytes(), value, flags),
             reply,
@@ -571,18 +601,22 @@ impl Filesystem for Adapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _t = self.time(Op::Getxattr);
         xattr_reply(self.fs.getxattr(rid(ino), name.as_bytes()), size, reply)
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _t = self.time(Op::Listxattr);
         xattr_reply(self.fs.listxattr(rid(ino)), size, reply)
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = self.time(Op::Removexattr);
         empty(self.fs.removexattr(rid(ino), name.as_bytes()), reply)
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _t = self.time(Op::Access);
         empty(self.fs.access(ctx(req), rid(ino), mask.bits()), reply)
     }
 
@@ -596,6 +630,7 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _t = self.time(Op::Fallocate);
         empty(self.fs.fallocate(fh.0, offset, length, mode), reply)
     }
 
@@ -608,6 +643,7 @@ impl Filesystem for Adapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _t = self.time(Op::Lseek);
         let hole = match whence {
             libc::SEEK_DATA => false,
             libc::SEEK_HOLE => true,
@@ -634,6 +670,7 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _t = self.time(Op::Create);
         match self
             .fs
             .create(ctx(req), rid(parent), name.as_bytes(), mode, flags)
@@ -689,6 +726,8 @@ pub struct MountConfig {
     pub noexec: bool,
     pub threads: usize,
     pub ttl: Duration,
+    /// Where request latencies are recorded.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// A live mount. Dropping it does not unmount: the daemon unmounts
@@ -752,7 +791,7 @@ pub fn unmount(path: &Path) -> std::io::Result<()> {
 /// Mounts `fs` and serves it on background threads.
 pub fn mount(fs: Arc<Fs>, cfg: &MountConfig) -> std::io::Result<Mounted> {
     let fs_for_inval = fs.clone();
-    let adapter = Adapter::new(fs, cfg.ttl);
+    let adapter = Adapter::new(fs, cfg.ttl, cfg.metrics.clone());
     let acl = if cfg.allow_other {
         SessionACL::All
     } else {

@@ -1,0 +1,141 @@
+//! Operating a device: the Prometheus endpoint, through real daemons and
+//! real mounts.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::{mesh, Device};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// One HTTP/1.1 request to `url` (http://host:port/path); the status code
+/// and the body.
+fn http(method: &str, url: &str) -> (u16, String) {
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = std::net::TcpStream::connect(host).expect("connect to the metrics listener");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, body.to_string())
+}
+
+/// The value of one series (`name{labels}` exactly as exposed).
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn metrics_url(d: &Device) -> String {
+    d.status_json()["metrics_url"]
+        .as_str()
+        .expect("status gives metrics_url")
+        .to_string()
+}
+
+#[test]
+fn each_device_serves_prometheus_metrics_of_what_it_does() {
+    require_root!();
+    let cfg: &[(&str, &str)] = &[("replicas", "1"), ("prefetch", "false")];
+    let devs = mesh(LIMIT, &[("alpha", cfg), ("bravo", cfg)]);
+    let (a, b) = (&devs[0], &devs[1]);
+    let (ua, ub) = (metrics_url(a), metrics_url(b));
+    assert_ne!(ua, ub, "two devices on one machine share no port");
+    assert!(ua.starts_with("http://127.0.0.1:"), "{ua}");
+
+    // Written on alpha, read on bravo: bravo's chunks come from alpha.
+    let data = common::bytes(3 << 20, 7);
+    std::fs::write(a.path("f"), &data).unwrap();
+    let t = Instant::now();
+    let got = loop {
+        match std::fs::read(b.path("f")) {
+            Ok(g) if g.len() == data.len() => break g,
+            _ if t.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(100)),
+            other => panic!("bravo never read f: {:?}", other.map(|g| g.len())),
+        }
+    };
+    assert!(got == data);
+
+    let (code, text) = http("GET", &ub);
+    assert_eq!(code, 200);
+    assert!(text.ends_with("# EOF\n"), "an OpenMetrics exposition");
+    let count = |op: &str| {
+        series(
+            &text,
+            &format!("meshfs_fuse_operation_seconds_count{{op=\"{op}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(count("open") >= 1.0 && count("read") >= 1.0, "{text}");
+    assert_eq!(count("write"), 0.0, "bravo wrote nothing");
+    let fetched = series(&text, "meshfs_chunk_reads_total{from=\"remote\"}").unwrap()
+        + series(&text, "meshfs_chunk_reads_total{from=\"ahead\"}").unwrap();
+    assert!(fetched >= 1.0, "bravo's chunks came from alpha: {text}");
+    assert_eq!(
+        series(&text, "meshfs_peer_up{peer=\"alpha\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(series(&text, "meshfs_peer_rtt_seconds{peer=\"alpha\"}").is_some());
+    assert!(
+        series(&text, "meshfs_peer_received_bytes_total{peer=\"alpha\"}").unwrap()
+            >= (3 << 20) as f64
+    );
+    assert!(series(&text, "meshfs_raft_term").unwrap() >= 1.0);
+    assert!(
+        text.contains("meshfs_raft_leader_info{leader=\""),
+        "a leader is known"
+    );
+    assert!(text.contains("meshfs_device_info{"), "{text}");
+
+    // Alpha wrote: its own write latencies, commits, and its peer bravo.
+    let (_, text_a) = http("GET", &ua);
+    assert!(series(&text_a, "meshfs_fuse_operation_seconds_count{op=\"write\"}").unwrap() >= 1.0);
+    assert!(series(&text_a, "meshfs_commits_total").unwrap() >= 1.0);
+    assert_eq!(series(&text_a, "meshfs_peer_up{peer=\"bravo\"}"), Some(1.0));
+
+    assert_eq!(http("GET", &ub.replace("/metrics", "/nope")).0, 404);
+    assert_eq!(http("POST", &ub).0, 405);
+}
+
+#[test]
+fn metrics_can_be_turned_off_or_pinned_to_a_port() {
+    require_root!();
+    let mut d = Device::init("alpha");
+    d.set_config("http_listen", "\"off\"");
+    d.mount();
+    assert!(d.status_json()["metrics_url"].is_null());
+    d.unmount();
+
+    // A port of its own; when another program holds it, the mount still
+    // comes up, without metrics, and the log says why.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    d.set_config("http_listen", &format!("\"127.0.0.1:{port}\""));
+    d.mount();
+    assert!(d.status_json()["metrics_url"].is_null());
+    assert!(
+        d.log().contains("could not listen for metrics"),
+        "{}",
+        d.log()
+    );
+    d.unmount();
+    drop(holder);
+    d.mount();
+    let url = metrics_url(&d);
+    assert_eq!(url, format!("http://127.0.0.1:{port}/metrics"));
+    assert_eq!(http("GET", &url).0, 200);
+}
