@@ -42,7 +42,7 @@ fn full(args: &[OsString]) -> ! {
     std::process::exit(1)
 }
 
-/// `status`, `stat` or `versions` answered here; `None` leaves the command to `meshfsd`
+/// `status`, `pins`, `stat` or `versions` answered here; `None` leaves the command to `meshfsd`
 /// (which also prints the errors, so they read the same either way).
 fn quick(args: &[OsString]) -> Option<i32> {
     let args: Vec<&str> = args.iter().map(|a| a.to_str()).collect::<Option<_>>()?;
@@ -50,15 +50,17 @@ fn quick(args: &[OsString]) -> Option<i32> {
     let json = rest.contains(&"--json");
     let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--json").collect();
     match *cmd {
-        "status" => {
+        "status" | "pins" => {
             let dir = match rest.as_slice() {
                 ["--data-dir", d] => *d,
                 [d] => d.strip_prefix("--data-dir=")?,
                 _ => return None,
             };
-            let v = request(Path::new(dir), serde_json::json!({ "cmd": "status" }))?;
+            let v = request(Path::new(dir), serde_json::json!({ "cmd": *cmd }))?;
             if json {
                 println!("{v}");
+            } else if *cmd == "pins" {
+                view::print_pins(&v);
             } else {
                 view::print_status(&v);
             }

@@ -62,6 +62,17 @@ pub enum Request {
     Stat {
         resource: u64,
     },
+    /// Keep the subtree at `path` (from the mount's root) on this device:
+    /// fetch it now, never evict it.
+    Pin {
+        path: String,
+    },
+    /// Drop the pin of `path` (its resource, or the path it was pinned at).
+    Unpin {
+        path: String,
+    },
+    /// The pins, each with how much of it is here, and catch-up progress.
+    Pins,
     /// Devices holding a resource, from Kademlia provider records.
     Holders {
         resource: u64,
@@ -148,6 +159,14 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
             }
         }
         Ok(Request::Fetch { from, hashes, out }) => fetch(&node, from, hashes, out).await,
+        Ok(Request::Pin { path }) => pin(&node, path).await,
+        Ok(Request::Unpin { path }) => unpin(&node, &path),
+        Ok(Request::Pins) => {
+            let n = node.clone();
+            tokio::task::spawn_blocking(move || pins(&n))
+                .await
+                .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+        }
         Ok(Request::TraceExport) => {
             let n = node.clone();
             match tokio::task::spawn_blocking(move || crate::node::export_trace_file(&n)).await {
@@ -344,6 +363,80 @@ async fn restore(
     }
 }
 
+async fn pin(node: &Arc<Node>, path: String) -> serde_json::Value {
+    let Some(resource) = node.fs.with_meta(|m| m.resolve(path.as_bytes())) else {
+        return serde_json::json!({ "error": format!("{path}: no such file or directory") });
+    };
+    let p = crate::pin::Pin {
+        resource,
+        path: format!("/{}", path.trim_start_matches('/')),
+        since: crate::meta::Timestamp::now().secs,
+    };
+    match node.pins.add(p) {
+        Ok(new) => {
+            // Fetching starts now, in the replication task; the CLI follows
+            // it with `Pins`.
+            node.replicate_now.notify_one();
+            serde_json::json!({ "pinned": path, "resource": resource.0, "new": new })
+        }
+        Err(e) => serde_json::json!({ "error": e }),
+    }
+}
+
+fn unpin(node: &Node, path: &str) -> serde_json::Value {
+    let shown = format!("/{}", path.trim_start_matches('/'));
+    let by_path = node
+        .pins
+        .list()
+        .into_iter()
+        .find(|p| p.path == shown)
+        .map(|p| p.resource);
+    let resource = node
+        .fs
+        .with_meta(|m| m.resolve(path.as_bytes()))
+        .filter(|r| node.pins.list().iter().any(|p| p.resource == *r))
+        .or(by_path);
+    let Some(resource) = resource else {
+        return serde_json::json!({ "error": format!("{shown} is not pinned") });
+    };
+    match node.pins.remove(resource) {
+        Ok(Some(p)) => serde_json::json!({ "unpinned": p.path, "resource": resource.0 }),
+        Ok(None) => serde_json::json!({ "error": format!("{shown} is not pinned") }),
+        Err(e) => serde_json::json!({ "error": e }),
+    }
+}
+
+/// The pins with their progress, and the replication catch-up.
+fn pins(node: &Node) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = node
+        .pins
+        .list()
+        .into_iter()
+        .map(|p| {
+            let (present, prog) = node.fs.with_meta(|m| {
+                (
+                    m.get(p.resource).is_some(),
+                    crate::pin::progress(m, &*node.store, p.resource),
+                )
+            });
+            serde_json::json!({
+                "path": p.path,
+                "resource": p.resource.0,
+                "since": p.since,
+                "present": present,
+                "files": prog.files,
+                "bytes_total": prog.bytes_total,
+                "bytes_here": prog.bytes_here,
+                "complete": prog.complete(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "pins": list,
+        "catch_up": *crate::lock(&node.catch_up),
+    })
+}
+
 fn conflicts(node: &Node, clear: bool) -> serde_json::Value {
     let list: Vec<serde_json::Value> = node
         .replica
@@ -404,6 +497,8 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
         "prefetch": prefetch_status(node),
         "reads": node.reads.json(),
         "metrics_url": node.http_addr.map(|a| crate::web::url(a, "/metrics")),
+        "pins": pins(node)["pins"].take(),
+        "catch_up": *crate::lock(&node.catch_up),
     })
 }
 

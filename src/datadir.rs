@@ -107,6 +107,20 @@ pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Writes `bytes` to `path` whole: to a temporary file beside it, synced,
+/// renamed over `path`, and the rename synced. A crash leaves the old file
+/// or the new one, never a torn or empty one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

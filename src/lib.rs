@@ -34,6 +34,7 @@ pub mod meta;
 pub mod metrics;
 pub mod mountinfo;
 pub mod node;
+pub mod pin;
 pub mod prefetch;
 pub mod raft;
 pub mod readahead;

@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::io::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -142,6 +143,29 @@ enum Cmd {
     /// proximity to each holder, temperature, version.
     Stat {
         path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a file or directory tree under a mount on this device: fetch
+    /// it now (with progress) and never evict it. Pins follow renames.
+    Pin {
+        path: PathBuf,
+        /// Return at once; the fetch goes on in the background
+        /// (`meshfs pins` shows how far it is).
+        #[arg(long)]
+        no_wait: bool,
+        /// Stop waiting (exit 2; the pin stays and the fetch goes on) when
+        /// nothing arrives for this many seconds.
+        #[arg(long, default_value_t = 60)]
+        stall_s: u64,
+    },
+    /// Drop the pin of a file or directory tree (its content may then be
+    /// evicted like any cached copy).
+    Unpin { path: PathBuf },
+    /// List the pinned trees of a device and how much of each is here.
+    Pins {
+        #[arg(long)]
+        data_dir: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -377,6 +401,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Pin {
+            path,
+            no_wait,
+            stall_s,
+        } => {
+            init_cli_log();
+            let (data_dir, rel) = meshfs::mountinfo::mesh_path_of(&path).map_err(Error::Mount)?;
+            let v = control::request(&data_dir, &Request::Pin { path: rel.clone() })?;
+            let resource = v["resource"].as_u64().unwrap_or_default();
+            let shown = path.display().to_string();
+            if v["new"].as_bool() == Some(false) {
+                eprintln!("{shown} was pinned already");
+            }
+            if no_wait {
+                println!("pinned {shown}; fetching in the background");
+                return Ok(ExitCode::SUCCESS);
+            }
+            follow_pin(&data_dir, resource, &shown, Duration::from_secs(stall_s))
+        }
+        Cmd::Unpin { path } => {
+            init_cli_log();
+            let (data_dir, rel) = meshfs::mountinfo::mesh_path_of(&path).map_err(Error::Mount)?;
+            let v = control::request(&data_dir, &Request::Unpin { path: rel })?;
+            println!("unpinned {}", v["unpinned"].as_str().unwrap_or("?"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pins { data_dir, json } => {
+            init_cli_log();
+            let v = control::request(&data_dir, &Request::Pins)?;
+            if json {
+                println!("{v}");
+            } else {
+                view::print_pins(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Versions { path, json } => {
             init_cli_log();
             let (data_dir, rel) = meshfs::mountinfo::mesh_path_of(&path).map_err(Error::Mount)?;
@@ -599,6 +659,97 @@ fn trace_cmd(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
             tr::write(std::io::BufWriter::new(out), &events)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Follows a pin's fetch until its tree is here: an indicatif bar (bytes,
+/// rate, ETA) on a terminal, a plain line every 2 s otherwise. Exit 2 when
+/// nothing arrives for `stall` (the pin stays; the fetch goes on).
+fn follow_pin(
+    data_dir: &Path,
+    resource: u64,
+    shown: &str,
+    stall: Duration,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b.set_message(format!("pinning {shown}"));
+        b
+    });
+    let mut last_here = None;
+    let mut last_change = Instant::now();
+    let mut last_line = Instant::now() - Duration::from_secs(60);
+    loop {
+        let v = control::request(data_dir, &Request::Pins)?;
+        let Some(p) = v["pins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["resource"].as_u64() == Some(resource))
+        else {
+            return Err(anyhow::anyhow!(
+                "{shown}: the pin is gone (unpinned meanwhile?)"
+            ));
+        };
+        let (here, total) = (
+            p["bytes_here"].as_u64().unwrap_or(0),
+            p["bytes_total"].as_u64().unwrap_or(0),
+        );
+        let files = p["files"].as_u64().unwrap_or(0);
+        if last_here != Some(here) {
+            last_here = Some(here);
+            last_change = Instant::now();
+        }
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        let pct = if total == 0 {
+            100.0
+        } else {
+            here as f64 * 100.0 / total as f64
+        };
+        match &bar {
+            Some(b) => {
+                b.set_length(total);
+                b.set_position(here);
+            }
+            None if last_line.elapsed() >= Duration::from_secs(2) || here >= total => {
+                println!(
+                    "pinning {shown}: {:.1} of {:.1} MiB ({pct:.0}%), {files} files",
+                    mib(here),
+                    mib(total)
+                );
+                last_line = Instant::now();
+            }
+            None => {}
+        }
+        if here >= total {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            println!("pinned {shown}: {files} files, {:.1} MiB here", mib(total));
+            return Ok(ExitCode::SUCCESS);
+        }
+        if last_change.elapsed() >= stall {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            eprintln!(
+                "meshfs: {shown}: nothing arrived for {} s ({:.1} of {:.1} MiB here): no device holding the rest is reachable. The pin stays and the rest is fetched when one is.",
+                stall.as_secs(),
+                mib(here),
+                mib(total)
+            );
+            return Ok(ExitCode::from(2));
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

@@ -274,6 +274,12 @@ pub struct Node {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Where metrics are served (Config `http_listen`; None: nowhere).
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Subtrees kept on this device (`meshfs pin`).
+    pub pins: Arc<crate::pin::Pins>,
+    /// Wakes the replication task (which fetches what pins cover).
+    pub replicate_now: Arc<tokio::sync::Notify>,
+    /// What the replication task found missing here, and fetched since.
+    pub catch_up: crate::replicate::CatchUpState,
 }
 
 pub struct Prefetch {
@@ -451,6 +457,8 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
     };
     let (store, meta) = open_state(data_dir)?;
     let store = Arc::new(store);
+    let pins = Arc::new(crate::pin::Pins::load(data_dir).map_err(Error::Control)?);
+    let catch_up = crate::replicate::CatchUpState::default();
     let fs = Arc::new(Fs::new(
         store.clone(),
         meta,
@@ -493,7 +501,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let bootstrap = mesh_state.members.len() == 1;
-    let (mesh, replica, prefetch, reads) = {
+    let (mesh, replica, prefetch, reads, replicate_now) = {
         let _in_runtime = rt.enter();
         let holdings_fs = fs.clone();
         let holdings_store = store.clone();
@@ -565,6 +573,8 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
             cfg.replicas,
             cache_limit(&cfg, data_dir),
             replicate_now.clone(),
+            pins.clone(),
+            catch_up.clone(),
         ));
         // A restarted device may lack content committed while it was away.
         replicate_now.notify_one();
@@ -596,7 +606,7 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         } else {
             None
         };
-        (mesh, replica, prefetch, reads)
+        (mesh, replica, prefetch, reads, replicate_now)
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -644,6 +654,9 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
         reads,
         metrics,
         http_addr,
+        pins,
+        replicate_now,
+        catch_up,
     });
     Ok((node, mounted, lock, rt, (listener, http)))
 }

@@ -10,7 +10,11 @@
 //! files this device is not placed to hold go, least recently opened first,
 //! and only once every device of the file's placement answers that it holds
 //! them, so eviction never drops a chunk below `replicas` copies.
+//!
+//! Pinned subtrees (`pin.rs`) count as placed here: their files are
+//! fetched first and never evicted.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +23,7 @@ use tokio::sync::Notify;
 use crate::fs::Fs;
 use crate::ids::{ChunkHash, DeviceId, ResourceId};
 use crate::mesh::MeshClient;
+use crate::pin::Pins;
 use crate::raft::Replica;
 use crate::storage::ChunkStore;
 
@@ -56,7 +61,8 @@ const ROUND_BYTES: u64 = 256 << 20;
 
 /// Replicates (and evicts beyond `cache_limit` bytes) until the runtime
 /// stops. `changed` is notified after changes from other devices are
-/// applied.
+/// applied, and when a pin is added.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     fs: Arc<Fs>,
     store: Arc<dyn ChunkStore>,
@@ -65,6 +71,8 @@ pub async fn run(
     replicas: usize,
     cache_limit: u64,
     changed: Arc<Notify>,
+    pins: Arc<Pins>,
+    catch_up: CatchUpState,
 ) {
     let me = mesh.device();
     let mut ticks = 0u32;
@@ -80,15 +88,21 @@ pub async fn run(
             }
         };
         if store.stats().is_ok_and(|s| s.bytes > cache_limit) {
-            evict(&fs, &store, &replica, &mesh, replicas, cache_limit).await;
+            evict(&fs, &store, &replica, &mesh, &pins, replicas, cache_limit).await;
         }
         if !full_scan {
             continue;
         }
         // Let a burst of changes settle into one round.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let Some(wanted) = scan(&fs, &store, &replica, &mesh, replicas, missing_here).await else {
+        let Some(wanted) = scan(&fs, &store, &replica, &mesh, &pins, replicas, missing_here).await
+        else {
             return;
+        };
+        *crate::lock(&catch_up) = CatchUp {
+            missing_files: wanted.len() as u64,
+            missing_bytes: wanted.iter().map(|(_, _, b)| b).sum(),
+            fetched_bytes: 0,
         };
         if wanted.is_empty() {
             continue;
@@ -96,17 +110,22 @@ pub async fn run(
         let nearest = mesh.nearest_devices().await.unwrap_or_default();
         let mut fetched = 0u64;
         let mut more = false;
-        for (ino, hashes) in wanted {
+        for (ino, hashes, _) in wanted {
             let holders = authority_first(nearest.clone(), replica.authority(ino), me);
-            for h in hashes {
-                match mesh.fetch_chunk(h, &holders, Some(ino)).await {
-                    Ok(d) => fetched += d.len() as u64,
-                    Err(e) => {
-                        tracing::debug!(resource = ino.0, error = %e, "replication fetch failed; retried later");
-                        more = true;
-                        break;
-                    }
-                }
+            // A window of requests in flight (the chunks are stored as
+            // they arrive), not one round trip per chunk.
+            let mut got = 0u64;
+            let r = mesh
+                .fetch_stream(hashes, holders, Some(ino), |_, d| {
+                    got += d.len() as u64;
+                    crate::lock(&catch_up).fetched_bytes += d.len() as u64;
+                    Ok(())
+                })
+                .await;
+            fetched += got;
+            if let Err(e) = r {
+                tracing::debug!(resource = ino.0, error = %e, "replication fetch failed; retried later");
+                more = true;
             }
             if fetched >= ROUND_BYTES {
                 more = true;
@@ -134,10 +153,11 @@ async fn evict(
     store: &Arc<dyn ChunkStore>,
     replica: &Replica,
     mesh: &MeshClient,
+    pins: &Arc<Pins>,
     replicas: usize,
     limit: u64,
 ) {
-    let Some(plan) = scan(fs, store, replica, mesh, replicas, eviction_plan).await else {
+    let Some(plan) = scan(fs, store, replica, mesh, pins, replicas, eviction_plan).await else {
         return;
     };
     let target = limit / 10 * 9;
@@ -171,22 +191,27 @@ async fn evict(
 
 /// Cached files this device may drop, least recently opened first: each
 /// with the devices placed to hold it and its local chunks that no file
-/// this device must keep (placed here, or open) shares.
+/// this device must keep (placed here, pinned, or open) shares.
 fn eviction_plan(
     fs: &Fs,
     store: &dyn ChunkStore,
     replica: &Replica,
-    members: &[DeviceId],
-    me: DeviceId,
-    replicas: usize,
+    at: &Placing,
 ) -> Vec<(ResourceId, Vec<DeviceId>, Vec<ChunkHash>)> {
+    let Placing {
+        members,
+        me,
+        replicas,
+        pinned,
+    } = at;
     let (last_open, open) = fs.usage();
     let files = files_with_chunks(fs);
     let mut keep = std::collections::HashSet::new();
     let mut cached = Vec::new();
-    for (ino, hashes) in files {
-        let place = placement(ino, replica.authority(ino), members, replicas);
-        if place.contains(&me) || open.contains(&ino) {
+    for (ino, chunks) in files {
+        let hashes: Vec<ChunkHash> = chunks.into_iter().map(|(h, _)| h).collect();
+        let place = placement(ino, replica.authority(ino), members, *replicas);
+        if place.contains(me) || open.contains(&ino) || pinned.contains(&ino) {
             keep.extend(hashes);
         } else {
             cached.push((ino, place, hashes));
@@ -223,27 +248,45 @@ pub fn authority_first(
     nearest
 }
 
+/// What decides which files this device keeps: the members, itself, the
+/// copies wanted, and the files pins cover.
+struct Placing {
+    members: Vec<DeviceId>,
+    me: DeviceId,
+    replicas: usize,
+    pinned: HashSet<ResourceId>,
+}
+
 /// What a scan of every file decides: which chunks to fetch, which to evict.
-type ScanFn<T> = fn(&Fs, &dyn ChunkStore, &Replica, &[DeviceId], DeviceId, usize) -> T;
+type ScanFn<T> = fn(&Fs, &dyn ChunkStore, &Replica, &Placing) -> T;
 
 /// Runs `f` over the namespace on the blocking pool, with the current
-/// member list; `None` once the mesh has stopped.
+/// member list and pins; `None` once the mesh has stopped.
 async fn scan<T: Default + Send + 'static>(
     fs: &Arc<Fs>,
     store: &Arc<dyn ChunkStore>,
     replica: &Replica,
     mesh: &MeshClient,
+    pins: &Arc<Pins>,
     replicas: usize,
     f: ScanFn<T>,
 ) -> Option<T> {
     let me = mesh.device();
     let members = mesh.member_devices().await.ok()?;
     let members: Vec<DeviceId> = members.into_iter().map(|(_, d)| d).collect();
-    let (fs, store, replica) = (fs.clone(), store.clone(), replica.clone());
+    let (fs, store, replica, pins) = (fs.clone(), store.clone(), replica.clone(), pins.clone());
     Some(
-        tokio::task::spawn_blocking(move || f(&fs, &*store, &replica, &members, me, replicas))
-            .await
-            .unwrap_or_default(),
+        tokio::task::spawn_blocking(move || {
+            let at = Placing {
+                members,
+                me,
+                replicas,
+                pinned: fs.with_meta(|m| pins.files(m)),
+            };
+            f(&fs, &*store, &replica, &at)
+        })
+        .await
+        .unwrap_or_default(),
     )
 }
 
@@ -251,20 +294,23 @@ async fn scan<T: Default + Send + 'static>(
 /// current version and of the old versions kept for history, and those of
 /// trashed files' kept versions (placed as any file, by their old number),
 /// so that kept versions have `replicas` copies like current content.
-fn files_with_chunks(fs: &Fs) -> Vec<(ResourceId, Vec<ChunkHash>)> {
+fn files_with_chunks(fs: &Fs) -> Vec<(ResourceId, Vec<(ChunkHash, u64)>)> {
     fs.with_meta(|m| {
-        let mut by: std::collections::BTreeMap<ResourceId, Vec<ChunkHash>> = Default::default();
+        let mut by: std::collections::BTreeMap<ResourceId, Vec<(ChunkHash, u64)>> =
+            Default::default();
         for (i, _) in m.files() {
             if let Some(c) = i.content.as_ref() {
                 by.entry(i.id)
                     .or_default()
-                    .extend(c.stored_chunks().map(|r| r.hash));
+                    .extend(c.stored_chunks().map(|r| (r.hash, u64::from(r.len))));
             }
         }
         for ((ino, _), old) in m.all_old_versions() {
-            by.entry(*ino)
-                .or_default()
-                .extend(old.content.stored_chunks().map(|r| r.hash));
+            by.entry(*ino).or_default().extend(
+                old.content
+                    .stored_chunks()
+                    .map(|r| (r.hash, u64::from(r.len))),
+            );
         }
         by.into_iter()
             .filter_map(|(ino, mut hashes)| {
@@ -276,31 +322,47 @@ fn files_with_chunks(fs: &Fs) -> Vec<(ResourceId, Vec<ChunkHash>)> {
     })
 }
 
-/// Files this device should hold, with the chunks it lacks.
+/// Files this device should hold (placed here or pinned), with the chunks
+/// it lacks and their bytes; pinned files first (a person asked for them).
 fn missing_here(
     fs: &Fs,
     store: &dyn ChunkStore,
     replica: &Replica,
-    members: &[DeviceId],
-    me: DeviceId,
-    replicas: usize,
-) -> Vec<(ResourceId, Vec<ChunkHash>)> {
+    at: &Placing,
+) -> Vec<(ResourceId, Vec<ChunkHash>, u64)> {
     let files = files_with_chunks(fs);
-    files
+    let mut out: Vec<(ResourceId, Vec<ChunkHash>, u64)> = files
         .into_iter()
         .filter(|(ino, _)| {
-            placement(*ino, replica.authority(*ino), members, replicas).contains(&me)
+            at.pinned.contains(ino)
+                || placement(*ino, replica.authority(*ino), &at.members, at.replicas)
+                    .contains(&at.me)
         })
-        .filter_map(|(ino, hashes)| {
-            let mut missing: Vec<ChunkHash> = hashes
+        .filter_map(|(ino, chunks)| {
+            let missing: Vec<(ChunkHash, u64)> = chunks
                 .into_iter()
-                .filter(|h| !store.contains(h).unwrap_or(false))
+                .filter(|(h, _)| !store.contains(h).unwrap_or(false))
                 .collect();
-            missing.dedup();
-            (!missing.is_empty()).then_some((ino, missing))
+            let bytes = missing.iter().map(|(_, n)| n).sum();
+            let hashes: Vec<ChunkHash> = missing.into_iter().map(|(h, _)| h).collect();
+            (!hashes.is_empty()).then_some((ino, hashes, bytes))
         })
-        .collect()
+        .collect();
+    out.sort_by_key(|(ino, _, _)| !at.pinned.contains(ino));
+    out
 }
+
+/// Catch-up after a device returns (or a pin): what the last scan found
+/// missing here, and what was fetched since, for `meshfs status`.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct CatchUp {
+    pub missing_files: u64,
+    pub missing_bytes: u64,
+    pub fetched_bytes: u64,
+}
+
+/// Shared between the replication task and status.
+pub type CatchUpState = Arc<std::sync::Mutex<CatchUp>>;
 
 #[cfg(test)]
 mod tests {

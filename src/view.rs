@@ -88,6 +88,15 @@ pub fn print_status(v: &serde_json::Value) {
     if let Some(u) = v["metrics_url"].as_str() {
         println!("metrics:    {u}");
     }
+    for p in v["pins"].as_array().into_iter().flatten() {
+        println!(
+            "pinned:     {} ({} of {} bytes here)",
+            p["path"].as_str().unwrap_or("?"),
+            p["bytes_here"],
+            p["bytes_total"]
+        );
+    }
+    print_catch_up(&v["catch_up"]);
     println!(
         "files:      {} inodes, {} commits",
         v["inodes"], v["commits"]
@@ -261,4 +270,45 @@ pub fn print_versions(v: &serde_json::Value) {
 fn utc(secs: i64) -> String {
     let (y, m, d, h, mi, s) = crate::civil::civil(secs);
     format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC")
+}
+
+/// `meshfs pins`: one line per pinned tree, and catch-up.
+pub fn print_pins(v: &serde_json::Value) {
+    let mib = |x: &serde_json::Value| x.as_u64().unwrap_or(0) as f64 / 1048576.0;
+    let list = v["pins"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no pins");
+    }
+    for p in &list {
+        let state = if !p["present"].as_bool().unwrap_or(true) {
+            "gone from the namespace".to_string()
+        } else if p["complete"].as_bool().unwrap_or(false) {
+            "here".to_string()
+        } else {
+            "fetching".to_string()
+        };
+        println!(
+            "{}  {} files, {:.1} of {:.1} MiB here ({})",
+            p["path"].as_str().unwrap_or("?"),
+            p["files"],
+            mib(&p["bytes_here"]),
+            mib(&p["bytes_total"]),
+            state
+        );
+    }
+    print_catch_up(&v["catch_up"]);
+}
+
+/// The replication backlog line (nothing when there is none).
+fn print_catch_up(c: &serde_json::Value) {
+    let missing = c["missing_bytes"].as_u64().unwrap_or(0);
+    if missing > 0 {
+        let fetched = c["fetched_bytes"].as_u64().unwrap_or(0).min(missing);
+        println!(
+            "catch-up:   {:.1} of {:.1} MiB fetched for {} files this device should hold",
+            fetched as f64 / 1048576.0,
+            missing as f64 / 1048576.0,
+            c["missing_files"]
+        );
+    }
 }

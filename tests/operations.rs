@@ -139,3 +139,107 @@ fn metrics_can_be_turned_off_or_pinned_to_a_port() {
     assert_eq!(url, format!("http://127.0.0.1:{port}/metrics"));
     assert_eq!(http("GET", &url).0, 200);
 }
+
+fn cache_bytes(d: &Device) -> u64 {
+    d.status_json()["cache_bytes"].as_u64().unwrap()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_pinned_tree_is_fetched_at_once_and_never_evicted() {
+    require_root!();
+    let cfg: &[(&str, &str)] = &[("replicas", "1"), ("prefetch", "false")];
+    let small: &[(&str, &str)] = &[
+        ("replicas", "1"),
+        ("prefetch", "false"),
+        ("cache_limit_mb", "8"),
+        ("passthrough", "false"),
+    ];
+    let mut devs = mesh(LIMIT, &[("alpha", cfg), ("bravo", small)]);
+    let a = &devs[0];
+    std::fs::create_dir_all(a.path("keep/sub")).unwrap();
+    let (ka, kb, other) = (
+        common::bytes(6 << 20, 1),
+        common::bytes(4 << 20, 2),
+        common::bytes(6 << 20, 3),
+    );
+    std::fs::write(a.path("keep/a"), &ka).unwrap();
+    std::fs::write(a.path("keep/sub/b"), &kb).unwrap();
+    std::fs::write(a.path("other"), &other).unwrap();
+    let b = &devs[1];
+    wait_for("bravo to see keep/sub/b", LIMIT, || {
+        std::fs::metadata(b.path("keep/sub/b")).is_ok_and(|m| m.len() == kb.len() as u64)
+    });
+    let before = cache_bytes(b);
+    assert!(
+        before < 1 << 20,
+        "bravo holds nothing of alpha's yet: {before}"
+    );
+
+    let bad = common::meshfs(&["pin", b.path("nope").to_str().unwrap()]);
+    assert!(!bad.status.success());
+    assert!(
+        common::stderr(&bad).contains("no such file"),
+        "{}",
+        common::stderr(&bad)
+    );
+
+    // Not a terminal: plain progress lines, then the end.
+    let o = common::meshfs(&["pin", b.path("keep").to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}{}", out, common::stderr(&o));
+    assert!(out.contains("MiB ("), "a progress line: {out}");
+    assert!(out.contains("pinned") && out.contains("2 files"), "{out}");
+    let bd = b.data_dir();
+    let pins = common::meshfs(&["pins", "--data-dir", bd.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&pins.stdout).unwrap();
+    let p = &v["pins"][0];
+    assert_eq!(p["path"], "/keep");
+    assert_eq!(p["complete"], true, "{v}");
+    assert_eq!(p["bytes_total"].as_u64(), Some(10 << 20));
+    // The tree is here: 10 MiB more, over the 8 MiB limit.
+    assert!(cache_bytes(b) >= before + (10 << 20));
+
+    // Reading a file nobody pinned here caches it; eviction then takes it
+    // back to the limit, and leaves the pinned tree whole.
+    assert!(std::fs::read(b.path("other")).unwrap() == other);
+    wait_for("eviction of the unpinned copy", LIMIT, || {
+        cache_bytes(b) < before + (11 << 20)
+    });
+    let v: serde_json::Value = serde_json::from_slice(
+        &common::meshfs(&["pins", "--data-dir", bd.to_str().unwrap(), "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(v["pins"][0]["bytes_here"].as_u64(), Some(10 << 20), "{v}");
+
+    // Pins survive a restart, follow a rename, and can be dropped; then
+    // the tree is a cached copy like any other and goes over the limit.
+    devs[1].unmount();
+    devs[1].mount();
+    let b = &devs[1];
+    std::fs::rename(b.path("keep"), b.path("kept")).unwrap();
+    let o = common::meshfs(&["pins", "--data-dir", bd.to_str().unwrap()]);
+    let listed = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        listed.contains("/keep") && listed.contains("(here)"),
+        "{listed}"
+    );
+    let o = common::meshfs(&["unpin", b.path("kept").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let o = common::meshfs(&["pins", "--data-dir", bd.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no pins"));
+    wait_for("eviction of the unpinned tree", LIMIT, || {
+        cache_bytes(b) <= 8 << 20
+    });
+    assert!(
+        std::fs::read(b.path("kept/a")).unwrap() == ka,
+        "still readable from alpha"
+    );
+}

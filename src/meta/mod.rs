@@ -646,6 +646,32 @@ impl MetaState {
         out
     }
 
+    /// Every regular file in the subtree at `root` (`root` itself when it
+    /// is a file), each once: what a pin keeps on a device.
+    pub fn subtree_files(&self, root: ResourceId) -> Vec<ResourceId> {
+        let mut out = Vec::new();
+        match self.inodes.get(&root).map(|i| i.kind) {
+            Some(Kind::File) => return vec![root],
+            Some(Kind::Dir) => {}
+            _ => return out,
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut queue = std::collections::VecDeque::from([root]);
+        while let Some(dir) = queue.pop_front() {
+            let Some(d) = self.dirs.get(&dir) else {
+                continue;
+            };
+            for e in d.by_name.values() {
+                match e.kind {
+                    Kind::Dir => queue.push_back(e.ino),
+                    Kind::File if seen.insert(e.ino) => out.push(e.ino),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
     /// One path (from the root, '/'-separated, lossy UTF-8) of every
     /// reachable inode: the access log's exporter names resources with it.
     pub fn paths(&self) -> std::collections::HashMap<ResourceId, String> {

@@ -1028,3 +1028,28 @@ fn a_cookie_shown_twice_in_the_speculative_layer_hides_no_name() {
     assert_eq!(names(&s), vec![b"a".to_vec()], "a survives the undo");
     assert_eq!(s.lookup(d.id, b"a").unwrap().id, a.id);
 }
+
+#[test]
+fn a_subtree_lists_its_files_once_each_and_a_file_itself() {
+    let mut s = fresh();
+    let a = mk(&mut s, ROOT, "a", NewNode::Dir, 10);
+    let b = mk(&mut s, a.id, "b", NewNode::Dir, 10);
+    let f1 = mk(&mut s, a.id, "f1", NewNode::File, 10);
+    let f2 = mk(&mut s, b.id, "f2", NewNode::File, 10);
+    let out = mk(&mut s, ROOT, "out", NewNode::File, 10);
+    // A second name for f1 inside the subtree counts once.
+    s.apply(FsCommand::Link {
+        ino: f1.id,
+        parent: b.id,
+        name: b"f1-again".to_vec(),
+        now: t(11),
+    })
+    .unwrap();
+    let mut got = s.subtree_files(a.id);
+    got.sort();
+    assert_eq!(got, vec![f1.id, f2.id]);
+    assert_eq!(s.subtree_files(b.id).len(), 2);
+    assert_eq!(s.subtree_files(out.id), vec![out.id]);
+    assert!(s.subtree_files(ResourceId(9999)).is_empty());
+    assert_eq!(s.subtree_files(ROOT).len(), 3);
+}
