@@ -497,6 +497,7 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
         "prefetch": prefetch_status(node),
         "reads": node.reads.json(),
         "metrics_url": node.http_addr.map(|a| crate::web::url(a, "/metrics")),
+        "dashboard_url": node.http_addr.map(|a| crate::web::url(a, "/")),
         "pins": pins(node)["pins"].take(),
         "catch_up": *crate::lock(&node.catch_up),
     })

@@ -88,6 +88,9 @@ pub fn print_status(v: &serde_json::Value) {
     if let Some(u) = v["metrics_url"].as_str() {
         println!("metrics:    {u}");
     }
+    if let Some(u) = v["dashboard_url"].as_str() {
+        println!("dashboard:  {u}");
+    }
     for p in v["pins"].as_array().into_iter().flatten() {
         println!(
             "pinned:     {} ({} of {} bytes here)",

@@ -243,3 +243,114 @@ fn a_pinned_tree_is_fetched_at_once_and_never_evicted() {
         "still readable from alpha"
     );
 }
+
+/// The DOM of `url` after its scripts ran, from headless Chromium (Debian's
+/// package, installed by scripts/setup).
+fn rendered(url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", profile.path().display()),
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .expect("run chromium (scripts/setup installs it)");
+    assert!(o.status.success(), "chromium: {}", common::stderr(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The text of the element with id `id` (its inner HTML up to the close of
+/// the same tag).
+fn element<'a>(dom: &'a str, tag: &str, id: &str) -> &'a str {
+    let open = format!("<{tag} id=\"{id}\"");
+    let at = dom
+        .find(&open)
+        .unwrap_or_else(|| panic!("no #{id} in {dom}"));
+    let end = dom[at..]
+        .find(&format!("</{tag}>"))
+        .map_or(dom.len(), |e| at + e);
+    &dom[at..end]
+}
+
+#[test]
+fn the_dashboard_shows_the_mesh_who_governs_what_and_prefetch() {
+    require_root!();
+    let cfg: &[(&str, &str)] = &[("replicas", "1")];
+    let devs = mesh(LIMIT, &[("alpha", cfg), ("bravo", cfg)]);
+    let (a, b) = (&devs[0], &devs[1]);
+    std::fs::create_dir(a.path("docs")).unwrap();
+    std::fs::write(a.path("docs/one"), common::bytes(100_000, 1)).unwrap();
+    std::fs::write(a.path("docs/two"), common::bytes(50_000, 2)).unwrap();
+    wait_for("bravo to see /docs", LIMIT, || b.path("docs/two").exists());
+    std::fs::create_dir(b.path("music")).unwrap();
+    std::fs::write(b.path("music/song"), common::bytes(70_000, 3)).unwrap();
+    wait_for("alpha to see /music", LIMIT, || {
+        a.path("music/song").exists()
+    });
+
+    let url = a.status_json()["dashboard_url"]
+        .as_str()
+        .expect("status gives dashboard_url")
+        .to_string();
+    // The data first: who governs each top-level directory.
+    let (code, body) = http("GET", &format!("{url}api/state"));
+    assert_eq!(code, 200);
+    let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let dir = |p: &str| {
+        st["dirs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["path"] == p)
+            .unwrap_or_else(|| panic!("no {p} in {st}"))
+            .clone()
+    };
+    assert_eq!(dir("/docs/")["files"], 2);
+    assert_eq!(dir("/docs/")["bytes"], 150_000);
+    assert_eq!(dir("/docs/")["governed"]["alpha"], 2, "{st}");
+    assert_eq!(dir("/music/")["governed"]["bravo"], 1, "{st}");
+    // One copy each (replicas = 1), on the device that governs it.
+    assert_eq!(dir("/music/")["placed"]["bravo"], 70_000, "{st}");
+
+    // The page, as a browser renders it.
+    let dom = rendered(&url);
+    assert!(dom.contains("meshfs: alpha"), "{dom}");
+    let devices = element(&dom, "table", "devices");
+    assert!(
+        devices.contains("bravo") && devices.contains("alpha (this device)"),
+        "{devices}"
+    );
+    assert!(
+        devices.contains(">up<") && devices.contains(" ms<"),
+        "{devices}"
+    );
+    let graph = element(&dom, "svg", "graph");
+    assert!(
+        graph.contains("<circle") && graph.contains("bravo") && graph.contains(" ms"),
+        "{graph}"
+    );
+    let dirs = element(&dom, "table", "dirs");
+    assert!(
+        dirs.contains("/docs/") && dirs.contains("alpha: 2"),
+        "{dirs}"
+    );
+    assert!(
+        dirs.contains("/music/") && dirs.contains("bravo: 1"),
+        "{dirs}"
+    );
+    let prefetch = element(&dom, "table", "prefetch");
+    assert!(
+        prefetch.contains("hit rate") && prefetch.contains("wasted"),
+        "{prefetch}"
+    );
+}

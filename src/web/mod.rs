@@ -1,6 +1,7 @@
 //! The daemon's HTTP listener on loopback (Config `http_listen`): the
 //! Prometheus metrics at `/metrics`, read from the rest of the daemon at
-//! each scrape. Plain HTTP/1.1 by hyper; a bounded number of connections,
+//! each scrape, and the dashboard at `/` with its data at `/api/state`
+//! (`dashboard.rs`). Plain HTTP/1.1 by hyper; a bounded number of connections,
 //! each with a deadline, so that a stuck scraper costs nothing else.
 
 use std::net::SocketAddr;
@@ -14,7 +15,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use crate::config::Config;
 use crate::metrics::{PeerSnap, Snapshot};
 use crate::node::Node;
+
+pub mod dashboard;
 use crate::storage::ChunkStore;
+use dashboard::Dashboard;
 
 /// Connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 16;
@@ -92,6 +96,19 @@ pub async fn serve(listener: std::net::TcpListener, node: Arc<Node>) {
         }
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let dash = Arc::new(Dashboard::default());
+    // The dashboard's history: a sample of a few counters every 5 s.
+    let sampler = {
+        let (node, dash) = (node.clone(), dash.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(dashboard::SAMPLE_EVERY);
+            loop {
+                tick.tick().await;
+                dash.record(dashboard::sample(&node));
+            }
+        })
+    };
+    let _stop_sampler = AbortOnDrop(sampler);
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -104,10 +121,11 @@ pub async fn serve(listener: std::net::TcpListener, node: Arc<Node>) {
                 continue;
             }
         };
-        let node = node.clone();
+        let (node, dash) = (node.clone(), dash.clone());
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            let svc = hyper::service::service_fn(move |req| answer(req, node.clone()));
+            let svc =
+                hyper::service::service_fn(move |req| answer(req, node.clone(), dash.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_DEADLINE)
@@ -118,6 +136,15 @@ pub async fn serve(listener: std::net::TcpListener, node: Arc<Node>) {
             }
             drop(permit);
         });
+    }
+}
+
+/// Ends the sampler with the listener's task.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -133,6 +160,7 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 async fn answer<B>(
     req: Request<B>,
     node: Arc<Node>,
+    dash: Arc<Dashboard>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     const TEXT: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -156,12 +184,13 @@ async fn answer<B>(
         }
         "/" => reply(
             StatusCode::OK,
-            TEXT,
-            format!(
-                "meshfs {} on {}: Prometheus metrics at /metrics\n",
-                env!("CARGO_PKG_VERSION"),
-                node.cfg.name
-            ),
+            "text/html; charset=utf-8",
+            dashboard::PAGE.to_string(),
+        ),
+        "/api/state" => reply(
+            StatusCode::OK,
+            "application/json",
+            dashboard::state(&node, &dash).await.to_string(),
         ),
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
     })
