@@ -457,7 +457,10 @@ fn start(data_dir: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Star
     };
     let (store, meta) = open_state(data_dir)?;
     let store = Arc::new(store);
-    let pins = Arc::new(crate::pin::Pins::load(data_dir).map_err(Error::Control)?);
+    let pins = Arc::new(
+        crate::pin::Pins::load(data_dir)
+            .map_err(|e| Error::io("loading the pins", std::io::Error::other(e)))?,
+    );
     let catch_up = crate::replicate::CatchUpState::default();
     let fs = Arc::new(Fs::new(
         store.clone(),
