@@ -365,20 +365,10 @@ impl Config {
             path: path.clone(),
             msg: e.to_string(),
         })?;
-        // Written whole, synced, renamed over the old one, and the rename
-        // synced: a crash leaves the old config or the new one, never a
-        // torn or empty file.
-        let tmp = path.with_extension("toml.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, text.as_bytes())?;
-            f.sync_all()
-        };
-        write().map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-        crate::datadir::sync_parent(&path)
-            .map_err(|e| Error::io(format!("syncing {}", data_dir.display()), e))
+        // A crash leaves the old config or the new one, never a torn or
+        // empty file (`config.toml.tmp` beside it, as before).
+        crate::datadir::write_atomic(&path, text.as_bytes())
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 
     /// The version retention policy these settings describe.

@@ -408,8 +408,15 @@ fn unpin(node: &Node, path: &str) -> serde_json::Value {
 
 /// The pins with their progress, and the replication catch-up.
 fn pins(node: &Node) -> serde_json::Value {
-    let list: Vec<serde_json::Value> = node
-        .pins
+    serde_json::json!({
+        "pins": pin_list(node),
+        "catch_up": *crate::lock(&node.catch_up),
+    })
+}
+
+/// Each pin with how much of its tree is here.
+fn pin_list(node: &Node) -> Vec<serde_json::Value> {
+    node.pins
         .list()
         .into_iter()
         .map(|p| {
@@ -430,11 +437,7 @@ fn pins(node: &Node) -> serde_json::Value {
                 "complete": prog.complete(),
             })
         })
-        .collect();
-    serde_json::json!({
-        "pins": list,
-        "catch_up": *crate::lock(&node.catch_up),
-    })
+        .collect()
 }
 
 fn conflicts(node: &Node, clear: bool) -> serde_json::Value {
@@ -498,7 +501,7 @@ fn status(node: &Node, mesh: Option<crate::mesh::MeshStatus>) -> serde_json::Val
         "reads": node.reads.json(),
         "metrics_url": node.http_addr.map(|a| crate::web::url(a, "/metrics")),
         "dashboard_url": node.http_addr.map(|a| crate::web::url(a, "/")),
-        "pins": pins(node)["pins"].take(),
+        "pins": pin_list(node),
         "catch_up": *crate::lock(&node.catch_up),
     })
 }

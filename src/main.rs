@@ -687,7 +687,7 @@ fn follow_pin(
     });
     let mut last_here = None;
     let mut last_change = Instant::now();
-    let mut last_line = Instant::now() - Duration::from_secs(60);
+    let mut last_line: Option<Instant> = None;
     loop {
         let v = control::request(data_dir, &Request::Pins)?;
         let Some(p) = v["pins"]
@@ -720,13 +720,15 @@ fn follow_pin(
                 b.set_length(total);
                 b.set_position(here);
             }
-            None if last_line.elapsed() >= Duration::from_secs(2) || here >= total => {
+            None if last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
+                || here >= total =>
+            {
                 println!(
                     "pinning {shown}: {:.1} of {:.1} MiB ({pct:.0}%), {files} files",
                     mib(here),
                     mib(total)
                 );
-                last_line = Instant::now();
+                last_line = Some(Instant::now());
             }
             None => {}
         }

@@ -110,15 +110,31 @@ impl Ledger {
         self.wasted_bytes.fetch_add(wasted, Ordering::Relaxed);
     }
 
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "hits": self.hits.load(Ordering::Relaxed),
-            "misses": self.misses.load(Ordering::Relaxed),
-            "wasted_bytes": self.wasted_bytes.load(Ordering::Relaxed),
-            "prefetched_bytes": self.prefetched_bytes.load(Ordering::Relaxed),
-            "unused_bytes": self.unused_bytes.load(Ordering::Relaxed),
-        })
+    /// The ledger's counters now.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            wasted_bytes: self.wasted_bytes.load(Ordering::Relaxed),
+            prefetched_bytes: self.prefetched_bytes.load(Ordering::Relaxed),
+            unused_bytes: self.unused_bytes.load(Ordering::Relaxed),
+        }
     }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self.totals()).unwrap_or_default()
+    }
+}
+
+/// The ledger's counters at one moment (status, metrics, the dashboard).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    /// First reads of opened files whose content was here, and was not.
+    pub hits: u64,
+    pub misses: u64,
+    pub wasted_bytes: u64,
+    pub prefetched_bytes: u64,
+    pub unused_bytes: u64,
 }
 
 /// A read waiting on the network (see `Ledger::foreground`).

@@ -90,18 +90,25 @@ impl Dashboard {
 
 /// The counters the history follows, now.
 pub fn sample(node: &Node) -> Sample {
-    use std::sync::atomic::Ordering::Relaxed;
-    let ch = node.replica.status().changes;
-    let ledger = node.prefetch.as_ref().map(|p| &p.ledger);
-    let l = |f: fn(&crate::prefetch::fetch::Ledger) -> u64| ledger.map_or(0, |x| f(x));
+    sample_of(node, &node.replica.status())
+}
+
+/// [`sample`] with Raft's status already read.
+fn sample_of(node: &Node, raft: &crate::raft::RaftStatus) -> Sample {
+    let ch = &raft.changes;
+    let ledger = node
+        .prefetch
+        .as_ref()
+        .map(|p| p.ledger.totals())
+        .unwrap_or_default();
     Sample {
         t: crate::meta::Timestamp::now().secs,
         moves: ch.authority_moves,
         conflicts: ch.tentative.conflicts as u64,
-        hits: l(|x| x.hits.load(Relaxed)),
-        misses: l(|x| x.misses.load(Relaxed)),
-        wasted: l(|x| x.wasted_bytes.load(Relaxed)),
-        prefetched: l(|x| x.prefetched_bytes.load(Relaxed)),
+        hits: ledger.hits,
+        misses: ledger.misses,
+        wasted: ledger.wasted_bytes,
+        prefetched: ledger.prefetched_bytes,
     }
 }
 
@@ -189,7 +196,7 @@ pub async fn state(node: &Node, dash: &Dashboard) -> serde_json::Value {
     };
     let dirs = dash.dirs(node, &members, &names);
     let raft = node.replica.status();
-    let now = sample(node);
+    let now = sample_of(node, &raft);
     let conflicts: Vec<serde_json::Value> = node
         .replica
         .conflicts()

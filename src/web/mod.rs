@@ -198,7 +198,6 @@ async fn answer<B>(
 
 /// What the rest of the daemon counts, for one scrape.
 pub fn snapshot(node: &Node, mesh: Option<&crate::mesh::MeshStatus>) -> Snapshot {
-    use std::sync::atomic::Ordering::Relaxed;
     let stats = node.store.stats().unwrap_or_default();
     let fs = node.fs.stats();
     let raft = node.replica.status();
@@ -221,8 +220,11 @@ pub fn snapshot(node: &Node, mesh: Option<&crate::mesh::MeshStatus>) -> Snapshot
                 .collect()
         })
         .unwrap_or_default();
-    let ledger = node.prefetch.as_ref().map(|p| &p.ledger);
-    let l = |f: fn(&crate::prefetch::fetch::Ledger) -> u64| ledger.map_or(0, |x| f(x));
+    let ledger = node
+        .prefetch
+        .as_ref()
+        .map(|p| p.ledger.totals())
+        .unwrap_or_default();
     Snapshot {
         device: node.cfg.name.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -239,11 +241,11 @@ pub fn snapshot(node: &Node, mesh: Option<&crate::mesh::MeshStatus>) -> Snapshot
         opens_passthrough: fs.passthrough.opens_passthrough,
         opens_cached: fs.passthrough.opens_cached,
         backing_bytes: fs.passthrough.backing_bytes,
-        file_hits: l(|x| x.hits.load(Relaxed)),
-        file_misses: l(|x| x.misses.load(Relaxed)),
-        prefetched_bytes: l(|x| x.prefetched_bytes.load(Relaxed)),
-        prefetch_wasted_bytes: l(|x| x.wasted_bytes.load(Relaxed)),
-        prefetch_unused_bytes: l(|x| x.unused_bytes.load(Relaxed)),
+        file_hits: ledger.hits,
+        file_misses: ledger.misses,
+        prefetched_bytes: ledger.prefetched_bytes,
+        prefetch_wasted_bytes: ledger.wasted_bytes,
+        prefetch_unused_bytes: ledger.unused_bytes,
         raft_term: raft.term,
         raft_is_leader: raft.state == "leader",
         raft_leader: raft.leader.clone(),
