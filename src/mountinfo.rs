@@ -41,6 +41,25 @@ pub fn source_of(path: &Path) -> Option<(String, String)> {
     })
 }
 
+/// The FUSE connection number of the mount at `path` (its device minor,
+/// as /sys/fs/fuse/connections names it), read from mountinfo alone so
+/// that nothing touches a mount whose daemon may never answer.
+pub fn fuse_connection(path: &Path) -> Option<u32> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    connection_in(&info, path)
+}
+
+fn connection_in(info: &str, path: &Path) -> Option<u32> {
+    let want = path.as_os_str().as_encoded_bytes();
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.get(4).map(|m| unescape(m)).as_deref().map(str::as_bytes) != Some(want) {
+            return None;
+        }
+        f.get(2)?.split(':').nth(1)?.parse().ok()
+    })
+}
+
 /// The data dir of the meshfs mount holding `path` (its source), and
 /// `path`'s inode number there; an error line otherwise.
 pub fn meshfs_of(path: &Path) -> Result<(PathBuf, u64), String> {
@@ -126,4 +145,20 @@ pub fn mesh_path_of(path: &Path) -> Result<(PathBuf, String), String> {
         at = p.parent();
     }
     Err(format!("{} is not on a meshfs mount", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_is_the_minor_of_the_last_mount_there() {
+        let info = "36 25 0:31 / /mnt/a rw - ext4 /dev/sda1 rw\n\
+                    40 25 0:45 / /mnt/mesh rw - fuse.meshfs /var/lib/m rw\n\
+                    41 25 0:47 / /mnt/my\\040mesh rw - fuse.meshfs /d rw\n\
+                    42 40 0:52 / /mnt/mesh rw - fuse.meshfs /var/lib/m rw\n";
+        assert_eq!(connection_in(info, Path::new("/mnt/mesh")), Some(52));
+        assert_eq!(connection_in(info, Path::new("/mnt/my mesh")), Some(47));
+        assert_eq!(connection_in(info, Path::new("/mnt/b")), None);
+    }
 }

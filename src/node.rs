@@ -190,8 +190,8 @@ pub fn read_pid(data_dir: &Path) -> Option<u32> {
 }
 
 /// Whether the daemon recorded in `data_dir`'s pid file is alive. A zombie
-/// (killed, not reaped: a container's init may never reap) is not: its
-/// files, /dev/fuse included, are closed.
+/// (killed, not reaped: a container's init may never reap) is not, though
+/// it may still hold /dev/fuse (see `release_dead_mount`).
 fn daemon_alive(data_dir: &Path) -> bool {
     let Some(pid) = read_pid(data_dir) else {
         return false;
@@ -207,9 +207,70 @@ fn daemon_alive(data_dir: &Path) -> bool {
     }
 }
 
+/// A daemon killed while its invalidation thread waited in the kernel for
+/// a directory lock held by a request it will now never answer (a rename,
+/// say) cannot finish dying: that thread sleeps uninterruptibly, so the
+/// process stays a zombie holding /dev/fuse and the data dir lock, and
+/// every access to the mount hangs. Found by tests/power.rs and
+/// tests/history.rs, which kill daemons mid-rename. When the mount at
+/// `mountpoint` is this data dir's and its daemon is dead, abort the
+/// kernel connection through fusectl (as `umount -f` would) before
+/// anything touches the mount, and give the zombie's threads a moment to
+/// go. Root only; best effort.
+fn release_dead_mount(mountpoint: &Path, data_dir: &Path) {
+    let abs = if mountpoint.is_absolute() {
+        mountpoint.to_path_buf()
+    } else {
+        match std::env::current_dir() {
+            Ok(cwd) => cwd.join(mountpoint),
+            Err(_) => return,
+        }
+    };
+    let ours = crate::mountinfo::source_of(&abs)
+        .is_some_and(|(src, fstype)| fstype == "fuse.meshfs" && Path::new(&src) == data_dir);
+    // SAFETY: geteuid has no preconditions.
+    if !ours || unsafe { libc::geteuid() } != 0 || daemon_alive(data_dir) {
+        return;
+    }
+    let Some(conn) = crate::mountinfo::fuse_connection(&abs) else {
+        return;
+    };
+    let conns = Path::new("/sys/fs/fuse/connections");
+    if !conns.join(conn.to_string()).exists() {
+        // fusectl is often not mounted; mounting it changes nothing else.
+        let (src, dst, fstype) = (c"fusectl", c"/sys/fs/fuse/connections", c"fusectl");
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+    }
+    let abort = conns.join(conn.to_string()).join("abort");
+    if std::fs::write(&abort, "1").is_err() {
+        return;
+    }
+    tracing::info!(path = %abs.display(), connection = conn, "aborted the kernel connection of a dead daemon's mount");
+    let Some(pid) = read_pid(data_dir) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The zombie leader stays until reaped; its other threads go.
+    while Instant::now() < deadline
+        && std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|t| t.count() > 1)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Checks the mount point before the daemon starts; clears a stale mount
 /// left by a killed daemon when it can.
 pub fn check_mountpoint(mountpoint: &Path, data_dir: &Path) -> Result<PathBuf, Error> {
+    release_dead_mount(mountpoint, data_dir);
     match std::fs::metadata(mountpoint) {
         Ok(m) if !m.is_dir() => return Err(Error::MountPointNotDir(mountpoint.to_path_buf())),
         Ok(_) => {}

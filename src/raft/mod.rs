@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use crate::ids::{DeviceId, ResourceId};
 use crate::mesh::{MeshClient, RaftInbound};
 use crate::meta::{FsCommand, Governance, MetaError, MetaState, Outcome};
-use crate::storage::{ChunkStore, RocksStore};
+use crate::storage::{ChunkStore, MetaStore, RocksStore};
 
 pub use authority::{PolicySettings, ResourceStat};
 pub use network::{Reply, Rpc};
@@ -576,6 +576,11 @@ impl Replica {
         req: Request,
         deadline: Instant,
     ) -> Result<Response, RaftError> {
+        let cmds: Vec<&FsCommand> = match &req.op {
+            Op::Fs(cmd) => vec![cmd],
+            Op::Batch { changes, .. } => changes.iter().map(|c| &c.cmd).collect(),
+        };
+        self.sync_before_sending(cmds).await?;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -1026,6 +1031,27 @@ impl Replica {
         }
     }
 
+    /// A change naming new chunks leaves this device (for the Raft log, or
+    /// for its authority) only once those chunks are on this device's
+    /// disk. Otherwise the others could commit a version whose only copy
+    /// of the bytes sits in this device's unsynced WAL, and a power cut
+    /// here would leave that version, the file's current one, unreadable
+    /// everywhere (EIO), where the promise is that a change closed shortly
+    /// before a cut is lost whole. Found by tests/power.rs cutting three
+    /// devices at once. One WAL sync, skipped when nothing was written
+    /// since the last (the periodic `sync_interval_ms` sync often got
+    /// there first).
+    async fn sync_before_sending(&self, cmds: Vec<&FsCommand>) -> Result<(), RaftError> {
+        if !cmds.into_iter().any(outbox::names_chunks) {
+            return Ok(());
+        }
+        let store = self.shared.store.clone();
+        tokio::task::spawn_blocking(move || store.sync_if_dirty())
+            .await
+            .map_err(|e| RaftError::Raft(format!("syncing before sending a change: {e}")))??;
+        Ok(())
+    }
+
     /// Sends a change to its authority, which applies it at once and
     /// answers with the values it produced; they are shown here until the
     /// authority's batch holding the change is applied here, so the program
@@ -1038,6 +1064,7 @@ impl Replica {
         cmd: FsCommand,
         deadline: Instant,
     ) -> Result<Option<Response>, RaftError> {
+        self.sync_before_sending(vec![&cmd]).await?;
         // A new version's chunks are only here: keep them until the change
         // is committed.
         let pins = outbox::chunks_of(&cmd);

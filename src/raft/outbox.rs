@@ -241,6 +241,11 @@ pub(super) fn touched(cmd: &FsCommand) -> Vec<crate::ids::ResourceId> {
 }
 
 /// The chunks a command's new version references (to pin while pending).
+/// Whether `cmd` names chunks that hold bytes (a new version's content).
+pub fn names_chunks(cmd: &FsCommand) -> bool {
+    matches!(cmd, FsCommand::CommitVersion { chunks, .. } if chunks.iter().any(|c| !c.hash.is_zero_run()))
+}
+
 pub fn chunks_of(cmd: &FsCommand) -> Vec<ChunkHash> {
     match cmd {
         FsCommand::CommitVersion { chunks, .. } => chunks

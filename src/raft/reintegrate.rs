@@ -311,6 +311,10 @@ impl Replica {
                     tracing::trace!(authority = %d, "tentative change waits: its authority is out of reach");
                     return Step::Wait;
                 }
+                if let Err(e) = self.sync_before_sending(vec![&cmd]).await {
+                    tracing::debug!(error = %e, "tentative change waits: this device's WAL could not be synced");
+                    return Step::Wait;
+                }
                 let pins = outbox::chunks_of(&cmd);
                 self.shared.store.pin(&pins);
                 let wait = self.settings.read_wait;

@@ -36,6 +36,8 @@ pub fn stderr(o: &Output) -> String {
 pub struct Device {
     pub name: String,
     data: tempfile::TempDir,
+    /// `data/d`, unless the test placed it elsewhere (on LazyFS, say).
+    data_dir: PathBuf,
     mnt: tempfile::TempDir,
     mounted: bool,
 }
@@ -49,9 +51,11 @@ impl Device {
                 .tempdir()
                 .unwrap()
         };
+        let data = dir("data");
         Device {
             name: name.into(),
-            data: dir("data"),
+            data_dir: data.path().join("d"),
+            data,
             mnt: dir("mnt"),
             mounted: false,
         }
@@ -78,9 +82,21 @@ impl Device {
 
     /// A fresh, initialised, not yet mounted device.
     pub fn init(name: &str) -> Self {
-        let d = Self::blank(name);
+        Self::init_with(Self::blank(name))
+    }
+
+    /// Like `init`, with the data dir at `parent/NAME` (a directory on
+    /// another filesystem, such as a LazyFS mount).
+    pub fn init_in(name: &str, parent: &Path) -> Self {
+        let mut d = Self::blank(name);
+        d.data_dir = parent.join(name);
+        Self::init_with(d)
+    }
+
+    fn init_with(d: Self) -> Self {
+        let name = d.name.clone();
         let dd = d.data_dir();
-        let o = meshfs(&["init", "--data-dir", dd.to_str().unwrap(), "--name", name]);
+        let o = meshfs(&["init", "--data-dir", dd.to_str().unwrap(), "--name", &name]);
         assert!(o.status.success(), "init failed: {}", stderr(&o));
         d
     }
@@ -96,32 +112,30 @@ impl Device {
 
     /// Like `join`, returning the command's error line on failure.
     pub fn try_join(name: &str, code: &str) -> Result<Self, String> {
-        let data = tempfile::Builder::new()
-            .prefix(&format!("meshfs-{name}-data-"))
-            .tempdir()
-            .unwrap();
-        let mnt = tempfile::Builder::new()
-            .prefix(&format!("meshfs-{name}-mnt-"))
-            .tempdir()
-            .unwrap();
-        let d = data.path().join("d");
+        Self::try_join_with(Self::blank(name), code)
+    }
+
+    /// Like `join`, with the data dir at `parent/NAME`.
+    pub fn join_in(name: &str, code: &str, parent: &Path) -> Self {
+        let mut d = Self::blank(name);
+        d.data_dir = parent.join(name);
+        Self::try_join_with(d, code).unwrap_or_else(|e| panic!("join failed: {e}"))
+    }
+
+    fn try_join_with(d: Self, code: &str) -> Result<Self, String> {
+        let dd = d.data_dir();
         let o = meshfs(&[
             "join",
             code,
             "--data-dir",
-            d.to_str().unwrap(),
+            dd.to_str().unwrap(),
             "--name",
-            name,
+            &d.name,
         ]);
         if !o.status.success() {
             return Err(stderr(&o));
         }
-        Ok(Device {
-            name: name.into(),
-            data,
-            mnt,
-            mounted: false,
-        })
+        Ok(d)
     }
 
     /// A device whose data dir is a copy of `src`'s (same identity, same
@@ -191,7 +205,7 @@ impl Device {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.data.path().join("d")
+        self.data_dir.clone()
     }
 
     pub fn mountpoint(&self) -> &Path {
@@ -278,6 +292,16 @@ impl Device {
     pub fn kill9(&mut self) {
         let pid = self.pid().expect("daemon pid");
         unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_exit(pid, Duration::from_secs(10));
+    }
+
+    /// A power cut as this device sees it: the daemon is killed and its
+    /// kernel connection aborted at once, so no request in flight is
+    /// answered after the cut.
+    pub fn crash(&mut self) {
+        let pid = self.pid().expect("daemon pid");
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        abort_fuse_connection(self.mnt.path());
         wait_exit(pid, Duration::from_secs(10));
     }
 
@@ -398,6 +422,32 @@ fn crate_is_mounted(p: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = p.to_string_lossy();
     info.lines().any(|l| l.split(' ').nth(4) == Some(&want))
+}
+
+/// Aborts the FUSE connection of the mount at `p` through fusectl (mounted
+/// here if it is not yet), as a power cut ends every request in flight;
+/// its number is the mount's device minor, read from mountinfo so that
+/// nothing touches the mount.
+pub fn abort_fuse_connection(p: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = p.to_string_lossy();
+    let Some(minor) = info
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(&want))
+        .and_then(|l| l.split(' ').nth(2))
+        .and_then(|dev| dev.split(':').nth(1))
+        .map(str::to_string)
+    else {
+        return;
+    };
+    let conns = Path::new("/sys/fs/fuse/connections");
+    if !conns.join(&minor).exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(conns)
+            .output();
+    }
+    let _ = std::fs::write(conns.join(&minor).join("abort"), "1");
 }
 
 pub fn is_mounted(p: &Path) -> bool {
