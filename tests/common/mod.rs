@@ -429,15 +429,7 @@ fn crate_is_mounted(p: &Path) -> bool {
 /// its number is the mount's device minor, read from mountinfo so that
 /// nothing touches the mount.
 pub fn abort_fuse_connection(p: &Path) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let want = p.to_string_lossy();
-    let Some(minor) = info
-        .lines()
-        .rfind(|l| l.split(' ').nth(4) == Some(&want))
-        .and_then(|l| l.split(' ').nth(2))
-        .and_then(|dev| dev.split(':').nth(1))
-        .map(str::to_string)
-    else {
+    let Some(minor) = meshfs::mountinfo::fuse_connection(p).map(|c| c.to_string()) else {
         return;
     };
     let conns = Path::new("/sys/fs/fuse/connections");
