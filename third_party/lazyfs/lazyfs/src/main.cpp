@@ -424,7 +424,11 @@ int main (int argc, char* argv[]) {
 
         if (!strcmp (argv[i], "--config-path")) {
 
-            if (strcasestr (argv[i + 1], "-o"))
+            // meshfs: upstream tested strcasestr (argv[i + 1], "-o"), which
+            // also rejected any path containing "-o" or "-O" (a temporary
+            // directory such as /tmp/lazyfs-Oq3x...) and read argv[argc]
+            // when the flag came last.
+            if (i + 1 >= argc || argv[i + 1][0] == '-')
 
                 path_specified = false;
 
