@@ -828,6 +828,7 @@ fn mount(
             .with_env_filter(log_filter(&cfg.log))
             .with_writer(std::io::stderr)
             .try_init();
+        node::spawn_mount_watcher(&mountpoint, &data_dir);
         node::run_daemon(&data_dir, &mountpoint, &opts, |_| {})?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -907,6 +908,7 @@ fn mount(
             .try_init(),
     };
     let mut wr = Some(std::fs::File::from(wr));
+    node::spawn_mount_watcher(&mountpoint, &data_dir);
     let r = node::run_daemon(&data_dir, &mountpoint, &opts, |res| {
         if let Some(mut w) = wr.take() {
             let line = match res {

@@ -193,9 +193,11 @@ pub fn read_pid(data_dir: &Path) -> Option<u32> {
 /// (killed, not reaped: a container's init may never reap) is not, though
 /// it may still hold /dev/fuse (see `release_dead_mount`).
 fn daemon_alive(data_dir: &Path) -> bool {
-    let Some(pid) = read_pid(data_dir) else {
-        return false;
-    };
+    read_pid(data_dir).is_some_and(process_alive)
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name in parentheses.
         Ok(stat) => stat
@@ -265,6 +267,56 @@ fn release_dead_mount(mountpoint: &Path, data_dir: &Path) {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Forks, while this process is still single-threaded (before the daemon
+/// starts), a small watcher that outlives a killed daemon: once the daemon
+/// `meshfs mount` is about to run is dead, it does what the next `meshfs
+/// mount` would (`release_dead_mount`), so that a `kill -9` leaves a mount
+/// that answers ENOTCONN, not one where every program hangs until someone
+/// mounts again. It holds no descriptor of the daemon's (not /dev/fuse,
+/// whose last close is what aborts a dead daemon's connection; not the
+/// data dir lock) and looks once a second. Root only, like the abort.
+pub fn spawn_mount_watcher(mountpoint: &Path, data_dir: &Path) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let daemon = std::process::id();
+    // SAFETY: the caller is single-threaded, so the child may run any code.
+    let pid = unsafe { libc::fork() };
+    if pid != 0 {
+        if pid < 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "no mount watcher: a killed daemon's mount will hang until the next mount");
+        }
+        return;
+    }
+    // SAFETY: in the child, on its own descriptors and name.
+    unsafe {
+        libc::close_range(3, u32::MAX, 0);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+        libc::prctl(
+            libc::PR_SET_NAME,
+            c"meshfs-watch".as_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        libc::chdir(c"/".as_ptr());
+    }
+    while process_alive(daemon) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    release_dead_mount(mountpoint, data_dir);
+    std::process::exit(0);
 }
 
 /// Checks the mount point before the daemon starts; clears a stale mount

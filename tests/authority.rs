@@ -590,3 +590,41 @@ fn a_passthrough_reader_sees_a_version_committed_elsewhere_at_the_next_open() {
     drop(reader);
     assert!(fs::read(b.path("doc")).unwrap() == v2);
 }
+
+#[test]
+fn a_passthrough_writer_that_writes_nothing_leaves_a_version_committed_elsewhere() {
+    require_root!();
+    let (a, b, _c) = three(&[]);
+    let v1 = common::bytes(3 << 20, 41);
+    write_file(&a.path("doc"), &v1, false).unwrap();
+    assert!(fs::read(b.path("doc")).unwrap() == v1);
+    b.wait_passthrough("doc");
+    // A reader starts passthrough on bravo; a program then opens the file
+    // for writing there too (joining the backing file) and writes nothing.
+    let reader = fs::File::open(b.path("doc")).unwrap();
+    let writer = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.path("doc"))
+        .unwrap();
+    let v2 = common::bytes(2 << 20, 42);
+    write_file(&a.path("doc"), &v2, false).unwrap();
+    // While it is open, opens on bravo share its copy (README,
+    // "Consistency"): the version it started from.
+    assert!(
+        fs::read(b.path("doc")).unwrap() == v1,
+        "bravo's opens share its writer's copy"
+    );
+    drop(writer);
+    drop(reader);
+    // Its close made no version: alpha's stands on both devices (before
+    // the fix, bravo's close brought v1 back over it).
+    for d in [&a, &b] {
+        let got = fs::read(d.path("doc")).unwrap();
+        assert!(
+            got.len() == v2.len() && got == v2,
+            "{} reads alpha's version after bravo's writer closed",
+            d.name
+        );
+    }
+}

@@ -1,12 +1,15 @@
 //! Data survives unmount and remount, a restart right after unmount, and a
 //! `kill -9` of the daemon after fsync; a dead daemon's stale mount is
-//! cleared by the next `meshfs mount`.
+//! cleared by the next `meshfs mount`, or by the mount watcher when the
+//! dead daemon's /dev/fuse stays open.
 
 mod common;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{bytes, Device};
@@ -96,4 +99,59 @@ fn closed_files_survive_kill_9() {
             format!("content {i}")
         );
     }
+}
+
+/// A daemon killed while one of its threads sleeps in the kernel on a lock
+/// held by a request it will now never answer cannot finish dying: its
+/// /dev/fuse stays open and every program touching the mount hangs. The
+/// test makes that state on purpose by holding a duplicate of the daemon's
+/// /dev/fuse (pidfd_getfd), then kills it: the mount watcher must abort
+/// the connection by itself, with no `meshfs mount` run.
+#[test]
+fn a_killed_daemon_whose_fuse_device_stays_open_leaves_no_hung_mount() {
+    require_root!();
+    let mut d = Device::start("alice");
+    fs::write(d.path("f"), "x").unwrap();
+    let pid = d.pid().expect("daemon pid");
+    let fuse_fd = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|e| fs::read_link(e.path()).is_ok_and(|l| l == Path::new("/dev/fuse")))
+        .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .expect("the daemon holds /dev/fuse");
+    // SAFETY: plain syscalls on a pid and fd numbers; results checked.
+    let held = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fuse_fd, 0) as i32;
+        assert!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        libc::close(pidfd);
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    };
+    d.kill9();
+    // Asked from a thread: without the watcher this stat never returns.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = d.path("f");
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::metadata(p).map(|_| ()).map_err(|e| e.raw_os_error()));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(15));
+    if got.is_err() {
+        // Unblock the stat (and this test's cleanup) before failing.
+        common::abort_fuse_connection(d.mountpoint());
+    }
+    drop(held);
+    match got {
+        Ok(Err(Some(e))) => assert!(
+            e == libc::ENOTCONN || e == libc::ECONNABORTED,
+            "expected a dead mount, got errno {e}"
+        ),
+        other => panic!("the mount of the killed daemon still answered or hung: {other:?}"),
+    }
+    d.mount();
+    assert_eq!(fs::read(d.path("f")).unwrap(), b"x");
 }

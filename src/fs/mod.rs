@@ -1735,20 +1735,23 @@ impl Fs {
     /// Turns a file's uncommitted writes into a new version. On failure the
     /// writes stay in the spill, so a later flush or fsync can retry.
     fn commit_locked(&self, ino: ResourceId, f: &mut OpenFile, sync: bool) -> Result<()> {
-        self.commit_spill(ino, f, sync, false)
+        self.commit_spill(ino, f, sync, None).map(|_| ())
     }
 
-    /// `commit_locked`; `skip_same`: content equal to the current version's
-    /// makes no new version (a passthrough writer that wrote nothing).
+    /// `commit_locked`; `unchanged_from` (passthrough writers' base, see
+    /// `Pt::base`): content equal to the current version's or to that base
+    /// makes no new version (writers that wrote nothing, or put back what
+    /// they started from). Returns the digest of the content the spill
+    /// held, committed or not (`None`: it held no change).
     fn commit_spill(
         &self,
         ino: ResourceId,
         f: &mut OpenFile,
         sync: bool,
-        skip_same: bool,
-    ) -> Result<()> {
+        unchanged_from: Option<ChunkHash>,
+    ) -> Result<Option<ChunkHash>> {
         let Some(spill) = f.spill.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         // Everything a chunking worker holds comes back first; an error it
         // met is this commit's (the bytes are kept for a retry).
@@ -1759,15 +1762,20 @@ impl Fs {
         let spill = &*spill;
         if spill.dirty_span().is_none() {
             self.discard_spill(f);
-            return Ok(());
+            return Ok(None);
         }
         let started = std::time::Instant::now();
         let new = content::rechunk(&*self.store, spill, self.opts.chunk_sizes)?;
         let chunked = started.elapsed();
-        if skip_same && spill.size == spill.base.size && new.chunks[..] == spill.base.chunks[..] {
+        let digest = crate::meta::Content::digest_of(spill.size, &new.chunks);
+        let same = |base: ChunkHash| {
+            (spill.size == spill.base.size && new.chunks[..] == spill.base.chunks[..])
+                || digest == base
+        };
+        if unchanged_from.is_some_and(same) {
             self.store.unpin(&new.pinned);
             self.discard_spill(f);
-            return Ok(());
+            return Ok(Some(digest));
         }
         let cmd = FsCommand::CommitVersion {
             ino,
@@ -1803,7 +1811,7 @@ impl Fs {
         self.rechunked
             .fetch_add(new.rechunked_bytes, Ordering::Relaxed);
         self.discard_spill(f);
-        Ok(())
+        Ok(Some(digest))
     }
 
     /// Commits what passthrough writers left in the backing file `b` of
@@ -1819,6 +1827,7 @@ impl Fs {
         sync: bool,
     ) -> Result<()> {
         let size = b.file.metadata()?.len();
+        let base = f.io.pt.as_ref().map(|p| p.base);
         let digest = || {
             self.read_meta()
                 .get(ino)
@@ -1841,18 +1850,26 @@ impl Fs {
             }
             Ok::<(), FsError>(())
         })();
-        if let Err(e) = streamed.and_then(|_| self.commit_spill(ino, f, sync, true)) {
-            self.discard_spill(f);
-            return Err(e);
-        }
-        let after = digest();
-        if let (Some(b), true) = (&self.backings, after != before) {
+        let held = match streamed.and_then(|_| self.commit_spill(ino, f, sync, base.or(before))) {
+            Ok(held) => held.or(before),
+            Err(e) => {
+                self.discard_spill(f);
+                return Err(e);
+            }
+        };
+        if let (Some(b), true) = (&self.backings, digest() != before) {
             b.commits_from_backing.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(pt) = f.io.pt.as_mut() {
             // With writers still there, the next byte they write is not
-            // in this version.
-            pt.holds = if pt.writers == 0 { after } else { None };
+            // in this version. Without, it holds the version just made, or
+            // the current one, or (when writers put back their base over a
+            // version committed elsewhere) that base, which the next open
+            // replaces.
+            pt.holds = if pt.writers == 0 { held } else { None };
+            if let Some(d) = held {
+                pt.base = d;
+            }
         }
         Ok(())
     }
@@ -1897,7 +1914,10 @@ impl Fs {
         // `holds` stays the older digest if this fails: the next open tries
         // again, and no commit is ever made from a half-written copy.
         match passthrough::fill(&pt.backing.file, content, &read) {
-            Ok(()) => pt.holds = Some(digest),
+            Ok(()) => {
+                pt.holds = Some(digest);
+                pt.base = digest;
+            }
             Err(e) => {
                 tracing::error!(%ino, error = %e, "could not write a new version over a passthrough file; its readers here may see a mix of versions until the next open retries")
             }

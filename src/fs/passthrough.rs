@@ -70,6 +70,12 @@ pub struct Pt {
     /// The digest of the version the backing file holds; `None` while it
     /// may hold bytes not committed yet.
     pub holds: Option<ChunkHash>,
+    /// The digest of the version the backing file last held (what writers'
+    /// bytes start from). While writers have it open, a version committed
+    /// elsewhere is not written over their bytes: if they leave it as it
+    /// was, their close makes no version, rather than bringing this one
+    /// back over the newer.
+    pub base: ChunkHash,
 }
 
 /// What the kernel has open of one inode, by mode.
@@ -113,6 +119,7 @@ impl IoState {
                     handles: 1,
                     writers: 0,
                     holds: Some(backing.digest),
+                    base: backing.digest,
                     backing,
                 })
             }

@@ -109,9 +109,14 @@ impl Content {
     /// what listings need to show that a restore brought the same bytes
     /// back; it is not the BLAKE3 of the bytes themselves.
     pub fn digest(&self) -> ChunkHash {
+        Self::digest_of(self.size, &self.chunks)
+    }
+
+    /// `digest` of content not made into a version (yet).
+    pub fn digest_of(size: u64, chunks: &[ChunkRef]) -> ChunkHash {
         let mut h = blake3::Hasher::new();
-        h.update(&self.size.to_le_bytes());
-        for c in self.chunks.iter() {
+        h.update(&size.to_le_bytes());
+        for c in chunks {
             h.update(c.hash.as_bytes());
             h.update(&c.len.to_le_bytes());
         }

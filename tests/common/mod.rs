@@ -442,6 +442,36 @@ pub fn abort_fuse_connection(p: &Path) {
     let _ = std::fs::write(conns.join(&minor).join("abort"), "1");
 }
 
+/// Every task in uninterruptible sleep, with its kernel stack: what a
+/// hung test is waiting on. Reads only `stat`, `comm` and `stack`, which
+/// do not wait for a task's memory map (`cmdline` would, behind a fault
+/// stuck in FUSE).
+pub fn blocked_tasks() -> String {
+    let mut out = String::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            if stat.rsplit(") ").next().is_some_and(|r| r.starts_with('D')) {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+                out += &format!(
+                    "{} task {} ({}):\n{stack}",
+                    p.file_name().to_string_lossy(),
+                    t.file_name().to_string_lossy(),
+                    comm.trim()
+                );
+            }
+        }
+    }
+    out
+}
+
 pub fn is_mounted(p: &Path) -> bool {
     crate_is_mounted(p)
 }
