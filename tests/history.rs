@@ -293,6 +293,7 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
     };
     let stop = AtomicBool::new(false);
     let mut windows: Vec<Window> = Vec::new();
+    let mut victims: Vec<&str> = Vec::new();
     let mnts: Vec<std::path::PathBuf> = devices.iter().map(|d| d.mountpoint().into()).collect();
     let mut rng = SmallRng::seed_from_u64(5);
     let mut rounds = 0usize;
@@ -379,6 +380,7 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
                     d.wait_connected(&NAMES, Duration::from_secs(60));
                 }
                 windows.push((from, rec.now() + Duration::from_secs(3)));
+                victims.push(NAMES[victim]);
                 next_kill = Instant::now() + Duration::from_millis(rng.gen_range(2000..5000));
             }
             std::thread::sleep(Duration::from_millis(300));
@@ -617,9 +619,18 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
         pairs > 100,
         "too few close-to-open pairs to mean anything: {pairs}"
     );
+    if !failures.is_empty() {
+        // The daemons' logs go with their temporary dirs: keep them.
+        let keep = std::env::temp_dir().join("meshfs-history-failure");
+        let _ = fs::create_dir_all(&keep);
+        for d in &devices {
+            let _ = fs::write(keep.join(format!("{}.log", d.name)), d.log());
+        }
+        println!("history: daemon logs kept in {}", keep.display());
+    }
     assert!(
         failures.is_empty(),
-        "{} violations (devices down: {windows:?}):\n{}",
+        "{} violations (devices down: {windows:?}, killed: {victims:?}):\n{}",
         failures.len(),
         failures
             .iter()

@@ -298,7 +298,7 @@ impl Shared {
     /// Shows values another authority reported (its change `seq`, or its
     /// state as of `seq`) until its batch holding them is applied here.
     /// Nothing when that batch already is.
-    pub fn install_foreign(&self, authority: DeviceId, seq: u64, effects: Effects) {
+    pub fn install_foreign(&self, authority: DeviceId, seq: u64, mut effects: Effects) {
         if effects.is_empty() {
             return;
         }
@@ -306,6 +306,28 @@ impl Shared {
         let mut outbox = lock(&self.outbox);
         if self.shipped(authority) >= seq {
             return;
+        }
+        // Answers arrive in any order (two programs' forwarded saves, an
+        // open's question): what the same authority already showed as of a
+        // later sequence is newer, and an older answer must not hide it.
+        let newer: Vec<&Effects> = outbox
+            .foreign
+            .iter()
+            .filter(|f| f.authority == authority && f.seq > seq)
+            .map(|f| &f.effects)
+            .collect();
+        if !newer.is_empty() {
+            effects
+                .inodes
+                .retain(|(ino, _)| !newer.iter().any(|n| n.inodes.iter().any(|(i, _)| i == ino)));
+            effects.entries.retain(|(parent, name, _)| {
+                !newer
+                    .iter()
+                    .any(|n| n.entries.iter().any(|(p, m, _)| p == parent && m == name))
+            });
+            if effects.is_empty() {
+                return;
+            }
         }
         let sp = meta.savepoint();
         meta.install(&effects);

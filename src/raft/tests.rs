@@ -11,7 +11,7 @@ use super::log_store::LogStore;
 use super::membership::{plan, Change, PROMOTE_LAG};
 use super::state_machine::{Shared, StateMachine};
 use super::types::{node_id, NodeId, TypeConfig};
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, ResourceId};
 use crate::meta::{MetaState, Timestamp};
 use crate::storage::{MetaStore, RocksStore};
 
@@ -144,6 +144,64 @@ fn ids(v: &[u8]) -> BTreeSet<NodeId> {
 
 fn members(v: &[u8]) -> Vec<(String, DeviceId)> {
     v.iter().map(|n| (format!("d{n}"), dev(*n))).collect()
+}
+
+/// Two answers of one authority arriving out of order (two programs'
+/// forwarded saves of one file): the older must not hide the newer, which
+/// the history checker (tests/history.rs) saw as a read of an older version
+/// after a newer one was closed.
+#[tokio::test]
+async fn an_older_foreign_answer_does_not_hide_a_newer_one() {
+    let (_dir, _log, sm) = Builder.build().await.unwrap();
+    let shared = &sm.shared;
+    let root = shared
+        .meta
+        .read()
+        .unwrap()
+        .get(ResourceId::ROOT)
+        .unwrap()
+        .clone();
+    let at = |perm: u16| {
+        let mut i = root.clone();
+        i.perm = perm;
+        Some(i)
+    };
+    let fx = |perm: u16, name: &str| crate::meta::Effects {
+        inodes: vec![(ResourceId::ROOT, at(perm))],
+        entries: vec![(ResourceId::ROOT, name.as_bytes().to_vec(), None)],
+    };
+    let perm = || {
+        shared
+            .meta
+            .read()
+            .unwrap()
+            .get(ResourceId::ROOT)
+            .unwrap()
+            .perm
+    };
+    let authority = dev(2);
+    shared.install_foreign(authority, 7, fx(0o700, "a"));
+    assert_eq!(perm(), 0o700);
+    // The older answer (sequence 5) arrives last: nothing of it shows.
+    shared.install_foreign(authority, 5, fx(0o755, "a"));
+    assert_eq!(perm(), 0o700, "the older answer hid the newer");
+    assert_eq!(shared.foreign_pending(), vec![(authority, 7)]);
+    // What the newer one does not cover still shows.
+    shared.install_foreign(
+        authority,
+        6,
+        crate::meta::Effects {
+            inodes: Vec::new(),
+            entries: vec![(ResourceId::ROOT, b"b".to_vec(), None)],
+        },
+    );
+    assert_eq!(
+        shared.foreign_pending(),
+        vec![(authority, 7), (authority, 6)]
+    );
+    // Another authority's answer is not compared with this one's.
+    shared.install_foreign(dev(3), 1, fx(0o711, "a"));
+    assert_eq!(perm(), 0o711);
 }
 
 #[test]

@@ -24,7 +24,10 @@ macro_rules! require_root {
 pub fn meshfs(args: &[&str]) -> Output {
     Command::new(MESHFS)
         .args(args)
-        .env("MESHFS_LOG", "info")
+        .env(
+            "MESHFS_LOG",
+            std::env::var("MESHFS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .output()
         .expect("run meshfs")
 }
@@ -248,7 +251,10 @@ impl Device {
         args.extend_from_slice(extra);
         let o = Command::new(MESHFS)
             .args(&args)
-            .env("MESHFS_LOG", "info")
+            .env(
+                "MESHFS_LOG",
+                std::env::var("MESHFS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
             .output()
             .expect("run meshfs");
