@@ -200,6 +200,13 @@ pub struct FsStats {
 #[derive(Debug)]
 struct OpenFile {
     handles: usize,
+    /// `open_file` calls not yet matched by `release_open_file` (a handle
+    /// holds one until its release). Counted under the map's lock, so the
+    /// record cannot leave the map between an open finding it and counting
+    /// its handle: two records of one inode would each keep a spill, and
+    /// the later commit could be the earlier write (the history checker
+    /// read an older version after a newer close that way).
+    holders: usize,
     spill: Option<Spill>,
     cache: Arc<ChunkCache>,
     /// How the kernel has the file open (passthrough and page cache never
@@ -1173,25 +1180,32 @@ impl Fs {
 
     // ---- files ----
 
+    /// The open-file record of `ino`, held until `release_open_file`.
     fn open_file(&self, ino: ResourceId) -> Arc<Mutex<OpenFile>> {
-        lock(&self.open)
+        let mut open = lock(&self.open);
+        let file = open
             .entry(ino)
             .or_insert_with(|| {
                 Arc::new(Mutex::new(OpenFile {
                     handles: 0,
+                    holders: 0,
                     io: Default::default(),
                     spill: None,
                     cache: Arc::new(self.read_cache(ino)),
                 }))
             })
-            .clone()
+            .clone();
+        lock(&file).holders += 1;
+        file
     }
 
-    /// Forgets an open-file record nobody uses any more.
+    /// Lets go of what `open_file` returned; forgets the record when
+    /// nobody uses it any more.
     fn release_open_file(&self, ino: ResourceId, file: &Arc<Mutex<OpenFile>>) {
         let mut open = lock(&self.open);
-        let f = lock(file);
-        if f.handles == 0 && f.spill.is_none() {
+        let mut f = lock(file);
+        f.holders = f.holders.saturating_sub(1);
+        if f.holders == 0 && f.handles == 0 && f.spill.is_none() {
             open.remove(&ino);
         }
     }
