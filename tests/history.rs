@@ -265,8 +265,9 @@ fn history_of(mnt: &Path, name: &str) -> Vec<Vec<u8>> {
 }
 
 #[test]
-#[ignore = "finds a close-to-open bug not fixed yet (issue 19 note): a device that forwarded a \
-            write reads its own value after newer versions closed elsewhere; run with --ignored"]
+#[ignore = "about 1 run in 5 still finds a cross-device close-to-open violation (a read a few ms \
+            after another device's close returns the version before it; issue 19 note); run with \
+            --ignored"]
 fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
     require_root!();
     let secs: u64 = std::env::var("MESHFS_HISTORY_S")
@@ -312,6 +313,9 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
     let stop = AtomicBool::new(false);
     let mut windows: Vec<Window> = Vec::new();
     let mut victims: Vec<&str> = Vec::new();
+    // From each kill until the victim was back and connected: when changes
+    // to what it governs were made tentatively elsewhere.
+    let mut down: Vec<Window> = Vec::new();
     let mnts: Vec<std::path::PathBuf> = devices.iter().map(|d| d.mountpoint().into()).collect();
     let mut rng = SmallRng::seed_from_u64(5);
     let mut rounds = 0usize;
@@ -397,6 +401,7 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
                 for d in &devices {
                     d.wait_connected(&NAMES, Duration::from_secs(60));
                 }
+                down.push((from, rec.now()));
                 windows.push((from, rec.now() + Duration::from_secs(3)));
                 victims.push(NAMES[victim]);
                 next_kill = Instant::now() + Duration::from_millis(rng.gen_range(2000..5000));
@@ -584,7 +589,7 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
         // Saves of one file made in a row while its authority was out of
         // reach are one tentative change: only the last is reintegrated
         // (`journal::supersedes`; docs/operations.md).
-        let superseded = windows.iter().any(|(a, b)| {
+        let superseded = down.iter().any(|(a, b)| {
             o.end >= *a
                 && o.end <= *b
                 && ops.iter().any(|w| {
