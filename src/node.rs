@@ -220,23 +220,33 @@ fn process_alive(pid: u32) -> bool {
 /// anything touches the mount, and give the zombie's threads a moment to
 /// go. Root only; best effort.
 fn release_dead_mount(mountpoint: &Path, data_dir: &Path) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || daemon_alive(data_dir) {
+        return;
+    }
+    if let Some((abs, conn)) = our_connection(mountpoint, data_dir) {
+        abort_connection(&abs, conn, data_dir);
+    }
+}
+
+/// The absolute mount point and FUSE connection number of the mount at
+/// `mountpoint` when it is `data_dir`'s meshfs mount (from mountinfo
+/// alone: nothing touches the mount).
+fn our_connection(mountpoint: &Path, data_dir: &Path) -> Option<(PathBuf, u32)> {
     let abs = if mountpoint.is_absolute() {
         mountpoint.to_path_buf()
     } else {
-        match std::env::current_dir() {
-            Ok(cwd) => cwd.join(mountpoint),
-            Err(_) => return,
-        }
+        std::env::current_dir().ok()?.join(mountpoint)
     };
     let ours = crate::mountinfo::source_of(&abs)
         .is_some_and(|(src, fstype)| fstype == "fuse.meshfs" && Path::new(&src) == data_dir);
-    // SAFETY: geteuid has no preconditions.
-    if !ours || unsafe { libc::geteuid() } != 0 || daemon_alive(data_dir) {
-        return;
-    }
-    let Some(conn) = crate::mountinfo::fuse_connection(&abs) else {
-        return;
-    };
+    let conn = crate::mountinfo::fuse_connection(&abs).filter(|_| ours)?;
+    Some((abs, conn))
+}
+
+/// Aborts FUSE connection `conn` through fusectl (as `umount -f` would),
+/// then gives the dead daemon's remaining threads a moment to go.
+fn abort_connection(abs: &Path, conn: u32, data_dir: &Path) {
     let conns = Path::new("/sys/fs/fuse/connections");
     if !conns.join(conn.to_string()).exists() {
         // fusectl is often not mounted; mounting it changes nothing else.
@@ -269,14 +279,37 @@ fn release_dead_mount(mountpoint: &Path, data_dir: &Path) {
     }
 }
 
+/// The process holding a flock on `path`, from /proc/locks (a zombie's
+/// lock stays until its last thread goes).
+fn lock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let dev = m.dev();
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        m.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INO 0 EOF"; waiters have "->".
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str()))
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })
+}
+
 /// Forks, while this process is still single-threaded (before the daemon
 /// starts), a small watcher that outlives a killed daemon: once the daemon
-/// `meshfs mount` is about to run is dead, it does what the next `meshfs
-/// mount` would (`release_dead_mount`), so that a `kill -9` leaves a mount
-/// that answers ENOTCONN, not one where every program hangs until someone
-/// mounts again. It holds no descriptor of the daemon's (not /dev/fuse,
-/// whose last close is what aborts a dead daemon's connection; not the
-/// data dir lock) and looks once a second. Root only, like the abort.
+/// `meshfs mount` is about to run is dead, it aborts that daemon's kernel
+/// connection as the next `meshfs mount` would (`release_dead_mount`), so
+/// that a `kill -9` leaves a mount that answers ENOTCONN, not one where
+/// every program hangs until someone mounts again. It holds no descriptor
+/// of the daemon's (not /dev/fuse, whose last close is what aborts a dead
+/// daemon's connection; not the data dir lock) and looks once a second.
+/// Root only, like the abort.
 pub fn spawn_mount_watcher(mountpoint: &Path, data_dir: &Path) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -312,10 +345,29 @@ pub fn spawn_mount_watcher(mountpoint: &Path, data_dir: &Path) {
         );
         libc::chdir(c"/".as_ptr());
     }
+    // The connection is learnt while the daemon is alive and its mount is
+    // there, so that only that one is aborted: a daemon mounted again at
+    // once (before it writes its pid file) must not lose its own.
+    let mut conn = None;
     while process_alive(daemon) {
-        std::thread::sleep(Duration::from_secs(1));
+        if conn.is_none() && read_pid(data_dir) == Some(daemon) {
+            conn = our_connection(mountpoint, data_dir).map(|(_, c)| c);
+        }
+        let every = if conn.is_some() { 1000 } else { 50 };
+        std::thread::sleep(Duration::from_millis(every));
     }
-    release_dead_mount(mountpoint, data_dir);
+    // Connection numbers are reused at once: a daemon mounted again since
+    // may have this one. It took the data dir lock before mounting, so the
+    // lock tells: held by another process, the mount is not ours to end.
+    let holder = lock_holder(&data_dir.join(LOCK_FILE));
+    if let (Some((abs, now)), true) = (
+        our_connection(mountpoint, data_dir),
+        holder.is_none_or(|p| p == daemon),
+    ) {
+        if conn == Some(now) {
+            abort_connection(&abs, now, data_dir);
+        }
+    }
     std::process::exit(0);
 }
 
@@ -1160,4 +1212,22 @@ fn open_state(data_dir: &Path) -> Result<(RocksStore, MetaState), Error> {
     let meta = MetaState::restore(snap)
         .map_err(|e| Error::Mount(format!("namespace on disk is inconsistent: {e}")))?;
     Ok((store, meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::io::AsRawFd;
+
+    #[test]
+    fn the_lock_holder_is_read_from_proc_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let f = std::fs::File::create(&path).unwrap();
+        assert_eq!(super::lock_holder(&path), None, "nobody holds it yet");
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        assert_eq!(super::lock_holder(&path), Some(std::process::id()));
+        drop(f);
+        assert_eq!(super::lock_holder(&path), None, "released at close");
+    }
 }
