@@ -12,15 +12,19 @@
 //!   closed returns that write's version or a later one (by the file's
 //!   version history), for every such pair outside the windows where a
 //!   device was down (then a device that cannot reach a file's authority
-//!   serves what it has, as documented);
+//!   serves what it has, as documented), and except a read while a
+//!   writer on the reader's own device had the file open (it shares that
+//!   writer's copy, as on AFS; counted apart);
 //! - **one winner per name**: of the devices creating one name with
 //!   O_EXCL at the same moment, exactly one succeeds and the name holds its
 //!   bytes (rounds outside the windows; within them a cut-off device's
 //!   create may become a conflict copy, which the next check covers);
-//! - **no acknowledged write lost**: every write whose close returned is, at
-//!   the end, the current content or a kept version of some file or a
-//!   conflict copy, unless a later acknowledged unlink removed its file
-//!   (and then `meshfs versions` lists the removed file);
+//! - **no acknowledged write lost**: every write whose close returned
+//!   success is, at the end, the current content or a kept version of some
+//!   file or a conflict copy, unless a later acknowledged unlink removed
+//!   its file (and then `meshfs versions` lists the removed file), or a
+//!   later save of the same file on the same device, both while a device
+//!   was down, made them one tentative change (counted apart);
 //! - **renames are atomic**: a file moved back and forth between two names
 //!   is under exactly one of them at the end.
 //!
