@@ -449,9 +449,10 @@ pub fn abort_fuse_connection(p: &Path) {
 }
 
 /// Every task in uninterruptible sleep, with its kernel stack: what a
-/// hung test is waiting on. Reads only `stat`, `comm` and `stack`, which
-/// do not wait for a task's memory map (`cmdline` would, behind a fault
-/// stuck in FUSE).
+/// hung test is waiting on. Reads only `stat`, `comm` and `stack`, never
+/// `cmdline` (which waits behind a page fault stuck in FUSE); even `stat`
+/// was seen to wait on such a task, so call it from a thread with a
+/// timeout.
 pub fn blocked_tasks() -> String {
     let mut out = String::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
