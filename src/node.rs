@@ -247,6 +247,26 @@ fn our_connection(mountpoint: &Path, data_dir: &Path) -> Option<(PathBuf, u32)> 
 /// Aborts FUSE connection `conn` through fusectl (as `umount -f` would),
 /// then gives the dead daemon's remaining threads a moment to go.
 fn abort_connection(abs: &Path, conn: u32, data_dir: &Path) {
+    if !abort_fuse_connection(conn) {
+        return;
+    }
+    tracing::info!(path = %abs.display(), connection = conn, "aborted the kernel connection of a dead daemon's mount");
+    let Some(pid) = read_pid(data_dir) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The zombie leader stays until reaped; its other threads go.
+    while Instant::now() < deadline
+        && std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|t| t.count() > 1)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Aborts FUSE connection `conn` (a mount's device minor, see
+/// `mountinfo::fuse_connection`) through fusectl, mounting fusectl first
+/// when it is not. Root only; false when the abort could not be written.
+pub fn abort_fuse_connection(conn: u32) -> bool {
     let conns = Path::new("/sys/fs/fuse/connections");
     if !conns.join(conn.to_string()).exists() {
         // fusectl is often not mounted; mounting it changes nothing else.
@@ -262,21 +282,7 @@ fn abort_connection(abs: &Path, conn: u32, data_dir: &Path) {
             )
         };
     }
-    let abort = conns.join(conn.to_string()).join("abort");
-    if std::fs::write(&abort, "1").is_err() {
-        return;
-    }
-    tracing::info!(path = %abs.display(), connection = conn, "aborted the kernel connection of a dead daemon's mount");
-    let Some(pid) = read_pid(data_dir) else {
-        return;
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    // The zombie leader stays until reaped; its other threads go.
-    while Instant::now() < deadline
-        && std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|t| t.count() > 1)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    std::fs::write(conns.join(conn.to_string()).join("abort"), "1").is_ok()
 }
 
 /// The process holding a flock on `path`, from /proc/locks (a zombie's

@@ -469,21 +469,19 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
         })
         .collect();
     let position = |path: &str, v: &str| index.get(&(path, v.as_bytes())).copied();
+    // The writes of one file on one device (by `o`'s device and file).
+    let writes_beside = |o: &Op| {
+        let (dev, path) = (o.dev, o.path.clone());
+        ops.iter()
+            .filter(move |w| matches!(w.kind, Kind::Write) && w.dev == dev && w.path == path)
+    };
     let mut pairs = 0u64;
     let mut beside_writer = 0u64;
     // A program here with the file open for writing shares its copy with
     // every open here until it closes (README, "Consistency"): such a read
     // may show that copy, which a version closed elsewhere meanwhile does
     // not replace. Its close then makes the newest version.
-    let local_writer_open = |r: &Op| {
-        ops.iter().any(|o| {
-            o.dev == r.dev
-                && o.path == r.path
-                && matches!(o.kind, Kind::Write)
-                && o.start < r.start
-                && o.end > r.start
-        })
-    };
+    let local_writer_open = |r: &Op| writes_beside(r).any(|o| o.start < r.start && o.end > r.start);
     for w in ops
         .iter()
         .filter(|o| matches!(o.kind, Kind::Write) && o.ok())
@@ -504,15 +502,8 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
                 Some(rpos) if rpos >= wpos => {}
                 _ if local_writer_open(r) => beside_writer += 1,
                 got => {
-                    let beside: Vec<String> = ops
-                        .iter()
-                        .filter(|o| {
-                            o.dev == r.dev
-                                && o.path == r.path
-                                && matches!(o.kind, Kind::Write)
-                                && o.start < r.end
-                                && o.end + Duration::from_millis(200) > w.end
-                        })
+                    let beside: Vec<String> = writes_beside(r)
+                        .filter(|o| o.start < r.end && o.end + Duration::from_millis(200) > w.end)
                         .map(|o| format!("{:?} {:?}..{:?} {:?}", o.value, o.start, o.end, o.error))
                         .collect();
                     failures.push(format!(
@@ -578,14 +569,8 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
         // close commits whatever the file holds then, so a write that a
         // concurrent one on the same device overwrote before the close
         // never was a version of its own. Not a loss.
-        let absorbed = ops.iter().any(|w| {
-            matches!(w.kind, Kind::Write)
-                && w.dev == o.dev
-                && w.path == o.path
-                && w.value != o.value
-                && w.start <= o.end
-                && w.end >= o.start
-        });
+        let absorbed =
+            writes_beside(o).any(|w| w.value != o.value && w.start <= o.end && w.end >= o.start);
         if absorbed {
             continue;
         }
@@ -595,14 +580,7 @@ fn concurrent_operations_under_kill_9_keep_the_promised_semantics() {
         let superseded = down.iter().any(|(a, b)| {
             o.end >= *a
                 && o.end <= *b
-                && ops.iter().any(|w| {
-                    matches!(w.kind, Kind::Write)
-                        && w.ok()
-                        && w.dev == o.dev
-                        && w.path == o.path
-                        && w.start > o.end
-                        && w.start <= *b
-                })
+                && writes_beside(o).any(|w| w.ok() && w.start > o.end && w.start <= *b)
         });
         if superseded {
             superseded_offline += 1;

@@ -203,6 +203,22 @@ struct Model {
 }
 
 impl Model {
+    /// Prints a run's figures and checks that its cuts dropped something
+    /// (or they tested nothing).
+    fn report(&self, what: &str, started: Instant, extra: &str, unsynced_bytes: u64) {
+        println!(
+            "{what} in {:.0} s, {} acknowledged saves checked, {extra}\
+             {} unsynced saves lost as allowed, {unsynced_bytes} bytes LazyFS dropped",
+            started.elapsed().as_secs_f64(),
+            self.acknowledged,
+            self.unsynced_lost
+        );
+        assert!(
+            unsynced_bytes > 0,
+            "LazyFS never had unsynced bytes to drop"
+        );
+    }
+
     fn try_(&mut self, name: &str, s: State) {
         self.names.entry(name.into()).or_default().tried.push(s);
     }
@@ -413,19 +429,11 @@ fn fsynced_saves_survive_power_cuts_of_one_device() {
     }
     d.unmount();
     check_store(&d);
-    let m = lock(&model);
-    println!(
-        "power cuts of one device: {n} cuts in {:.0} s, {} acknowledged saves checked, \
-         {closed_checked} closed files checked, {} unsynced saves lost as allowed, \
-         {unsynced_bytes} bytes LazyFS dropped",
-        started.elapsed().as_secs_f64(),
-        m.acknowledged,
-        m.unsynced_lost
-    );
-    // The cuts must really drop something, or they test nothing.
-    assert!(
-        unsynced_bytes > 0,
-        "LazyFS never had unsynced bytes to drop"
+    lock(&model).report(
+        &format!("power cuts of one device: {n} cuts"),
+        started,
+        &format!("{closed_checked} closed files checked, "),
+        unsynced_bytes,
     );
 }
 
@@ -523,19 +531,12 @@ fn fsynced_saves_survive_a_power_cut_of_every_device() {
     for d in devices.iter_mut() {
         d.unmount();
     }
-    let m = lock(&model);
-    println!(
-        "power cuts of three devices together: {n} cuts in {:.0} s, {} acknowledged saves checked, \
-         {} unsynced saves lost as allowed, {unsynced_bytes} bytes LazyFS dropped",
-        started.elapsed().as_secs_f64(),
-        m.acknowledged,
-        m.unsynced_lost
+    lock(&model).report(
+        &format!("power cuts of three devices together: {n} cuts"),
+        started,
+        "",
+        unsynced_bytes,
     );
-    assert!(
-        unsynced_bytes > 0,
-        "LazyFS never had unsynced bytes to drop"
-    );
-    drop(m);
     drop(devices);
     drop(lazies);
 }

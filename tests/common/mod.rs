@@ -435,17 +435,9 @@ fn crate_is_mounted(p: &Path) -> bool {
 /// its number is the mount's device minor, read from mountinfo so that
 /// nothing touches the mount.
 pub fn abort_fuse_connection(p: &Path) {
-    let Some(minor) = meshfs::mountinfo::fuse_connection(p).map(|c| c.to_string()) else {
-        return;
-    };
-    let conns = Path::new("/sys/fs/fuse/connections");
-    if !conns.join(&minor).exists() {
-        let _ = Command::new("mount")
-            .args(["-t", "fusectl", "fusectl"])
-            .arg(conns)
-            .output();
+    if let Some(conn) = meshfs::mountinfo::fuse_connection(p) {
+        meshfs::node::abort_fuse_connection(conn);
     }
-    let _ = std::fs::write(conns.join(&minor).join("abort"), "1");
 }
 
 /// Every task in uninterruptible sleep, with its kernel stack: what a
