@@ -75,7 +75,10 @@ fn write_file(path: &std::path::Path, data: &[u8], fsync: bool) -> std::io::Resu
     if fsync {
         f.sync_all()?;
     }
-    Ok(())
+    // Acknowledged only when close succeeds: dropping the file would
+    // ignore the error of a close that the killed authority never answered
+    // (CI's kill test once counted such a file as saved).
+    common::close(f)
 }
 
 #[test]

@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use common::Device;
+use common::{close, Device};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -121,18 +121,6 @@ impl Recorder {
             error,
         });
         ok
-    }
-}
-
-/// Closes `f` and returns close's error, which dropping a `File` ignores:
-/// a save is acknowledged only when its close succeeded (the commit of a
-/// version happens at close, and may fail there).
-fn close(f: fs::File) -> std::io::Result<()> {
-    use std::os::fd::IntoRawFd;
-    // SAFETY: the descriptor is ours alone and closed once.
-    match unsafe { libc::close(f.into_raw_fd()) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
     }
 }
 

@@ -82,7 +82,8 @@ pub enum Rpc {
     },
     /// For a change spanning authorities: seal these resources (those the
     /// receiver governs), ship the outbox, answer `Shipping` with its last
-    /// sequence. The seal holds until `Unseal` with the same token, or for
+    /// sequence. The seal holds until `Unseal` with the same token (and
+    /// the receiver has applied the log up to its `applied`), or for
     /// `lease_ms` at most (the asker may die).
     Seal {
         token: u64,
@@ -94,6 +95,11 @@ pub enum Rpc {
     },
     Unseal {
         token: u64,
+        /// The asker's applied log index once the change was decided
+        /// (committed and applied there, or given up): the seal holds
+        /// until the receiver has applied that much, so that nothing it
+        /// makes meanwhile is made on a state without the change.
+        applied: u64,
     },
     /// A tentative change made at `origin` while the receiver was out of
     /// reach: applied as `Forward` is, only if `expect` still holds there

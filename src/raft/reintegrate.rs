@@ -49,6 +49,8 @@ pub(super) struct State {
     attempts: Mutex<HashMap<u64, u32>>,
     /// Waits for what a change needs to be committed, per journal record.
     not_yet: Mutex<HashMap<u64, u32>>,
+    /// Since when Raft has had no leader, as last seen (see `leaderless`).
+    leaderless_since: Mutex<Option<Instant>>,
 }
 
 impl State {
@@ -89,9 +91,10 @@ enum Step {
 
 impl Replica {
     /// Whether a change governed by `gov` goes tentative at once: its
-    /// authority did not answer lately, there is no leader for a change
-    /// through Raft, or (with `journal_first`) a tentative change waiting
-    /// touches what it touches, and it must come after it.
+    /// authority did not answer lately, Raft has had no leader for
+    /// `offline_after` (a change through Raft), or (with `journal_first`) a
+    /// tentative change waiting touches what it touches, and it must come
+    /// after it.
     pub(super) fn offline_now(
         &self,
         cmd: &FsCommand,
@@ -104,13 +107,30 @@ impl Replica {
         match gov {
             Governance::One(d) => self.recently_unreachable(*d),
             Governance::Several(devs) => {
-                self.leader().is_none()
+                self.leaderless()
                     || devs
                         .iter()
                         .any(|d| *d != self.device && self.recently_unreachable(*d))
             }
             Governance::Cluster | Governance::Anyone => false,
         }
+    }
+
+    /// Whether Raft has had no leader for `offline_after` (checked here and
+    /// by the member watcher every `PROBE_EVERY`). A moment without one is
+    /// an election, which CPU starvation alone can cause on a connected
+    /// mesh: a change waits that out (up to `offline_after`, as for a slow
+    /// authority) rather than go tentative, which loosens close-to-open and
+    /// can end in a conflict copy. CI once failed so: a rename across
+    /// authorities made tentatively during a brief election on a loaded
+    /// machine came back as a rename/rename conflict.
+    pub(super) fn leaderless(&self) -> bool {
+        let mut since = lock(&self.reint.leaderless_since);
+        if self.leader().is_some() {
+            *since = None;
+            return false;
+        }
+        since.get_or_insert_with(Instant::now).elapsed() >= self.settings.offline_after
     }
 
     /// Remembers that the devices `gov` needs did not answer in time.
@@ -820,6 +840,8 @@ pub(super) async fn watch_members(r: Replica) {
     let probes: std::sync::Arc<Mutex<HashMap<crate::ids::DeviceId, Probe>>> = Default::default();
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
+        // Keeps the leaderless clock running between changes.
+        r.leaderless();
         let devices: Vec<crate::ids::DeviceId> = {
             let metrics = r.raft.metrics();
             let m = metrics.borrow();

@@ -32,6 +32,19 @@ pub fn meshfs(args: &[&str]) -> Output {
         .expect("run meshfs")
 }
 
+/// Closes `f` and returns close's error, which dropping a `File` ignores:
+/// a save is acknowledged only when its close succeeded (the commit of a
+/// version happens at close, and may fail there: a daemon killed between
+/// a program's write and its close fails the close, not the write).
+pub fn close(f: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the descriptor is ours alone and closed once.
+    match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -403,6 +416,19 @@ pub fn wait_exit(pid: i32, limit: Duration) {
 
 impl Drop for Device {
     fn drop(&mut self) {
+        // A failing test's daemon logs would go with its temporary dirs:
+        // keep them where the failure can be read afterwards.
+        if std::thread::panicking() {
+            let keep = std::env::temp_dir().join("meshfs-test-failures");
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("test")
+                .replace("::", "-");
+            let file = keep.join(format!("{test}-{}.log", self.name));
+            if std::fs::create_dir_all(&keep).is_ok() && std::fs::write(&file, self.log()).is_ok() {
+                eprintln!("{}'s daemon log kept in {}", self.name, file.display());
+            }
+        }
         // Unmount before the temp dirs are removed, or their removal would
         // walk into the mounted filesystem.
         let pid = self.pid();
