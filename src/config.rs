@@ -288,11 +288,22 @@ fn default_name() -> String {
 /// for a wrong value ("invalid type: string, expected u64") does not name
 /// the key, and a config has dozens.
 fn keyed_message(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_string();
+    // toml's messages can run over several lines ("invalid string" then
+    // "expected ..."): the error is one line (found by fuzzing).
+    let msg = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
     let Some(span) = e.span() else {
         return msg;
     };
-    let start = text[..span.start.min(text.len())]
+    // `get`: a span that is not on a character boundary must not panic.
+    let start = text
+        .get(..span.start.min(text.len()))
+        .unwrap_or(text)
         .rfind('\n')
         .map_or(0, |i| i + 1);
     let line = text[start..].lines().next().unwrap_or("");
@@ -557,6 +568,10 @@ mod tests {
         let e = bad("replicas = \"two\"");
         assert!(e.contains("replicas") && !e.contains('\n'), "{e}");
         assert!(bad("bogus = 1").contains("bogus"));
+        // toml says this in two lines; the error stays one (fuzzing found
+        // it).
+        let e = bad("name = ");
+        assert!(e.contains("name") && !e.contains('\n'), "{e}");
         assert!(bad("access_log_days = 0").contains("access_log_days"));
         assert!(bad("http_listen = \"0.0.0.0:9000\"").contains("http_listen"));
         assert!(bad("http_listen = \"127.0.0.1:x\"").contains("http_listen"));
@@ -696,5 +711,41 @@ mod mount_option_tests {
         let e = MountOptions::parse("rw,frobnicate", false).unwrap_err();
         assert!(e.to_string().contains("frobnicate"));
         assert!(MountOptions::parse("rw,frobnicate", true).is_ok());
+    }
+}
+
+/// Config text, arbitrary or a valid file damaged (proptest, bounded for
+/// CI): parsed, or refused with one line (`meshfs config check`), never a
+/// panic.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    use crate::fuzzing::config_text as parses_or_says_why_in_one_line;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_text_is_parsed_or_refused_in_one_line(text in "\\PC{0,300}") {
+            parses_or_says_why_in_one_line(&text);
+        }
+
+        #[test]
+        fn a_damaged_config_is_parsed_or_refused_in_one_line(
+            at in any::<prop::sample::Index>(),
+            cut in any::<prop::sample::Index>(),
+            insert in "\\PC{0,12}",
+        ) {
+            let cfg = Config { name: "alpha".into(), ..Config::default() };
+            let text = cfg.show().unwrap();
+            let mut chars: Vec<char> = text.chars().collect();
+            let i = at.index(chars.len());
+            let j = (i + cut.index(16)).min(chars.len());
+            chars.splice(i..j, insert.chars());
+            let damaged: String = chars.into_iter().collect();
+            parses_or_says_why_in_one_line(&damaged);
+        }
     }
 }

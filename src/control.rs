@@ -18,6 +18,20 @@ use crate::storage::ChunkStore;
 /// Longest request line accepted (a fetch lists its chunk hashes).
 const MAX_REQUEST: usize = 16 << 20;
 
+/// How often a request that reports progress sends a line.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// A progress line of a check: bytes and chunks read of the totals.
+fn progress_line(p: &crate::storage::CheckProgress) -> serde_json::Value {
+    let (bytes_done, bytes_total, chunks_done, chunks_total) = p.now();
+    serde_json::json!({ "progress": {
+        "bytes_done": bytes_done,
+        "bytes_total": bytes_total,
+        "chunks_done": chunks_done,
+        "chunks_total": chunks_total,
+    }})
+}
+
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
@@ -25,7 +39,12 @@ pub enum Request {
     /// Write the access log as a trace file in the data dir; the reply
     /// names it.
     TraceExport,
-    Check,
+    /// `meshfs check`; with `progress`, progress lines (`{"progress":
+    /// ...}`) come before the reply (`request_following`).
+    Check {
+        #[serde(default)]
+        progress: bool,
+    },
     /// Open a join listener and return a one-time code.
     Invite {
         ttl_s: u64,
@@ -126,10 +145,32 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
     reader.read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
         Ok(Request::Status) => status(&node, node.mesh.status().await.ok()),
-        Ok(Request::Check) => match crate::node::check_mesh(&node).await {
-            Ok(report) => serde_json::json!({ "ok": report.is_clean(), "report": report }),
-            Err(e) => serde_json::json!({ "error": e.to_string() }),
-        },
+        Ok(Request::Check { progress }) => {
+            // The check reads every chunk stored here (minutes on a large
+            // store): with `progress`, a line saying how far it is goes
+            // out every PROGRESS_EVERY before the reply, which also keeps
+            // the asker's read timeout from firing.
+            let counts = Arc::new(crate::storage::CheckProgress::default());
+            let (n, c) = (node.clone(), counts.clone());
+            let mut check = tokio::spawn(async move { crate::node::check_mesh(&n, c).await });
+            let done = loop {
+                tokio::select! {
+                    done = &mut check => break done,
+                    _ = tokio::time::sleep(PROGRESS_EVERY), if progress => {
+                        write_line(&mut w, &progress_line(&counts)).await?;
+                    }
+                }
+            };
+            if progress {
+                // The last line says what was read in all, however quick.
+                write_line(&mut w, &progress_line(&counts)).await?;
+            }
+            match done {
+                Ok(Ok(report)) => serde_json::json!({ "ok": report.is_clean(), "report": report }),
+                Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            }
+        }
         Ok(Request::Invite { ttl_s }) => {
             let ttl = Duration::from_secs(ttl_s.clamp(1, 7 * 24 * 3600));
             match crate::mesh::join::invite(&node.mesh, ttl).await {
@@ -177,10 +218,18 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
         }
         Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
     };
-    let mut out = reply.to_string();
-    out.push('\n');
-    w.write_all(out.as_bytes()).await?;
+    write_line(&mut w, &reply).await?;
     w.shutdown().await
+}
+
+/// One JSON line to the asker.
+async fn write_line(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    v: &serde_json::Value,
+) -> std::io::Result<()> {
+    let mut out = v.to_string();
+    out.push('\n');
+    w.write_all(out.as_bytes()).await
 }
 
 fn chunks(node: &Node, path: &str) -> serde_json::Value {
@@ -535,6 +584,16 @@ fn prefetch_status(node: &Node) -> serde_json::Value {
 
 /// Sends one request to the daemon of `data_dir`.
 pub fn request(data_dir: &Path, req: &Request) -> Result<serde_json::Value, Error> {
+    request_following(data_dir, req, &mut |_| {})
+}
+
+/// `request` of one that reports progress: each progress line before the
+/// reply goes to `on_progress` (its `progress` object).
+pub fn request_following(
+    data_dir: &Path,
+    req: &Request,
+    on_progress: &mut dyn FnMut(&serde_json::Value),
+) -> Result<serde_json::Value, Error> {
     let path = data_dir.join(SOCKET_FILE);
     let mut s = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => s,
@@ -555,12 +614,27 @@ pub fn request(data_dir: &Path, req: &Request) -> Result<serde_json::Value, Erro
     line.push('\n');
     s.write_all(line.as_bytes())
         .map_err(|e| Error::io("sending to the daemon", e))?;
-    let mut reply = String::new();
-    BufReader::new(s)
-        .read_line(&mut reply)
-        .map_err(|e| Error::io("reading the daemon's reply", e))?;
-    let v: serde_json::Value = serde_json::from_str(reply.trim())
-        .map_err(|e| Error::Control(format!("bad reply: {e}")))?;
+    let mut reader = BufReader::new(s);
+    let v = loop {
+        let mut reply = String::new();
+        let n = reader
+            .read_line(&mut reply)
+            .map_err(|e| Error::io("reading the daemon's reply", e))?;
+        if n == 0 {
+            return Err(Error::Control(
+                "the daemon closed the connection without a reply".into(),
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_str(reply.trim())
+            .map_err(|e| Error::Control(format!("bad reply: {e}")))?;
+        match v
+            .as_object()
+            .and_then(|o| o.get("progress").filter(|_| o.len() == 1))
+        {
+            Some(p) => on_progress(p),
+            None => break v,
+        }
+    };
     if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
         return Err(Error::Control(err.to_string()));
     }

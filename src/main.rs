@@ -15,6 +15,7 @@ use meshfs::control::{self, Request};
 use meshfs::error::Error;
 use meshfs::node;
 use meshfs::prefetch::eval;
+use meshfs::progress::{Lines, Progress};
 
 mod view;
 
@@ -501,11 +502,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Check { data_dir, json } => {
             init_cli_log();
             Config::load(&data_dir)?;
-            let report = match control::request(&data_dir, &Request::Check) {
-                Ok(v) => v.get("report").cloned().unwrap_or_default(),
-                Err(Error::NotRunning(_)) => serde_json::to_value(node::offline_check(&data_dir)?)?,
-                Err(e) => return Err(e.into()),
-            };
+            let report = check_following(&data_dir)?;
             // A key a report lacks (from an older daemon) counts as empty.
             let clean = [
                 "missing_chunks",
@@ -662,6 +659,60 @@ fn trace_cmd(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `meshfs check`'s report, from the daemon or (not running) from the data
+/// dir directly, with progress shown while the chunks are read (`Progress`:
+/// plain lines on stderr, so that `--json` output stays clean).
+fn check_following(data_dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let mut progress = Progress::new("checking", Lines::Stderr);
+    let mut last = serde_json::Value::Null;
+    let mut show = |p: &serde_json::Value| {
+        let (done, total, extra) = check_progress(p);
+        progress.update(done, total, &extra);
+        last = p.clone();
+    };
+    let req = Request::Check { progress: true };
+    let report = match control::request_following(data_dir, &req, &mut show) {
+        Ok(v) => v.get("report").cloned().unwrap_or_default(),
+        Err(Error::NotRunning(_)) => {
+            let counts = meshfs::storage::CheckProgress::default();
+            let now = |c: &meshfs::storage::CheckProgress| {
+                let (bd, bt, cd, ct) = c.now();
+                serde_json::json!({
+                    "bytes_done": bd, "bytes_total": bt,
+                    "chunks_done": cd, "chunks_total": ct,
+                })
+            };
+            let report = std::thread::scope(|s| {
+                let check = s.spawn(|| node::offline_check(data_dir, &counts));
+                while !check.is_finished() {
+                    std::thread::sleep(Duration::from_millis(100));
+                    show(&now(&counts));
+                }
+                check
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the check stopped on an internal error"))
+            })??;
+            show(&now(&counts));
+            serde_json::to_value(report)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // The last line says what was read in all, however quick the check.
+    let (done, total, extra) = check_progress(&last);
+    progress.finish_with(done, total, &extra);
+    Ok(report)
+}
+
+/// Bytes done and total of a check's progress line, and the chunk counts.
+fn check_progress(p: &serde_json::Value) -> (u64, u64, String) {
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    (
+        n("bytes_done"),
+        n("bytes_total"),
+        format!(", {} of {} chunks", n("chunks_done"), n("chunks_total")),
+    )
+}
+
 /// Follows a pin's fetch until its tree is here: an indicatif bar (bytes,
 /// rate, ETA) on a terminal, a plain line every 2 s otherwise. Exit 2 when
 /// nothing arrives for `stall` (the pin stays; the fetch goes on).
@@ -671,23 +722,9 @@ fn follow_pin(
     shown: &str,
     stall: Duration,
 ) -> anyhow::Result<ExitCode> {
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal();
-    let bar = tty.then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        b.set_message(format!("pinning {shown}"));
-        b
-    });
+    let mut progress = Progress::new(&format!("pinning {shown}"), Lines::Stdout);
     let mut last_here = None;
     let mut last_change = Instant::now();
-    let mut last_line: Option<Instant> = None;
     loop {
         let v = control::request(data_dir, &Request::Pins)?;
         let Some(p) = v["pins"]
@@ -710,39 +747,15 @@ fn follow_pin(
             last_change = Instant::now();
         }
         let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-        let pct = if total == 0 {
-            100.0
-        } else {
-            here as f64 * 100.0 / total as f64
-        };
-        match &bar {
-            Some(b) => {
-                b.set_length(total);
-                b.set_position(here);
-            }
-            None if last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
-                || here >= total =>
-            {
-                println!(
-                    "pinning {shown}: {:.1} of {:.1} MiB ({pct:.0}%), {files} files",
-                    mib(here),
-                    mib(total)
-                );
-                last_line = Some(Instant::now());
-            }
-            None => {}
-        }
+        let extra = format!(", {files} files");
+        progress.update(here, total, &extra);
         if here >= total {
-            if let Some(b) = &bar {
-                b.finish_and_clear();
-            }
+            progress.finish_with(here, total, &extra);
             println!("pinned {shown}: {files} files, {:.1} MiB here", mib(total));
             return Ok(ExitCode::SUCCESS);
         }
         if last_change.elapsed() >= stall {
-            if let Some(b) = &bar {
-                b.abandon();
-            }
+            progress.abandon();
             eprintln!(
                 "meshfs: {shown}: nothing arrived for {} s ({:.1} of {:.1} MiB here): no device holding the rest is reachable. The pin stays and the rest is fetched when one is.",
                 stall.as_secs(),

@@ -1133,11 +1133,14 @@ pub fn export_trace_file(node: &Node) -> Result<(PathBuf, u64), Error> {
     Ok((path, n))
 }
 
-pub fn offline_check(data_dir: &Path) -> Result<crate::storage::CheckReport, Error> {
+pub fn offline_check(
+    data_dir: &Path,
+    progress: &crate::storage::CheckProgress,
+) -> Result<crate::storage::CheckReport, Error> {
     Config::load(data_dir)?;
     let _lock = DirLock::acquire(data_dir, Duration::ZERO)?;
     let (store, meta) = open_state(data_dir)?;
-    let mut report = store.check(&meta)?;
+    let mut report = store.check_with(&meta, progress)?;
     let shared = MeshState::exists(data_dir) && MeshState::load(data_dir)?.members.len() > 1;
     if shared {
         report.unverified_not_here = report.missing_chunks.len() as u64;
@@ -1150,13 +1153,16 @@ pub fn offline_check(data_dir: &Path) -> Result<crate::storage::CheckReport, Err
 /// namespace, the namespace in memory against the one on disk and Raft's
 /// applied position, and every referenced chunk not stored here against
 /// the other live members (missing only when nobody has it).
-pub async fn check_mesh(node: &Arc<Node>) -> Result<crate::storage::CheckReport, Error> {
+pub async fn check_mesh(
+    node: &Arc<Node>,
+    progress: Arc<crate::storage::CheckProgress>,
+) -> Result<crate::storage::CheckReport, Error> {
     let n = node.clone();
     // The committed namespace: the disk and the chunk reference counts
     // follow it, not the changes still waiting to be committed.
     let (report, disk_matches) = tokio::task::spawn_blocking(move || {
         n.replica.with_committed(|m| -> Result<_, Error> {
-            let report = n.store.check(m)?;
+            let report = n.store.check_with(m, &progress)?;
             let disk = n.store.load_meta()?;
             Ok((report, disk.as_ref() == Some(&m.snapshot())))
         })

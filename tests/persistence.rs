@@ -42,12 +42,27 @@ fn everything_survives_unmount_and_remount() {
     assert_eq!(fs::read(d.path("link")).unwrap(), big);
     assert_eq!(fs::metadata(d.path("small2")).unwrap().nlink(), 2);
     assert_eq!(fs::metadata(d.path("small")).unwrap().uid(), 42);
-    let o = common::meshfs(&["check", "--data-dir", d.data_dir().to_str().unwrap()]);
-    assert!(
-        o.status.success(),
-        "check: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    // check reads every byte stored and says so on stderr (not a
+    // terminal: plain lines, the last one the whole), with the daemon
+    // running and without it.
+    let dd = d.data_dir();
+    let check = || {
+        let o = common::meshfs(&["check", "--data-dir", dd.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "check: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        let err = common::stderr(&o);
+        let last = err.lines().last().unwrap_or_default().to_string();
+        assert!(
+            last.starts_with("checking: 2.0 of 2.0 MiB (100%), ") && last.ends_with(" chunks"),
+            "{err}"
+        );
+    };
+    check();
+    d.unmount();
+    check();
 }
 
 #[test]

@@ -551,3 +551,87 @@ mod tests {
         assert_eq!(guess_kind(b".bashrc"), "application/octet-stream");
     }
 }
+
+/// Every decoder of what a peer sends, fed arbitrary and damaged input
+/// (proptest, bounded so that CI runs them; `fuzz/` has cargo-fuzz targets
+/// for longer runs): an error or a value within the protocol's bounds,
+/// never a panic or an allocation a length field asked for.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use crate::fuzzing::mesh_frames as decode_all;
+
+    fn piece_request() -> impl Strategy<Value = PieceRequest> {
+        (any::<[u8; 32]>(), any::<u32>(), any::<u32>()).prop_map(|(h, offset, len)| PieceRequest {
+            hash: ChunkHash::of(&h),
+            offset,
+            len,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_decode_to_an_error_or_a_bounded_message(
+            bytes in vec(any::<u8>(), 0..2048)
+        ) {
+            decode_all(&bytes);
+        }
+
+        #[test]
+        fn a_damaged_frame_decodes_to_an_error_or_a_bounded_message(
+            pieces in vec(piece_request(), 1..=MAX_BATCH),
+            damage in vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut frame = Vec::new();
+            let req = ChunkRequest { pieces, resource: Some(ResourceId(7)) };
+            futures::executor::block_on(write_frame(&mut frame, &req)).unwrap();
+            // Intact, it reads back as it was.
+            let back = futures::executor::block_on(read_chunk_request(&mut frame.as_slice()));
+            prop_assert_eq!(back.ok(), Some(req));
+            for (at, byte) in damage {
+                let i = at.index(frame.len());
+                frame[i] = byte;
+            }
+            decode_all(&frame);
+            frame.truncate(cut.index(frame.len() + 1));
+            decode_all(&frame);
+        }
+
+        #[test]
+        fn invite_codes_refuse_text_that_is_not_one(text in "\\PC{0,200}") {
+            crate::fuzzing::invite_code(&text);
+            crate::fuzzing::invite_code(&format!("meshfs1-{text}"));
+        }
+
+        #[test]
+        fn one_changed_digit_of_an_invite_code_is_caught(
+            secret in any::<[u8; 16]>(),
+            expires in any::<u64>(),
+            port in 1u16..,
+            at in any::<prop::sample::Index>(),
+            digit in 0u8..16,
+        ) {
+            let code = InviteCode {
+                addrs: vec![SocketAddr::from(([10, 0, 0, 1], port))],
+                secret,
+                expires,
+            };
+            let text = code.encode();
+            prop_assert_eq!(InviteCode::decode(&text), Ok(code));
+            let mut bad = text.into_bytes();
+            let i = CODE_PREFIX.len() + at.index(bad.len() - CODE_PREFIX.len());
+            let new = b"0123456789abcdef"[digit as usize];
+            prop_assume!(bad[i] != new);
+            bad[i] = new;
+            // The 4-byte checksum catches it (or, changed in the checksum
+            // itself, the body no longer matches).
+            prop_assert!(InviteCode::decode(std::str::from_utf8(&bad).unwrap()).is_err());
+        }
+    }
+}

@@ -378,3 +378,52 @@ mod received_tests {
         assert_eq!((late.frontier, late.latest()), (0, 50));
     }
 }
+
+/// Gossiped access messages, arbitrary or damaged (proptest, bounded for
+/// CI): refused, or within every bound `decode_msg_at` promises.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use crate::fuzzing::{access_message as holds_its_promises, ACCESS_NOW_MS as NOW_MS};
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_are_refused_or_kept_within_bounds(
+            bytes in vec(any::<u8>(), 0..2048),
+            sender in any::<[u8; 16]>(),
+        ) {
+            holds_its_promises(&bytes, DeviceId(sender));
+        }
+
+        #[test]
+        fn a_damaged_batch_is_refused_or_kept_within_bounds(
+            seqs in vec(any::<u64>(), 0..20),
+            damage in vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let sender = DeviceId([3; 16]);
+            let events: Vec<AccessEvent> = seqs
+                .iter()
+                .map(|s| AccessEvent {
+                    resource: ResourceId(s % 1000),
+                    device: sender,
+                    seq: *s,
+                    user: UserHash([1; 16]),
+                    ts_ms: NOW_MS - NOW_MS % COARSE_MS,
+                    size: *s,
+                })
+                .collect();
+            let mut bytes = postcard::to_allocvec(&AccessMsg::Events(events)).unwrap();
+            holds_its_promises(&bytes, sender);
+            for (at, b) in damage {
+                let i = at.index(bytes.len());
+                bytes[i] = b;
+            }
+            holds_its_promises(&bytes, sender);
+        }
+    }
+}

@@ -243,6 +243,18 @@ pub type InUseFn = Arc<dyn Fn(ResourceId) -> bool + Send + Sync>;
 /// How long a reclaim for another device's file keeps trying to reach it.
 const RECLAIM_FOR: Duration = Duration::from_secs(600);
 
+/// Decodes `bytes` as a Raft-protocol frame (request and reply) from the
+/// authenticated `from` and judges a request as `answer` would first
+/// (`network::forged`); for fuzzing (`crate::fuzzing`), which cannot reach
+/// the private network module.
+#[doc(hidden)]
+pub fn judge_frame(bytes: &[u8], from: DeviceId) {
+    if let Ok(rpc) = postcard::from_bytes::<Rpc>(bytes) {
+        let _ = network::forged(from, &rpc);
+    }
+    let _ = postcard::from_bytes::<Reply>(bytes);
+}
+
 /// How long an authority that did not answer a catch-up is not waited for
 /// again by opens and lookups.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(3);

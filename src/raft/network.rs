@@ -530,3 +530,24 @@ mod tests {
         assert_eq!(append_fits(1, MAX_APPEND_BYTES * 2), Ok(()));
     }
 }
+
+/// Raft frames from a peer, arbitrary (proptest, bounded for CI): refused
+/// as malformed, or decoded and judged by `forged` without a panic.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_raft_frames_are_refused_or_judged(
+            bytes in vec(any::<u8>(), 0..2048),
+            from in any::<[u8; 16]>(),
+        ) {
+            crate::fuzzing::raft_frame(&bytes, DeviceId(from));
+        }
+    }
+}

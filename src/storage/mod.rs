@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use crate::ids::ChunkHash;
 
 pub use mem::MemChunkStore;
-pub use rocks::{AccessRecord, CheckReport, Extra, RocksStore};
+pub use rocks::{AccessRecord, CheckProgress, CheckReport, Extra, RocksStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
