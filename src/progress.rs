@@ -24,6 +24,8 @@ pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     lines: Lines,
     last_line: Option<Instant>,
+    /// The last plain line printed: the end does not print it twice.
+    last_text: Option<String>,
 }
 
 impl Progress {
@@ -50,6 +52,7 @@ impl Progress {
             bar,
             lines,
             last_line: None,
+            last_text: None,
         }
     }
 
@@ -61,7 +64,7 @@ impl Progress {
             return;
         }
         if self.last_line.is_none_or(|t| t.elapsed() >= EVERY) {
-            self.print(&line(&self.what, done, total, extra));
+            self.print(line(&self.what, done, total, extra));
             self.last_line = Some(Instant::now());
         }
     }
@@ -72,8 +75,19 @@ impl Progress {
     pub fn finish_with(&mut self, done: u64, total: u64, extra: &str) {
         match &self.bar {
             Some(b) => b.finish_and_clear(),
-            None => self.print(&line(&self.what, done, total, extra)),
+            None => {
+                if let Some(l) = self.end_line(done, total, extra) {
+                    self.print(l);
+                }
+            }
         }
+    }
+
+    /// The last plain line, unless it is the one just printed (a check
+    /// that took less than a line's interval would say its end twice).
+    fn end_line(&self, done: u64, total: u64, extra: &str) -> Option<String> {
+        let l = line(&self.what, done, total, extra);
+        (self.last_text.as_ref() != Some(&l)).then_some(l)
     }
 
     /// The work stopped short: the bar stays where it got to.
@@ -83,11 +97,12 @@ impl Progress {
         }
     }
 
-    fn print(&self, l: &str) {
+    fn print(&mut self, l: String) {
         match self.lines {
             Lines::Stdout => println!("{l}"),
             Lines::Stderr => eprintln!("{l}"),
         }
+        self.last_text = Some(l);
     }
 }
 
@@ -133,5 +148,18 @@ mod tests {
         p.last_line = first.checked_sub(EVERY);
         p.update(3, 10, "");
         assert!(p.last_line.is_some_and(|t| t > first), "one 2 s later");
+    }
+
+    #[test]
+    fn the_end_is_said_once() {
+        let mut p = Progress::with_terminal("x", Lines::Stderr, false);
+        p.update(10, 10, "");
+        assert_eq!(p.end_line(10, 10, ""), None, "just printed");
+        assert_eq!(
+            p.end_line(9, 10, "").as_deref(),
+            Some("x: 0.0 of 0.0 MiB (90%)")
+        );
+        p.finish_with(9, 10, "");
+        assert_eq!(p.last_text.as_deref(), Some("x: 0.0 of 0.0 MiB (90%)"));
     }
 }

@@ -54,7 +54,12 @@ fn everything_survives_unmount_and_remount() {
             String::from_utf8_lossy(&o.stdout)
         );
         let err = common::stderr(&o);
-        let last = err.lines().last().unwrap_or_default().to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(
+            lines.windows(2).all(|w| w[0] != w[1]),
+            "a line twice: {err}"
+        );
+        let last = lines.last().copied().unwrap_or_default().to_string();
         assert!(
             last.starts_with("checking: 2.0 of 2.0 MiB (100%), ") && last.ends_with(" chunks"),
             "{err}"
