@@ -21,15 +21,22 @@ const MAX_REQUEST: usize = 16 << 20;
 /// How often a request that reports progress sends a line.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
-/// A progress line of a check: bytes and chunks read of the totals.
-fn progress_line(p: &crate::storage::CheckProgress) -> serde_json::Value {
+/// A check's progress as the CLI reads it: bytes and chunks read of the
+/// totals (sent by the daemon, or read from the counters by an offline
+/// check).
+pub fn check_progress_json(p: &crate::storage::CheckProgress) -> serde_json::Value {
     let (bytes_done, bytes_total, chunks_done, chunks_total) = p.now();
-    serde_json::json!({ "progress": {
+    serde_json::json!({
         "bytes_done": bytes_done,
         "bytes_total": bytes_total,
         "chunks_done": chunks_done,
         "chunks_total": chunks_total,
-    }})
+    })
+}
+
+/// A progress line of a check.
+fn progress_line(p: &crate::storage::CheckProgress) -> serde_json::Value {
+    serde_json::json!({ "progress": check_progress_json(p) })
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -675,13 +675,7 @@ fn check_following(data_dir: &Path) -> anyhow::Result<serde_json::Value> {
         Ok(v) => v.get("report").cloned().unwrap_or_default(),
         Err(Error::NotRunning(_)) => {
             let counts = meshfs::storage::CheckProgress::default();
-            let now = |c: &meshfs::storage::CheckProgress| {
-                let (bd, bt, cd, ct) = c.now();
-                serde_json::json!({
-                    "bytes_done": bd, "bytes_total": bt,
-                    "chunks_done": cd, "chunks_total": ct,
-                })
-            };
+            let now = control::check_progress_json;
             let report = std::thread::scope(|s| {
                 let check = s.spawn(|| node::offline_check(data_dir, &counts));
                 while !check.is_finished() {
